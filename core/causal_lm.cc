@@ -1,0 +1,128 @@
+#include "core/causal_lm.h"
+
+#include <cmath>
+#include <limits>
+
+#include "absl/strings/str_cat.h"
+
+namespace adapterd::core {
+
+const char* ProjectionName(Projection p) {
+  switch (p) {
+    case Projection::kQ: return "q_proj";
+    case Projection::kK: return "k_proj";
+    case Projection::kV: return "v_proj";
+    case Projection::kO: return "o_proj";
+    case Projection::kGate: return "gate_proj";
+    case Projection::kUp: return "up_proj";
+    case Projection::kDown: return "down_proj";
+    case Projection::kCAttn: return "c_attn";
+    case Projection::kAttnOut: return "c_proj";
+    case Projection::kFc: return "c_fc";
+    case Projection::kMlpOut: return "c_proj";
+  }
+  return "?";
+}
+
+std::unique_ptr<KvCache> CausalLm::NewCache(int64_t capacity) const {
+  return std::make_unique<KvCache>(config_.num_layers, config_.num_kv_heads, config_.head_dim,
+                                   capacity, options_);
+}
+
+at::Tensor CausalLm::RowAttention(int64_t layer, const at::Tensor& q, const at::Tensor& k,
+                                  const at::Tensor& v, KvCache& cache, double scale,
+                                  int64_t window) const {
+  const int64_t t = q.size(0);
+  const int64_t n_heads = config_.num_heads;
+  const int64_t n_kv = config_.num_kv_heads;
+  const int64_t d = config_.head_dim;
+  const int64_t group = n_heads / n_kv;
+  const int64_t past = cache.length();
+  auto [keys, values] = cache.Append(layer, k.view({t, n_kv, d}).transpose(0, 1),
+                                     v.view({t, n_kv, d}).transpose(0, 1));
+  const int64_t total = past + t;
+  // Query head h reads kv head h / group: fold the group into the query axis.
+  at::Tensor qh = q.view({t, n_kv, group, d}).permute({1, 2, 0, 3}).reshape({n_kv, group * t, d});
+  at::Tensor scores = at::bmm(qh, keys.transpose(1, 2));  // [n_kv, group*t, total]
+  scores.mul_(scale);
+  const bool causal = t > 1;
+  const bool windowed = window > 0 && total > window;
+  if (causal || windowed) {
+    // Query i (absolute position past + i) sees key j iff j <= past + i and, with a window,
+    // j > past + i - window.
+    at::Tensor qpos = at::arange(past, total, at::TensorOptions().dtype(at::kLong).device(q.device()))
+                          .unsqueeze(1);
+    at::Tensor kpos = at::arange(0, total, at::TensorOptions().dtype(at::kLong).device(q.device()))
+                          .unsqueeze(0);
+    at::Tensor blocked = kpos > qpos;
+    if (windowed) blocked = blocked.logical_or(kpos <= qpos - window);
+    scores.view({n_kv, group, t, total})
+        .masked_fill_(blocked, -std::numeric_limits<float>::infinity());
+  }
+  at::Tensor probs = at::softmax(scores, -1);
+  at::Tensor out = at::bmm(probs, values);  // [n_kv, group*t, d]
+  return out.view({n_kv, group, t, d}).permute({2, 0, 1, 3}).reshape({t, n_heads * d});
+}
+
+std::string InputEmbeddingName(const ModelConfig& config) {
+  return config.architecture == Architecture::kGpt2 ? "transformer.wte.weight"
+                                                    : "model.embed_tokens.weight";
+}
+
+std::vector<ParamSpec> DeclareParameters(const ModelConfig& c) {
+  std::vector<ParamSpec> p;
+  const int64_t H = c.hidden_size, I = c.intermediate_size, V = c.vocab_size;
+  if (c.architecture == Architecture::kGpt2) {
+    p.push_back({"transformer.wte.weight", {V, H}});
+    p.push_back({"transformer.wpe.weight", {c.max_position_embeddings, H}});
+    for (int64_t i = 0; i < c.num_layers; ++i) {
+      const std::string pre = absl::StrCat("transformer.h.", i, ".");
+      p.push_back({pre + "ln_1.weight", {H}});
+      p.push_back({pre + "ln_1.bias", {H}});
+      p.push_back({pre + "attn.c_attn.weight", {H, 3 * H}});
+      p.push_back({pre + "attn.c_attn.bias", {3 * H}});
+      p.push_back({pre + "attn.c_proj.weight", {H, H}});
+      p.push_back({pre + "attn.c_proj.bias", {H}});
+      p.push_back({pre + "ln_2.weight", {H}});
+      p.push_back({pre + "ln_2.bias", {H}});
+      p.push_back({pre + "mlp.c_fc.weight", {H, I}});
+      p.push_back({pre + "mlp.c_fc.bias", {I}});
+      p.push_back({pre + "mlp.c_proj.weight", {I, H}});
+      p.push_back({pre + "mlp.c_proj.bias", {H}});
+    }
+    p.push_back({"transformer.ln_f.weight", {H}});
+    p.push_back({"transformer.ln_f.bias", {H}});
+    p.push_back({kOutputEmbeddingName, {V, H}});
+    return p;
+  }
+  const int64_t QD = c.num_heads * c.head_dim, KD = c.num_kv_heads * c.head_dim;
+  p.push_back({"model.embed_tokens.weight", {V, H}});
+  for (int64_t i = 0; i < c.num_layers; ++i) {
+    const std::string pre = absl::StrCat("model.layers.", i, ".");
+    p.push_back({pre + "input_layernorm.weight", {H}});
+    p.push_back({pre + "self_attn.q_proj.weight", {QD, H}});
+    p.push_back({pre + "self_attn.k_proj.weight", {KD, H}});
+    p.push_back({pre + "self_attn.v_proj.weight", {KD, H}});
+    if (c.qkv_bias) {
+      p.push_back({pre + "self_attn.q_proj.bias", {QD}});
+      p.push_back({pre + "self_attn.k_proj.bias", {KD}});
+      p.push_back({pre + "self_attn.v_proj.bias", {KD}});
+    }
+    p.push_back({pre + "self_attn.o_proj.weight", {H, QD}});
+    if (c.o_bias) p.push_back({pre + "self_attn.o_proj.bias", {H}});
+    p.push_back({pre + "post_attention_layernorm.weight", {H}});
+    p.push_back({pre + "mlp.gate_proj.weight", {I, H}});
+    p.push_back({pre + "mlp.up_proj.weight", {I, H}});
+    p.push_back({pre + "mlp.down_proj.weight", {H, I}});
+    if (c.mlp_bias) {
+      p.push_back({pre + "mlp.gate_proj.bias", {I}});
+      p.push_back({pre + "mlp.up_proj.bias", {I}});
+      p.push_back({pre + "mlp.down_proj.bias", {H}});
+    }
+  }
+  p.push_back({"model.norm.weight", {H}});
+  p.push_back({kOutputEmbeddingName, {V, H}});
+  return p;
+}
+
+}  // namespace adapterd::core

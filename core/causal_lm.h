@@ -1,0 +1,101 @@
+// The forward pass of a decoder-only language model over a packed batch: the new tokens of
+// every row are concatenated into one [N] tensor so that each projection is one matrix
+// multiply for the whole batch, while attention runs per row against that row's KV cache.
+// Rows may mix prefill (many new tokens) and decode (one new token).
+//
+// Thread-safety: the weights are immutable and shared; Forward() is called by the single
+// scheduler thread (it mutates the rows' caches).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "core/kv_cache.h"
+#include "core/model_config.h"
+
+namespace adapterd::core {
+
+// The projections an adapter can modify.
+enum class Projection { kQ, kK, kV, kO, kGate, kUp, kDown, kCAttn, kAttnOut, kFc, kMlpOut };
+
+// Returns the module's short name as PEFT target_modules spell it ("q_proj", "c_attn", ...).
+const char* ProjectionName(Projection p);
+
+// The seam adapters plug into. Implementations know which rows of the packed batch use which
+// adapter; `core` only calls them.
+class AdapterBatch {
+ public:
+  virtual ~AdapterBatch() = default;
+  // Adds the adapters' contribution for projection `p` of `layer` to `y`, given its input `x`
+  // ([N, in] and [N, out] over the packed batch).
+  virtual void AddDelta(int64_t layer, Projection p, const at::Tensor& x, at::Tensor& y) const = 0;
+};
+
+// One row of a packed batch: tokens [offset, offset + length) of the batch belong to it and
+// continue the sequence held in `cache`.
+struct RowSpan {
+  int64_t offset = 0;
+  int64_t length = 0;
+  KvCache* cache = nullptr;
+};
+
+class CausalLm {
+ public:
+  virtual ~CausalLm() = default;
+
+  // Runs the new tokens `tokens` ([N] int64 on the model's device) of `rows` through the
+  // model, appending to and committing each row's cache. Returns float32 logits for the last
+  // token of every row ([rows, vocab]) or, when `all_positions`, for every token ([N, vocab]).
+  // Precondition: rows partition [0, N) in order; each row's positions fit the context.
+  virtual at::Tensor Forward(const at::Tensor& tokens, const std::vector<RowSpan>& rows,
+                             bool all_positions, const AdapterBatch* adapters) const = 0;
+
+  // Returns a cache sized for `capacity` positions.
+  std::unique_ptr<KvCache> NewCache(int64_t capacity) const;
+
+  const ModelConfig& config() const { return config_; }
+  const at::TensorOptions& options() const { return options_; }
+  // Every declared parameter by canonical name; tied names hold the same tensor.
+  const std::map<std::string, at::Tensor>& weights() const { return weights_; }
+
+ protected:
+  CausalLm(ModelConfig config, std::map<std::string, at::Tensor> weights,
+           at::TensorOptions options)
+      : config_(std::move(config)), options_(options), weights_(std::move(weights)) {}
+
+  // Attention of one row: q [t, nH*d], k, v [t, nKV*d] (already rotated for Llama).
+  // Returns [t, nH*d]. `scale` multiplies q·kᵀ; `window` > 0 limits keys to that many positions.
+  at::Tensor RowAttention(int64_t layer, const at::Tensor& q, const at::Tensor& k,
+                          const at::Tensor& v, KvCache& cache, double scale,
+                          int64_t window) const;
+
+  ModelConfig config_;
+  at::TensorOptions options_;
+  std::map<std::string, at::Tensor> weights_;
+};
+
+struct ParamSpec {
+  std::string name;
+  std::vector<int64_t> shape;
+};
+
+using WeightMap = std::map<std::string, at::Tensor>;
+
+// Returns every parameter the architecture declares, under its canonical name (GPT-2 with
+// the "transformer." prefix), including the output projection even when it is tied.
+std::vector<ParamSpec> DeclareParameters(const ModelConfig& config);
+// Returns the input embedding's name, which a tied output projection shares.
+std::string InputEmbeddingName(const ModelConfig& config);
+inline constexpr const char* kOutputEmbeddingName = "lm_head.weight";
+
+// Builds the model over materialised weights (every declared name present).
+std::unique_ptr<CausalLm> BuildLlama(const ModelConfig& config, const WeightMap& weights,
+                                     at::TensorOptions options);
+std::unique_ptr<CausalLm> BuildGpt2(const ModelConfig& config, const WeightMap& weights,
+                                    at::TensorOptions options);
+
+}  // namespace adapterd::core

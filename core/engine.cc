@@ -1,0 +1,191 @@
+#include "core/engine.h"
+
+#include <ATen/CPUGeneratorImpl.h>
+#include <ATen/Parallel.h>
+#include <c10/core/InferenceMode.h>
+
+#include <algorithm>
+
+#include "absl/strings/str_cat.h"
+#include "core/causal_lm.h"
+#include "core/model_loader.h"
+#include "core/sampler.h"
+#include "core/status_macros.h"
+
+namespace adapterd::core {
+
+struct Sequence::State {
+  std::vector<int32_t> tokens;
+  int64_t prompt_length = 0;
+  SamplingParams params;
+  std::unique_ptr<KvCache> cache;
+  at::Generator generator;
+  std::vector<int64_t> seen;     // Distinct ids in `tokens`, for the repetition penalty.
+  std::vector<uint8_t> is_seen;  // Indexed by id.
+
+  void Remember(int32_t id) {
+    if (!is_seen[id]) {
+      is_seen[id] = 1;
+      seen.push_back(id);
+    }
+  }
+};
+
+Sequence::Sequence(std::unique_ptr<State> state) : state_(std::move(state)) {}
+Sequence::~Sequence() = default;
+const std::vector<int32_t>& Sequence::tokens() const { return state_->tokens; }
+int64_t Sequence::prompt_length() const { return state_->prompt_length; }
+int64_t Sequence::generated() const {
+  return static_cast<int64_t>(state_->tokens.size()) - state_->prompt_length;
+}
+int64_t Sequence::kv_bytes() const { return state_->cache->bytes(); }
+const SamplingParams& Sequence::params() const { return state_->params; }
+
+Engine::Engine(std::unique_ptr<CausalLm> model, LoadReport report)
+    : model_(std::move(model)), report_(std::move(report)) {}
+Engine::~Engine() = default;
+
+absl::StatusOr<std::unique_ptr<Engine>> Engine::Load(const EngineOptions& options,
+                                                     LoadReport* report) {
+  if (options.threads > 0) at::set_num_threads(options.threads);
+  LoadOptions load;
+  load.device = options.device;
+  load.compute_dtype = options.dtype;
+  ASSIGN_OR_RETURN(auto model, LoadModel(options.model_dir, load, report));
+  return std::unique_ptr<Engine>(new Engine(std::move(model), *report));
+}
+
+const ModelConfig& Engine::config() const { return model_->config(); }
+int64_t Engine::context_length() const { return model_->config().max_position_embeddings; }
+int Engine::threads() { return at::get_num_threads(); }
+
+absl::StatusOr<std::unique_ptr<Sequence>> Engine::NewSequence(
+    std::vector<int32_t> prompt, const SamplingParams& params) const {
+  RETURN_IF_ERROR(ValidateSamplingParams(params));
+  const ModelConfig& c = config();
+  if (prompt.empty()) return absl::InvalidArgumentError("prompt is empty");
+  if (static_cast<int64_t>(prompt.size()) >= context_length()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("prompt has ", prompt.size(), " tokens; the model's context holds ",
+                     context_length(), " and at least one must be left to generate"));
+  }
+  for (size_t i = 0; i < prompt.size(); ++i) {
+    if (prompt[i] < 0 || prompt[i] >= c.vocab_size) {
+      return absl::InvalidArgumentError(absl::StrCat("prompt token ", i, " is ", prompt[i],
+                                                     ", outside the vocabulary [0, ",
+                                                     c.vocab_size, ")"));
+    }
+  }
+  auto state = std::make_unique<Sequence::State>();
+  state->prompt_length = static_cast<int64_t>(prompt.size());
+  state->params = params;
+  state->is_seen.assign(c.vocab_size, 0);
+  for (int32_t id : prompt) state->Remember(id);
+  state->tokens = std::move(prompt);
+  state->cache = model_->NewCache(std::min<int64_t>(context_length(), state->prompt_length + 64));
+  state->generator = at::make_generator<at::CPUGeneratorImpl>(params.seed);
+  return std::unique_ptr<Sequence>(new Sequence(std::move(state)));
+}
+
+absl::StatusOr<std::vector<StepOutput>> Engine::Step(const std::vector<Sequence*>& batch,
+                                                     const AdapterBatch* adapters) const {
+  if (batch.empty()) return std::vector<StepOutput>();
+  c10::InferenceMode guard;
+  std::vector<int64_t> ids;
+  std::vector<RowSpan> rows;
+  for (Sequence* seq : batch) {
+    Sequence::State& s = *seq->state_;
+    const int64_t past = s.cache->length();
+    const int64_t total = static_cast<int64_t>(s.tokens.size());
+    if (total >= context_length() + 1 || past >= total) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("sequence of ", total, " tokens cannot take another step (context ",
+                       context_length(), ")"));
+    }
+    rows.push_back({static_cast<int64_t>(ids.size()), total - past, s.cache.get()});
+    ids.insert(ids.end(), s.tokens.begin() + past, s.tokens.end());
+  }
+  std::vector<StepOutput> out(batch.size());
+  try {
+    at::Tensor tokens = at::tensor(ids, at::kLong).to(model_->options().device());
+    at::Tensor logits = model_->Forward(tokens, rows, /*all_positions=*/false, adapters)
+                            .to(at::kCPU, at::kFloat);
+    at::Tensor logprobs = at::log_softmax(logits, -1);
+    for (size_t r = 0; r < batch.size(); ++r) {
+      Sequence::State& s = *batch[r]->state_;
+      at::Tensor processed = ProcessLogits(logits[r], s.params, s.seen);
+      const int64_t token = ChooseToken(processed, s.params, s.generator);
+      StepOutput& o = out[r];
+      o.token = static_cast<int32_t>(token);
+      o.logprob = logprobs[r][token].item<float>();
+      if (s.params.top_logprobs > 0) {
+        auto [values, indices] = at::topk(logprobs[r], s.params.top_logprobs);
+        auto v = values.accessor<float, 1>();
+        auto i = indices.accessor<int64_t, 1>();
+        for (int64_t k = 0; k < values.size(0); ++k) {
+          o.top.push_back({static_cast<int32_t>(i[k]), v[k]});
+        }
+      }
+      s.tokens.push_back(o.token);
+      s.Remember(o.token);
+    }
+  } catch (const std::exception& e) {
+    return absl::InternalError(absl::StrCat("model step failed: ", e.what()));
+  }
+  return out;
+}
+
+absl::StatusOr<std::vector<float>> Engine::PromptLogits(const std::vector<int32_t>& prompt) const {
+  ASSIGN_OR_RETURN(auto seq, NewSequence(prompt, SamplingParams()));
+  c10::InferenceMode guard;
+  try {
+    std::vector<int64_t> ids(prompt.begin(), prompt.end());
+    at::Tensor tokens = at::tensor(ids, at::kLong).to(model_->options().device());
+    std::vector<RowSpan> rows = {{0, static_cast<int64_t>(ids.size()), seq->state_->cache.get()}};
+    at::Tensor logits = model_->Forward(tokens, rows, /*all_positions=*/true, nullptr)
+                            .to(at::kCPU, at::kFloat)
+                            .contiguous();
+    return std::vector<float>(logits.data_ptr<float>(), logits.data_ptr<float>() + logits.numel());
+  } catch (const std::exception& e) {
+    return absl::InternalError(absl::StrCat("model forward failed: ", e.what()));
+  }
+}
+
+const char* FinishReasonName(FinishReason r) {
+  switch (r) {
+    case FinishReason::kLength: return "length";
+    case FinishReason::kEos: return "eos";
+    case FinishReason::kStop: return "stop";
+    case FinishReason::kCancelled: return "cancelled";
+  }
+  return "?";
+}
+
+absl::StatusOr<GenerateResult> Generate(const Engine& engine, const GenerateRequest& request) {
+  if (request.max_new_tokens < 1) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("max_new_tokens must be >= 1, got ", request.max_new_tokens));
+  }
+  ASSIGN_OR_RETURN(auto seq, engine.NewSequence(request.prompt, request.params));
+  GenerateResult result;
+  const std::vector<int64_t>& eos = engine.config().eos_token_ids;
+  while (true) {
+    if (static_cast<int64_t>(seq->tokens().size()) >= engine.context_length()) break;
+    ASSIGN_OR_RETURN(auto step, engine.Step({seq.get()}));
+    result.steps.push_back(step[0]);
+    const int64_t t = step[0].token;
+    if (!request.ignore_eos && std::count(eos.begin(), eos.end(), t)) {
+      result.finish_reason = FinishReason::kEos;
+      return result;
+    }
+    if (std::count(request.stop_token_ids.begin(), request.stop_token_ids.end(), t)) {
+      result.finish_reason = FinishReason::kStop;
+      return result;
+    }
+    if (static_cast<int64_t>(result.steps.size()) >= request.max_new_tokens) break;
+  }
+  result.finish_reason = FinishReason::kLength;
+  return result;
+}
+
+}  // namespace adapterd::core

@@ -1,0 +1,117 @@
+// The model-running facade that the rest of adapterd uses, free of LibTorch types: load a
+// model, open sequences, run batched steps over them. One Step() runs every sequence of the
+// batch through one forward pass — prefill for sequences that have not started, one decode
+// token for the others — then chooses each row's next token with its own sampling state.
+//
+// Thread-safety: Load() and the accessors are safe from any thread. Step() mutates the
+// sequences it is given and must be called by one thread at a time (the scheduler thread).
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "core/load_report.h"
+#include "core/model_config.h"
+#include "core/sampling_params.h"
+
+namespace adapterd::core {
+
+class AdapterBatch;
+class CausalLm;
+
+struct TokenLogprob {
+  int32_t id = 0;
+  float logprob = 0;  // log-softmax of the model's raw logits.
+};
+
+struct StepOutput {
+  int32_t token = 0;
+  float logprob = 0;
+  std::vector<TokenLogprob> top;  // The SamplingParams::top_logprobs most likely ids.
+};
+
+// One request's token history, KV cache and sampling state. Created by Engine::NewSequence.
+class Sequence {
+ public:
+  ~Sequence();
+  const std::vector<int32_t>& tokens() const;  // Prompt followed by generated ids.
+  int64_t prompt_length() const;
+  int64_t generated() const;
+  int64_t kv_bytes() const;
+  const SamplingParams& params() const;
+
+ private:
+  friend class Engine;
+  struct State;
+  explicit Sequence(std::unique_ptr<State> state);
+  std::unique_ptr<State> state_;
+};
+
+struct EngineOptions {
+  std::string model_dir;
+  std::string device = "cpu";
+  std::string dtype = "float32";
+  int threads = 0;  // Intra-op threads; 0 leaves LibTorch's setting alone.
+};
+
+class Engine {
+ public:
+  // Loads the model. `report` is filled also when loading fails.
+  static absl::StatusOr<std::unique_ptr<Engine>> Load(const EngineOptions& options,
+                                                      LoadReport* report);
+  ~Engine();
+
+  const ModelConfig& config() const;
+  const LoadReport& report() const { return report_; }
+  // The model itself, for code inside core/ and adapters/ (LibTorch types).
+  const CausalLm& model() const { return *model_; }
+  // Positions the model can attend over (max_position_embeddings).
+  int64_t context_length() const;
+  // Returns the number of intra-op threads LibTorch uses.
+  static int threads();
+
+  // Opens a sequence for `prompt`. InvalidArgument for an empty prompt, an id outside the
+  // vocabulary, a prompt that fills the context, or bad sampling parameters.
+  absl::StatusOr<std::unique_ptr<Sequence>> NewSequence(std::vector<int32_t> prompt,
+                                                        const SamplingParams& params) const;
+
+  // Runs one step over `batch` (distinct sequences) and appends each row's chosen token.
+  // `adapters` (nullable) adds adapter deltas to the rows it covers.
+  absl::StatusOr<std::vector<StepOutput>> Step(const std::vector<Sequence*>& batch,
+                                               const AdapterBatch* adapters = nullptr) const;
+
+  // Returns float32 logits of every prompt position, row-major [T, vocab] (for tests and
+  // diagnostics; uses a fresh cache).
+  absl::StatusOr<std::vector<float>> PromptLogits(const std::vector<int32_t>& prompt) const;
+
+ private:
+  Engine(std::unique_ptr<CausalLm> model, LoadReport report);
+
+  std::unique_ptr<CausalLm> model_;
+  LoadReport report_;
+};
+
+// Why a generation ended.
+enum class FinishReason { kLength, kEos, kStop, kCancelled };
+const char* FinishReasonName(FinishReason r);
+
+struct GenerateRequest {
+  std::vector<int32_t> prompt;
+  SamplingParams params;
+  int64_t max_new_tokens = 16;
+  bool ignore_eos = false;
+  std::vector<int64_t> stop_token_ids;  // In addition to the model's EOS ids.
+};
+
+struct GenerateResult {
+  std::vector<StepOutput> steps;
+  FinishReason finish_reason = FinishReason::kLength;
+};
+
+// Runs one request to completion on its own (the command-line path; the server batches).
+absl::StatusOr<GenerateResult> Generate(const Engine& engine, const GenerateRequest& request);
+
+}  // namespace adapterd::core

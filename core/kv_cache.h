@@ -1,0 +1,39 @@
+// Per-sequence key/value cache: for each layer, keys and values of shape
+// [kv_heads, capacity, head_dim] on the model's device, grown by doubling.
+//
+// Thread-safety: owned by one sequence and touched only by the thread that runs the model.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstdint>
+#include <utility>
+#include <vector>
+
+namespace adapterd::core {
+
+class KvCache {
+ public:
+  KvCache(int64_t num_layers, int64_t kv_heads, int64_t head_dim, int64_t initial_capacity,
+          at::TensorOptions options);
+
+  // Number of positions committed so far (the past length of the next step).
+  int64_t length() const { return length_; }
+  // Writes `k`, `v` ([kv_heads, t, head_dim]) for `layer` at positions [length, length + t)
+  // and returns views of every cached key and value up to length + t.
+  std::pair<at::Tensor, at::Tensor> Append(int64_t layer, const at::Tensor& k,
+                                           const at::Tensor& v);
+  // Makes `t` appended positions part of the past once every layer has written them.
+  void Commit(int64_t t) { length_ += t; }
+  // Bytes held by the cache (capacity, not length).
+  int64_t bytes() const;
+
+ private:
+  void Grow(int64_t layer, int64_t needed);
+
+  int64_t length_ = 0;
+  std::vector<at::Tensor> keys_;
+  std::vector<at::Tensor> values_;
+};
+
+}  // namespace adapterd::core

@@ -1,0 +1,158 @@
+// Llama-family forward (Llama, Mistral, Qwen2), following transformers' modeling_llama:
+// pre-norm RMSNorm, rotary embeddings (rotate_half layout) with default, linear or llama3
+// frequency scaling, grouped-query attention, SiLU-gated MLP, optional biases.
+#include <cmath>
+
+#include "absl/strings/str_cat.h"
+#include "core/causal_lm.h"
+
+namespace adapterd::core {
+namespace {
+
+struct LlamaLayer {
+  at::Tensor input_norm, post_norm;
+  at::Tensor q_w, q_b, k_w, k_b, v_w, v_b, o_w, o_b;
+  at::Tensor gate_w, gate_b, up_w, up_b, down_w, down_b;
+  int64_t window = 0;
+};
+
+at::Tensor Get(const WeightMap& w, const std::string& name) {
+  auto it = w.find(name);
+  return it == w.end() ? at::Tensor() : it->second;
+}
+
+class Llama final : public CausalLm {
+ public:
+  Llama(const ModelConfig& config, const WeightMap& w, at::TensorOptions options)
+      : CausalLm(config, w, options) {
+    embed_ = Get(w, "model.embed_tokens.weight");
+    final_norm_ = Get(w, "model.norm.weight");
+    lm_head_ = Get(w, kOutputEmbeddingName);
+    for (int64_t i = 0; i < config.num_layers; ++i) {
+      const std::string pre = absl::StrCat("model.layers.", i, ".");
+      LlamaLayer l;
+      l.input_norm = Get(w, pre + "input_layernorm.weight");
+      l.post_norm = Get(w, pre + "post_attention_layernorm.weight");
+      l.q_w = Get(w, pre + "self_attn.q_proj.weight");
+      l.q_b = Get(w, pre + "self_attn.q_proj.bias");
+      l.k_w = Get(w, pre + "self_attn.k_proj.weight");
+      l.k_b = Get(w, pre + "self_attn.k_proj.bias");
+      l.v_w = Get(w, pre + "self_attn.v_proj.weight");
+      l.v_b = Get(w, pre + "self_attn.v_proj.bias");
+      l.o_w = Get(w, pre + "self_attn.o_proj.weight");
+      l.o_b = Get(w, pre + "self_attn.o_proj.bias");
+      l.gate_w = Get(w, pre + "mlp.gate_proj.weight");
+      l.gate_b = Get(w, pre + "mlp.gate_proj.bias");
+      l.up_w = Get(w, pre + "mlp.up_proj.weight");
+      l.up_b = Get(w, pre + "mlp.up_proj.bias");
+      l.down_w = Get(w, pre + "mlp.down_proj.weight");
+      l.down_b = Get(w, pre + "mlp.down_proj.bias");
+      l.window = (config.sliding_window > 0 && i >= config.first_sliding_layer)
+                     ? config.sliding_window
+                     : 0;
+      layers_.push_back(std::move(l));
+    }
+    inv_freq_ = InverseFrequencies(config).to(options.device());
+  }
+
+  at::Tensor Forward(const at::Tensor& tokens, const std::vector<RowSpan>& rows,
+                     bool all_positions, const AdapterBatch* adapters) const override {
+    const ModelConfig& c = config_;
+    std::vector<int64_t> pos_host;
+    pos_host.reserve(tokens.size(0));
+    for (const RowSpan& r : rows) {
+      for (int64_t i = 0; i < r.length; ++i) pos_host.push_back(r.cache->length() + i);
+    }
+    at::Tensor positions = at::tensor(pos_host, at::kLong).to(tokens.device());
+    // RoPE tables in float32: freqs = pos ⊗ inv_freq, emb = cat(freqs, freqs).
+    at::Tensor freqs = positions.to(at::kFloat).unsqueeze(1) * inv_freq_.unsqueeze(0);
+    at::Tensor emb = at::cat({freqs, freqs}, -1);
+    at::Tensor cos = emb.cos().to(options_.dtype()).unsqueeze(1);  // [N, 1, d]
+    at::Tensor sin = emb.sin().to(options_.dtype()).unsqueeze(1);
+
+    const int64_t n = tokens.size(0);
+    const double scale = 1.0 / std::sqrt(static_cast<double>(c.head_dim));
+    at::Tensor x = at::embedding(embed_, tokens);
+    for (int64_t li = 0; li < c.num_layers; ++li) {
+      const LlamaLayer& l = layers_[li];
+      at::Tensor h = RmsNorm(x, l.input_norm);
+      at::Tensor q = Project(li, Projection::kQ, h, l.q_w, l.q_b, adapters);
+      at::Tensor k = Project(li, Projection::kK, h, l.k_w, l.k_b, adapters);
+      at::Tensor v = Project(li, Projection::kV, h, l.v_w, l.v_b, adapters);
+      q = Rotate(q.view({n, c.num_heads, c.head_dim}), cos, sin).view({n, -1});
+      k = Rotate(k.view({n, c.num_kv_heads, c.head_dim}), cos, sin).view({n, -1});
+      at::Tensor attn = at::empty({n, c.num_heads * c.head_dim}, x.options());
+      for (const RowSpan& r : rows) {
+        attn.narrow(0, r.offset, r.length)
+            .copy_(RowAttention(li, q.narrow(0, r.offset, r.length),
+                                k.narrow(0, r.offset, r.length), v.narrow(0, r.offset, r.length),
+                                *r.cache, scale, l.window));
+      }
+      x = x + Project(li, Projection::kO, attn, l.o_w, l.o_b, adapters);
+      h = RmsNorm(x, l.post_norm);
+      at::Tensor gate = Project(li, Projection::kGate, h, l.gate_w, l.gate_b, adapters);
+      at::Tensor up = Project(li, Projection::kUp, h, l.up_w, l.up_b, adapters);
+      x = x + Project(li, Projection::kDown, at::silu(gate).mul_(up), l.down_w, l.down_b, adapters);
+    }
+    for (const RowSpan& r : rows) r.cache->Commit(r.length);
+    if (!all_positions) {
+      std::vector<int64_t> last;
+      for (const RowSpan& r : rows) last.push_back(r.offset + r.length - 1);
+      x = x.index_select(0, at::tensor(last, at::kLong).to(x.device()));
+    }
+    x = RmsNorm(x, final_norm_);
+    return at::linear(x, lm_head_).to(at::kFloat);
+  }
+
+ private:
+  static at::Tensor InverseFrequencies(const ModelConfig& c) {
+    const int64_t dim = c.head_dim;
+    at::Tensor inv = 1.0 / at::pow(c.rope_theta, at::arange(0, dim, 2, at::kLong).to(at::kFloat) /
+                                                     static_cast<double>(dim));
+    const RopeScaling& s = c.rope_scaling;
+    if (s.type == "linear") return inv / s.factor;
+    if (s.type == "llama3") {
+      const double low_wavelen = s.original_max_position_embeddings / s.low_freq_factor;
+      const double high_wavelen = s.original_max_position_embeddings / s.high_freq_factor;
+      at::Tensor wavelen = 2 * M_PI / inv;
+      at::Tensor scaled = at::where(wavelen > low_wavelen, inv / s.factor, inv);
+      at::Tensor smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) /
+                          (s.high_freq_factor - s.low_freq_factor);
+      at::Tensor smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled;
+      at::Tensor medium = (wavelen >= high_wavelen).logical_and(wavelen <= low_wavelen);
+      return at::where(medium, smoothed, scaled);
+    }
+    return inv;
+  }
+
+  at::Tensor RmsNorm(const at::Tensor& x, const at::Tensor& w) const {
+    at::Tensor xf = x.to(at::kFloat);
+    at::Tensor var = xf.pow(2).mean(-1, /*keepdim=*/true);
+    return w * (xf * at::rsqrt(var + config_.norm_eps)).to(x.scalar_type());
+  }
+
+  static at::Tensor Rotate(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
+    const int64_t half = x.size(-1) / 2;
+    at::Tensor rotated = at::cat({-x.narrow(-1, half, half), x.narrow(-1, 0, half)}, -1);
+    return x * cos + rotated * sin;
+  }
+
+  static at::Tensor Project(int64_t layer, Projection p, const at::Tensor& x, const at::Tensor& w,
+                            const at::Tensor& b, const AdapterBatch* adapters) {
+    at::Tensor y = at::linear(x, w, b);
+    if (adapters != nullptr) adapters->AddDelta(layer, p, x, y);
+    return y;
+  }
+
+  at::Tensor embed_, final_norm_, lm_head_, inv_freq_;
+  std::vector<LlamaLayer> layers_;
+};
+
+}  // namespace
+
+std::unique_ptr<CausalLm> BuildLlama(const ModelConfig& config, const WeightMap& weights,
+                                     at::TensorOptions options) {
+  return std::make_unique<Llama>(config, weights, options);
+}
+
+}  // namespace adapterd::core

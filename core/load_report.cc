@@ -1,0 +1,79 @@
+#include "core/load_report.h"
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
+#include "nlohmann/json.hpp"
+
+namespace adapterd::core {
+
+nlohmann::json LoadReport::ToJson() const {
+  nlohmann::json j;
+  j["ok"] = ok();
+  j["model_dir"] = model_dir;
+  j["architecture"] = architecture;
+  j["model_type"] = model_type;
+  j["name_or_path"] = name_or_path;
+  j["files"] = files;
+  j["missing"] = missing;
+  j["unexpected"] = unexpected;
+  j["ignored"] = ignored;
+  j["mismatched"] = nlohmann::json::array();
+  for (const ShapeMismatch& m : mismatched) {
+    j["mismatched"].push_back({{"name", m.name}, {"expected", m.expected}, {"found", m.found}});
+  }
+  j["tied"] = nlohmann::json::array();
+  for (const TiedPair& t : tied) {
+    j["tied"].push_back({{"target", t.target},
+                         {"source", t.source},
+                         {"same_storage", t.same_storage},
+                         {"bytes_saved", t.bytes_saved}});
+  }
+  j["warnings"] = warnings;
+  j["declared_parameters"] = declared_parameters;
+  j["materialized_parameters"] = materialized_parameters;
+  j["parameter_count"] = parameter_count;
+  j["file_bytes_by_dtype"] = file_bytes_by_dtype;
+  j["bytes_mapped"] = bytes_mapped;
+  j["bytes_copied"] = bytes_copied;
+  j["compute_dtype"] = compute_dtype;
+  j["device"] = device;
+  j["conversions"] = conversions;
+  j["load_seconds"] = load_seconds;
+  return j;
+}
+
+std::string LoadReport::ToText() const {
+  std::string out;
+  absl::StrAppend(&out, "model        ", model_dir, "\n");
+  absl::StrAppend(&out, "architecture ", architecture, " (", model_type, ")",
+                  name_or_path.empty() ? "" : absl::StrCat(" from ", name_or_path), "\n");
+  absl::StrAppend(&out, "status       ", ok() ? "OK" : "REFUSED", "\n");
+  absl::StrAppend(&out, "files        ", absl::StrJoin(files, ", "), "\n");
+  absl::StrAppend(&out, "parameters   ", parameter_count, " elements in ", materialized_parameters,
+                  "/", declared_parameters, " declared tensors\n");
+  for (const auto& [dtype, bytes] : file_bytes_by_dtype) {
+    absl::StrAppend(&out, "stored       ", dtype, ": ", bytes, " bytes\n");
+  }
+  absl::StrAppend(&out, "memory       ", bytes_mapped, " bytes mapped zero-copy, ", bytes_copied,
+                  " bytes copied\n");
+  absl::StrAppend(&out, "compute      ", compute_dtype, " on ", device, "\n");
+  for (const std::string& c : conversions) absl::StrAppend(&out, "converted    ", c, "\n");
+  for (const TiedPair& t : tied) {
+    absl::StrAppend(&out, "tied         ", t.target, " -> ", t.source,
+                    t.same_storage ? " (same storage, " : " (NOT shared, ", t.bytes_saved,
+                    " bytes saved)\n");
+  }
+  for (const std::string& m : missing) absl::StrAppend(&out, "MISSING      ", m, "\n");
+  for (const ShapeMismatch& m : mismatched) {
+    absl::StrAppend(&out, "MISMATCHED   ", m.name, ": expected [", absl::StrJoin(m.expected, ","),
+                    "], found [", absl::StrJoin(m.found, ","), "]\n");
+  }
+  for (const std::string& u : unexpected) absl::StrAppend(&out, "unexpected   ", u, "\n");
+  for (const std::string& i : ignored) absl::StrAppend(&out, "ignored      ", i, "\n");
+  for (const std::string& w : warnings) absl::StrAppend(&out, "warning      ", w, "\n");
+  absl::StrAppend(&out, absl::StrFormat("load time    %.3f s\n", load_seconds));
+  return out;
+}
+
+}  // namespace adapterd::core

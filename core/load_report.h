@@ -1,0 +1,67 @@
+// What loading a base model found and did: the report an operator reads before trusting a
+// model. `adapterd inspect` prints it; the admin API returns the same structure as JSON.
+//
+// Thread-safety: a plain value; immutable once the loader returns it.
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "nlohmann/json_fwd.hpp"
+
+namespace adapterd::core {
+
+struct ShapeMismatch {
+  std::string name;
+  std::vector<int64_t> expected;
+  std::vector<int64_t> found;
+};
+
+// An output parameter that shares the storage of an input parameter.
+struct TiedPair {
+  std::string target;  // e.g. "lm_head.weight"
+  std::string source;  // e.g. "model.embed_tokens.weight"
+  bool same_storage = false;  // Verified on the materialised tensors, not assumed.
+  int64_t bytes_saved = 0;
+};
+
+struct LoadReport {
+  std::string model_dir;
+  std::string architecture;
+  std::string model_type;
+  std::string name_or_path;
+  std::vector<std::string> files;  // Safetensors files read, in order.
+
+  std::vector<std::string> missing;     // Declared by the architecture, absent from the files.
+  std::vector<std::string> unexpected;  // In the files, unknown to the architecture.
+  std::vector<std::string> ignored;     // Known legacy buffers skipped (rotary inv_freq, ...).
+  std::vector<ShapeMismatch> mismatched;
+  std::vector<TiedPair> tied;
+  std::vector<std::string> warnings;
+
+  int64_t declared_parameters = 0;      // Tensors the architecture declares.
+  int64_t materialized_parameters = 0;  // Of those, present with the declared shape.
+  int64_t parameter_count = 0;          // Elements, counting tied storage once.
+  std::map<std::string, int64_t> file_bytes_by_dtype;  // As stored, e.g. {"BF16": 123}.
+  int64_t bytes_mapped = 0;  // Served zero-copy from the memory map.
+  int64_t bytes_copied = 0;  // Converted or copied (dtype, alignment or device).
+  std::string compute_dtype;
+  std::string device;
+  std::vector<std::string> conversions;  // e.g. "BF16 -> F32: 57 tensors".
+  double load_seconds = 0;
+
+  // True when the model may serve: nothing missing or mismatched, every declared parameter
+  // materialised.
+  bool ok() const {
+    return missing.empty() && mismatched.empty() &&
+           materialized_parameters == declared_parameters;
+  }
+
+  nlohmann::json ToJson() const;
+  // Returns a human-readable multi-line rendering.
+  std::string ToText() const;
+};
+
+}  // namespace adapterd::core

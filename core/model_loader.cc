@@ -1,0 +1,262 @@
+#include "core/model_loader.h"
+
+#include <chrono>
+#include <set>
+#include <unordered_set>
+
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "core/checkpoint.h"
+#include "core/status_macros.h"
+
+static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "safetensors data is little-endian");
+
+namespace adapterd::core {
+namespace {
+
+absl::StatusOr<at::ScalarType> ToScalarType(DType d) {
+  switch (d) {
+    case DType::kBool: return at::kBool;
+    case DType::kU8: return at::kByte;
+    case DType::kI8: return at::kChar;
+    case DType::kI16: return at::kShort;
+    case DType::kF16: return at::kHalf;
+    case DType::kBF16: return at::kBFloat16;
+    case DType::kI32: return at::kInt;
+    case DType::kF32: return at::kFloat;
+    case DType::kF64: return at::kDouble;
+    case DType::kI64: return at::kLong;
+    case DType::kC64: return at::kComplexFloat;
+    default:
+      return absl::UnimplementedError(
+          absl::StrCat("dtype ", DTypeName(d), " cannot be loaded by this LibTorch"));
+  }
+}
+
+// Legacy buffers transformers ignores on load (non-persistent or obsolete).
+bool IsIgnoredKey(const std::string& name) {
+  return absl::EndsWith(name, "rotary_emb.inv_freq") || absl::EndsWith(name, ".attn.bias") ||
+         absl::EndsWith(name, ".attn.masked_bias");
+}
+
+struct TensorStats {
+  int64_t mapped = 0;
+  int64_t copied = 0;
+  std::map<std::string, std::pair<int64_t, int64_t>> conversions;  // "BF16 -> F32" → n, bytes
+};
+
+// Returns the tensor as `options` wants it: a view of the mapping when dtype, alignment and
+// device allow, a converted copy otherwise.
+absl::StatusOr<at::Tensor> Materialize(const Checkpoint::Entry& e, const at::TensorOptions& options,
+                                       TensorStats& stats) {
+  ASSIGN_OR_RETURN(at::ScalarType stored, ToScalarType(e.info->dtype));
+  const uint8_t* data = e.file->Data(*e.info);
+  const int64_t elem = static_cast<int64_t>(at::elementSize(stored));
+  const bool aligned = reinterpret_cast<uintptr_t>(data) % elem == 0;
+  std::shared_ptr<const SafetensorsFile> keep = e.file;
+  at::Tensor view;
+  if (aligned) {
+    view = at::from_blob(const_cast<uint8_t*>(data), e.info->shape,
+                         [keep](void*) mutable { keep.reset(); }, at::TensorOptions(stored));
+  } else {
+    // from_blob needs element alignment: go through an aligned byte copy.
+    at::Tensor bytes = at::empty({static_cast<int64_t>(e.info->NumBytes())}, at::kByte);
+    std::memcpy(bytes.data_ptr(), data, e.info->NumBytes());
+    view = bytes.view(stored).view(e.info->shape);
+  }
+  const bool zero_copy = aligned && stored == options.dtype().toScalarType() &&
+                         options.device().is_cpu();
+  if (zero_copy) {
+    stats.mapped += static_cast<int64_t>(e.info->NumBytes());
+    return view;
+  }
+  at::Tensor out = view.to(options.device(), options.dtype().toScalarType(), /*non_blocking=*/false,
+                           /*copy=*/true);
+  stats.copied += out.nbytes();
+  if (stored != options.dtype().toScalarType()) {
+    auto& c = stats.conversions[absl::StrCat(DTypeName(e.info->dtype), " -> ",
+                                             c10::toString(options.dtype().toScalarType()))];
+    c.first += 1;
+    c.second += out.nbytes();
+  }
+  return out;
+}
+
+}  // namespace
+
+absl::StatusOr<at::TensorOptions> ComputeOptions(const LoadOptions& options) {
+  at::ScalarType dtype;
+  if (options.compute_dtype == "float32") {
+    dtype = at::kFloat;
+  } else if (options.compute_dtype == "float16") {
+    dtype = at::kHalf;
+  } else if (options.compute_dtype == "bfloat16") {
+    dtype = at::kBFloat16;
+  } else {
+    return absl::InvalidArgumentError(absl::StrCat("compute dtype \"", options.compute_dtype,
+                                                   "\" is not one of float32, float16, bfloat16"));
+  }
+  try {
+    return at::TensorOptions().dtype(dtype).device(at::Device(options.device));
+  } catch (const std::exception& e) {
+    return absl::InvalidArgumentError(absl::StrCat("device \"", options.device,
+                                                   "\" is not a valid device: ", e.what()));
+  }
+}
+
+std::optional<TiedPair> TieWeights(const ModelConfig& config, WeightMap& weights) {
+  if (!config.tie_word_embeddings) return std::nullopt;
+  const std::string source = InputEmbeddingName(config);
+  auto src = weights.find(source);
+  if (src == weights.end() || !src->second.defined()) return std::nullopt;
+  at::Tensor& target = weights[kOutputEmbeddingName];
+  if (target.defined() && !target.is_same(src->second)) return std::nullopt;  // Kept apart.
+  target = src->second;
+  TiedPair pair;
+  pair.target = kOutputEmbeddingName;
+  pair.source = source;
+  pair.same_storage = target.data_ptr() == src->second.data_ptr();
+  pair.bytes_saved = pair.same_storage ? target.nbytes() : 0;
+  return pair;
+}
+
+absl::StatusOr<std::unique_ptr<CausalLm>> LoadModel(const std::string& dir,
+                                                    const LoadOptions& options,
+                                                    LoadReport* report) {
+  const auto start = std::chrono::steady_clock::now();
+  *report = LoadReport();
+  report->model_dir = dir;
+  report->compute_dtype = options.compute_dtype;
+  report->device = options.device;
+  ASSIGN_OR_RETURN(at::TensorOptions tensor_options, ComputeOptions(options));
+  ASSIGN_OR_RETURN(ModelConfig config, ModelConfig::Load(dir));
+  report->architecture = config.architecture_name;
+  report->model_type = config.model_type;
+  report->name_or_path = config.name_or_path;
+  ASSIGN_OR_RETURN(Checkpoint ckpt, Checkpoint::Open(dir));
+  for (const auto& f : ckpt.files()) {
+    report->files.push_back(f->path());
+    for (const TensorInfo& t : f->tensors()) {
+      report->file_bytes_by_dtype[std::string(DTypeName(t.dtype))] +=
+          static_cast<int64_t>(t.NumBytes());
+    }
+  }
+
+  // Reconcile names: GPT-2 checkpoints saved without the "transformer." prefix (as the
+  // original openai-community/gpt2 is) are matched to the prefixed names.
+  const std::vector<ParamSpec> declared = DeclareParameters(config);
+  std::map<std::string, const Checkpoint::Entry*> by_canonical;
+  bool has_prefix = config.architecture != Architecture::kGpt2;
+  for (const auto& [name, entry] : ckpt.entries()) {
+    if (absl::StartsWith(name, "transformer.")) has_prefix = true;
+  }
+  std::set<std::string> declared_names;
+  for (const ParamSpec& p : declared) declared_names.insert(p.name);
+  for (const auto& [name, entry] : ckpt.entries()) {
+    std::string canonical = name;
+    if (!has_prefix && name != kOutputEmbeddingName) canonical = "transformer." + name;
+    if (declared_names.count(canonical)) {
+      by_canonical[canonical] = &entry;
+    } else if (IsIgnoredKey(name)) {
+      report->ignored.push_back(name);
+    } else {
+      report->unexpected.push_back(name);
+    }
+  }
+  const std::string input_embedding = InputEmbeddingName(config);
+  const bool tie_output = config.tie_word_embeddings && !by_canonical.count(kOutputEmbeddingName);
+  if (config.tie_word_embeddings && by_canonical.count(kOutputEmbeddingName)) {
+    report->warnings.push_back(absl::StrCat(
+        "tie_word_embeddings is true but the checkpoint holds its own ", kOutputEmbeddingName,
+        "; it is kept untied (transformers v5 behaviour)"));
+  }
+  for (const ParamSpec& p : declared) {
+    auto it = by_canonical.find(p.name);
+    if (it == by_canonical.end()) {
+      if (!(tie_output && p.name == kOutputEmbeddingName)) report->missing.push_back(p.name);
+      continue;
+    }
+    if (it->second->info->shape != p.shape) {
+      report->mismatched.push_back({p.name, p.shape, it->second->info->shape});
+    }
+  }
+  if (!report->unexpected.empty()) {
+    report->warnings.push_back(absl::StrCat(report->unexpected.size(),
+                                            " tensors in the checkpoint are not used by ",
+                                            config.architecture_name));
+  }
+  report->declared_parameters = static_cast<int64_t>(declared.size());
+  auto finish = [&] {
+    report->load_seconds =
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  };
+  if (!report->missing.empty() || !report->mismatched.empty()) {
+    finish();
+    std::vector<std::string> problems;
+    for (const std::string& m : report->missing) problems.push_back("missing " + m);
+    for (const ShapeMismatch& m : report->mismatched) {
+      problems.push_back(absl::StrCat("shape of ", m.name, " is [", absl::StrJoin(m.found, ","),
+                                      "], expected [", absl::StrJoin(m.expected, ","), "]"));
+    }
+    return absl::FailedPreconditionError(absl::StrCat(
+        dir, ": checkpoint does not fit ", config.architecture_name, ": ",
+        absl::StrJoin(problems, "; ")));
+  }
+
+  WeightMap weights;
+  TensorStats stats;
+  try {
+    for (const auto& [name, entry] : by_canonical) {
+      auto tensor = Materialize(*entry, tensor_options, stats);
+      if (!tensor.ok()) {
+        finish();
+        return absl::Status(tensor.status().code(),
+                            absl::StrCat(entry->file->path(), ": tensor \"", entry->info->name,
+                                         "\": ", tensor.status().message()));
+      }
+      weights[name] = *std::move(tensor);
+    }
+  } catch (const std::exception& e) {
+    finish();
+    return absl::InternalError(absl::StrCat(dir, ": materialising tensors failed: ", e.what()));
+  }
+  if (tie_output) {
+    if (auto pair = TieWeights(config, weights)) report->tied.push_back(*pair);
+  }
+  report->bytes_mapped = stats.mapped;
+  report->bytes_copied = stats.copied;
+  for (const auto& [what, nb] : stats.conversions) {
+    report->conversions.push_back(
+        absl::StrCat(what, ": ", nb.first, " tensors, ", nb.second, " bytes"));
+  }
+  std::unordered_set<const void*> storages;
+  for (const ParamSpec& p : declared) {
+    auto it = weights.find(p.name);
+    if (it == weights.end() || !it->second.defined() ||
+        it->second.sizes().vec() != p.shape) {
+      continue;
+    }
+    ++report->materialized_parameters;
+    if (storages.insert(it->second.data_ptr()).second) report->parameter_count += it->second.numel();
+  }
+  if (report->materialized_parameters != report->declared_parameters) {
+    finish();
+    return absl::InternalError(absl::StrCat(
+        dir, ": only ", report->materialized_parameters, " of ", report->declared_parameters,
+        " declared parameters were materialised"));
+  }
+  std::unique_ptr<CausalLm> model;
+  try {
+    model = config.architecture == Architecture::kGpt2
+                ? BuildGpt2(config, weights, tensor_options)
+                : BuildLlama(config, weights, tensor_options);
+  } catch (const std::exception& e) {
+    finish();
+    return absl::InternalError(absl::StrCat(dir, ": building the model failed: ", e.what()));
+  }
+  finish();
+  return model;
+}
+
+}  // namespace adapterd::core

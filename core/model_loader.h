@@ -1,0 +1,39 @@
+// Loads a Hugging Face model folder into a CausalLm: config, safetensors (zero-copy where the
+// stored dtype, alignment and device allow), key reconciliation against the architecture's
+// declared parameters, weight tying, and the LoadReport that proves what happened.
+//
+// Thread-safety: LoadModel is reentrant; the returned model is immutable.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <memory>
+#include <string>
+
+#include "absl/status/statusor.h"
+#include "core/causal_lm.h"
+#include "core/load_report.h"
+#include "core/model_config.h"
+
+namespace adapterd::core {
+
+struct LoadOptions {
+  std::string device = "cpu";           // Any device string LibTorch accepts ("cuda:0", ...).
+  std::string compute_dtype = "float32";  // float32 | float16 | bfloat16.
+};
+
+// Parses LoadOptions' strings into tensor options.
+absl::StatusOr<at::TensorOptions> ComputeOptions(const LoadOptions& options);
+
+// Ties the output projection to the input embedding when the config asks for it and the
+// checkpoint did not supply its own: both names then hold one tensor (same storage). Calling
+// it again changes nothing. Returns the pair when tied.
+std::optional<TiedPair> TieWeights(const ModelConfig& config, WeightMap& weights);
+
+// Loads the model in `dir`. `report` is always filled, also when loading is refused (missing
+// or mismatched keys → FailedPrecondition listing every offending name).
+absl::StatusOr<std::unique_ptr<CausalLm>> LoadModel(const std::string& dir,
+                                                    const LoadOptions& options,
+                                                    LoadReport* report);
+
+}  // namespace adapterd::core

@@ -1,0 +1,243 @@
+#include "core/safetensors.h"
+
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <array>
+#include <cerrno>
+#include <cstring>
+#include <set>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "nlohmann/json.hpp"
+
+namespace adapterd::core {
+namespace {
+
+struct DTypeEntry {
+  DType dtype;
+  absl::string_view name;
+  int bits;
+};
+
+constexpr std::array<DTypeEntry, 22> kDTypes = {{
+    {DType::kBool, "BOOL", 8},         {DType::kU8, "U8", 8},
+    {DType::kI8, "I8", 8},             {DType::kF8E5M2, "F8_E5M2", 8},
+    {DType::kF8E4M3, "F8_E4M3", 8},    {DType::kF8E5M2Fnuz, "F8_E5M2FNUZ", 8},
+    {DType::kF8E4M3Fnuz, "F8_E4M3FNUZ", 8}, {DType::kF8E8M0, "F8_E8M0", 8},
+    {DType::kI16, "I16", 16},          {DType::kU16, "U16", 16},
+    {DType::kF16, "F16", 16},          {DType::kBF16, "BF16", 16},
+    {DType::kI32, "I32", 32},          {DType::kU32, "U32", 32},
+    {DType::kF32, "F32", 32},          {DType::kF64, "F64", 64},
+    {DType::kI64, "I64", 64},          {DType::kU64, "U64", 64},
+    {DType::kC64, "C64", 64},          {DType::kF4, "F4", 4},
+    {DType::kF6E2M3, "F6_E2M3", 6},    {DType::kF6E3M2, "F6_E3M2", 6},
+}};
+
+const DTypeEntry& Entry(DType dtype) { return kDTypes[static_cast<size_t>(dtype)]; }
+
+std::string ShapeString(const std::vector<int64_t>& shape) {
+  return absl::StrCat("[", absl::StrJoin(shape, ","), "]");
+}
+
+// Reads a non-negative JSON integer that fits in uint64.
+bool ReadUnsigned(const nlohmann::json& value, uint64_t* out) {
+  if (value.is_number_unsigned()) {
+    *out = value.get<uint64_t>();
+    return true;
+  }
+  if (value.is_number_integer() && value.get<int64_t>() >= 0) {
+    *out = static_cast<uint64_t>(value.get<int64_t>());
+    return true;
+  }
+  return false;
+}
+
+}  // namespace
+
+absl::string_view DTypeName(DType dtype) { return Entry(dtype).name; }
+int DTypeBits(DType dtype) { return Entry(dtype).bits; }
+
+absl::StatusOr<DType> ParseDType(absl::string_view name) {
+  for (const DTypeEntry& e : kDTypes) {
+    if (e.name == name) return e.dtype;
+  }
+  return absl::InvalidArgumentError(absl::StrCat("unknown dtype \"", name, "\""));
+}
+
+int64_t TensorInfo::NumElements() const {
+  int64_t n = 1;
+  for (int64_t d : shape) n *= d;
+  return n;
+}
+
+absl::StatusOr<SafetensorsHeader> ParseSafetensorsHeader(const uint8_t* data, size_t size,
+                                                         absl::string_view label) {
+  auto error = [&](auto&&... parts) {
+    return absl::InvalidArgumentError(absl::StrCat(label, ": ", parts...));
+  };
+  if (size < 8) return error("file is ", size, " bytes, smaller than the 8-byte header length");
+  uint64_t n = 0;
+  for (int i = 7; i >= 0; --i) n = (n << 8) | data[i];
+  if (n > kMaxSafetensorsHeaderBytes) {
+    return error("header length ", n, " exceeds the limit of ", kMaxSafetensorsHeaderBytes);
+  }
+  if (n > size - 8) {
+    return error("header length ", n, " runs past the end of the ", size, "-byte file");
+  }
+  const char* text = reinterpret_cast<const char*>(data + 8);
+
+  // Duplicate top-level names are rejected explicitly: nlohmann, like Python's json, would
+  // silently keep the last one.
+  std::set<std::string> seen;
+  std::string duplicate;
+  auto on_event = [&](int depth, nlohmann::json::parse_event_t event, nlohmann::json& parsed) {
+    if (event == nlohmann::json::parse_event_t::key && depth == 1) {
+      auto key = parsed.get<std::string>();
+      if (!seen.insert(key).second && duplicate.empty()) duplicate = key;
+    }
+    return true;
+  };
+  nlohmann::json json;
+  try {
+    json = nlohmann::json::parse(text, text + n, on_event);
+  } catch (const nlohmann::json::exception& e) {
+    return error("header is not valid UTF-8 JSON: ", e.what());
+  }
+  if (!duplicate.empty()) return error("tensor \"", duplicate, "\" appears twice in the header");
+  if (!json.is_object()) return error("header is not a JSON object");
+
+  SafetensorsHeader header;
+  header.data_start = 8 + n;
+  for (auto& [name, value] : json.items()) {
+    if (name == "__metadata__") {
+      if (!value.is_object()) return error("__metadata__ is not an object");
+      for (auto& [k, v] : value.items()) {
+        if (!v.is_string()) return error("__metadata__ value for \"", k, "\" is not a string");
+        header.metadata[k] = v.get<std::string>();
+      }
+      continue;
+    }
+    if (!value.is_object()) return error("tensor \"", name, "\": entry is not an object");
+    TensorInfo info;
+    info.name = name;
+    auto dtype_it = value.find("dtype");
+    if (dtype_it == value.end() || !dtype_it->is_string()) {
+      return error("tensor \"", name, "\": missing string field dtype");
+    }
+    auto dtype = ParseDType(dtype_it->get<std::string>());
+    if (!dtype.ok()) return error("tensor \"", name, "\": ", dtype.status().message());
+    info.dtype = *dtype;
+    auto shape_it = value.find("shape");
+    if (shape_it == value.end() || !shape_it->is_array()) {
+      return error("tensor \"", name, "\": missing array field shape");
+    }
+    for (const auto& d : *shape_it) {
+      uint64_t dim = 0;
+      if (!ReadUnsigned(d, &dim) || dim > static_cast<uint64_t>(INT64_MAX)) {
+        return error("tensor \"", name, "\": shape holds a value that is not a size: ", d.dump());
+      }
+      info.shape.push_back(static_cast<int64_t>(dim));
+    }
+    auto off_it = value.find("data_offsets");
+    if (off_it == value.end() || !off_it->is_array() || off_it->size() != 2 ||
+        !ReadUnsigned((*off_it)[0], &info.begin) || !ReadUnsigned((*off_it)[1], &info.end)) {
+      return error("tensor \"", name, "\": data_offsets must be two non-negative integers");
+    }
+    header.tensors.push_back(std::move(info));
+  }
+
+  std::sort(header.tensors.begin(), header.tensors.end(),
+            [](const TensorInfo& a, const TensorInfo& b) {
+              return std::tie(a.begin, a.end, a.name) < std::tie(b.begin, b.end, b.name);
+            });
+  uint64_t expected_begin = 0;
+  for (const TensorInfo& t : header.tensors) {
+    if (t.begin != expected_begin || t.end < t.begin) {
+      return error("tensor \"", t.name, "\": data_offsets [", t.begin, ",", t.end,
+                   ") leave a gap or overlap (expected to begin at ", expected_begin, ")");
+    }
+    unsigned __int128 bits = static_cast<unsigned __int128>(DTypeBits(t.dtype));
+    for (int64_t d : t.shape) {
+      bits *= static_cast<uint64_t>(d);
+      if (bits > (static_cast<unsigned __int128>(1) << 100)) {
+        return error("tensor \"", t.name, "\": shape ", ShapeString(t.shape), " overflows");
+      }
+    }
+    if (bits % 8 != 0) {
+      return error("tensor \"", t.name, "\": ", DTypeName(t.dtype), " shape ",
+                   ShapeString(t.shape), " is not a whole number of bytes");
+    }
+    if (static_cast<unsigned __int128>(t.end - t.begin) != bits / 8) {
+      return error("tensor \"", t.name, "\": ", DTypeName(t.dtype), " shape ",
+                   ShapeString(t.shape), " needs ", static_cast<uint64_t>(bits / 8),
+                   " bytes but data_offsets span ", t.end - t.begin);
+    }
+    expected_begin = t.end;
+  }
+  const uint64_t buffer = size - header.data_start;
+  if (expected_begin != buffer) {
+    return error("tensor data ends at byte ", expected_begin, " of the buffer but the buffer holds ",
+                 buffer, " bytes (", expected_begin > buffer ? "truncated file" : "trailing bytes",
+                 ")");
+  }
+  return header;
+}
+
+absl::StatusOr<std::shared_ptr<const SafetensorsFile>> SafetensorsFile::Open(
+    const std::string& path) {
+  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) {
+    int err = errno;
+    std::string msg = absl::StrCat(path, ": cannot open: ", std::strerror(err));
+    return err == ENOENT ? absl::NotFoundError(msg) : absl::PermissionDeniedError(msg);
+  }
+  struct stat st {};
+  if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
+    ::close(fd);
+    return absl::InvalidArgumentError(absl::StrCat(path, ": not a regular file"));
+  }
+  const uint64_t size = static_cast<uint64_t>(st.st_size);
+  const uint8_t* base = nullptr;
+  if (size > 0) {
+    void* p = ::mmap(nullptr, size, PROT_READ, MAP_PRIVATE, fd, 0);
+    if (p == MAP_FAILED) {
+      int err = errno;
+      ::close(fd);
+      return absl::ResourceExhaustedError(
+          absl::StrCat(path, ": mmap failed: ", std::strerror(err)));
+    }
+    base = static_cast<const uint8_t*>(p);
+  }
+  ::close(fd);  // The mapping stays valid without the descriptor.
+  static const uint8_t kEmpty[1] = {0};
+  auto header = ParseSafetensorsHeader(base ? base : kEmpty, size, path);
+  if (!header.ok()) {
+    if (base) ::munmap(const_cast<uint8_t*>(base), size);
+    return header.status();
+  }
+  return std::shared_ptr<const SafetensorsFile>(
+      new SafetensorsFile(path, base, size, std::move(*header)));
+}
+
+SafetensorsFile::SafetensorsFile(std::string path, const uint8_t* base, uint64_t size,
+                                 SafetensorsHeader header)
+    : path_(std::move(path)), base_(base), size_(size), header_(std::move(header)) {
+  for (size_t i = 0; i < header_.tensors.size(); ++i) index_[header_.tensors[i].name] = i;
+}
+
+SafetensorsFile::~SafetensorsFile() {
+  if (base_ != nullptr) ::munmap(const_cast<uint8_t*>(base_), size_);
+}
+
+const TensorInfo* SafetensorsFile::Find(absl::string_view name) const {
+  auto it = index_.find(name);
+  return it == index_.end() ? nullptr : &header_.tensors[it->second];
+}
+
+}  // namespace adapterd::core

@@ -1,0 +1,69 @@
+#include "core/sampler.h"
+
+#include <ATen/CPUGeneratorImpl.h>
+
+#include <cmath>
+#include <limits>
+
+#include "absl/strings/str_cat.h"
+
+namespace adapterd::core {
+
+absl::Status ValidateSamplingParams(const SamplingParams& p) {
+  if (!std::isfinite(p.temperature) || p.temperature < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("temperature must be >= 0 (0 = greedy), got ", p.temperature));
+  }
+  if (p.top_k < 0) {
+    return absl::InvalidArgumentError(absl::StrCat("top_k must be >= 0 (0 = off), got ", p.top_k));
+  }
+  if (!(p.top_p > 0.0f && p.top_p <= 1.0f)) {
+    return absl::InvalidArgumentError(absl::StrCat("top_p must be in (0, 1], got ", p.top_p));
+  }
+  if (!std::isfinite(p.repetition_penalty) || p.repetition_penalty <= 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("repetition_penalty must be > 0, got ", p.repetition_penalty));
+  }
+  if (p.top_logprobs < 0 || p.top_logprobs > kMaxTopLogprobs) {
+    return absl::InvalidArgumentError(absl::StrCat("top_logprobs must be in [0, ",
+                                                   kMaxTopLogprobs, "], got ", p.top_logprobs));
+  }
+  return absl::OkStatus();
+}
+
+at::Tensor ProcessLogits(const at::Tensor& logits, const SamplingParams& p,
+                         const std::vector<int64_t>& seen) {
+  at::Tensor s = logits;
+  if (p.repetition_penalty != 1.0f && !seen.empty()) {
+    s = s.clone();
+    at::Tensor ids = at::tensor(seen, at::kLong).to(s.device());
+    at::Tensor score = s.index_select(0, ids);
+    score = at::where(score < 0, score * p.repetition_penalty, score / p.repetition_penalty);
+    s.index_copy_(0, ids, score);
+  }
+  if (p.temperature == 0.0f) return s;  // Greedy: no warpers.
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+  if (p.temperature != 1.0f) s = s / p.temperature;
+  if (p.top_k > 0) {
+    const int64_t k = std::min<int64_t>(p.top_k, s.size(0));
+    at::Tensor kth = std::get<0>(at::topk(s, k)).select(0, k - 1);
+    s = s.masked_fill(s < kth, neg_inf);
+  }
+  if (p.top_p < 1.0f) {
+    auto [sorted, order] = at::sort(s, /*dim=*/0, /*descending=*/false);
+    at::Tensor cum = at::softmax(sorted, 0).cumsum(0);
+    at::Tensor remove = cum <= (1.0f - p.top_p);
+    remove.narrow(0, remove.size(0) - 1, 1).fill_(false);  // Keep at least one token.
+    s = s.masked_fill(remove.scatter(0, order, remove), neg_inf);
+  }
+  return s;
+}
+
+int64_t ChooseToken(const at::Tensor& processed, const SamplingParams& p,
+                    at::Generator& generator) {
+  if (p.temperature == 0.0f) return processed.argmax().item<int64_t>();
+  at::Tensor probs = at::softmax(processed, 0);
+  return at::multinomial(probs, 1, /*replacement=*/false, generator).item<int64_t>();
+}
+
+}  // namespace adapterd::core

@@ -1,0 +1,24 @@
+// Per-request decoding parameters, free of LibTorch so the server can fill them.
+#pragma once
+
+#include <cstdint>
+
+#include "absl/status/status.h"
+
+namespace adapterd::core {
+
+struct SamplingParams {
+  float temperature = 0.0f;         // 0 selects greedy decoding; otherwise > 0.
+  int32_t top_k = 0;                // 0 disables top-k (transformers' generate defaults to 50).
+  float top_p = 1.0f;               // 1 disables nucleus filtering; otherwise in (0, 1).
+  float repetition_penalty = 1.0f;  // 1 disables; otherwise > 0.
+  uint64_t seed = 0;                // Seeds this request's own generator.
+  int32_t top_logprobs = 0;         // How many alternatives to report per token (0..20).
+};
+
+inline constexpr int32_t kMaxTopLogprobs = 20;
+
+// Returns InvalidArgument naming the first field out of range.
+absl::Status ValidateSamplingParams(const SamplingParams& params);
+
+}  // namespace adapterd::core

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Installs every Debian package adapterd needs (idempotent) and builds it in Release.
+# Usage: deploy/setup.sh [--no-build] [BUILD_DIR]
+# Environment: ADAPTERD_BUILD_TYPE (default Release), ADAPTERD_CMAKE_ARGS (extra cmake args).
+set -euo pipefail
+
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+build=1
+if [[ "${1:-}" == "--no-build" ]]; then build=0; shift; fi
+build_dir=${1:-"$root/build"}
+
+packages=(
+  build-essential cmake pkg-config ccache git ca-certificates
+  libtorch-dev libopenblas0-openmp
+  libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
+  libabsl-dev libspdlog-dev prometheus-cpp-dev nlohmann-json3-dev
+  liburcu-dev libpcre2-dev libutf8proc-dev
+  libgtest-dev libgmock-dev libbenchmark-dev
+  python3-torch python3-numpy
+)
+
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+done
+if (( ${#missing[@]} )); then
+  echo "setup: installing ${missing[*]}"
+  sudo_cmd=()
+  [[ $(id -u) -eq 0 ]] || sudo_cmd=(sudo)
+  export DEBIAN_FRONTEND=noninteractive
+  "${sudo_cmd[@]}" apt-get update -qq
+  "${sudo_cmd[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+(( build )) || exit 0
+
+launcher=()
+command -v ccache >/dev/null && launcher=(-DCMAKE_CXX_COMPILER_LAUNCHER=ccache)
+cmake -S "$root" -B "$build_dir" -DCMAKE_BUILD_TYPE="${ADAPTERD_BUILD_TYPE:-Release}" \
+  "${launcher[@]}" ${ADAPTERD_CMAKE_ARGS:-} >/dev/null
+cmake --build "$build_dir" -j"$(nproc)"

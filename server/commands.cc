@@ -1,0 +1,119 @@
+#include "server/commands.h"
+
+#include <cstdio>
+#include <iostream>
+
+#include "absl/flags/flag.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_split.h"
+#include "core/engine.h"
+#include "nlohmann/json.hpp"
+#include "server/flags.h"
+#include "spdlog/spdlog.h"
+
+namespace adapterd::server {
+namespace {
+
+core::EngineOptions EngineOptionsFromFlags() {
+  core::EngineOptions o;
+  o.model_dir = absl::GetFlag(FLAGS_model_dir);
+  o.device = absl::GetFlag(FLAGS_device);
+  o.dtype = absl::GetFlag(FLAGS_dtype);
+  o.threads = absl::GetFlag(FLAGS_threads);
+  return o;
+}
+
+}  // namespace
+
+bool ParseIdList(const std::string& text, std::vector<int32_t>* ids) {
+  ids->clear();
+  if (text.empty()) return false;
+  for (absl::string_view part : absl::StrSplit(text, ',')) {
+    int32_t id = 0;
+    if (!absl::SimpleAtoi(part, &id)) return false;
+    ids->push_back(id);
+  }
+  return true;
+}
+
+int RunInspect() {
+  if (absl::GetFlag(FLAGS_model_dir).empty()) {
+    std::cerr << "inspect: --model_dir is required\n";
+    return 2;
+  }
+  core::LoadReport report;
+  auto engine = core::Engine::Load(EngineOptionsFromFlags(), &report);
+  if (absl::GetFlag(FLAGS_json)) {
+    nlohmann::json j = report.ToJson();
+    if (!engine.ok()) j["error"] = std::string(engine.status().message());
+    std::cout << j.dump(2) << "\n";
+  } else {
+    std::cout << report.ToText();
+    if (!engine.ok()) std::cout << "error        " << engine.status().message() << "\n";
+  }
+  return engine.ok() ? 0 : 1;
+}
+
+int RunGenerate() {
+  if (absl::GetFlag(FLAGS_model_dir).empty()) {
+    std::cerr << "generate: --model_dir is required\n";
+    return 2;
+  }
+  core::GenerateRequest request;
+  if (!ParseIdList(absl::GetFlag(FLAGS_prompt_ids), &request.prompt)) {
+    std::cerr << "generate: --prompt_ids must be a comma-separated list of token ids\n";
+    return 2;
+  }
+  request.max_new_tokens = absl::GetFlag(FLAGS_max_new_tokens);
+  request.ignore_eos = absl::GetFlag(FLAGS_ignore_eos);
+  request.params.temperature = absl::GetFlag(FLAGS_temperature);
+  request.params.top_k = absl::GetFlag(FLAGS_top_k);
+  request.params.top_p = absl::GetFlag(FLAGS_top_p);
+  request.params.repetition_penalty = absl::GetFlag(FLAGS_repetition_penalty);
+  request.params.seed = absl::GetFlag(FLAGS_seed);
+  request.params.top_logprobs = absl::GetFlag(FLAGS_top_logprobs);
+
+  core::LoadReport report;
+  auto engine = core::Engine::Load(EngineOptionsFromFlags(), &report);
+  if (!engine.ok()) {
+    std::cerr << "generate: " << engine.status().message() << "\n";
+    return 1;
+  }
+  spdlog::info("loaded {} in {:.3f} s, {} intra-op threads", report.architecture,
+               report.load_seconds, core::Engine::threads());
+  auto result = core::Generate(**engine, request);
+  if (!result.ok()) {
+    std::cerr << "generate: " << result.status().message() << "\n";
+    return absl::IsInvalidArgument(result.status()) ? 2 : 1;
+  }
+  if (absl::GetFlag(FLAGS_json)) {
+    nlohmann::json j;
+    j["prompt_ids"] = request.prompt;
+    j["finish_reason"] = core::FinishReasonName(result->finish_reason);
+    j["tokens"] = nlohmann::json::array();
+    j["steps"] = nlohmann::json::array();
+    for (const core::StepOutput& s : result->steps) {
+      j["tokens"].push_back(s.token);
+      nlohmann::json step = {{"token", s.token}, {"logprob", s.logprob}};
+      step["top"] = nlohmann::json::array();
+      for (const core::TokenLogprob& t : s.top) {
+        step["top"].push_back({{"id", t.id}, {"logprob", t.logprob}});
+      }
+      j["steps"].push_back(step);
+    }
+    std::cout << j.dump() << "\n";
+    return 0;
+  }
+  std::cout << "ids:";
+  for (const core::StepOutput& s : result->steps) std::cout << " " << s.token;
+  std::cout << "\nfinish: " << core::FinishReasonName(result->finish_reason) << "\n";
+  for (size_t i = 0; i < result->steps.size(); ++i) {
+    const core::StepOutput& s = result->steps[i];
+    std::printf("step %zu: %d (%.4f)", i, s.token, s.logprob);
+    for (const core::TokenLogprob& t : s.top) std::printf("  %d:%.4f", t.id, t.logprob);
+    std::printf("\n");
+  }
+  return 0;
+}
+
+}  // namespace adapterd::server

@@ -1,0 +1,34 @@
+// adapterd: one base model, many adapters, served over gRPC. This binary also carries the
+// offline subcommands operators use before the server is up.
+#include <cstdio>
+#include <string>
+#include <vector>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "absl/flags/usage.h"
+#include "server/commands.h"
+#include "server/flags.h"
+#include "spdlog/sinks/stdout_color_sinks.h"
+#include "spdlog/spdlog.h"
+
+int main(int argc, char** argv) {
+  absl::SetProgramUsageMessage(
+      "adapterd SUBCOMMAND [flags]\n"
+      "  inspect   --model_dir DIR [--json]        print the model's load report\n"
+      "  generate  --model_dir DIR --prompt_ids 1,2,3 --max_new_tokens N [--json]");
+  std::vector<char*> args = absl::ParseCommandLine(argc, argv);
+  spdlog::set_level(spdlog::level::from_str(absl::GetFlag(FLAGS_log_level)));
+  spdlog::set_default_logger(spdlog::stderr_color_mt("adapterd"));
+  spdlog::set_level(spdlog::level::from_str(absl::GetFlag(FLAGS_log_level)));
+  if (args.size() < 2) {
+    std::fprintf(stderr, "%s\n", absl::ProgramUsageMessage().data());
+    return 2;
+  }
+  const std::string command = args[1];
+  if (command == "inspect") return adapterd::server::RunInspect();
+  if (command == "generate") return adapterd::server::RunGenerate();
+  std::fprintf(stderr, "unknown subcommand \"%s\"\n%s\n", command.c_str(),
+               absl::ProgramUsageMessage().data());
+  return 2;
+}

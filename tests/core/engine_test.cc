@@ -1,0 +1,219 @@
+// The forward pass against the independent PyTorch reference (tests/reference), and the
+// engine's own invariants: incremental decode equals full prefill, a batched step equals each
+// row alone.
+#include "core/engine.h"
+
+#include <cmath>
+
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "tests/test_util.h"
+
+namespace adapterd::core {
+namespace {
+
+using ::testing::HasSubstr;
+
+std::unique_ptr<Engine> LoadEngine(const std::string& fixture) {
+  EngineOptions o;
+  o.model_dir = testing::Fixture(fixture);
+  LoadReport report;
+  auto engine = Engine::Load(o, &report);
+  EXPECT_TRUE(engine.ok()) << fixture << ": " << engine.status();
+  return engine.ok() ? *std::move(engine) : nullptr;
+}
+
+std::vector<float> LogSoftmax(const float* row, int64_t n) {
+  double max = row[0];
+  for (int64_t i = 1; i < n; ++i) max = std::max<double>(max, row[i]);
+  double z = 0;
+  for (int64_t i = 0; i < n; ++i) z += std::exp(row[i] - max);
+  std::vector<float> out(n);
+  for (int64_t i = 0; i < n; ++i) out[i] = static_cast<float>(row[i] - max - std::log(z));
+  return out;
+}
+
+class ReferenceTest : public ::testing::TestWithParam<const char*> {};
+
+TEST_P(ReferenceTest, PromptLogitsMatchTheReferenceTo1e4) {
+  auto engine = LoadEngine(GetParam());
+  ASSERT_NE(engine, nullptr);
+  auto ref = testing::ReadJson(testing::Fixture(GetParam()) + "/reference.json");
+  std::vector<int32_t> prompt = ref["prompt"].get<std::vector<int32_t>>();
+  auto logits = engine->PromptLogits(prompt);
+  ASSERT_TRUE(logits.ok()) << logits.status();
+  const int64_t vocab = engine->config().vocab_size;
+  ASSERT_EQ(logits->size(), prompt.size() * vocab);
+  double worst = 0;
+  for (size_t t = 0; t < prompt.size(); ++t) {
+    for (int64_t v = 0; v < vocab; ++v) {
+      worst = std::max(worst, std::abs((*logits)[t * vocab + v] - ref["logits"][t][v].get<double>()));
+    }
+  }
+  EXPECT_LT(worst, 1e-4) << GetParam();
+}
+
+TEST_P(ReferenceTest, GreedyDecodeMatchesTheReference) {
+  auto engine = LoadEngine(GetParam());
+  ASSERT_NE(engine, nullptr);
+  auto ref = testing::ReadJson(testing::Fixture(GetParam()) + "/reference.json");
+  GenerateRequest req;
+  req.prompt = ref["prompt"].get<std::vector<int32_t>>();
+  req.max_new_tokens = static_cast<int64_t>(ref["greedy"].size());
+  req.ignore_eos = true;
+  auto result = Generate(*engine, req);
+  ASSERT_TRUE(result.ok()) << result.status();
+  std::vector<int32_t> tokens;
+  for (const StepOutput& s : result->steps) tokens.push_back(s.token);
+  EXPECT_EQ(tokens, ref["greedy"].get<std::vector<int32_t>>());
+  for (size_t i = 0; i < result->steps.size(); ++i) {
+    EXPECT_NEAR(result->steps[i].logprob, ref["greedy_logprobs"][i].get<double>(), 1e-4);
+  }
+}
+
+TEST_P(ReferenceTest, StepByStepDecodeEqualsFullPrefill) {
+  auto engine = LoadEngine(GetParam());
+  ASSERT_NE(engine, nullptr);
+  auto ref = testing::ReadJson(testing::Fixture(GetParam()) + "/reference.json");
+  GenerateRequest req;
+  req.prompt = ref["prompt"].get<std::vector<int32_t>>();
+  req.max_new_tokens = 10;
+  req.ignore_eos = true;
+  req.params.top_logprobs = 5;
+  auto result = Generate(*engine, req);
+  ASSERT_TRUE(result.ok()) << result.status();
+  std::vector<int32_t> all = req.prompt;
+  for (const StepOutput& s : result->steps) all.push_back(s.token);
+  auto full = engine->PromptLogits(all);
+  ASSERT_TRUE(full.ok()) << full.status();
+  const int64_t vocab = engine->config().vocab_size;
+  for (size_t i = 0; i < result->steps.size(); ++i) {
+    const size_t pos = req.prompt.size() - 1 + i;  // Logits there predict generated token i.
+    std::vector<float> lp = LogSoftmax(full->data() + pos * vocab, vocab);
+    const StepOutput& s = result->steps[i];
+    EXPECT_NEAR(s.logprob, lp[s.token], 1e-4) << "step " << i;
+    for (const TokenLogprob& t : s.top) EXPECT_NEAR(t.logprob, lp[t.id], 1e-4) << "step " << i;
+    EXPECT_EQ(std::max_element(lp.begin(), lp.end()) - lp.begin(), s.token) << "step " << i;
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Fixtures, ReferenceTest,
+                         ::testing::Values("llama_tied", "llama_untied", "qwen2_bias",
+                                           "mistral_window", "gpt2", "gpt2_noprefix",
+                                           "llama_sharded", "llama_bf16"));
+
+// Runs `prompts` together: row i joins at step join[i]; returns every row's outputs.
+std::vector<std::vector<StepOutput>> RunBatched(const Engine& engine,
+                                                const std::vector<std::vector<int32_t>>& prompts,
+                                                const std::vector<int>& join,
+                                                const SamplingParams& params, int steps) {
+  std::vector<std::unique_ptr<Sequence>> seqs;
+  for (const auto& p : prompts) seqs.push_back(*engine.NewSequence(p, params));
+  std::vector<std::vector<StepOutput>> out(prompts.size());
+  for (int step = 0; step < steps + *std::max_element(join.begin(), join.end()); ++step) {
+    std::vector<Sequence*> batch;
+    std::vector<size_t> rows;
+    for (size_t i = 0; i < seqs.size(); ++i) {
+      if (step >= join[i] && static_cast<int>(out[i].size()) < steps) {
+        batch.push_back(seqs[i].get());
+        rows.push_back(i);
+      }
+    }
+    if (batch.empty()) break;
+    auto res = engine.Step(batch);
+    EXPECT_TRUE(res.ok()) << res.status();
+    if (!res.ok()) return out;
+    for (size_t r = 0; r < rows.size(); ++r) out[rows[r]].push_back((*res)[r]);
+  }
+  return out;
+}
+
+void ExpectSameOutputs(const std::vector<StepOutput>& a, const std::vector<StepOutput>& b) {
+  ASSERT_EQ(a.size(), b.size());
+  for (size_t i = 0; i < a.size(); ++i) {
+    EXPECT_EQ(a[i].token, b[i].token) << "step " << i;
+    EXPECT_NEAR(a[i].logprob, b[i].logprob, 1e-4) << "step " << i;
+    ASSERT_EQ(a[i].top.size(), b[i].top.size());
+    for (size_t k = 0; k < a[i].top.size(); ++k) {
+      EXPECT_EQ(a[i].top[k].id, b[i].top[k].id);
+      EXPECT_NEAR(a[i].top[k].logprob, b[i].top[k].logprob, 1e-4);
+    }
+  }
+}
+
+class BatchTest : public ::testing::TestWithParam<const char*> {};
+
+TEST_P(BatchTest, BatchedStepWithMixedPrefillAndDecodeEqualsEachRowAlone) {
+  auto engine = LoadEngine(GetParam());
+  ASSERT_NE(engine, nullptr);
+  std::vector<std::vector<int32_t>> prompts = {
+      {5, 17, 33, 9, 101, 7, 64, 12, 90}, {44, 3}, {200, 150, 100, 50, 25, 12}};
+  SamplingParams params;
+  params.top_logprobs = 4;
+  auto together = RunBatched(*engine, prompts, {0, 0, 3}, params, 7);
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    auto alone = RunBatched(*engine, {prompts[i]}, {0}, params, 7);
+    ExpectSameOutputs(together[i], alone[0]);
+  }
+}
+
+TEST_P(BatchTest, SeededSamplingDoesNotDependOnTheBatch) {
+  auto engine = LoadEngine(GetParam());
+  ASSERT_NE(engine, nullptr);
+  SamplingParams params;
+  params.temperature = 1.5f;
+  params.top_k = 40;
+  params.top_p = 0.9f;
+  params.repetition_penalty = 1.2f;
+  params.seed = 99;
+  std::vector<std::vector<int32_t>> prompts = {{1, 2, 3, 4}, {9, 8, 7}};
+  auto together = RunBatched(*engine, prompts, {0, 1}, params, 6);
+  auto alone = RunBatched(*engine, {prompts[0]}, {0}, params, 6);
+  ExpectSameOutputs(together[0], alone[0]);
+  auto again = RunBatched(*engine, {prompts[0]}, {0}, params, 6);
+  ExpectSameOutputs(alone[0], again[0]);
+}
+
+INSTANTIATE_TEST_SUITE_P(Fixtures, BatchTest,
+                         ::testing::Values("llama_tied", "mistral_window", "gpt2"));
+
+TEST(EngineTest, RefusesPromptsThatDoNotFit) {
+  auto engine = LoadEngine("gpt2");  // n_positions 64.
+  ASSERT_NE(engine, nullptr);
+  auto too_long = engine->NewSequence(std::vector<int32_t>(64, 7), SamplingParams());
+  EXPECT_EQ(too_long.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(too_long.status().message()), HasSubstr("context holds 64"));
+  auto bad_id = engine->NewSequence({1, 256}, SamplingParams());
+  EXPECT_THAT(std::string(bad_id.status().message()),
+              HasSubstr("prompt token 1 is 256, outside the vocabulary [0, 256)"));
+  EXPECT_FALSE(engine->NewSequence({}, SamplingParams()).ok());
+  SamplingParams bad;
+  bad.top_p = 1.5f;
+  EXPECT_EQ(engine->NewSequence({1}, bad).status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+TEST(EngineTest, GenerationStopsAtTheContextAndAtEos) {
+  auto engine = LoadEngine("gpt2");
+  ASSERT_NE(engine, nullptr);
+  GenerateRequest req;
+  req.prompt = std::vector<int32_t>(60, 7);
+  req.max_new_tokens = 100;
+  req.ignore_eos = true;
+  auto result = Generate(*engine, req);
+  ASSERT_TRUE(result.ok()) << result.status();
+  EXPECT_EQ(result->steps.size(), 4u);  // 60 + 4 = n_positions.
+  EXPECT_EQ(result->finish_reason, FinishReason::kLength);
+  // Stop on the first generated id: the run ends after one token with reason "stop".
+  req.prompt = {1, 2, 3};
+  req.max_new_tokens = 5;
+  auto first = Generate(*engine, req);
+  ASSERT_TRUE(first.ok());
+  req.stop_token_ids = {first->steps[0].token};
+  auto stopped = Generate(*engine, req);
+  ASSERT_TRUE(stopped.ok());
+  EXPECT_EQ(stopped->steps.size(), 1u);
+  EXPECT_EQ(stopped->finish_reason, FinishReason::kStop);
+}
+
+}  // namespace
+}  // namespace adapterd::core

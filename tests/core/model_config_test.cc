@@ -1,0 +1,104 @@
+#include "core/model_config.h"
+
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+
+namespace adapterd::core {
+namespace {
+
+using ::testing::HasSubstr;
+
+TEST(ModelConfigTest, LlamaMissingKeysTakeTheClassDefaults) {
+  auto c = ModelConfig::FromJson(R"({"architectures":["LlamaForCausalLM"],"hidden_size":64,)"
+                                 R"("num_attention_heads":4})",
+                                 "config.json");
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_EQ(c->vocab_size, 32000);
+  EXPECT_EQ(c->num_kv_heads, 4);  // None → num_attention_heads.
+  EXPECT_EQ(c->head_dim, 16);
+  EXPECT_EQ(c->max_position_embeddings, 2048);
+  EXPECT_DOUBLE_EQ(c->norm_eps, 1e-6);
+  EXPECT_DOUBLE_EQ(c->rope_theta, 10000.0);
+  EXPECT_FALSE(c->tie_word_embeddings);
+  EXPECT_FALSE(c->qkv_bias);
+  EXPECT_EQ(c->bos_token_id, std::nullopt);
+}
+
+TEST(ModelConfigTest, Gpt2TiesByDefaultAndMapsItsKeyNames) {
+  auto c = ModelConfig::FromJson(R"({"architectures":["GPT2LMHeadModel"],"n_embd":64,)"
+                                 R"("n_head":4,"n_layer":2})",
+                                 "config.json");
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_TRUE(c->tie_word_embeddings);
+  EXPECT_EQ(c->intermediate_size, 256);  // n_inner None → 4·n_embd.
+  EXPECT_EQ(c->max_position_embeddings, 1024);
+  EXPECT_EQ(c->vocab_size, 50257);
+  EXPECT_EQ(c->eos_token_ids, std::vector<int64_t>{50256});
+  EXPECT_EQ(c->activation, "gelu_new");
+}
+
+TEST(ModelConfigTest, Qwen2HasQkvBiasAndMistralHasAWindow) {
+  auto q = ModelConfig::FromJson(R"({"architectures":["Qwen2ForCausalLM"],"hidden_size":64,)"
+                                 R"("num_attention_heads":4,"sliding_window":8})",
+                                 "config.json");
+  ASSERT_TRUE(q.ok()) << q.status();
+  EXPECT_TRUE(q->qkv_bias);
+  EXPECT_FALSE(q->o_bias);
+  EXPECT_EQ(q->sliding_window, 0);  // Only with use_sliding_window.
+  auto m = ModelConfig::FromJson(R"({"architectures":["MistralForCausalLM"],"hidden_size":64,)"
+                                 R"("num_attention_heads":8})",
+                                 "config.json");
+  ASSERT_TRUE(m.ok()) << m.status();
+  EXPECT_EQ(m->sliding_window, 4096);
+  EXPECT_EQ(m->num_kv_heads, 8);
+}
+
+TEST(ModelConfigTest, ReadsV5RopeParameters) {
+  auto c = ModelConfig::FromJson(
+      R"({"architectures":["LlamaForCausalLM"],"hidden_size":64,"num_attention_heads":4,)"
+      R"("rope_parameters":{"rope_type":"llama3","rope_theta":500000.0,"factor":8.0,)"
+      R"("low_freq_factor":1.0,"high_freq_factor":4.0,"original_max_position_embeddings":8192}})",
+      "config.json");
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_DOUBLE_EQ(c->rope_theta, 500000.0);
+  EXPECT_EQ(c->rope_scaling.type, "llama3");
+  EXPECT_DOUBLE_EQ(c->rope_scaling.factor, 8.0);
+}
+
+TEST(ModelConfigTest, RefusesUnknownArchitectureByName) {
+  auto c = ModelConfig::FromJson(R"({"architectures":["BertForMaskedLM"]})", "m/config.json");
+  EXPECT_EQ(c.status().code(), absl::StatusCode::kUnimplemented);
+  EXPECT_THAT(std::string(c.status().message()),
+              HasSubstr("m/config.json: architecture \"BertForMaskedLM\" is not supported"));
+}
+
+TEST(ModelConfigTest, RefusesUnsupportedRopeTypeByName) {
+  auto c = ModelConfig::FromJson(
+      R"({"architectures":["LlamaForCausalLM"],"rope_scaling":{"type":"yarn","factor":4.0}})",
+      "config.json");
+  EXPECT_EQ(c.status().code(), absl::StatusCode::kUnimplemented);
+  EXPECT_THAT(std::string(c.status().message()), HasSubstr("rope_scaling type \"yarn\""));
+}
+
+TEST(ModelConfigTest, RefusesWrongTypesAndInconsistentHeads) {
+  auto t = ModelConfig::FromJson(R"({"architectures":["LlamaForCausalLM"],"hidden_size":"64"})",
+                                 "config.json");
+  EXPECT_THAT(std::string(t.status().message()), HasSubstr("\"hidden_size\" must be an integer"));
+  auto h = ModelConfig::FromJson(R"({"architectures":["LlamaForCausalLM"],"hidden_size":64,)"
+                                 R"("num_attention_heads":4,"num_key_value_heads":3})",
+                                 "config.json");
+  EXPECT_THAT(std::string(h.status().message()), HasSubstr("not a multiple"));
+  auto bad = ModelConfig::FromJson("{", "config.json");
+  EXPECT_EQ(bad.status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+TEST(ModelConfigTest, EosMayBeAList) {
+  auto c = ModelConfig::FromJson(R"({"architectures":["LlamaForCausalLM"],)"
+                                 R"("eos_token_id":[128001,128009]})",
+                                 "config.json");
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_EQ(c->eos_token_ids, (std::vector<int64_t>{128001, 128009}));
+}
+
+}  // namespace
+}  // namespace adapterd::core

@@ -1,0 +1,228 @@
+#include "core/model_loader.h"
+
+#include <fstream>
+
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "nlohmann/json.hpp"
+#include "tests/test_util.h"
+
+namespace adapterd::core {
+namespace {
+
+using ::testing::ElementsAre;
+using ::testing::HasSubstr;
+
+struct Loaded {
+  absl::StatusOr<std::unique_ptr<CausalLm>> model;
+  LoadReport report;
+};
+
+Loaded Load(const std::string& fixture, LoadOptions options = LoadOptions()) {
+  Loaded l;
+  l.model = LoadModel(testing::Fixture(fixture), options, &l.report);
+  return l;
+}
+
+// Sum of declared parameter elements, computed from the config alone.
+int64_t DeclaredElements(const ModelConfig& c, bool count_output) {
+  int64_t n = 0;
+  for (const ParamSpec& p : DeclareParameters(c)) {
+    if (!count_output && p.name == kOutputEmbeddingName) continue;
+    int64_t e = 1;
+    for (int64_t d : p.shape) e *= d;
+    n += e;
+  }
+  return n;
+}
+
+TEST(ModelLoaderTest, TiedOutputSharesTheEmbeddingStorage) {
+  Loaded l = Load("llama_tied");
+  ASSERT_TRUE(l.model.ok()) << l.model.status();
+  const auto& w = (*l.model)->weights();
+  EXPECT_EQ(w.at("lm_head.weight").data_ptr(), w.at("model.embed_tokens.weight").data_ptr());
+  ASSERT_EQ(l.report.tied.size(), 1u);
+  EXPECT_EQ(l.report.tied[0].target, "lm_head.weight");
+  EXPECT_EQ(l.report.tied[0].source, "model.embed_tokens.weight");
+  EXPECT_TRUE(l.report.tied[0].same_storage);
+  EXPECT_EQ(l.report.tied[0].bytes_saved, 256 * 64 * 4);
+  const ModelConfig& c = (*l.model)->config();
+  EXPECT_EQ(l.report.parameter_count, DeclaredElements(c, /*count_output=*/false));
+  EXPECT_TRUE(l.report.ok());
+  EXPECT_TRUE(l.report.missing.empty());
+}
+
+TEST(ModelLoaderTest, F32CheckpointIsServedZeroCopyFromTheMapping) {
+  Loaded l = Load("llama_tied");
+  ASSERT_TRUE(l.model.ok()) << l.model.status();
+  EXPECT_EQ(l.report.bytes_copied, 0);
+  EXPECT_EQ(l.report.bytes_mapped, l.report.file_bytes_by_dtype.at("F32"));
+  EXPECT_TRUE(l.report.conversions.empty());
+}
+
+TEST(ModelLoaderTest, TyingIsIdempotent) {
+  Loaded l = Load("llama_tied");
+  ASSERT_TRUE(l.model.ok()) << l.model.status();
+  WeightMap w = (*l.model)->weights();
+  const void* before = w.at("lm_head.weight").data_ptr();
+  auto again = TieWeights((*l.model)->config(), w);
+  ASSERT_TRUE(again.has_value());
+  EXPECT_TRUE(again->same_storage);
+  EXPECT_EQ(w.at("lm_head.weight").data_ptr(), before);
+  auto third = TieWeights((*l.model)->config(), w);
+  EXPECT_EQ(w.at("lm_head.weight").data_ptr(), before);
+  EXPECT_EQ(third->bytes_saved, again->bytes_saved);
+}
+
+TEST(ModelLoaderTest, UntiedModelKeepsBothAndIgnoresLegacyRotaryBuffer) {
+  Loaded l = Load("llama_untied");
+  ASSERT_TRUE(l.model.ok()) << l.model.status();
+  const auto& w = (*l.model)->weights();
+  EXPECT_NE(w.at("lm_head.weight").data_ptr(), w.at("model.embed_tokens.weight").data_ptr());
+  EXPECT_TRUE(l.report.tied.empty());
+  EXPECT_THAT(l.report.ignored, ElementsAre("model.layers.0.self_attn.rotary_emb.inv_freq"));
+  EXPECT_EQ(l.report.parameter_count, DeclaredElements((*l.model)->config(), true));
+  EXPECT_EQ((*l.model)->config().eos_token_ids, (std::vector<int64_t>{2, 3}));
+}
+
+TEST(ModelLoaderTest, Gpt2WithoutPrefixIsMatchedAndTiedToWte) {
+  for (const char* name : {"gpt2", "gpt2_noprefix"}) {
+    Loaded l = Load(name);
+    ASSERT_TRUE(l.model.ok()) << name << ": " << l.model.status();
+    const auto& w = (*l.model)->weights();
+    EXPECT_EQ(w.at("lm_head.weight").data_ptr(), w.at("transformer.wte.weight").data_ptr());
+    EXPECT_TRUE(l.report.unexpected.empty()) << name;
+    EXPECT_EQ(l.report.ignored.size(), 4u) << name;  // attn.bias + masked_bias × 2 layers.
+  }
+}
+
+TEST(ModelLoaderTest, ShardedCheckpointReadsEveryShard) {
+  Loaded l = Load("llama_sharded");
+  ASSERT_TRUE(l.model.ok()) << l.model.status();
+  EXPECT_EQ(l.report.files.size(), 3u);
+  EXPECT_EQ(l.report.materialized_parameters, l.report.declared_parameters);
+}
+
+TEST(ModelLoaderTest, Bf16WeightsAreConvertedAndReported) {
+  Loaded l = Load("llama_bf16");
+  ASSERT_TRUE(l.model.ok()) << l.model.status();
+  const int64_t stored = l.report.file_bytes_by_dtype.at("BF16");
+  EXPECT_EQ(l.report.bytes_copied, 2 * stored);
+  EXPECT_EQ(l.report.bytes_mapped, 0);
+  ASSERT_EQ(l.report.conversions.size(), 1u);
+  EXPECT_THAT(l.report.conversions[0], HasSubstr("BF16 -> Float"));
+  EXPECT_EQ((*l.model)->weights().at("model.norm.weight").scalar_type(), at::kFloat);
+}
+
+TEST(ModelLoaderTest, MissingKeyRefusesNamingIt) {
+  Loaded l = Load("broken_missing");
+  ASSERT_FALSE(l.model.ok());
+  EXPECT_EQ(l.model.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(std::string(l.model.status().message()),
+              HasSubstr("missing model.layers.1.mlp.up_proj.weight"));
+  EXPECT_THAT(l.report.missing, ElementsAre("model.layers.1.mlp.up_proj.weight"));
+  EXPECT_FALSE(l.report.ok());
+}
+
+TEST(ModelLoaderTest, UntiedModelWithoutHeadIsMissingIt) {
+  Loaded l = Load("broken_untied_no_head");
+  ASSERT_FALSE(l.model.ok());
+  EXPECT_THAT(l.report.missing, ElementsAre("lm_head.weight"));
+}
+
+TEST(ModelLoaderTest, ShapeMismatchIsListedWithBothShapes) {
+  Loaded l = Load("broken_shape");
+  ASSERT_FALSE(l.model.ok());
+  ASSERT_EQ(l.report.mismatched.size(), 1u);
+  EXPECT_EQ(l.report.mismatched[0].name, "model.layers.0.self_attn.k_proj.weight");
+  EXPECT_EQ(l.report.mismatched[0].expected, (std::vector<int64_t>{32, 64}));
+  EXPECT_EQ(l.report.mismatched[0].found, (std::vector<int64_t>{40, 64}));
+  EXPECT_THAT(std::string(l.model.status().message()),
+              HasSubstr("shape of model.layers.0.self_attn.k_proj.weight is [40,64], "
+                        "expected [32,64]"));
+}
+
+TEST(ModelLoaderTest, UnexpectedKeyIsAWarningNotARefusal) {
+  Loaded l = Load("extra_key");
+  ASSERT_TRUE(l.model.ok()) << l.model.status();
+  EXPECT_THAT(l.report.unexpected, ElementsAre("model.layers.0.self_attn.extra_scale"));
+  EXPECT_FALSE(l.report.warnings.empty());
+}
+
+std::string CopyFixture(const std::string& fixture, const std::string& tag) {
+  std::string dir = testing::TempDir(tag);
+  std::string cmd = "cp -r '" + testing::Fixture(fixture) + "/.' '" + dir + "/'";
+  EXPECT_EQ(std::system(cmd.c_str()), 0);
+  return dir;
+}
+
+TEST(ModelLoaderTest, TruncatedFileIsAPreciseStatus) {
+  std::string dir = CopyFixture("llama_tied", "truncated");
+  std::string bytes = testing::ReadBytes(dir + "/model.safetensors");
+  testing::WriteFile(dir + "/model.safetensors", bytes.substr(0, bytes.size() / 2));
+  LoadReport report;
+  auto model = LoadModel(dir, LoadOptions(), &report);
+  ASSERT_FALSE(model.ok());
+  EXPECT_EQ(model.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(model.status().message()),
+              HasSubstr(dir + "/model.safetensors: tensor data ends at byte"));
+}
+
+TEST(ModelLoaderTest, CorruptHeaderIsAPreciseStatus) {
+  std::string dir = CopyFixture("llama_tied", "corrupt");
+  std::string bytes = testing::ReadBytes(dir + "/model.safetensors");
+  bytes[8] = '#';  // The header's opening brace.
+  testing::WriteFile(dir + "/model.safetensors", bytes);
+  LoadReport report;
+  auto model = LoadModel(dir, LoadOptions(), &report);
+  EXPECT_THAT(std::string(model.status().message()), HasSubstr("not valid UTF-8 JSON"));
+}
+
+TEST(ModelLoaderTest, IndexNamingTheWrongShardIsRefused) {
+  std::string dir = CopyFixture("llama_sharded", "badindex");
+  auto index = testing::ReadJson(dir + "/model.safetensors.index.json");
+  std::string& shard = index["weight_map"]["model.norm.weight"].get_ref<std::string&>();
+  shard = shard == "model-00001-of-00003.safetensors" ? "model-00002-of-00003.safetensors"
+                                                      : "model-00001-of-00003.safetensors";
+  testing::WriteFile(dir + "/model.safetensors.index.json", index.dump());
+  LoadReport report;
+  auto model = LoadModel(dir, LoadOptions(), &report);
+  ASSERT_FALSE(model.ok());
+  EXPECT_THAT(std::string(model.status().message()),
+              HasSubstr("weight_map puts \"model.norm.weight\""));
+}
+
+TEST(ModelLoaderTest, MissingCheckpointAndPickleAreRefused) {
+  std::string dir = CopyFixture("llama_tied", "pickle");
+  std::remove((dir + "/model.safetensors").c_str());
+  testing::WriteFile(dir + "/pytorch_model.bin", "not loaded");
+  LoadReport report;
+  auto model = LoadModel(dir, LoadOptions(), &report);
+  EXPECT_EQ(model.status().code(), absl::StatusCode::kNotFound);
+  EXPECT_THAT(std::string(model.status().message()), HasSubstr("pickled pytorch_model.bin"));
+}
+
+TEST(ModelLoaderTest, ReportJsonCarriesTheSameFacts) {
+  Loaded l = Load("llama_tied");
+  ASSERT_TRUE(l.model.ok());
+  nlohmann::json j = l.report.ToJson();
+  EXPECT_EQ(j["ok"], true);
+  EXPECT_EQ(j["architecture"], "LlamaForCausalLM");
+  EXPECT_EQ(j["tied"][0]["same_storage"], true);
+  EXPECT_EQ(j["parameter_count"], l.report.parameter_count);
+  EXPECT_EQ(j["declared_parameters"], l.report.declared_parameters);
+  EXPECT_EQ(j["bytes_mapped"], l.report.bytes_mapped);
+  EXPECT_THAT(l.report.ToText(), HasSubstr("lm_head.weight -> model.embed_tokens.weight"));
+}
+
+TEST(ModelLoaderTest, BadDeviceOrDtypeIsInvalidArgument) {
+  LoadOptions o;
+  o.compute_dtype = "float8";
+  EXPECT_EQ(Load("llama_tied", o).model.status().code(), absl::StatusCode::kInvalidArgument);
+  o = LoadOptions();
+  o.device = "toaster";
+  EXPECT_EQ(Load("llama_tied", o).model.status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+}  // namespace
+}  // namespace adapterd::core

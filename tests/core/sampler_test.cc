@@ -1,0 +1,136 @@
+#include "core/sampler.h"
+
+#include <ATen/CPUGeneratorImpl.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <numeric>
+
+#include "gtest/gtest.h"
+
+namespace adapterd::core {
+namespace {
+
+const float kNegInf = -std::numeric_limits<float>::infinity();
+
+std::vector<float> ToVector(const at::Tensor& t) {
+  at::Tensor c = t.contiguous();
+  return std::vector<float>(c.data_ptr<float>(), c.data_ptr<float>() + c.numel());
+}
+
+TEST(SamplerTest, RepetitionPenaltyDividesPositiveAndMultipliesNegativeScores) {
+  at::Tensor logits = at::tensor({2.0f, -1.0f, 0.5f, -3.0f});
+  SamplingParams p;
+  p.repetition_penalty = 2.0f;
+  auto out = ToVector(ProcessLogits(logits, p, {0, 1}));
+  EXPECT_FLOAT_EQ(out[0], 1.0f);   // 2 / 2
+  EXPECT_FLOAT_EQ(out[1], -2.0f);  // -1 * 2
+  EXPECT_FLOAT_EQ(out[2], 0.5f);   // not seen
+  EXPECT_FLOAT_EQ(out[3], -3.0f);
+  EXPECT_FLOAT_EQ(logits[0].item<float>(), 2.0f);  // Input untouched.
+}
+
+TEST(SamplerTest, GreedyIgnoresWarpersButNotThePenalty) {
+  at::Tensor logits = at::tensor({3.0f, 2.9f, 1.0f});
+  SamplingParams p;
+  p.top_k = 1;
+  p.top_p = 0.1f;
+  p.repetition_penalty = 1.5f;
+  at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(1);
+  // 3 / 1.5 = 2 < 2.9: the penalty moves the argmax to id 1.
+  EXPECT_EQ(ChooseToken(ProcessLogits(logits, p, {0}), p, gen), 1);
+  auto out = ToVector(ProcessLogits(logits, p, {0}));
+  EXPECT_TRUE(std::isfinite(out[2]));  // No top-k / top-p in greedy mode.
+}
+
+TEST(SamplerTest, TopKKeepsTiesAtTheKthScore) {
+  at::Tensor logits = at::tensor({1.0f, 3.0f, 2.0f, 2.0f, 0.0f});
+  SamplingParams p;
+  p.temperature = 1.0f;
+  p.top_k = 2;
+  auto out = ToVector(ProcessLogits(logits, p, {}));
+  EXPECT_EQ(out, (std::vector<float>{kNegInf, 3.0f, 2.0f, 2.0f, kNegInf}));
+}
+
+// Brute-force nucleus rule from transformers' TopPLogitsWarper: a token is removed when the
+// probability mass of it and every less likely token is <= 1 - top_p; the top token stays.
+std::vector<bool> BruteForceTopPKeep(const std::vector<float>& scores, float top_p) {
+  std::vector<double> probs(scores.size());
+  double z = 0;
+  for (float s : scores) z += std::exp(static_cast<double>(s));
+  for (size_t i = 0; i < scores.size(); ++i) probs[i] = std::exp(scores[i]) / z;
+  const size_t top = std::max_element(scores.begin(), scores.end()) - scores.begin();
+  std::vector<bool> keep(scores.size());
+  for (size_t i = 0; i < scores.size(); ++i) {
+    double mass = 0;
+    for (size_t j = 0; j < scores.size(); ++j) {
+      if (scores[j] <= scores[i]) mass += probs[j];
+    }
+    keep[i] = i == top || mass > 1.0 - top_p;
+  }
+  return keep;
+}
+
+TEST(SamplerTest, TopPMatchesTheBruteForceRuleAfterTemperature) {
+  at::Tensor logits = at::tensor({0.3f, 2.0f, -1.0f, 1.2f, 0.9f, -0.4f, 1.7f});
+  for (float top_p : {0.05f, 0.3f, 0.5f, 0.8f, 0.95f}) {
+    SamplingParams p;
+    p.temperature = 0.7f;
+    p.top_p = top_p;
+    auto out = ToVector(ProcessLogits(logits, p, {}));
+    std::vector<float> scaled = ToVector(logits / 0.7f);
+    auto keep = BruteForceTopPKeep(scaled, top_p);
+    for (size_t i = 0; i < out.size(); ++i) {
+      if (keep[i]) {
+        EXPECT_FLOAT_EQ(out[i], scaled[i]) << "top_p " << top_p << " id " << i;
+      } else {
+        EXPECT_EQ(out[i], kNegInf) << "top_p " << top_p << " id " << i;
+      }
+    }
+  }
+}
+
+TEST(SamplerTest, SameSeedSameDrawsAndFilteredTokensNeverDrawn) {
+  at::Tensor logits = at::tensor({1.0f, 1.1f, 0.9f, 1.05f, -5.0f, 0.2f});
+  SamplingParams p;
+  p.temperature = 1.3f;
+  p.top_k = 3;
+  auto draw = [&](uint64_t seed) {
+    at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(seed);
+    std::vector<int64_t> ids;
+    for (int i = 0; i < 200; ++i) ids.push_back(ChooseToken(ProcessLogits(logits, p, {}), p, gen));
+    return ids;
+  };
+  auto a = draw(7), b = draw(7), c = draw(8);
+  EXPECT_EQ(a, b);
+  EXPECT_NE(a, c);
+  std::vector<int> counts(6);
+  for (int64_t id : a) counts[id]++;
+  EXPECT_EQ(counts[0] + counts[1] + counts[3], 200);  // Only the top 3 survive.
+  // Empirical frequency of the most likely of the three near its processed probability.
+  const double e0 = std::exp(1.0 / 1.3), e1 = std::exp(1.1 / 1.3), e3 = std::exp(1.05 / 1.3);
+  EXPECT_NEAR(counts[1] / 200.0, e1 / (e0 + e1 + e3), 0.12);
+}
+
+TEST(SamplerTest, ValidationNamesTheBadField) {
+  SamplingParams p;
+  p.temperature = -1;
+  EXPECT_EQ(ValidateSamplingParams(p).message(), "temperature must be >= 0 (0 = greedy), got -1");
+  p = SamplingParams();
+  p.top_p = 0;
+  EXPECT_EQ(ValidateSamplingParams(p).message(), "top_p must be in (0, 1], got 0");
+  p = SamplingParams();
+  p.top_k = -2;
+  EXPECT_FALSE(ValidateSamplingParams(p).ok());
+  p = SamplingParams();
+  p.repetition_penalty = 0;
+  EXPECT_FALSE(ValidateSamplingParams(p).ok());
+  p = SamplingParams();
+  p.top_logprobs = 21;
+  EXPECT_FALSE(ValidateSamplingParams(p).ok());
+  EXPECT_TRUE(ValidateSamplingParams(SamplingParams()).ok());
+}
+
+}  // namespace
+}  // namespace adapterd::core

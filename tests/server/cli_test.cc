@@ -1,0 +1,76 @@
+// The adapterd executable's offline subcommands, run as a user would.
+#include <array>
+#include <cstdio>
+#include <string>
+
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "nlohmann/json.hpp"
+#include "server/commands.h"
+#include "tests/test_util.h"
+
+namespace adapterd::server {
+namespace {
+
+using ::testing::HasSubstr;
+
+struct CliRun {
+  int exit_code;
+  std::string out;
+};
+
+CliRun Adapterd(const std::string& args) {
+  std::string cmd = testing::AdapterdBinary() + " " + args + " --log_level=warn 2>/dev/null";
+  CliRun r{0, ""};
+  FILE* p = ::popen(cmd.c_str(), "r");
+  std::array<char, 4096> buf;
+  size_t n;
+  while ((n = std::fread(buf.data(), 1, buf.size(), p)) > 0) r.out.append(buf.data(), n);
+  r.exit_code = WEXITSTATUS(::pclose(p));
+  return r;
+}
+
+TEST(CliTest, InspectJsonReportsTiedPairs) {
+  CliRun r = Adapterd("inspect --json --model_dir " + testing::Fixture("llama_tied"));
+  ASSERT_EQ(r.exit_code, 0) << r.out;
+  auto j = nlohmann::json::parse(r.out);
+  EXPECT_EQ(j["ok"], true);
+  EXPECT_EQ(j["tied"][0]["target"], "lm_head.weight");
+  EXPECT_EQ(j["tied"][0]["same_storage"], true);
+}
+
+TEST(CliTest, InspectExitsNonZeroAndListsTheMissingKey) {
+  CliRun r = Adapterd("inspect --model_dir " + testing::Fixture("broken_missing"));
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_THAT(r.out, HasSubstr("MISSING      model.layers.1.mlp.up_proj.weight"));
+}
+
+TEST(CliTest, GenerateJsonEqualsTheReferenceGreedyContinuation) {
+  auto ref = testing::ReadJson(testing::Fixture("qwen2_bias") + "/reference.json");
+  std::string ids;
+  for (int id : ref["prompt"]) ids += (ids.empty() ? "" : ",") + std::to_string(id);
+  CliRun r = Adapterd("generate --json --ignore_eos --max_new_tokens 8 --model_dir " +
+                   testing::Fixture("qwen2_bias") + " --prompt_ids " + ids);
+  ASSERT_EQ(r.exit_code, 0) << r.out;
+  auto j = nlohmann::json::parse(r.out);
+  EXPECT_EQ(j["tokens"], ref["greedy"]);
+  EXPECT_EQ(j["finish_reason"], "length");
+  EXPECT_EQ(j["steps"][0]["top"].size(), 5u);
+}
+
+TEST(CliTest, GenerateRejectsMalformedIds) {
+  CliRun r = Adapterd("generate --model_dir " + testing::Fixture("gpt2") + " --prompt_ids 1,x");
+  EXPECT_EQ(r.exit_code, 2);
+}
+
+TEST(CliTest, ParseIdListAcceptsOnlyIntegerLists) {
+  std::vector<int32_t> ids;
+  EXPECT_TRUE(ParseIdList("3,1,4", &ids));
+  EXPECT_EQ(ids, (std::vector<int32_t>{3, 1, 4}));
+  EXPECT_FALSE(ParseIdList("", &ids));
+  EXPECT_FALSE(ParseIdList("1,,2", &ids));
+  EXPECT_FALSE(ParseIdList("1;2", &ids));
+}
+
+}  // namespace
+}  // namespace adapterd::server
