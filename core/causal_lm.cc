@@ -24,6 +24,18 @@ const char* ProjectionName(Projection p) {
   return "?";
 }
 
+at::Tensor LinearForward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b) {
+  if (x.size(0) != 1) return at::linear(x, w, b);
+  at::Tensor y = at::mv(w, x[0]);
+  if (b.defined()) y.add_(b);
+  return y.unsqueeze(0);
+}
+
+at::Tensor Conv1dForward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b) {
+  if (x.size(0) != 1) return at::addmm(b, x, w);
+  return at::mv(w.t(), x[0]).add_(b).unsqueeze(0);
+}
+
 std::unique_ptr<KvCache> CausalLm::NewCache(int64_t capacity) const {
   return std::make_unique<KvCache>(config_.num_layers, config_.num_kv_heads, config_.head_dim,
                                    capacity, options_);

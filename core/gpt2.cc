@@ -81,7 +81,7 @@ class Gpt2 final : public CausalLm {
       x = x.index_select(0, at::tensor(last, at::kLong).to(x.device()));
     }
     x = at::layer_norm(x, {E}, lnf_w_, lnf_b_, c.norm_eps);
-    return at::linear(x, lm_head_).to(at::kFloat);
+    return LinearForward(x, lm_head_, at::Tensor()).to(at::kFloat);
   }
 
  private:
@@ -97,7 +97,7 @@ class Gpt2 final : public CausalLm {
   // Conv1D: y = b + x·W with W [in, out].
   static at::Tensor Project(int64_t layer, Projection p, const at::Tensor& x, const at::Tensor& w,
                             const at::Tensor& b, const AdapterBatch* adapters) {
-    at::Tensor y = at::addmm(b, x, w);
+    at::Tensor y = Conv1dForward(x, w, b);
     if (adapters != nullptr) adapters->AddDelta(layer, p, x, y);
     return y;
   }

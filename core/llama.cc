@@ -101,7 +101,7 @@ class Llama final : public CausalLm {
       x = x.index_select(0, at::tensor(last, at::kLong).to(x.device()));
     }
     x = RmsNorm(x, final_norm_);
-    return at::linear(x, lm_head_).to(at::kFloat);
+    return LinearForward(x, lm_head_, at::Tensor()).to(at::kFloat);
   }
 
  private:
@@ -139,7 +139,7 @@ class Llama final : public CausalLm {
 
   static at::Tensor Project(int64_t layer, Projection p, const at::Tensor& x, const at::Tensor& w,
                             const at::Tensor& b, const AdapterBatch* adapters) {
-    at::Tensor y = at::linear(x, w, b);
+    at::Tensor y = LinearForward(x, w, b);
     if (adapters != nullptr) adapters->AddDelta(layer, p, x, y);
     return y;
   }
