@@ -36,6 +36,39 @@ at::Tensor Conv1dForward(const at::Tensor& x, const at::Tensor& w, const at::Ten
   return at::mv(w.t(), x[0]).add_(b).unsqueeze(0);
 }
 
+AdapterBatch::AdapterBatch(std::vector<Range> ranges) {
+  for (const Range& r : ranges) {
+    if (r.adapter == nullptr || r.length == 0) continue;
+    if (!ranges_.empty() && ranges_.back().adapter == r.adapter && r.soft_prompt_rows == 0 &&
+        ranges_.back().offset + ranges_.back().length == r.offset &&
+        ranges_.back().soft_prompt_rows == 0) {
+      ranges_.back().length += r.length;
+      continue;
+    }
+    ranges_.push_back(r);
+  }
+}
+
+void AdapterBatch::AddDelta(int64_t layer, Projection p, const at::Tensor& x,
+                            at::Tensor& y) const {
+  for (const Range& r : ranges_) {
+    if (!r.adapter->Adapts(layer, p)) continue;
+    if (r.offset == 0 && r.length == x.size(0)) {
+      y.add_(r.adapter->Delta(layer, p, x));
+    } else {
+      y.narrow(0, r.offset, r.length)
+          .add_(r.adapter->Delta(layer, p, x.narrow(0, r.offset, r.length)));
+    }
+  }
+}
+
+void AdapterBatch::WriteSoftPrompts(at::Tensor& embeddings) const {
+  for (const Range& r : ranges_) {
+    if (r.soft_prompt_rows == 0) continue;
+    embeddings.narrow(0, r.offset, r.soft_prompt_rows).copy_(r.adapter->soft_prompt());
+  }
+}
+
 std::unique_ptr<KvCache> CausalLm::NewCache(int64_t capacity) const {
   return std::make_unique<KvCache>(config_.num_layers, config_.num_kv_heads, config_.head_dim,
                                    capacity, options_);

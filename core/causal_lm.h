@@ -25,14 +25,48 @@ enum class Projection { kQ, kK, kV, kO, kGate, kUp, kDown, kCAttn, kAttnOut, kFc
 // Returns the module's short name as PEFT target_modules spell it ("q_proj", "c_attn", ...).
 const char* ProjectionName(Projection p);
 
-// The seam adapters plug into. Implementations know which rows of the packed batch use which
-// adapter; `core` only calls them.
+// The seam adapters plug into: one object per loaded adapter, shared by every sequence that
+// uses it. `core` groups a batch's rows by adapter and asks each for its contribution;
+// `adapters` implements the PEFT math. Implementations are immutable and thread-safe.
+class SequenceAdapter {
+ public:
+  virtual ~SequenceAdapter() = default;
+  // Soft-prompt rows prepended to the sequence at prefill (prompt tuning); 0 for none.
+  virtual int64_t virtual_tokens() const { return 0; }
+  // Returns the soft prompt's input embeddings, [virtual_tokens, hidden] in compute dtype.
+  virtual at::Tensor soft_prompt() const { return at::Tensor(); }
+  // Writes prefix keys and values (prefix tuning) into an empty cache and commits them;
+  // returns how many positions they fill.
+  virtual int64_t SeedCache(KvCache& /*cache*/) const { return 0; }
+  // True when this adapter modifies projection `p` of `layer`.
+  virtual bool Adapts(int64_t /*layer*/, Projection /*p*/) const { return false; }
+  // Returns what the adapter adds to the output of projection `p` of `layer` for inputs
+  // `x` ([n, in]); only called when Adapts() is true.
+  virtual at::Tensor Delta(int64_t /*layer*/, Projection /*p*/, const at::Tensor& /*x*/) const {
+    return at::Tensor();
+  }
+};
+
+// The adapters of one packed batch: contiguous token ranges, each with the adapter of its
+// row (or none). The forward pass calls it at every adaptable projection.
 class AdapterBatch {
  public:
-  virtual ~AdapterBatch() = default;
-  // Adds the adapters' contribution for projection `p` of `layer` to `y`, given its input `x`
-  // ([N, in] and [N, out] over the packed batch).
-  virtual void AddDelta(int64_t layer, Projection p, const at::Tensor& x, at::Tensor& y) const = 0;
+  struct Range {
+    int64_t offset = 0;
+    int64_t length = 0;
+    const SequenceAdapter* adapter = nullptr;
+    int64_t soft_prompt_rows = 0;  // Leading rows of the range that take the soft prompt.
+  };
+  explicit AdapterBatch(std::vector<Range> ranges);
+
+  bool empty() const { return ranges_.empty(); }
+  // Adds every adapter's delta for projection `p` of `layer` to its rows of `y`.
+  void AddDelta(int64_t layer, Projection p, const at::Tensor& x, at::Tensor& y) const;
+  // Overwrites the token embeddings of soft-prompt rows with the adapters' soft prompts.
+  void WriteSoftPrompts(at::Tensor& embeddings) const;
+
+ private:
+  std::vector<Range> ranges_;  // Only ranges with an adapter; adjacent equal ones merged.
 };
 
 // One row of a packed batch: tokens [offset, offset + length) of the batch belong to it and

@@ -17,6 +17,11 @@ namespace adapterd::core {
 struct Sequence::State {
   std::vector<int32_t> tokens;
   int64_t prompt_length = 0;
+  std::shared_ptr<const SequenceAdapter> adapter;
+  // Cache positions that hold no token of `tokens`: prefix-tuning keys/values (seeded at
+  // creation) or soft-prompt rows (written by the first step).
+  int64_t virtual_positions = 0;
+  bool soft_prompt_pending = false;
   SamplingParams params;
   std::unique_ptr<KvCache> cache;
   at::Generator generator;
@@ -39,7 +44,11 @@ int64_t Sequence::generated() const {
   return static_cast<int64_t>(state_->tokens.size()) - state_->prompt_length;
 }
 int64_t Sequence::kv_bytes() const { return state_->cache->bytes(); }
+int64_t Sequence::positions() const {
+  return static_cast<int64_t>(state_->tokens.size()) + state_->virtual_positions;
+}
 const SamplingParams& Sequence::params() const { return state_->params; }
+const std::shared_ptr<const SequenceAdapter>& Sequence::adapter() const { return state_->adapter; }
 
 Engine::Engine(std::unique_ptr<CausalLm> model, LoadReport report)
     : model_(std::move(model)), report_(std::move(report)) {}
@@ -60,14 +69,19 @@ int64_t Engine::context_length() const { return model_->config().max_position_em
 int Engine::threads() { return at::get_num_threads(); }
 
 absl::StatusOr<std::unique_ptr<Sequence>> Engine::NewSequence(
-    std::vector<int32_t> prompt, const SamplingParams& params) const {
+    std::vector<int32_t> prompt, const SamplingParams& params,
+    std::shared_ptr<const SequenceAdapter> adapter) const {
   RETURN_IF_ERROR(ValidateSamplingParams(params));
   const ModelConfig& c = config();
   if (prompt.empty()) return absl::InvalidArgumentError("prompt is empty");
-  if (static_cast<int64_t>(prompt.size()) >= context_length()) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("prompt has ", prompt.size(), " tokens; the model's context holds ",
-                     context_length(), " and at least one must be left to generate"));
+  const int64_t virtual_tokens = adapter ? adapter->virtual_tokens() : 0;
+  int64_t prefix_positions = 0;
+  if (static_cast<int64_t>(prompt.size()) + virtual_tokens >= context_length()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "prompt has ", prompt.size(), " tokens", virtual_tokens ? " (+" : "",
+        virtual_tokens ? absl::StrCat(virtual_tokens, " virtual)") : "",
+        "; the model's context holds ", context_length(),
+        " and at least one must be left to generate"));
   }
   for (size_t i = 0; i < prompt.size(); ++i) {
     if (prompt[i] < 0 || prompt[i] >= c.vocab_size) {
@@ -82,40 +96,79 @@ absl::StatusOr<std::unique_ptr<Sequence>> Engine::NewSequence(
   state->is_seen.assign(c.vocab_size, 0);
   for (int32_t id : prompt) state->Remember(id);
   state->tokens = std::move(prompt);
-  state->cache = model_->NewCache(std::min<int64_t>(context_length(), state->prompt_length + 64));
+  state->cache = model_->NewCache(
+      std::min<int64_t>(context_length(), state->prompt_length + virtual_tokens + 64));
   state->generator = at::make_generator<at::CPUGeneratorImpl>(params.seed);
+  if (adapter) {
+    c10::InferenceMode guard;
+    try {
+      prefix_positions = adapter->SeedCache(*state->cache);
+    } catch (const std::exception& e) {
+      return absl::InternalError(absl::StrCat("seeding the prefix failed: ", e.what()));
+    }
+    if (prefix_positions + static_cast<int64_t>(state->tokens.size()) >= context_length()) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "prompt has ", state->tokens.size(), " tokens (+", prefix_positions,
+          " prefix positions); the model's context holds ", context_length(),
+          " and at least one must be left to generate"));
+    }
+    state->virtual_positions = prefix_positions + virtual_tokens;
+    state->soft_prompt_pending = virtual_tokens > 0;
+    state->adapter = std::move(adapter);
+  }
   return std::unique_ptr<Sequence>(new Sequence(std::move(state)));
 }
 
-absl::StatusOr<std::vector<StepOutput>> Engine::Step(const std::vector<Sequence*>& batch,
-                                                     const AdapterBatch* adapters) const {
+absl::StatusOr<std::vector<StepOutput>> Engine::Step(const std::vector<Sequence*>& batch) const {
   if (batch.empty()) return std::vector<StepOutput>();
   c10::InferenceMode guard;
+  // Pack rows grouped by adapter so that every adapter's tokens form one contiguous range.
+  std::vector<size_t> order(batch.size());
+  for (size_t i = 0; i < order.size(); ++i) order[i] = i;
+  std::stable_sort(order.begin(), order.end(), [&](size_t a, size_t b) {
+    return std::less<const void*>()(batch[a]->state_->adapter.get(),
+                                    batch[b]->state_->adapter.get());
+  });
   std::vector<int64_t> ids;
   std::vector<RowSpan> rows;
-  for (Sequence* seq : batch) {
-    Sequence::State& s = *seq->state_;
-    const int64_t past = s.cache->length();
+  std::vector<AdapterBatch::Range> ranges;
+  for (size_t i : order) {
+    Sequence::State& s = *batch[i]->state_;
     const int64_t total = static_cast<int64_t>(s.tokens.size());
-    if (total >= context_length() + 1 || past >= total) {
+    if (total + s.virtual_positions > context_length()) {
       return absl::FailedPreconditionError(
           absl::StrCat("sequence of ", total, " tokens cannot take another step (context ",
                        context_length(), ")"));
     }
-    rows.push_back({static_cast<int64_t>(ids.size()), total - past, s.cache.get()});
-    ids.insert(ids.end(), s.tokens.begin() + past, s.tokens.end());
+    const int64_t offset = static_cast<int64_t>(ids.size());
+    int64_t soft_rows = 0;
+    if (s.soft_prompt_pending) {
+      soft_rows = s.adapter->virtual_tokens();
+      ids.insert(ids.end(), soft_rows, 0);  // Placeholders; the soft prompt replaces them.
+    }
+    const int64_t done = s.cache->length() - (s.virtual_positions - soft_rows);
+    if (done >= total) {
+      return absl::FailedPreconditionError("sequence has no new token to process");
+    }
+    ids.insert(ids.end(), s.tokens.begin() + done, s.tokens.end());
+    const int64_t length = static_cast<int64_t>(ids.size()) - offset;
+    rows.push_back({offset, length, s.cache.get()});
+    ranges.push_back({offset, length, s.adapter.get(), soft_rows});
   }
+  AdapterBatch adapters(std::move(ranges));
   std::vector<StepOutput> out(batch.size());
   try {
     at::Tensor tokens = at::tensor(ids, at::kLong).to(model_->options().device());
-    at::Tensor logits = model_->Forward(tokens, rows, /*all_positions=*/false, adapters)
-                            .to(at::kCPU, at::kFloat);
+    at::Tensor logits =
+        model_->Forward(tokens, rows, /*all_positions=*/false, adapters.empty() ? nullptr : &adapters)
+            .to(at::kCPU, at::kFloat);
     at::Tensor logprobs = at::log_softmax(logits, -1);
-    for (size_t r = 0; r < batch.size(); ++r) {
-      Sequence::State& s = *batch[r]->state_;
+    for (size_t r = 0; r < order.size(); ++r) {
+      Sequence::State& s = *batch[order[r]]->state_;
+      s.soft_prompt_pending = false;
       at::Tensor processed = ProcessLogits(logits[r], s.params, s.seen);
       const int64_t token = ChooseToken(processed, s.params, s.generator);
-      StepOutput& o = out[r];
+      StepOutput& o = out[order[r]];
       o.token = static_cast<int32_t>(token);
       o.logprob = logprobs[r][token].item<float>();
       if (s.params.top_logprobs > 0) {
@@ -135,14 +188,22 @@ absl::StatusOr<std::vector<StepOutput>> Engine::Step(const std::vector<Sequence*
   return out;
 }
 
-absl::StatusOr<std::vector<float>> Engine::PromptLogits(const std::vector<int32_t>& prompt) const {
-  ASSIGN_OR_RETURN(auto seq, NewSequence(prompt, SamplingParams()));
+absl::StatusOr<std::vector<float>> Engine::PromptLogits(
+    const std::vector<int32_t>& prompt, std::shared_ptr<const SequenceAdapter> adapter) const {
+  ASSIGN_OR_RETURN(auto seq, NewSequence(prompt, SamplingParams(), std::move(adapter)));
   c10::InferenceMode guard;
+  Sequence::State& s = *seq->state_;
+  const int64_t soft_rows = s.soft_prompt_pending ? s.adapter->virtual_tokens() : 0;
+  std::vector<int64_t> ids(soft_rows, 0);
+  ids.insert(ids.end(), prompt.begin(), prompt.end());
+  const int64_t n = static_cast<int64_t>(ids.size());
+  AdapterBatch adapters({{0, n, s.adapter.get(), soft_rows}});
   try {
-    std::vector<int64_t> ids(prompt.begin(), prompt.end());
     at::Tensor tokens = at::tensor(ids, at::kLong).to(model_->options().device());
-    std::vector<RowSpan> rows = {{0, static_cast<int64_t>(ids.size()), seq->state_->cache.get()}};
-    at::Tensor logits = model_->Forward(tokens, rows, /*all_positions=*/true, nullptr)
+    std::vector<RowSpan> rows = {{0, n, s.cache.get()}};
+    at::Tensor logits = model_->Forward(tokens, rows, /*all_positions=*/true,
+                                        adapters.empty() ? nullptr : &adapters)
+                            .narrow(0, soft_rows, n - soft_rows)
                             .to(at::kCPU, at::kFloat)
                             .contiguous();
     return std::vector<float>(logits.data_ptr<float>(), logits.data_ptr<float>() + logits.numel());
@@ -166,11 +227,11 @@ absl::StatusOr<GenerateResult> Generate(const Engine& engine, const GenerateRequ
     return absl::InvalidArgumentError(
         absl::StrCat("max_new_tokens must be >= 1, got ", request.max_new_tokens));
   }
-  ASSIGN_OR_RETURN(auto seq, engine.NewSequence(request.prompt, request.params));
+  ASSIGN_OR_RETURN(auto seq, engine.NewSequence(request.prompt, request.params, request.adapter));
   GenerateResult result;
   const std::vector<int64_t>& eos = engine.config().eos_token_ids;
   while (true) {
-    if (static_cast<int64_t>(seq->tokens().size()) >= engine.context_length()) break;
+    if (seq->positions() >= engine.context_length()) break;
     ASSIGN_OR_RETURN(auto step, engine.Step({seq.get()}));
     result.steps.push_back(step[0]);
     const int64_t t = step[0].token;

@@ -19,8 +19,8 @@
 
 namespace adapterd::core {
 
-class AdapterBatch;
 class CausalLm;
+class SequenceAdapter;
 
 struct TokenLogprob {
   int32_t id = 0;
@@ -41,7 +41,13 @@ class Sequence {
   int64_t prompt_length() const;
   int64_t generated() const;
   int64_t kv_bytes() const;
+  // Context positions the sequence occupies once its last token is processed: its tokens
+  // plus the adapter's virtual tokens.
+  int64_t positions() const;
   const SamplingParams& params() const;
+  // The adapter this sequence runs with (null: the base model). Held for the sequence's
+  // whole life, so an adapter unloaded meanwhile stays alive until the sequence ends.
+  const std::shared_ptr<const SequenceAdapter>& adapter() const;
 
  private:
   friend class Engine;
@@ -68,24 +74,28 @@ class Engine {
   const LoadReport& report() const { return report_; }
   // The model itself, for code inside core/ and adapters/ (LibTorch types).
   const CausalLm& model() const { return *model_; }
-  // Positions the model can attend over (max_position_embeddings).
+  // Positions the model can attend over (max_position_embeddings); an adapter's virtual
+  // tokens take part of it.
   int64_t context_length() const;
   // Returns the number of intra-op threads LibTorch uses.
   static int threads();
 
-  // Opens a sequence for `prompt`. InvalidArgument for an empty prompt, an id outside the
-  // vocabulary, a prompt that fills the context, or bad sampling parameters.
-  absl::StatusOr<std::unique_ptr<Sequence>> NewSequence(std::vector<int32_t> prompt,
-                                                        const SamplingParams& params) const;
+  // Opens a sequence for `prompt`, run with `adapter` (null: the base model). InvalidArgument
+  // for an empty prompt, an id outside the vocabulary, a prompt that (with the adapter's
+  // virtual tokens) fills the context, or bad sampling parameters.
+  absl::StatusOr<std::unique_ptr<Sequence>> NewSequence(
+      std::vector<int32_t> prompt, const SamplingParams& params,
+      std::shared_ptr<const SequenceAdapter> adapter = nullptr) const;
 
-  // Runs one step over `batch` (distinct sequences) and appends each row's chosen token.
-  // `adapters` (nullable) adds adapter deltas to the rows it covers.
-  absl::StatusOr<std::vector<StepOutput>> Step(const std::vector<Sequence*>& batch,
-                                               const AdapterBatch* adapters = nullptr) const;
+  // Runs one step over `batch` (distinct sequences, any mix of adapters) and appends each
+  // row's chosen token. Outputs are in `batch` order.
+  absl::StatusOr<std::vector<StepOutput>> Step(const std::vector<Sequence*>& batch) const;
 
   // Returns float32 logits of every prompt position, row-major [T, vocab] (for tests and
-  // diagnostics; uses a fresh cache).
-  absl::StatusOr<std::vector<float>> PromptLogits(const std::vector<int32_t>& prompt) const;
+  // diagnostics; uses a fresh sequence).
+  absl::StatusOr<std::vector<float>> PromptLogits(
+      const std::vector<int32_t>& prompt,
+      std::shared_ptr<const SequenceAdapter> adapter = nullptr) const;
 
  private:
   Engine(std::unique_ptr<CausalLm> model, LoadReport report);
@@ -100,6 +110,7 @@ const char* FinishReasonName(FinishReason r);
 
 struct GenerateRequest {
   std::vector<int32_t> prompt;
+  std::shared_ptr<const SequenceAdapter> adapter;  // Null: the base model.
   SamplingParams params;
   int64_t max_new_tokens = 16;
   bool ignore_eos = false;

@@ -54,7 +54,9 @@ class Gpt2 final : public CausalLm {
     }
     at::Tensor positions = at::tensor(pos_host, at::kLong).to(tokens.device());
     const int64_t E = c.hidden_size;
-    at::Tensor x = at::embedding(wte_, tokens) + at::embedding(wpe_, positions);
+    at::Tensor x = at::embedding(wte_, tokens);
+    if (adapters != nullptr) adapters->WriteSoftPrompts(x);  // wpe is added to them too.
+    x = x + at::embedding(wpe_, positions);
     for (int64_t li = 0; li < c.num_layers; ++li) {
       const Gpt2Layer& l = layers_[li];
       double scale = c.scale_attn_weights ? 1.0 / std::sqrt(static_cast<double>(c.head_dim)) : 1.0;

@@ -73,6 +73,7 @@ class Llama final : public CausalLm {
     const int64_t n = tokens.size(0);
     const double scale = 1.0 / std::sqrt(static_cast<double>(c.head_dim));
     at::Tensor x = at::embedding(embed_, tokens);
+    if (adapters != nullptr) adapters->WriteSoftPrompts(x);
     for (int64_t li = 0; li < c.num_layers; ++li) {
       const LlamaLayer& l = layers_[li];
       at::Tensor h = RmsNorm(x, l.input_norm);
