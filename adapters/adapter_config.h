@@ -1,0 +1,59 @@
+// adapter_config.json as Hugging Face PEFT writes it (LoraConfig, PrefixTuningConfig,
+// PromptTuningConfig, PromptEncoderConfig). Every field that changes the math and that
+// adapterd does not implement is refused by name; a config is never partially honoured.
+//
+// Thread-safety: a plain value.
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <optional>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
+
+namespace adapterd::adapters {
+
+enum class AdapterType { kLora, kPrefixTuning, kPromptTuning, kPTuning };
+
+// Returns PEFT's peft_type string ("LORA", "PREFIX_TUNING", ...).
+const char* AdapterTypeName(AdapterType type);
+
+struct AdapterConfig {
+  AdapterType type = AdapterType::kLora;
+  std::string base_model_name_or_path;
+  std::string task_type;
+
+  // LoRA.
+  int64_t r = 8;
+  double lora_alpha = 8;
+  bool use_rslora = false;
+  bool fan_in_fan_out = false;
+  // target_modules: a list of names, one regex (full match), or "all-linear"; unset → the
+  // architecture's PEFT default.
+  std::optional<std::vector<std::string>> target_list;
+  std::optional<std::string> target_regex;
+  bool target_all_linear = false;
+  std::vector<std::string> exclude_list;
+  std::optional<std::string> exclude_regex;
+  std::optional<std::vector<int64_t>> layers_to_transform;
+  std::vector<std::string> layers_pattern;
+  // In file order: PEFT applies the first pattern that matches.
+  std::vector<std::pair<std::string, int64_t>> rank_pattern;
+  std::vector<std::pair<std::string, double>> alpha_pattern;
+
+  // Prompt learning.
+  int64_t num_virtual_tokens = 0;
+  int64_t num_layers = 0;
+  int64_t token_dim = 0;
+  int64_t num_attention_heads = 0;
+  int64_t num_transformer_submodules = 1;
+
+  // Parses `text` (the file `label`).
+  static absl::StatusOr<AdapterConfig> FromJson(absl::string_view text, absl::string_view label);
+};
+
+}  // namespace adapterd::adapters

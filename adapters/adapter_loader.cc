@@ -1,0 +1,404 @@
+#include "adapters/adapter_loader.h"
+
+#include <sys/stat.h>
+
+#include <chrono>
+#include <cmath>
+#include <regex>
+#include <set>
+
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "core/model_config.h"
+#include "core/safetensors.h"
+#include "core/status_macros.h"
+
+namespace adapterd::adapters {
+namespace {
+
+constexpr absl::string_view kPeftPrefix = "base_model.model.";
+
+bool Exists(const std::string& path) {
+  struct stat st {};
+  return ::stat(path.c_str(), &st) == 0;
+}
+
+std::string Shape(at::IntArrayRef s) { return absl::StrCat("[", absl::StrJoin(s, ","), "]"); }
+
+absl::StatusOr<bool> FullMatch(const std::string& pattern, const std::string& text,
+                               const char* field) {
+  try {
+    return std::regex_match(text, std::regex(pattern, std::regex::ECMAScript));
+  } catch (const std::regex_error& e) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(field, " \"", pattern, "\" is not a valid regular expression: ", e.what()));
+  }
+}
+
+// PEFT: the layer index is the first `.<pattern>.<digits>.` in the name.
+std::optional<int64_t> LayerIndex(const std::string& key,
+                                  const std::vector<std::string>& patterns) {
+  std::vector<std::string> regexes;
+  if (patterns.empty()) {
+    regexes.push_back(R"(^.*?\.[^.]*\.(\d+)\.)");
+  } else {
+    for (const std::string& p : patterns) regexes.push_back("^.*?\\." + p + R"(\.(\d+)\.)");
+  }
+  for (const std::string& r : regexes) {
+    std::smatch m;
+    try {
+      if (std::regex_search(key, m, std::regex(r))) return std::stoll(m[1].str());
+    } catch (const std::exception&) {
+      return std::nullopt;
+    }
+  }
+  return std::nullopt;
+}
+
+// PEFT's get_pattern_key: the first pattern with re.match(rf"(.*\.)?({pattern})$", key).
+template <typename T>
+std::optional<T> PatternValue(const std::vector<std::pair<std::string, T>>& patterns,
+                              const std::string& key) {
+  for (const auto& [pattern, value] : patterns) {
+    try {
+      if (std::regex_match(key, std::regex("(.*\\.)?(" + pattern + ")"))) return value;
+    } catch (const std::regex_error&) {
+      continue;
+    }
+  }
+  return std::nullopt;
+}
+
+absl::StatusOr<at::Tensor> ToTensor(const core::SafetensorsFile& file, const core::TensorInfo& info,
+                                    const at::TensorOptions& options) {
+  at::ScalarType stored;
+  switch (info.dtype) {
+    case core::DType::kF32: stored = at::kFloat; break;
+    case core::DType::kF16: stored = at::kHalf; break;
+    case core::DType::kBF16: stored = at::kBFloat16; break;
+    case core::DType::kF64: stored = at::kDouble; break;
+    default:
+      return absl::FailedPreconditionError(absl::StrCat(
+          file.path(), ": tensor \"", info.name, "\" has dtype ", core::DTypeName(info.dtype),
+          "; adapters must be F32, F16, BF16 or F64"));
+  }
+  at::Tensor bytes = at::empty({static_cast<int64_t>(info.NumBytes())}, at::kByte);
+  std::memcpy(bytes.data_ptr(), file.Data(info), info.NumBytes());
+  // PEFT upcasts half-precision adapter weights to float32 (autocast_adapter_dtype).
+  return bytes.view(stored).view(info.shape).to(options.device(), options.dtype().toScalarType());
+}
+
+struct LoraPair {
+  const core::TensorInfo* a = nullptr;
+  const core::TensorInfo* b = nullptr;
+};
+
+absl::StatusOr<AdapterWeights> LoadLora(
+    const AdapterConfig& cfg, const core::SafetensorsFile& file, const core::CausalLm& base,
+    const std::string& name, AdapterReport& report) {
+  const core::ModelConfig& bc = base.config();
+  const std::string label = absl::StrCat("adapter \"", name, "\"");
+  std::map<std::string, BaseModule> modules;
+  for (BaseModule& m : BaseModules(bc)) modules[m.name] = m;
+
+  std::map<std::string, LoraPair> pairs;
+  for (const core::TensorInfo& t : file.tensors()) {
+    std::string key = t.name;
+    if (absl::StartsWith(key, kPeftPrefix)) key = key.substr(kPeftPrefix.size());
+    std::string module;
+    bool is_a = false;
+    if (absl::EndsWith(key, ".lora_A.weight")) {
+      module = key.substr(0, key.size() - std::string(".lora_A.weight").size());
+      is_a = true;
+    } else if (absl::EndsWith(key, ".lora_B.weight")) {
+      module = key.substr(0, key.size() - std::string(".lora_B.weight").size());
+    } else if (absl::StrContains(key, "lora_magnitude_vector")) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          label, ": tensor ", t.name, " is a DoRA magnitude vector; DoRA is not supported"));
+    } else if (absl::StrContains(key, "lora_embedding_")) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          label, ": tensor ", t.name, " adapts an embedding, which adapterd does not support"));
+    } else if (absl::EndsWith(key, ".lora_B.bias")) {
+      return absl::FailedPreconditionError(
+          absl::StrCat(label, ": tensor ", t.name, " is a LoRA bias (lora_bias), not supported"));
+    } else {
+      return absl::FailedPreconditionError(absl::StrCat(
+          label, ": tensor ", t.name,
+          " is not a LoRA weight (full weights such as modules_to_save are not supported)"));
+    }
+    auto it = modules.find(module);
+    if (it == modules.end()) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          label, ": tensor ", t.name, " targets \"", module,
+          "\", which is not a projection of the base ", bc.architecture_name));
+    }
+    if (!it->second.supported) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          label, ": tensor ", t.name, " adapts ", module, ", which adapterd does not adapt"));
+    }
+    (is_a ? pairs[module].a : pairs[module].b) = &t;
+  }
+
+  std::set<std::string> targeted;
+  for (const auto& [mname, m] : modules) {
+    ASSIGN_OR_RETURN(bool hit, IsTargeted(cfg, bc, m));
+    if (!hit) continue;
+    if (!m.supported) {
+      return absl::FailedPreconditionError(
+          absl::StrCat(label, ": target_modules selects ", mname, ", which adapterd does not adapt"));
+    }
+    targeted.insert(mname);
+  }
+  if (targeted.empty()) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        label, ": target_modules matches no module of the base ", bc.architecture_name));
+  }
+  for (const std::string& m : targeted) {
+    auto it = pairs.find(m);
+    if (it == pairs.end()) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          label, ": the config targets ", m, " but ", file.path(), " holds no LoRA weights for it"));
+    }
+  }
+  for (const auto& [m, pair] : pairs) {
+    if (!targeted.count(m)) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          label, ": ", file.path(), " holds LoRA weights for ", m,
+          ", which the config's target_modules / layers_to_transform do not select"));
+    }
+    if (pair.a == nullptr || pair.b == nullptr) {
+      return absl::FailedPreconditionError(absl::StrCat(label, ": ", m, " has lora_",
+                                                        pair.a ? "A" : "B", " but no lora_",
+                                                        pair.a ? "B" : "A"));
+    }
+  }
+
+  AdapterWeights weights;
+  std::set<int64_t> ranks;
+  std::set<double> alphas, scalings;
+  std::set<int64_t> adapted_layers;
+  const at::TensorOptions options = base.options();
+  for (const auto& [mname, pair] : pairs) {
+    const BaseModule& m = modules.at(mname);
+    const at::Tensor& w = base.weights().at(mname + ".weight");
+    const bool conv1d = bc.architecture == core::Architecture::kGpt2;
+    const int64_t in = conv1d ? w.size(0) : w.size(1);
+    const int64_t out = conv1d ? w.size(1) : w.size(0);
+    const int64_t r = PatternValue(cfg.rank_pattern, mname).value_or(cfg.r);
+    const double alpha = PatternValue(cfg.alpha_pattern, mname).value_or(cfg.lora_alpha);
+    const std::vector<int64_t> want_a = {r, in}, want_b = {out, r};
+    if (pair.a->shape != want_a) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          label, ": lora_A for ", mname, " has shape ", Shape(pair.a->shape), ", base expects ",
+          Shape(want_a), " (r=", r, ")"));
+    }
+    if (pair.b->shape != want_b) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          label, ": lora_B for ", mname, " has shape ", Shape(pair.b->shape), ", base expects ",
+          Shape(want_b), " (r=", r, ")"));
+    }
+    const double scaling = cfg.use_rslora ? alpha / std::sqrt(static_cast<double>(r)) : alpha / r;
+    ASSIGN_OR_RETURN(at::Tensor a, ToTensor(file, *pair.a, options));
+    ASSIGN_OR_RETURN(at::Tensor b, ToTensor(file, *pair.b, options));
+    LoraModule lm;
+    lm.a_t = a.t().contiguous();
+    lm.b_t = (b.t() * scaling).contiguous();
+    report.bytes += lm.a_t.nbytes() + lm.b_t.nbytes();
+    weights.lora[{m.layer, m.projection}] = std::move(lm);
+    ranks.insert(r);
+    alphas.insert(alpha);
+    scalings.insert(scaling);
+    adapted_layers.insert(m.layer);
+    report.matched_modules.push_back(mname);
+  }
+  report.ranks.assign(ranks.begin(), ranks.end());
+  report.alphas.assign(alphas.begin(), alphas.end());
+  report.scalings.assign(scalings.begin(), scalings.end());
+  report.use_rslora = cfg.use_rslora;
+  for (int64_t l = 0; l < bc.num_layers; ++l) {
+    if (!adapted_layers.count(l)) report.skipped_layers.push_back(l);
+  }
+  return weights;
+}
+
+absl::StatusOr<AdapterWeights> LoadPromptLearning(
+    const AdapterConfig& cfg, const core::SafetensorsFile& file, const core::CausalLm& base,
+    const std::string& name, AdapterReport& report) {
+  const core::ModelConfig& bc = base.config();
+  const std::string label = absl::StrCat("adapter \"", name, "\"");
+  const core::TensorInfo* emb = nullptr;
+  for (const core::TensorInfo& t : file.tensors()) {
+    if (t.name == "prompt_embeddings") {
+      emb = &t;
+    } else {
+      return absl::FailedPreconditionError(absl::StrCat(
+          label, ": tensor ", t.name, " is not expected in a ", AdapterTypeName(cfg.type),
+          " adapter (only prompt_embeddings)"));
+    }
+  }
+  if (emb == nullptr) {
+    return absl::FailedPreconditionError(
+        absl::StrCat(label, ": ", file.path(), " has no prompt_embeddings tensor"));
+  }
+  const int64_t nvt = cfg.num_virtual_tokens;
+  report.num_virtual_tokens = nvt;
+  auto mismatch = [&](const char* field, int64_t found, int64_t want, const char* what) {
+    return absl::FailedPreconditionError(absl::StrCat(label, ": ", field, " is ", found,
+                                                      ", the base model has ", want, " ", what));
+  };
+  if (cfg.type == AdapterType::kPrefixTuning) {
+    // PEFT #1901: with grouped-query attention the prefix has the key/value heads' width.
+    const int64_t heads = bc.num_kv_heads;
+    const int64_t token_dim = heads * bc.head_dim;
+    if (cfg.num_layers != bc.num_layers) {
+      return mismatch("num_layers", cfg.num_layers, bc.num_layers, "layers");
+    }
+    if (cfg.token_dim != token_dim) {
+      return mismatch("token_dim", cfg.token_dim, token_dim, "(key/value heads × head_dim)");
+    }
+    if (cfg.num_attention_heads != heads) {
+      return mismatch("num_attention_heads", cfg.num_attention_heads, heads, "key/value heads");
+    }
+    const std::vector<int64_t> want = {nvt, bc.num_layers * 2 * token_dim};
+    if (emb->shape != want) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          label, ": prompt_embeddings has shape ", Shape(emb->shape), ", expected ", Shape(want),
+          " (num_virtual_tokens, num_layers·2·token_dim)"));
+    }
+    ASSIGN_OR_RETURN(at::Tensor p, ToTensor(file, *emb, base.options()));
+    // [nvt, L·2, heads, d] → [L·2, heads, nvt, d]; row 2ℓ is layer ℓ's keys, 2ℓ+1 its values.
+    at::Tensor kv = p.view({nvt, bc.num_layers * 2, heads, bc.head_dim}).permute({1, 2, 0, 3});
+    AdapterWeights weights;
+    for (int64_t l = 0; l < bc.num_layers; ++l) {
+      weights.prefix.emplace_back(kv[2 * l].contiguous(), kv[2 * l + 1].contiguous());
+      report.bytes += weights.prefix.back().first.nbytes() + weights.prefix.back().second.nbytes();
+    }
+    return weights;
+  }
+  if (cfg.token_dim != bc.hidden_size) {
+    return mismatch("token_dim", cfg.token_dim, bc.hidden_size, "hidden size");
+  }
+  const std::vector<int64_t> want = {nvt, bc.hidden_size};
+  if (emb->shape != want) {
+    return absl::FailedPreconditionError(absl::StrCat(label, ": prompt_embeddings has shape ",
+                                                      Shape(emb->shape), ", expected ", Shape(want),
+                                                      " (num_virtual_tokens, token_dim)"));
+  }
+  ASSIGN_OR_RETURN(at::Tensor p, ToTensor(file, *emb, base.options()));
+  AdapterWeights weights;
+  weights.soft_prompt = p.contiguous();
+  report.bytes += weights.soft_prompt.nbytes();
+  return weights;
+}
+
+}  // namespace
+
+std::vector<BaseModule> BaseModules(const core::ModelConfig& config) {
+  using core::Projection;
+  std::vector<BaseModule> out;
+  for (int64_t i = 0; i < config.num_layers; ++i) {
+    if (config.architecture == core::Architecture::kGpt2) {
+      const std::string pre = absl::StrCat("transformer.h.", i, ".");
+      out.push_back({pre + "attn.c_attn", i, Projection::kCAttn, true});
+      out.push_back({pre + "attn.c_proj", i, Projection::kAttnOut, true});
+      out.push_back({pre + "mlp.c_fc", i, Projection::kFc, true});
+      out.push_back({pre + "mlp.c_proj", i, Projection::kMlpOut, true});
+    } else {
+      const std::string pre = absl::StrCat("model.layers.", i, ".");
+      out.push_back({pre + "self_attn.q_proj", i, Projection::kQ, true});
+      out.push_back({pre + "self_attn.k_proj", i, Projection::kK, true});
+      out.push_back({pre + "self_attn.v_proj", i, Projection::kV, true});
+      out.push_back({pre + "self_attn.o_proj", i, Projection::kO, true});
+      out.push_back({pre + "mlp.gate_proj", i, Projection::kGate, true});
+      out.push_back({pre + "mlp.up_proj", i, Projection::kUp, true});
+      out.push_back({pre + "mlp.down_proj", i, Projection::kDown, true});
+    }
+  }
+  out.push_back({"lm_head", -1, Projection::kQ, false});
+  return out;
+}
+
+absl::StatusOr<bool> IsTargeted(const AdapterConfig& c, const core::ModelConfig& base,
+                                const BaseModule& m) {
+  const std::string& key = m.name;
+  auto in_list = [&](const std::vector<std::string>& list) {
+    for (const std::string& t : list) {
+      if (key == t || absl::EndsWith(key, "." + t)) return true;
+    }
+    return false;
+  };
+  if (in_list(c.exclude_list)) return false;
+  if (c.exclude_regex) {
+    ASSIGN_OR_RETURN(bool excluded, FullMatch(*c.exclude_regex, key, "exclude_modules"));
+    if (excluded) return false;
+  }
+  if (c.target_regex) return FullMatch(*c.target_regex, key, "target_modules");
+  if (c.target_all_linear) return m.supported;  // Every Linear/Conv1D but the output layer.
+  std::vector<std::string> targets;
+  if (c.target_list) {
+    targets = *c.target_list;
+  } else if (base.architecture == core::Architecture::kGpt2) {
+    targets = {"c_attn"};
+  } else {
+    targets = {"q_proj", "v_proj"};
+  }
+  if (!in_list(targets)) return false;
+  if (!c.layers_to_transform) return true;
+  auto index = LayerIndex(key, c.layers_pattern);
+  if (!index) return false;
+  return std::count(c.layers_to_transform->begin(), c.layers_to_transform->end(), *index) > 0;
+}
+
+absl::StatusOr<std::shared_ptr<const Adapter>> LoadAdapter(const std::string& dir,
+                                                           const std::string& name,
+                                                           const core::CausalLm& base,
+                                                           AdapterReport* report) {
+  const auto start = std::chrono::steady_clock::now();
+  *report = AdapterReport();
+  report->name = name;
+  report->path = dir;
+  report->compute_dtype = c10::toString(base.options().dtype().toScalarType());
+  auto finish = [&] {
+    report->load_seconds =
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  };
+  const std::string config_path = dir + "/adapter_config.json";
+  ASSIGN_OR_RETURN(std::string text, core::ReadFileToString(config_path));
+  ASSIGN_OR_RETURN(AdapterConfig cfg, AdapterConfig::FromJson(text, config_path));
+  report->type = AdapterTypeName(cfg.type);
+  report->base_model_name_or_path = cfg.base_model_name_or_path;
+  const std::string& base_name = base.config().name_or_path;
+  if (!cfg.base_model_name_or_path.empty() && !base_name.empty() &&
+      cfg.base_model_name_or_path != base_name) {
+    report->warnings.push_back(absl::StrCat("trained on \"", cfg.base_model_name_or_path,
+                                            "\" but the loaded base is \"", base_name, "\""));
+  }
+  const std::string weights_path = dir + "/adapter_model.safetensors";
+  if (!Exists(weights_path)) {
+    if (Exists(dir + "/adapter_model.bin")) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          dir, ": only a pickled adapter_model.bin is present; adapterd loads "
+               "adapter_model.safetensors only (save with safe_serialization=True)"));
+    }
+    return absl::NotFoundError(absl::StrCat(weights_path, ": no such file"));
+  }
+  ASSIGN_OR_RETURN(auto file, core::SafetensorsFile::Open(weights_path));
+  for (const core::TensorInfo& t : file->tensors()) {
+    report->file_bytes_by_dtype[std::string(core::DTypeName(t.dtype))] +=
+        static_cast<int64_t>(t.NumBytes());
+  }
+  absl::StatusOr<AdapterWeights> weights;
+  try {
+    weights = cfg.type == AdapterType::kLora ? LoadLora(cfg, *file, base, name, *report)
+                                             : LoadPromptLearning(cfg, *file, base, name, *report);
+  } catch (const std::exception& e) {
+    weights = absl::InternalError(
+        absl::StrCat(dir, ": converting adapter weights failed: ", e.what()));
+  }
+  finish();
+  if (!weights.ok()) return weights.status();
+  return std::make_shared<const Adapter>(*report, *std::move(weights));
+}
+
+}  // namespace adapterd::adapters

@@ -1,0 +1,298 @@
+// PEFT adapters against independent paths: LoRA served unmerged equals the base with merged
+// weights (merged in Python from PEFT's semantics); prefix and prompt tuning equal the
+// PyTorch reference extended with PEFT's get_prompt; every refusal names its cause.
+#include "adapters/adapter_loader.h"
+
+#include <cmath>
+
+#include "core/engine.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "tests/test_util.h"
+
+namespace adapterd::adapters {
+namespace {
+
+using ::testing::ElementsAre;
+using ::testing::HasSubstr;
+
+std::unique_ptr<core::Engine> LoadEngine(const std::string& dir) {
+  core::EngineOptions o;
+  o.model_dir = dir;
+  core::LoadReport report;
+  auto engine = core::Engine::Load(o, &report);
+  EXPECT_TRUE(engine.ok()) << dir << ": " << engine.status();
+  return engine.ok() ? *std::move(engine) : nullptr;
+}
+
+absl::StatusOr<std::shared_ptr<const Adapter>> Load(const core::Engine& engine,
+                                                     const std::string& name,
+                                                     AdapterReport* report = nullptr) {
+  AdapterReport local;
+  return LoadAdapter(testing::Fixture("adapters/" + name), name, engine.model(),
+                     report ? report : &local);
+}
+
+double MaxDiff(const std::vector<float>& a, const std::vector<float>& b) {
+  EXPECT_EQ(a.size(), b.size());
+  double worst = 0;
+  for (size_t i = 0; i < std::min(a.size(), b.size()); ++i) {
+    worst = std::max(worst, static_cast<double>(std::abs(a[i] - b[i])));
+  }
+  return worst;
+}
+
+struct LoraCase {
+  const char* adapter;
+  const char* base;
+};
+
+class LoraMergedTest : public ::testing::TestWithParam<LoraCase> {};
+
+TEST_P(LoraMergedTest, UnmergedLogitsEqualTheMergedModelTo1e4) {
+  auto base = LoadEngine(testing::Fixture(GetParam().base));
+  auto merged = LoadEngine(testing::Fixture(std::string("merged/") + GetParam().adapter));
+  ASSERT_TRUE(base && merged);
+  auto adapter = Load(*base, GetParam().adapter);
+  ASSERT_TRUE(adapter.ok()) << adapter.status();
+  auto ref = testing::ReadJson(testing::Fixture(std::string("merged/") + GetParam().adapter) +
+                               "/reference.json");
+  std::vector<int32_t> prompt = ref["prompt"].get<std::vector<int32_t>>();
+  auto with_adapter = base->PromptLogits(prompt, *adapter);
+  auto with_merged = merged->PromptLogits(prompt);
+  auto without = base->PromptLogits(prompt);
+  ASSERT_TRUE(with_adapter.ok() && with_merged.ok() && without.ok());
+  EXPECT_LT(MaxDiff(*with_adapter, *with_merged), 1e-4);
+  // The adapter really changes the output (a no-op adapter would pass the line above only
+  // if merging were a no-op too).
+  EXPECT_GT(MaxDiff(*with_adapter, *without), 1e-2);
+
+  core::GenerateRequest req;
+  req.prompt = prompt;
+  req.adapter = *adapter;
+  req.max_new_tokens = static_cast<int64_t>(ref["greedy"].size());
+  req.ignore_eos = true;
+  auto result = core::Generate(*base, req);
+  ASSERT_TRUE(result.ok()) << result.status();
+  std::vector<int32_t> tokens;
+  for (const auto& s : result->steps) tokens.push_back(s.token);
+  EXPECT_EQ(tokens, ref["greedy"].get<std::vector<int32_t>>());
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Fixtures, LoraMergedTest,
+    ::testing::Values(LoraCase{"lora_qv", "llama_tied"}, LoraCase{"lora_all_rslora", "llama_tied"},
+                      LoraCase{"lora_regex", "llama_tied"}, LoraCase{"lora_layers", "llama_untied"},
+                      LoraCase{"lora_exclude", "llama_untied"},
+                      LoraCase{"lora_qwen_bf16", "qwen2_bias"}, LoraCase{"lora_gpt2", "gpt2"}),
+    [](const auto& info) { return std::string(info.param.adapter); });
+
+class PromptLearningTest : public ::testing::TestWithParam<LoraCase> {};
+
+TEST_P(PromptLearningTest, LogitsAndGreedyMatchThePeftReference) {
+  auto base = LoadEngine(testing::Fixture(GetParam().base));
+  ASSERT_NE(base, nullptr);
+  AdapterReport report;
+  auto adapter = Load(*base, GetParam().adapter, &report);
+  ASSERT_TRUE(adapter.ok()) << adapter.status();
+  auto ref = testing::ReadJson(testing::Fixture(std::string("adapters/") + GetParam().adapter) +
+                               "/reference.json");
+  std::vector<int32_t> prompt = ref["prompt"].get<std::vector<int32_t>>();
+  auto logits = base->PromptLogits(prompt, *adapter);
+  ASSERT_TRUE(logits.ok()) << logits.status();
+  std::vector<float> want;
+  for (const auto& row : ref["logits"]) {
+    for (const auto& v : row) want.push_back(v.get<float>());
+  }
+  EXPECT_LT(MaxDiff(*logits, want), 1e-4);
+
+  core::GenerateRequest req;
+  req.prompt = prompt;
+  req.adapter = *adapter;
+  req.max_new_tokens = static_cast<int64_t>(ref["greedy"].size());
+  req.ignore_eos = true;
+  auto result = core::Generate(*base, req);
+  ASSERT_TRUE(result.ok()) << result.status();
+  std::vector<int32_t> tokens;
+  for (const auto& s : result->steps) tokens.push_back(s.token);
+  EXPECT_EQ(tokens, ref["greedy"].get<std::vector<int32_t>>());
+  for (size_t i = 0; i < tokens.size(); ++i) {
+    EXPECT_NEAR(result->steps[i].logprob, ref["greedy_logprobs"][i].get<double>(), 1e-4);
+  }
+  EXPECT_GT(report.num_virtual_tokens, 0);
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Fixtures, PromptLearningTest,
+    ::testing::Values(LoraCase{"prefix_llama", "llama_tied"}, LoraCase{"prefix_gpt2", "gpt2"},
+                      LoraCase{"prefix_qwen", "qwen2_bias"},
+                      LoraCase{"prompt_llama", "llama_untied"}, LoraCase{"prompt_gpt2", "gpt2"},
+                      LoraCase{"ptuning_mistral", "mistral_window"}),
+    [](const auto& info) { return std::string(info.param.adapter); });
+
+TEST(AdapterLoaderTest, ReportCarriesRanksScalingsAndMatchedModules) {
+  auto base = LoadEngine(testing::Fixture("llama_tied"));
+  ASSERT_NE(base, nullptr);
+  AdapterReport r;
+  ASSERT_TRUE(Load(*base, "lora_all_rslora", &r).ok());
+  EXPECT_EQ(r.type, "LORA");
+  EXPECT_EQ(r.matched_modules.size(), 14u);  // 7 projections × 2 layers, no lm_head.
+  EXPECT_THAT(r.ranks, ElementsAre(2, 8));
+  EXPECT_TRUE(r.use_rslora);
+  ASSERT_EQ(r.scalings.size(), 3u);  // 4/√8 (o_proj), 16/√8, 16/√2 (down_proj).
+  EXPECT_NEAR(r.scalings[0], 4 / std::sqrt(8.0), 1e-9);
+  EXPECT_NEAR(r.scalings[1], 16 / std::sqrt(8.0), 1e-9);
+  EXPECT_NEAR(r.scalings[2], 16 / std::sqrt(2.0), 1e-9);
+  EXPECT_EQ(r.base_model_name_or_path, "adapterd-fixtures/llama_tied");
+  EXPECT_TRUE(r.warnings.empty());
+  // Bytes held: every A and B in float32, independently summed from the stored file sizes.
+  EXPECT_EQ(r.bytes, r.file_bytes_by_dtype.at("F32"));
+}
+
+TEST(AdapterLoaderTest, LayerSelectionAndExclusionAreReported) {
+  auto base = LoadEngine(testing::Fixture("llama_untied"));
+  ASSERT_NE(base, nullptr);
+  AdapterReport layers, exclude;
+  ASSERT_TRUE(Load(*base, "lora_layers", &layers).ok());
+  EXPECT_EQ(layers.matched_modules.size(), 4u);
+  EXPECT_THAT(layers.skipped_layers, ElementsAre(0));
+  ASSERT_TRUE(Load(*base, "lora_exclude", &exclude).ok());
+  EXPECT_THAT(exclude.matched_modules,
+              ElementsAre("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.up_proj",
+                          "model.layers.1.self_attn.q_proj"));
+}
+
+TEST(AdapterLoaderTest, AdapterForAnotherBaseIsAWarning) {
+  // The same weights under another name: shapes fit, the recorded base name does not.
+  std::string dir = testing::TempDir("renamed_base");
+  ASSERT_EQ(std::system(("cp -r '" + testing::Fixture("llama_tied") + "/.' '" + dir + "/'").c_str()),
+            0);
+  auto config = testing::ReadJson(dir + "/config.json");
+  config["_name_or_path"] = "someone/else";
+  testing::WriteFile(dir + "/config.json", config.dump());
+  auto base = LoadEngine(dir);
+  ASSERT_NE(base, nullptr);
+  AdapterReport r;
+  auto a = LoadAdapter(testing::Fixture("adapters/lora_qv"), "qv", base->model(), &r);
+  ASSERT_TRUE(a.ok()) << a.status();
+  ASSERT_EQ(r.warnings.size(), 1u);
+  EXPECT_THAT(r.warnings[0], HasSubstr("trained on \"adapterd-fixtures/llama_tied\" but the "
+                                       "loaded base is \"someone/else\""));
+}
+
+TEST(AdapterLoaderTest, AdapterForABaseWithMoreLayersIsRefused) {
+  auto base = LoadEngine(testing::Fixture("llama_sharded"));  // 3 layers; lora_qv covers 2.
+  ASSERT_NE(base, nullptr);
+  AdapterReport r;
+  auto a = LoadAdapter(testing::Fixture("adapters/lora_qv"), "qv", base->model(), &r);
+  EXPECT_EQ(a.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(std::string(a.status().message()),
+              HasSubstr("the config targets model.layers.2.self_attn.q_proj but"));
+}
+
+struct Refusal {
+  const char* adapter;
+  absl::StatusCode code;
+  const char* message;
+};
+
+class RefusalTest : public ::testing::TestWithParam<Refusal> {};
+
+TEST_P(RefusalTest, RefusedWithAPreciseMessage) {
+  auto base = LoadEngine(testing::Fixture("llama_tied"));
+  ASSERT_NE(base, nullptr);
+  auto a = Load(*base, GetParam().adapter);
+  ASSERT_FALSE(a.ok());
+  EXPECT_EQ(a.status().code(), GetParam().code) << a.status();
+  EXPECT_THAT(std::string(a.status().message()), HasSubstr(GetParam().message));
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Fixtures, RefusalTest,
+    ::testing::Values(
+        Refusal{"bad_rank", absl::StatusCode::kFailedPrecondition,
+                "adapter \"bad_rank\": lora_B for model.layers.0.self_attn.q_proj has shape "
+                "[64,3], base expects [64,4] (r=4)"},
+        Refusal{"bad_missing_b", absl::StatusCode::kFailedPrecondition,
+                "model.layers.1.self_attn.v_proj has lora_A but no lora_B"},
+        Refusal{"bad_dora", absl::StatusCode::kFailedPrecondition, "use_dora (DoRA)"},
+        Refusal{"bad_modules_to_save", absl::StatusCode::kFailedPrecondition,
+                "modules_to_save [\"lm_head\"] is not supported"},
+        Refusal{"bad_bias", absl::StatusCode::kFailedPrecondition, "bias \"all\" is not supported"},
+        Refusal{"bad_ia3", absl::StatusCode::kFailedPrecondition, "peft_type \"IA3\""},
+        Refusal{"bad_no_match", absl::StatusCode::kFailedPrecondition,
+                "target_modules matches no module of the base LlamaForCausalLM"},
+        Refusal{"bad_extra_module", absl::StatusCode::kFailedPrecondition,
+                "holds LoRA weights for model.layers.0.mlp.up_proj, which the config's"},
+        Refusal{"bad_pissa", absl::StatusCode::kFailedPrecondition,
+                "init_lora_weights \"pissa\" mutates the base weights"},
+        Refusal{"bad_prefix_layers", absl::StatusCode::kFailedPrecondition,
+                "num_layers is 5, the base model has 2 layers"},
+        Refusal{"bad_pickle", absl::StatusCode::kFailedPrecondition,
+                "only a pickled adapter_model.bin is present"},
+        Refusal{"does_not_exist", absl::StatusCode::kNotFound, "adapter_config.json: no such file"}),
+    [](const auto& info) { return std::string(info.param.adapter); });
+
+TEST(AdapterLoaderTest, AdapterOfAnotherArchitectureIsRefused) {
+  auto base = LoadEngine(testing::Fixture("gpt2"));
+  ASSERT_NE(base, nullptr);
+  auto a = Load(*base, "lora_qv");
+  EXPECT_EQ(a.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(std::string(a.status().message()),
+              HasSubstr("targets \"model.layers.0.self_attn.q_proj\", which is not a projection "
+                        "of the base GPT2LMHeadModel"));
+}
+
+// Rows on adapters A, B, C and none in one batch equal each row run alone.
+TEST(AdapterBatchTest, MixedAdapterBatchEqualsEachRowAlone) {
+  auto base = LoadEngine(testing::Fixture("llama_tied"));
+  ASSERT_NE(base, nullptr);
+  std::vector<std::shared_ptr<const core::SequenceAdapter>> adapters = {
+      *Load(*base, "lora_qv"), nullptr, *Load(*base, "prefix_llama"),
+      *Load(*base, "lora_all_rslora"), *Load(*base, "lora_qv")};
+  std::vector<std::vector<int32_t>> prompts = {
+      {5, 9, 22, 31}, {7, 7, 7}, {100, 3, 44, 19, 2}, {250, 11}, {61, 62, 63, 64, 65, 66}};
+  core::SamplingParams params;
+  params.top_logprobs = 3;
+  const int steps = 6;
+  auto run = [&](const std::vector<size_t>& which) {
+    std::vector<std::unique_ptr<core::Sequence>> seqs;
+    for (size_t i : which) seqs.push_back(*base->NewSequence(prompts[i], params, adapters[i]));
+    std::vector<std::vector<core::StepOutput>> out(which.size());
+    for (int s = 0; s < steps; ++s) {
+      std::vector<core::Sequence*> batch;
+      for (auto& q : seqs) batch.push_back(q.get());
+      auto res = base->Step(batch);
+      EXPECT_TRUE(res.ok()) << res.status();
+      for (size_t r = 0; r < which.size(); ++r) out[r].push_back((*res)[r]);
+    }
+    return out;
+  };
+  auto together = run({0, 1, 2, 3, 4});
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    auto alone = run({i})[0];
+    for (int s = 0; s < steps; ++s) {
+      EXPECT_EQ(together[i][s].token, alone[s].token) << "row " << i << " step " << s;
+      EXPECT_NEAR(together[i][s].logprob, alone[s].logprob, 1e-4) << "row " << i;
+      for (size_t k = 0; k < alone[s].top.size(); ++k) {
+        EXPECT_NEAR(together[i][s].top[k].logprob, alone[s].top[k].logprob, 1e-4);
+      }
+    }
+  }
+}
+
+TEST(AdapterBatchTest, SequenceKeepsItsAdapterAliveAfterTheLastOtherReference) {
+  auto base = LoadEngine(testing::Fixture("llama_tied"));
+  ASSERT_NE(base, nullptr);
+  auto adapter = *Load(*base, "lora_qv");
+  std::weak_ptr<const Adapter> weak = adapter;
+  auto seq = *base->NewSequence({1, 2, 3}, core::SamplingParams(), adapter);
+  adapter.reset();  // As an unload drops the table's reference.
+  EXPECT_FALSE(weak.expired());
+  ASSERT_TRUE(base->Step({seq.get()}).ok());
+  seq.reset();
+  EXPECT_TRUE(weak.expired());
+}
+
+}  // namespace
+}  // namespace adapterd::adapters
