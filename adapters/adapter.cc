@@ -1,9 +1,5 @@
 #include "adapters/adapter.h"
 
-#include "absl/strings/str_cat.h"
-#include "absl/strings/str_format.h"
-#include "absl/strings/str_join.h"
-#include "nlohmann/json.hpp"
 
 namespace adapterd::adapters {
 namespace {
@@ -11,57 +7,6 @@ namespace {
 constexpr int64_t kProjections = static_cast<int64_t>(core::Projection::kMlpOut) + 1;
 
 }  // namespace
-
-nlohmann::json AdapterReport::ToJson() const {
-  nlohmann::json j;
-  j["name"] = name;
-  j["path"] = path;
-  j["type"] = type;
-  j["base_model_name_or_path"] = base_model_name_or_path;
-  j["ranks"] = ranks;
-  j["alphas"] = alphas;
-  j["scalings"] = scalings;
-  j["use_rslora"] = use_rslora;
-  j["matched_modules"] = matched_modules;
-  j["matched_module_count"] = matched_modules.size();
-  j["skipped_layers"] = skipped_layers;
-  j["num_virtual_tokens"] = num_virtual_tokens;
-  j["file_bytes_by_dtype"] = file_bytes_by_dtype;
-  j["bytes"] = bytes;
-  j["compute_dtype"] = compute_dtype;
-  j["load_seconds"] = load_seconds;
-  j["warnings"] = warnings;
-  return j;
-}
-
-std::string AdapterReport::ToText() const {
-  std::string out;
-  absl::StrAppend(&out, "adapter      ", name, " (", type, ") from ", path, "\n");
-  if (!base_model_name_or_path.empty()) {
-    absl::StrAppend(&out, "trained on   ", base_model_name_or_path, "\n");
-  }
-  if (!ranks.empty()) {
-    absl::StrAppend(&out, "rank         ", absl::StrJoin(ranks, ","), "\n");
-    absl::StrAppend(&out, "alpha        ", absl::StrJoin(alphas, ","),
-                    use_rslora ? " (rsLoRA: alpha/sqrt(r))" : " (alpha/r)", "\n");
-    absl::StrAppend(&out, "scaling      ", absl::StrJoin(scalings, ","), "\n");
-    absl::StrAppend(&out, "modules      ", matched_modules.size(), " matched\n");
-    for (const std::string& m : matched_modules) absl::StrAppend(&out, "  ", m, "\n");
-    if (!skipped_layers.empty()) {
-      absl::StrAppend(&out, "skipped      layers ", absl::StrJoin(skipped_layers, ","), "\n");
-    }
-  }
-  if (num_virtual_tokens > 0) {
-    absl::StrAppend(&out, "virtual      ", num_virtual_tokens, " tokens\n");
-  }
-  for (const auto& [dtype, b] : file_bytes_by_dtype) {
-    absl::StrAppend(&out, "stored       ", dtype, ": ", b, " bytes\n");
-  }
-  absl::StrAppend(&out, "memory       ", bytes, " bytes as ", compute_dtype, "\n");
-  for (const std::string& w : warnings) absl::StrAppend(&out, "warning      ", w, "\n");
-  absl::StrAppend(&out, absl::StrFormat("load time    %.3f s\n", load_seconds));
-  return out;
-}
 
 Adapter::Adapter(AdapterReport report, AdapterWeights weights)
     : report_(std::move(report)),
@@ -97,7 +42,7 @@ bool Adapter::Adapts(int64_t layer, core::Projection p) const {
 
 at::Tensor Adapter::Delta(int64_t layer, core::Projection p, const at::Tensor& x) const {
   const LoraModule& m = *lookup_[layer * kProjections + static_cast<int64_t>(p)];
-  return x.mm(m.a_t).mm(m.b_t);
+  return x.mm(m.a.t()).mm(m.b.t());
 }
 
 }  // namespace adapterd::adapters

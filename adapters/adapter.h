@@ -16,40 +16,17 @@
 #include <vector>
 
 #include "adapters/adapter_config.h"
+#include "adapters/adapter_ref.h"
+#include "adapters/adapter_report.h"
 #include "core/causal_lm.h"
-#include "nlohmann/json_fwd.hpp"
 
 namespace adapterd::adapters {
 
-struct AdapterReport {
-  std::string name;
-  std::string path;
-  std::string type;  // PEFT peft_type.
-  std::string base_model_name_or_path;
-  // LoRA.
-  std::vector<int64_t> ranks;     // Distinct ranks over the matched modules.
-  std::vector<double> alphas;     // Distinct lora_alpha values.
-  std::vector<double> scalings;   // Distinct effective scalings (alpha/r or alpha/sqrt(r)).
-  bool use_rslora = false;
-  std::vector<std::string> matched_modules;  // Base module names the adapter modifies.
-  std::vector<int64_t> skipped_layers;       // Layers with no adapted module.
-  // Prompt learning.
-  int64_t num_virtual_tokens = 0;
-  // Both.
-  std::map<std::string, int64_t> file_bytes_by_dtype;
-  int64_t bytes = 0;  // Held in memory after conversion.
-  std::string compute_dtype;
-  double load_seconds = 0;
-  std::vector<std::string> warnings;
-
-  nlohmann::json ToJson() const;
-  std::string ToText() const;
-};
-
-// One adapted projection: y += (x · A_t) · B_t, with the scaling folded into B_t.
+// One adapted projection: y += (x · Aᵀ) · Bᵀ, with the scaling folded into B. Kept in PEFT's
+// layout (BLAS reads the transposes in place), so the memory held is the tensors' own.
 struct LoraModule {
-  at::Tensor a_t;  // [in, r]
-  at::Tensor b_t;  // [r, out], already multiplied by the scaling.
+  at::Tensor a;  // [r, in]
+  at::Tensor b;  // [out, r], already multiplied by the scaling.
 };
 
 // The tensors of one adapter; exactly one part is set.

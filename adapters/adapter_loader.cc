@@ -10,6 +10,7 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "core/engine.h"
 #include "core/model_config.h"
 #include "core/safetensors.h"
 #include "core/status_macros.h"
@@ -83,10 +84,11 @@ absl::StatusOr<at::Tensor> ToTensor(const core::SafetensorsFile& file, const cor
           file.path(), ": tensor \"", info.name, "\" has dtype ", core::DTypeName(info.dtype),
           "; adapters must be F32, F16, BF16 or F64"));
   }
-  at::Tensor bytes = at::empty({static_cast<int64_t>(info.NumBytes())}, at::kByte);
-  std::memcpy(bytes.data_ptr(), file.Data(info), info.NumBytes());
+  // Copied straight into its final buffer: adapters outlive their file's mapping.
+  at::Tensor t = at::empty(info.shape, stored);
+  std::memcpy(t.data_ptr(), file.Data(info), info.NumBytes());
   // PEFT upcasts half-precision adapter weights to float32 (autocast_adapter_dtype).
-  return bytes.view(stored).view(info.shape).to(options.device(), options.dtype().toScalarType());
+  return t.to(options.device(), options.dtype().toScalarType());
 }
 
 struct LoraPair {
@@ -202,9 +204,9 @@ absl::StatusOr<AdapterWeights> LoadLora(
     ASSIGN_OR_RETURN(at::Tensor a, ToTensor(file, *pair.a, options));
     ASSIGN_OR_RETURN(at::Tensor b, ToTensor(file, *pair.b, options));
     LoraModule lm;
-    lm.a_t = a.t().contiguous();
-    lm.b_t = (b.t() * scaling).contiguous();
-    report.bytes += lm.a_t.nbytes() + lm.b_t.nbytes();
+    lm.a = std::move(a);
+    lm.b = b.mul_(scaling);  // `b` is this loader's own copy.
+    report.bytes += lm.a.nbytes() + lm.b.nbytes();
     weights.lora[{m.layer, m.projection}] = std::move(lm);
     ranks.insert(r);
     alphas.insert(alpha);
@@ -400,5 +402,14 @@ absl::StatusOr<std::shared_ptr<const Adapter>> LoadAdapter(const std::string& di
   if (!weights.ok()) return weights.status();
   return std::make_shared<const Adapter>(*report, *std::move(weights));
 }
+
+absl::StatusOr<AdapterRef> LoadAdapterFor(const core::Engine& engine, const std::string& dir,
+                                          const std::string& name, AdapterReport* report) {
+  return LoadAdapter(dir, name, engine.model(), report);
+}
+
+const AdapterReport& ReportOf(const AdapterRef& adapter) { return adapter->report(); }
+
+std::shared_ptr<const core::SequenceAdapter> ForSequence(AdapterRef adapter) { return adapter; }
 
 }  // namespace adapterd::adapters

@@ -24,11 +24,9 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
 #include "absl/synchronization/mutex.h"
-#include "adapters/adapter.h"
+#include "adapters/adapter_ref.h"
 
 namespace adapterd::adapters {
-
-using AdapterRef = std::shared_ptr<const Adapter>;
 
 class AdapterTable {
  public:

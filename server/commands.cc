@@ -6,6 +6,7 @@
 #include "absl/flags/flag.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_split.h"
+#include "adapters/adapter_ref.h"
 #include "core/engine.h"
 #include "nlohmann/json.hpp"
 #include "server/flags.h"
@@ -25,6 +26,13 @@ core::EngineOptions EngineOptionsFromFlags() {
 
 }  // namespace
 
+std::string AdapterNameOf(const std::string& dir) {
+  std::string d = dir;
+  while (d.size() > 1 && d.back() == '/') d.pop_back();
+  const size_t slash = d.rfind('/');
+  return slash == std::string::npos ? d : d.substr(slash + 1);
+}
+
 bool ParseIdList(const std::string& text, std::vector<int32_t>* ids) {
   ids->clear();
   if (text.empty()) return false;
@@ -36,6 +44,24 @@ bool ParseIdList(const std::string& text, std::vector<int32_t>* ids) {
   return true;
 }
 
+// Validates --adapter_dir against the loaded base and prints the adapter's report.
+int InspectAdapter(const core::Engine& engine) {
+  const std::string dir = absl::GetFlag(FLAGS_adapter_dir);
+  adapters::AdapterReport report;
+  auto adapter = adapters::LoadAdapterFor(engine, dir, AdapterNameOf(dir), &report);
+  if (absl::GetFlag(FLAGS_json)) {
+    nlohmann::json j = report.ToJson();
+    j["ok"] = adapter.ok();
+    if (!adapter.ok()) j["error"] = std::string(adapter.status().message());
+    std::cout << j.dump(2) << "\n";
+  } else {
+    std::cout << report.ToText();
+    std::cout << "status       " << (adapter.ok() ? "OK" : "REFUSED") << "\n";
+    if (!adapter.ok()) std::cout << "error        " << adapter.status().message() << "\n";
+  }
+  return adapter.ok() ? 0 : 1;
+}
+
 int RunInspect() {
   if (absl::GetFlag(FLAGS_model_dir).empty()) {
     std::cerr << "inspect: --model_dir is required\n";
@@ -43,6 +69,13 @@ int RunInspect() {
   }
   core::LoadReport report;
   auto engine = core::Engine::Load(EngineOptionsFromFlags(), &report);
+  if (!absl::GetFlag(FLAGS_adapter_dir).empty()) {
+    if (!engine.ok()) {
+      std::cerr << "inspect: base model refused: " << engine.status().message() << "\n";
+      return 1;
+    }
+    return InspectAdapter(**engine);
+  }
   if (absl::GetFlag(FLAGS_json)) {
     nlohmann::json j = report.ToJson();
     if (!engine.ok()) j["error"] = std::string(engine.status().message());
@@ -81,6 +114,17 @@ int RunGenerate() {
   }
   spdlog::info("loaded {} in {:.3f} s, {} intra-op threads", report.architecture,
                report.load_seconds, core::Engine::threads());
+  if (const std::string dir = absl::GetFlag(FLAGS_adapter_dir); !dir.empty()) {
+    adapters::AdapterReport adapter_report;
+    auto adapter = adapters::LoadAdapterFor(**engine, dir, AdapterNameOf(dir), &adapter_report);
+    if (!adapter.ok()) {
+      std::cerr << "generate: " << adapter.status().message() << "\n";
+      return 1;
+    }
+    spdlog::info("adapter {} ({}) loaded in {:.3f} s", adapter_report.name, adapter_report.type,
+                 adapter_report.load_seconds);
+    request.adapter = adapters::ForSequence(*adapter);
+  }
   auto result = core::Generate(**engine, request);
   if (!result.ok()) {
     std::cerr << "generate: " << result.status().message() << "\n";

@@ -7,10 +7,15 @@
 
 namespace adapterd::server {
 
-// `adapterd inspect --model_dir DIR [--json]`: prints the load report; exit 1 when refused.
+// `adapterd inspect --model_dir DIR [--adapter_dir DIR] [--json]`: prints the model's load
+// report, or the adapter's validation report (a dry run); exit 1 when refused.
 int RunInspect();
-// `adapterd generate --model_dir DIR --prompt_ids 1,2,3 --max_new_tokens N [--json]`.
+// `adapterd generate --model_dir DIR [--adapter_dir DIR] --prompt_ids 1,2,3
+// --max_new_tokens N [--json]`.
 int RunGenerate();
+
+// Returns the last path component of an adapter folder, used as its name.
+std::string AdapterNameOf(const std::string& dir);
 
 // Parses "1,2,3" into ids; false on anything that is not a comma-separated integer list.
 bool ParseIdList(const std::string& text, std::vector<int32_t>* ids);

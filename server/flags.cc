@@ -5,6 +5,8 @@
 #include "absl/flags/flag.h"
 
 ABSL_FLAG(std::string, model_dir, "", "Hugging Face model folder (config.json + safetensors).");
+ABSL_FLAG(std::string, adapter_dir, "",
+          "PEFT adapter folder to validate (inspect) or run with (generate).");
 ABSL_FLAG(std::string, device, "cpu", "Device the model runs on (cpu, cuda:0, ...).");
 ABSL_FLAG(std::string, dtype, "float32", "Compute dtype: float32, float16 or bfloat16.");
 ABSL_FLAG(int32_t, threads, static_cast<int32_t>(std::thread::hardware_concurrency()),

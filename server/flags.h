@@ -7,6 +7,7 @@
 #include "absl/flags/declare.h"
 
 ABSL_DECLARE_FLAG(std::string, model_dir);
+ABSL_DECLARE_FLAG(std::string, adapter_dir);
 ABSL_DECLARE_FLAG(std::string, device);
 ABSL_DECLARE_FLAG(std::string, dtype);
 ABSL_DECLARE_FLAG(int32_t, threads);

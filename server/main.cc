@@ -15,8 +15,10 @@
 int main(int argc, char** argv) {
   absl::SetProgramUsageMessage(
       "adapterd SUBCOMMAND [flags]\n"
-      "  inspect   --model_dir DIR [--json]        print the model's load report\n"
-      "  generate  --model_dir DIR --prompt_ids 1,2,3 --max_new_tokens N [--json]");
+      "  inspect   --model_dir DIR [--adapter_dir DIR] [--json]\n"
+      "            print the model's load report, or validate an adapter (dry run)\n"
+      "  generate  --model_dir DIR [--adapter_dir DIR] --prompt_ids 1,2,3 --max_new_tokens N\n"
+      "            [--json]   generate ids with their top log-probabilities");
   std::vector<char*> args = absl::ParseCommandLine(argc, argv);
   spdlog::set_level(spdlog::level::from_str(absl::GetFlag(FLAGS_log_level)));
   spdlog::set_default_logger(spdlog::stderr_color_mt("adapterd"));

@@ -7,6 +7,7 @@
 #include <thread>
 
 #include "absl/synchronization/notification.h"
+#include "adapters/adapter.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 

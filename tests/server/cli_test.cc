@@ -74,3 +74,35 @@ TEST(CliTest, ParseIdListAcceptsOnlyIntegerLists) {
 
 }  // namespace
 }  // namespace adapterd::server
+
+namespace adapterd::server {
+namespace {
+
+TEST(CliTest, InspectAdapterPrintsItsReportAndRefusesBadOnes) {
+  CliRun ok = Adapterd("inspect --json --model_dir " + testing::Fixture("llama_tied") +
+                       " --adapter_dir " + testing::Fixture("adapters/lora_qv"));
+  ASSERT_EQ(ok.exit_code, 0) << ok.out;
+  auto j = nlohmann::json::parse(ok.out);
+  EXPECT_EQ(j["name"], "lora_qv");
+  EXPECT_EQ(j["type"], "LORA");
+  EXPECT_EQ(j["matched_module_count"], 4);
+  CliRun bad = Adapterd("inspect --model_dir " + testing::Fixture("llama_tied") +
+                        " --adapter_dir " + testing::Fixture("adapters/bad_rank"));
+  EXPECT_EQ(bad.exit_code, 1);
+  EXPECT_THAT(bad.out, HasSubstr("REFUSED"));
+  EXPECT_THAT(bad.out, HasSubstr("lora_B for model.layers.0.self_attn.q_proj has shape [64,3]"));
+}
+
+TEST(CliTest, GenerateWithAnAdapterEqualsTheMergedModel) {
+  auto ref = testing::ReadJson(testing::Fixture("merged/lora_gpt2") + "/reference.json");
+  std::string ids;
+  for (int id : ref["prompt"]) ids += (ids.empty() ? "" : ",") + std::to_string(id);
+  CliRun r = Adapterd("generate --json --ignore_eos --max_new_tokens 8 --model_dir " +
+                      testing::Fixture("gpt2") + " --adapter_dir " +
+                      testing::Fixture("adapters/lora_gpt2") + " --prompt_ids " + ids);
+  ASSERT_EQ(r.exit_code, 0) << r.out;
+  EXPECT_EQ(nlohmann::json::parse(r.out)["tokens"], ref["greedy"]);
+}
+
+}  // namespace
+}  // namespace adapterd::server

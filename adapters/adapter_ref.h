@@ -1,0 +1,34 @@
+// The LibTorch-free face of adapters for code outside core/ and adapters/ (the server): a
+// counted reference to a loaded adapter, loading one against an Engine, and handing it to a
+// sequence. The Adapter class itself (adapters/adapter.h) carries tensors.
+#pragma once
+
+#include <memory>
+#include <string>
+
+#include "absl/status/statusor.h"
+#include "adapters/adapter_report.h"
+
+namespace adapterd::core {
+class Engine;
+class SequenceAdapter;
+}  // namespace adapterd::core
+
+namespace adapterd::adapters {
+
+class Adapter;
+// Held for the whole life of a request; the adapter's weights live while any reference does.
+using AdapterRef = std::shared_ptr<const Adapter>;
+
+// Loads and validates the PEFT adapter in `dir` against `engine`'s base model
+// (see adapters/adapter_loader.h for the codes). `report` is filled also on failure.
+absl::StatusOr<AdapterRef> LoadAdapterFor(const core::Engine& engine, const std::string& dir,
+                                          const std::string& name, AdapterReport* report);
+
+// Returns the report the adapter was admitted with.
+const AdapterReport& ReportOf(const AdapterRef& adapter);
+
+// Returns the adapter as the engine's per-sequence seam (null for null).
+std::shared_ptr<const core::SequenceAdapter> ForSequence(AdapterRef adapter);
+
+}  // namespace adapterd::adapters

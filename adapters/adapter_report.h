@@ -1,0 +1,41 @@
+// What loading an adapter found: the validation report returned by a load, a dry run
+// (validate only) and the admin API. Free of LibTorch types.
+//
+// Thread-safety: a plain value.
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "nlohmann/json_fwd.hpp"
+
+namespace adapterd::adapters {
+
+struct AdapterReport {
+  std::string name;
+  std::string path;
+  std::string type;  // PEFT peft_type.
+  std::string base_model_name_or_path;
+  // LoRA.
+  std::vector<int64_t> ranks;     // Distinct ranks over the matched modules.
+  std::vector<double> alphas;     // Distinct lora_alpha values.
+  std::vector<double> scalings;   // Distinct effective scalings (alpha/r or alpha/sqrt(r)).
+  bool use_rslora = false;
+  std::vector<std::string> matched_modules;  // Base module names the adapter modifies.
+  std::vector<int64_t> skipped_layers;       // Layers with no adapted module.
+  // Prompt learning.
+  int64_t num_virtual_tokens = 0;
+  // Both.
+  std::map<std::string, int64_t> file_bytes_by_dtype;
+  int64_t bytes = 0;  // Held in memory after conversion.
+  std::string compute_dtype;
+  double load_seconds = 0;
+  std::vector<std::string> warnings;
+
+  nlohmann::json ToJson() const;
+  std::string ToText() const;
+};
+
+}  // namespace adapterd::adapters

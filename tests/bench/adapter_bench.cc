@@ -1,0 +1,150 @@
+// Benchmark (not a test) for adapters on a model with r=16 LoRA adapters on q, k, v, o:
+// load time per adapter, decode throughput of 16 rows spread over 8 adapters relative to 16
+// rows on the base, Acquire latency while a writer churns the table, and memory held per
+// adapter relative to its tensor bytes.
+// Usage: adapter_bench MODEL_DIR ADAPTER_DIR_PREFIX [THREADS]   (adapters PREFIX0..PREFIX7)
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <fstream>
+#include <thread>
+#include <vector>
+
+#include "adapters/adapter.h"
+#include "adapters/adapter_loader.h"
+#include "adapters/adapter_table.h"
+#include "core/engine.h"
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+double Seconds(Clock::time_point a, Clock::time_point b) {
+  return std::chrono::duration<double>(b - a).count();
+}
+
+int64_t RssBytes() {
+  std::ifstream statm("/proc/self/statm");
+  int64_t pages = 0, resident = 0;
+  statm >> pages >> resident;
+  return resident * sysconf(_SC_PAGESIZE);
+}
+
+// Decode tokens/s of 16 sequences, sequence i on adapters[i % adapters.size()].
+double Throughput(const adapterd::core::Engine& engine,
+                  const std::vector<std::shared_ptr<const adapterd::core::SequenceAdapter>>& adapters,
+                  int steps) {
+  std::vector<std::unique_ptr<adapterd::core::Sequence>> seqs;
+  for (int i = 0; i < 16; ++i) {
+    std::vector<int32_t> prompt;
+    for (int t = 0; t < 16; ++t) prompt.push_back(100 + 31 * i + 7 * t);
+    seqs.push_back(*engine.NewSequence(prompt, adapterd::core::SamplingParams(),
+                                       adapters[i % adapters.size()]));
+  }
+  std::vector<adapterd::core::Sequence*> batch;
+  for (auto& s : seqs) batch.push_back(s.get());
+  (void)engine.Step(batch);  // Prefill.
+  (void)engine.Step(batch);
+  auto t0 = Clock::now();
+  for (int i = 0; i < steps; ++i) {
+    if (!engine.Step(batch).ok()) std::abort();
+  }
+  return 16.0 * steps / Seconds(t0, Clock::now());
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc < 3) {
+    std::fprintf(stderr, "usage: %s MODEL_DIR ADAPTER_DIR_PREFIX [THREADS]\n", argv[0]);
+    return 2;
+  }
+  adapterd::core::EngineOptions options;
+  options.model_dir = argv[1];
+  options.threads = argc > 3 ? std::atoi(argv[3]) : static_cast<int>(std::thread::hardware_concurrency());
+  adapterd::core::LoadReport report;
+  auto engine = adapterd::core::Engine::Load(options, &report);
+  if (!engine.ok()) return 1;
+  const std::string prefix = argv[2];
+
+  // Load time and memory.
+  std::vector<adapterd::adapters::AdapterRef> loaded;
+  std::vector<double> load_times;
+  int64_t tensor_bytes = 0;
+  const int64_t rss_before = RssBytes();
+  for (int i = 0; i < 8; ++i) {
+    adapterd::adapters::AdapterReport r;
+    auto t0 = Clock::now();
+    auto a = adapterd::adapters::LoadAdapter(prefix + std::to_string(i), "a" + std::to_string(i),
+                                             (*engine)->model(), &r);
+    load_times.push_back(Seconds(t0, Clock::now()));
+    if (!a.ok()) {
+      std::fprintf(stderr, "%s\n", std::string(a.status().message()).c_str());
+      return 1;
+    }
+    for (const auto& [dtype, b] : r.file_bytes_by_dtype) tensor_bytes += b;
+    loaded.push_back(*a);
+  }
+  const int64_t rss_after = RssBytes();
+  std::sort(load_times.begin(), load_times.end());
+  std::printf("adapter load     %.2f ms median, %.2f ms max (r=16, q/k/v/o, %lld bytes each)\n",
+              1e3 * load_times[4], 1e3 * load_times[7],
+              static_cast<long long>(tensor_bytes / 8));
+  std::printf("memory           %.3f x tensor bytes (RSS grew %lld bytes for %lld tensor bytes)\n",
+              static_cast<double>(rss_after - rss_before) / tensor_bytes,
+              static_cast<long long>(rss_after - rss_before), static_cast<long long>(tensor_bytes));
+
+  // Throughput: 16 rows over 8 adapters vs 16 rows on the base.
+  const int steps = 16;
+  std::vector<std::shared_ptr<const adapterd::core::SequenceAdapter>> none = {nullptr};
+  std::vector<std::shared_ptr<const adapterd::core::SequenceAdapter>> eight(loaded.begin(),
+                                                                            loaded.end());
+  const double base_tps = Throughput(**engine, none, steps);
+  const double mixed_tps = Throughput(**engine, eight, steps);
+  std::printf("base 16 rows     %.1f tokens/s\n", base_tps);
+  std::printf("8 adapters x 2   %.1f tokens/s\n", mixed_tps);
+  std::printf("ratio            %.3f (target >= 0.85)\n", mixed_tps / base_tps);
+
+  // Acquire latency while a writer replaces adapters: at 1 kHz (far above any operator's
+  // load/unload rate), then back to back. Each publish ends in a grace period whose
+  // membarrier interrupts readers, which is what the back-to-back figures show.
+  adapterd::adapters::AdapterTable table({64, int64_t{1} << 34});
+  for (auto& a : loaded) {
+    if (!table.Insert(a, false).ok()) return 1;
+  }
+  for (const int period_us : {1000, 0}) {
+    std::atomic<bool> stop{false};
+    std::atomic<int64_t> writes{0};
+    std::thread writer([&] {
+      int i = 0;
+      while (!stop.load(std::memory_order_relaxed)) {
+        (void)table.Insert(loaded[i++ % 8], true);
+        writes.fetch_add(1, std::memory_order_relaxed);
+        if (period_us) std::this_thread::sleep_for(std::chrono::microseconds(period_us));
+      }
+    });
+    const int n = 2'000'000;
+    std::vector<int64_t> ns(n);
+    const std::string names[8] = {"a0", "a1", "a2", "a3", "a4", "a5", "a6", "a7"};
+    auto start = Clock::now();
+    for (int i = 0; i < n; ++i) {
+      auto t0 = Clock::now();
+      auto ref = table.Acquire(names[i & 7]);
+      ns[i] = std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now() - t0).count();
+      if (!ref) std::abort();
+    }
+    const double elapsed = Seconds(start, Clock::now());
+    stop = true;
+    writer.join();
+    std::sort(ns.begin(), ns.end());
+    std::printf("acquire          writer %s: p50 %lld ns, p99 %lld ns, p99.9 %lld ns "
+                "(%d reads, %.0f writes/s)\n",
+                period_us ? "every 1 ms  " : "back to back", static_cast<long long>(ns[n / 2]),
+                static_cast<long long>(ns[n * 99 / 100]),
+                static_cast<long long>(ns[n * 999 / 1000]), n, writes.load() / elapsed);
+  }
+  return 0;
+}
