@@ -8,6 +8,7 @@
 #include "absl/strings/str_split.h"
 #include "adapters/adapter_ref.h"
 #include "core/engine.h"
+#include "core/tokenizer.h"
 #include "nlohmann/json.hpp"
 #include "server/flags.h"
 #include "spdlog/spdlog.h"
@@ -87,14 +88,72 @@ int RunInspect() {
   return engine.ok() ? 0 : 1;
 }
 
+// Loads `dir`/tokenizer.json or prints why not.
+std::unique_ptr<core::Tokenizer> LoadTokenizerOrComplain(const char* command) {
+  auto tok = core::Tokenizer::FromModelDir(absl::GetFlag(FLAGS_model_dir));
+  if (!tok.ok()) {
+    std::cerr << command << ": " << tok.status().message() << "\n";
+    return nullptr;
+  }
+  return *std::move(tok);
+}
+
+int RunTokenize() {
+  auto tok = LoadTokenizerOrComplain("tokenize");
+  if (tok == nullptr) return 1;
+  auto ids = tok->Encode(absl::GetFlag(FLAGS_text), absl::GetFlag(FLAGS_add_special_tokens));
+  if (!ids.ok()) {
+    std::cerr << "tokenize: " << ids.status().message() << "\n";
+    return 2;
+  }
+  if (absl::GetFlag(FLAGS_json)) {
+    std::cout << nlohmann::json({{"ids", *ids}}).dump() << "\n";
+  } else {
+    for (size_t i = 0; i < ids->size(); ++i) std::cout << (i ? "," : "") << (*ids)[i];
+    std::cout << "\n";
+  }
+  return 0;
+}
+
+int RunDetokenize() {
+  auto tok = LoadTokenizerOrComplain("detokenize");
+  if (tok == nullptr) return 1;
+  std::vector<int32_t> ids;
+  if (!ParseIdList(absl::GetFlag(FLAGS_ids), &ids)) {
+    std::cerr << "detokenize: --ids must be a comma-separated list of token ids\n";
+    return 2;
+  }
+  auto text = tok->Decode(ids, absl::GetFlag(FLAGS_skip_special_tokens));
+  if (!text.ok()) {
+    std::cerr << "detokenize: " << text.status().message() << "\n";
+    return 2;
+  }
+  if (absl::GetFlag(FLAGS_json)) {
+    std::cout << nlohmann::json({{"text", *text}}).dump() << "\n";
+  } else {
+    std::cout << *text << "\n";
+  }
+  return 0;
+}
+
 int RunGenerate() {
   if (absl::GetFlag(FLAGS_model_dir).empty()) {
     std::cerr << "generate: --model_dir is required\n";
     return 2;
   }
   core::GenerateRequest request;
-  if (!ParseIdList(absl::GetFlag(FLAGS_prompt_ids), &request.prompt)) {
-    std::cerr << "generate: --prompt_ids must be a comma-separated list of token ids\n";
+  std::unique_ptr<core::Tokenizer> tokenizer;
+  if (!absl::GetFlag(FLAGS_prompt).empty()) {
+    tokenizer = LoadTokenizerOrComplain("generate");
+    if (tokenizer == nullptr) return 1;
+    auto ids = tokenizer->Encode(absl::GetFlag(FLAGS_prompt), absl::GetFlag(FLAGS_add_special_tokens));
+    if (!ids.ok()) {
+      std::cerr << "generate: " << ids.status().message() << "\n";
+      return 2;
+    }
+    request.prompt = *std::move(ids);
+  } else if (!ParseIdList(absl::GetFlag(FLAGS_prompt_ids), &request.prompt)) {
+    std::cerr << "generate: give --prompt TEXT or --prompt_ids as comma-separated token ids\n";
     return 2;
   }
   request.max_new_tokens = absl::GetFlag(FLAGS_max_new_tokens);
@@ -130,9 +189,17 @@ int RunGenerate() {
     std::cerr << "generate: " << result.status().message() << "\n";
     return absl::IsInvalidArgument(result.status()) ? 2 : 1;
   }
+  std::vector<int32_t> generated;
+  for (const core::StepOutput& s : result->steps) generated.push_back(s.token);
+  std::string text;
+  if (tokenizer != nullptr) {
+    auto decoded = tokenizer->Decode(generated, absl::GetFlag(FLAGS_skip_special_tokens));
+    if (decoded.ok()) text = *decoded;
+  }
   if (absl::GetFlag(FLAGS_json)) {
     nlohmann::json j;
     j["prompt_ids"] = request.prompt;
+    if (tokenizer != nullptr) j["text"] = text;
     j["finish_reason"] = core::FinishReasonName(result->finish_reason);
     j["tokens"] = nlohmann::json::array();
     j["steps"] = nlohmann::json::array();
@@ -148,6 +215,7 @@ int RunGenerate() {
     std::cout << j.dump() << "\n";
     return 0;
   }
+  if (tokenizer != nullptr) std::cout << "text: " << text << "\n";
   std::cout << "ids:";
   for (const core::StepOutput& s : result->steps) std::cout << " " << s.token;
   std::cout << "\nfinish: " << core::FinishReasonName(result->finish_reason) << "\n";

@@ -10,9 +10,14 @@ namespace adapterd::server {
 // `adapterd inspect --model_dir DIR [--adapter_dir DIR] [--json]`: prints the model's load
 // report, or the adapter's validation report (a dry run); exit 1 when refused.
 int RunInspect();
-// `adapterd generate --model_dir DIR [--adapter_dir DIR] --prompt_ids 1,2,3
+// `adapterd generate --model_dir DIR [--adapter_dir DIR] (--prompt_ids 1,2,3 | --prompt TEXT)
 // --max_new_tokens N [--json]`.
 int RunGenerate();
+
+// `adapterd tokenize --model_dir DIR --text "..." [--json]`: prints the ids.
+int RunTokenize();
+// `adapterd detokenize --model_dir DIR --ids 1,2,3 [--json]`: prints the text.
+int RunDetokenize();
 
 // Returns the last path component of an adapter folder, used as its name.
 std::string AdapterNameOf(const std::string& dir);

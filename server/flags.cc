@@ -13,6 +13,11 @@ ABSL_FLAG(int32_t, threads, static_cast<int32_t>(std::thread::hardware_concurren
           "Intra-op threads for the model (default: the machine's cores).");
 ABSL_FLAG(bool, json, false, "Print machine-readable JSON instead of text.");
 ABSL_FLAG(std::string, prompt_ids, "", "Prompt as comma-separated token ids (generate).");
+ABSL_FLAG(std::string, prompt, "", "Prompt as text, tokenized with the model's tokenizer.json.");
+ABSL_FLAG(std::string, text, "", "Text to tokenize (tokenize).");
+ABSL_FLAG(std::string, ids, "", "Comma-separated token ids to detokenize (detokenize).");
+ABSL_FLAG(bool, add_special_tokens, true, "Apply the tokenizer's template (e.g. BOS).");
+ABSL_FLAG(bool, skip_special_tokens, false, "Leave special tokens out of decoded text.");
 ABSL_FLAG(int64_t, max_new_tokens, 16, "Most tokens to generate (generate).");
 ABSL_FLAG(float, temperature, 0.0f, "Sampling temperature; 0 = greedy (generate).");
 ABSL_FLAG(int32_t, top_k, 0, "Keep the k most likely tokens; 0 = off (generate).");

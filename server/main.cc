@@ -18,7 +18,10 @@ int main(int argc, char** argv) {
       "  inspect   --model_dir DIR [--adapter_dir DIR] [--json]\n"
       "            print the model's load report, or validate an adapter (dry run)\n"
       "  generate  --model_dir DIR [--adapter_dir DIR] --prompt_ids 1,2,3 --max_new_tokens N\n"
-      "            [--json]   generate ids with their top log-probabilities");
+      "            [--json]   generate ids with their top log-probabilities\n"
+      "            (or --prompt TEXT, tokenized with the model's tokenizer.json)\n"
+      "  tokenize  --model_dir DIR --text TEXT [--json]\n"
+      "  detokenize --model_dir DIR --ids 1,2,3 [--json]");
   std::vector<char*> args = absl::ParseCommandLine(argc, argv);
   spdlog::set_level(spdlog::level::from_str(absl::GetFlag(FLAGS_log_level)));
   spdlog::set_default_logger(spdlog::stderr_color_mt("adapterd"));
@@ -30,6 +33,8 @@ int main(int argc, char** argv) {
   const std::string command = args[1];
   if (command == "inspect") return adapterd::server::RunInspect();
   if (command == "generate") return adapterd::server::RunGenerate();
+  if (command == "tokenize") return adapterd::server::RunTokenize();
+  if (command == "detokenize") return adapterd::server::RunDetokenize();
   std::fprintf(stderr, "unknown subcommand \"%s\"\n%s\n", command.c_str(),
                absl::ProgramUsageMessage().data());
   return 2;

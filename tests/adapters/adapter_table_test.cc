@@ -120,9 +120,11 @@ TEST(AdapterTableTest, ConcurrentReadersSeeOldOrNewNeverTorn) {
   ASSERT_TRUE(table.Insert(MakeAdapter("hot", 0), false).ok());
   std::atomic<bool> stop{false};
   std::atomic<int64_t> reads{0}, misses{0}, torn{0};
+  std::atomic<int> started{0};
   std::vector<std::thread> readers;
   for (int t = 0; t < 4; ++t) {
     readers.emplace_back([&] {
+      started.fetch_add(1);
       int64_t last_version = -1;
       while (!stop.load(std::memory_order_relaxed)) {
         AdapterRef a = table.Acquire("hot");
@@ -139,8 +141,11 @@ TEST(AdapterTableTest, ConcurrentReadersSeeOldOrNewNeverTorn) {
       }
     });
   }
-  // Writer: replace "hot" with newer versions; load and unload "cold".
-  for (int64_t v = 1; v <= 300; ++v) {
+  while (started.load() < 4) std::this_thread::yield();
+  // Writer: replace "hot" with newer versions; load and unload "cold". At least 300 updates,
+  // and on until the readers have read through a good part of them (bounded).
+  int64_t v = 1;
+  for (; v <= 300 || (reads.load() < 5000 && v < 200000); ++v) {
     ASSERT_TRUE(table.Insert(MakeAdapter("hot", v, 32 + v % 64), true).ok());
     if (v % 2) {
       ASSERT_TRUE(table.Insert(MakeAdapter("cold", v), false).ok());
@@ -153,7 +158,7 @@ TEST(AdapterTableTest, ConcurrentReadersSeeOldOrNewNeverTorn) {
   EXPECT_EQ(torn.load(), 0);
   EXPECT_EQ(misses.load(), 0);  // "hot" is replaced atomically, never absent.
   EXPECT_GT(reads.load(), 0);
-  EXPECT_EQ(table.Acquire("hot")->report().path, "300");
+  EXPECT_EQ(table.Acquire("hot")->report().path, std::to_string(v - 1));
 }
 
 }  // namespace

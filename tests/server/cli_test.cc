@@ -106,3 +106,34 @@ TEST(CliTest, GenerateWithAnAdapterEqualsTheMergedModel) {
 
 }  // namespace
 }  // namespace adapterd::server
+
+namespace adapterd::server {
+namespace {
+
+TEST(CliTest, TokenizeDetokenizeAndGenerateFromText) {
+  const std::string model = testing::Fixture("llama_tok");  // Ships the llama2 tokenizer.json.
+  auto golden = testing::ReadJson(std::string(ADAPTERD_SOURCE_DIR) +
+                                  "/tests/tokenizer/golden/llama2.json")["cases"][0];
+  ASSERT_EQ(golden["text"], "Hello world");
+  CliRun ids = Adapterd("tokenize --json --model_dir " + model + " --text 'Hello world'");
+  ASSERT_EQ(ids.exit_code, 0) << ids.out;
+  EXPECT_EQ(nlohmann::json::parse(ids.out)["ids"], golden["ids"]);
+  std::string id_list;
+  for (int id : golden["ids"]) id_list += (id_list.empty() ? "" : ",") + std::to_string(id);
+  CliRun text = Adapterd("detokenize --json --skip_special_tokens --model_dir " + model +
+                         " --ids " + id_list);
+  ASSERT_EQ(text.exit_code, 0);
+  EXPECT_EQ(nlohmann::json::parse(text.out)["text"], golden["decoded_skip_special"]);
+  CliRun by_text = Adapterd("generate --json --ignore_eos --max_new_tokens 4 --model_dir " + model +
+                            " --prompt 'Hello world'");
+  CliRun by_ids = Adapterd("generate --json --ignore_eos --max_new_tokens 4 --model_dir " + model +
+                           " --prompt_ids " + id_list);
+  ASSERT_EQ(by_text.exit_code, 0) << by_text.out;
+  auto a = nlohmann::json::parse(by_text.out), b = nlohmann::json::parse(by_ids.out);
+  EXPECT_EQ(a["tokens"], b["tokens"]);
+  EXPECT_EQ(a["prompt_ids"], b["prompt_ids"]);
+  EXPECT_TRUE(a.contains("text"));
+}
+
+}  // namespace
+}  // namespace adapterd::server
