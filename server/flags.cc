@@ -1,6 +1,8 @@
 #include "server/flags.h"
 
+#include <string>
 #include <thread>
+#include <vector>
 
 #include "absl/flags/flag.h"
 
@@ -27,3 +29,26 @@ ABSL_FLAG(uint64_t, seed, 0, "Seed of the request's random generator (generate).
 ABSL_FLAG(int32_t, top_logprobs, 5, "Alternatives reported per generated token (generate).");
 ABSL_FLAG(bool, ignore_eos, false, "Keep generating past end-of-sequence ids (generate).");
 ABSL_FLAG(std::string, log_level, "info", "spdlog level: trace, debug, info, warn, error.");
+ABSL_FLAG(std::string, log_format, "text", "Log format: text or json.");
+ABSL_FLAG(std::string, listen, "127.0.0.1:50051",
+          "Generation listener (Generation, health, reflection); port 0 picks a free port.");
+ABSL_FLAG(std::string, admin_listen, "127.0.0.1:50052",
+          "Admin listener (Admin, health); loopback by default.");
+ABSL_FLAG(std::string, metrics_listen, "127.0.0.1:9400", "Prometheus /metrics listener.");
+ABSL_FLAG(std::string, adapter_root, ".", "Folder adapter paths are resolved in.");
+ABSL_FLAG(std::string, admin_token_file, "",
+          "File holding the admin bearer token; empty: admin calls need no token.");
+ABSL_FLAG(std::string, port_file, "",
+          "Once serving, write the bound ports as JSON {listen, admin, metrics} here.");
+ABSL_FLAG(std::vector<std::string>, preload, {},
+          "Adapters to load at start: name=relative/path, comma-separated.");
+ABSL_FLAG(int64_t, max_batch_rows, 32, "Most sequences in one model step.");
+ABSL_FLAG(int64_t, max_tokens_per_step, 2048, "Most prompt tokens admitted into one step.");
+ABSL_FLAG(int64_t, max_queue, 256, "Waiting requests before RESOURCE_EXHAUSTED.");
+ABSL_FLAG(int64_t, max_kv_bytes, int64_t{4} << 30, "KV cache budget over running requests.");
+ABSL_FLAG(int64_t, max_adapters, 64, "Most adapters loaded at once.");
+ABSL_FLAG(int64_t, max_adapter_bytes, int64_t{8} << 30, "Most bytes held by loaded adapters.");
+ABSL_FLAG(int64_t, default_max_new_tokens, 256, "max_new_tokens when a request leaves it 0.");
+ABSL_FLAG(int64_t, max_new_tokens_limit, 4096, "Largest max_new_tokens a request may ask for.");
+ABSL_FLAG(double, grace_period_s, 20.0,
+          "On SIGTERM, seconds in-flight requests get to finish before being cancelled.");

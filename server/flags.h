@@ -3,6 +3,7 @@
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "absl/flags/declare.h"
 
@@ -27,3 +28,20 @@ ABSL_DECLARE_FLAG(uint64_t, seed);
 ABSL_DECLARE_FLAG(int32_t, top_logprobs);
 ABSL_DECLARE_FLAG(bool, ignore_eos);
 ABSL_DECLARE_FLAG(std::string, log_level);
+ABSL_DECLARE_FLAG(std::string, log_format);
+ABSL_DECLARE_FLAG(std::string, listen);
+ABSL_DECLARE_FLAG(std::string, admin_listen);
+ABSL_DECLARE_FLAG(std::string, metrics_listen);
+ABSL_DECLARE_FLAG(std::string, adapter_root);
+ABSL_DECLARE_FLAG(std::string, admin_token_file);
+ABSL_DECLARE_FLAG(std::string, port_file);
+ABSL_DECLARE_FLAG(std::vector<std::string>, preload);
+ABSL_DECLARE_FLAG(int64_t, max_batch_rows);
+ABSL_DECLARE_FLAG(int64_t, max_tokens_per_step);
+ABSL_DECLARE_FLAG(int64_t, max_queue);
+ABSL_DECLARE_FLAG(int64_t, max_kv_bytes);
+ABSL_DECLARE_FLAG(int64_t, max_adapters);
+ABSL_DECLARE_FLAG(int64_t, max_adapter_bytes);
+ABSL_DECLARE_FLAG(int64_t, default_max_new_tokens);
+ABSL_DECLARE_FLAG(int64_t, max_new_tokens_limit);
+ABSL_DECLARE_FLAG(double, grace_period_s);

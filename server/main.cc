@@ -9,12 +9,16 @@
 #include "absl/flags/usage.h"
 #include "server/commands.h"
 #include "server/flags.h"
+#include "server/serve.h"
 #include "spdlog/sinks/stdout_color_sinks.h"
 #include "spdlog/spdlog.h"
 
 int main(int argc, char** argv) {
   absl::SetProgramUsageMessage(
       "adapterd SUBCOMMAND [flags]\n"
+      "  serve     --model_dir DIR --listen HOST:PORT --admin_listen HOST:PORT\n"
+      "            --metrics_listen HOST:PORT --adapter_root DIR [--admin_token_file F]\n"
+      "            [--preload name=path,...] [--threads N]   run the gRPC server\n"
       "  inspect   --model_dir DIR [--adapter_dir DIR] [--json]\n"
       "            print the model's load report, or validate an adapter (dry run)\n"
       "  generate  --model_dir DIR [--adapter_dir DIR] --prompt_ids 1,2,3 --max_new_tokens N\n"
@@ -23,14 +27,18 @@ int main(int argc, char** argv) {
       "  tokenize  --model_dir DIR --text TEXT [--json]\n"
       "  detokenize --model_dir DIR --ids 1,2,3 [--json]");
   std::vector<char*> args = absl::ParseCommandLine(argc, argv);
-  spdlog::set_level(spdlog::level::from_str(absl::GetFlag(FLAGS_log_level)));
   spdlog::set_default_logger(spdlog::stderr_color_mt("adapterd"));
   spdlog::set_level(spdlog::level::from_str(absl::GetFlag(FLAGS_log_level)));
+  if (absl::GetFlag(FLAGS_log_format) == "json") {
+    spdlog::set_pattern(
+        R"({"time":"%Y-%m-%dT%H:%M:%S.%e%z","level":"%l","logger":"%n","thread":%t,"msg":"%v"})");
+  }
   if (args.size() < 2) {
     std::fprintf(stderr, "%s\n", absl::ProgramUsageMessage().data());
     return 2;
   }
   const std::string command = args[1];
+  if (command == "serve") return adapterd::server::RunServe();
   if (command == "inspect") return adapterd::server::RunInspect();
   if (command == "generate") return adapterd::server::RunGenerate();
   if (command == "tokenize") return adapterd::server::RunTokenize();

@@ -1,0 +1,272 @@
+#include "server/admin_service.h"
+
+#include <chrono>
+#include <map>
+
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "server/adapter_paths.h"
+#include "spdlog/spdlog.h"
+
+namespace adapterd::server {
+namespace {
+
+namespace v1 = adapterd::v1;
+
+bool ConstantTimeEquals(const std::string& a, const std::string& b) {
+  unsigned char diff = a.size() == b.size() ? 0 : 1;
+  const size_t n = std::max(a.size(), b.size());
+  for (size_t i = 0; i < n; ++i) {
+    const unsigned char x = i < a.size() ? a[i] : 0;
+    const unsigned char y = i < b.size() ? b[i] : 0;
+    diff |= x ^ y;
+  }
+  return diff == 0;
+}
+
+}  // namespace
+
+void ToProto(const adapters::AdapterReport& r, v1::AdapterReport* out) {
+  out->set_name(r.name);
+  out->set_path(r.path);
+  out->set_type(r.type);
+  out->set_base_model_name_or_path(r.base_model_name_or_path);
+  for (int64_t x : r.ranks) out->add_ranks(x);
+  for (double x : r.alphas) out->add_alphas(x);
+  for (double x : r.scalings) out->add_scalings(x);
+  out->set_use_rslora(r.use_rslora);
+  for (const auto& m : r.matched_modules) out->add_matched_modules(m);
+  for (int64_t l : r.skipped_layers) out->add_skipped_layers(l);
+  out->set_num_virtual_tokens(r.num_virtual_tokens);
+  out->set_bytes(r.bytes);
+  out->set_compute_dtype(r.compute_dtype);
+  out->set_load_seconds(r.load_seconds);
+  for (const auto& w : r.warnings) out->add_warnings(w);
+  for (const auto& [k, v] : r.file_bytes_by_dtype) (*out->mutable_file_bytes_by_dtype())[k] = v;
+}
+
+void ToProto(const core::LoadReport& r, v1::ModelLoadReport* out) {
+  out->set_ok(r.ok());
+  out->set_model_dir(r.model_dir);
+  out->set_architecture(r.architecture);
+  out->set_model_type(r.model_type);
+  out->set_name_or_path(r.name_or_path);
+  for (const auto& f : r.files) out->add_files(f);
+  for (const auto& m : r.missing) out->add_missing(m);
+  for (const auto& u : r.unexpected) out->add_unexpected(u);
+  for (const auto& i : r.ignored) out->add_ignored(i);
+  for (const auto& m : r.mismatched) {
+    auto* p = out->add_mismatched();
+    p->set_name(m.name);
+    for (int64_t d : m.expected) p->add_expected(d);
+    for (int64_t d : m.found) p->add_found(d);
+  }
+  for (const auto& t : r.tied) {
+    auto* p = out->add_tied();
+    p->set_target(t.target);
+    p->set_source(t.source);
+    p->set_same_storage(t.same_storage);
+    p->set_bytes_saved(t.bytes_saved);
+  }
+  for (const auto& w : r.warnings) out->add_warnings(w);
+  out->set_declared_parameters(r.declared_parameters);
+  out->set_materialized_parameters(r.materialized_parameters);
+  out->set_parameter_count(r.parameter_count);
+  for (const auto& [k, v] : r.file_bytes_by_dtype) (*out->mutable_file_bytes_by_dtype())[k] = v;
+  out->set_bytes_mapped(r.bytes_mapped);
+  out->set_bytes_copied(r.bytes_copied);
+  out->set_compute_dtype(r.compute_dtype);
+  out->set_device(r.device);
+  for (const auto& c : r.conversions) out->add_conversions(c);
+  out->set_load_seconds(r.load_seconds);
+}
+
+AdminService::AdminService(ServingContext& context) : ctx_(context) {
+  worker_ = std::thread([this] {
+    while (true) {
+      std::function<void()> job;
+      {
+        std::unique_lock<std::mutex> lock(mu_);
+        cv_.wait(lock, [this] { return stop_ || !work_.empty(); });
+        if (work_.empty()) return;
+        job = std::move(work_.front());
+        work_.pop_front();
+      }
+      job();
+    }
+  });
+}
+
+AdminService::~AdminService() {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    stop_ = true;
+  }
+  cv_.notify_all();
+  worker_.join();
+}
+
+void AdminService::Run(std::function<void()> work) {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    work_.push_back(std::move(work));
+  }
+  cv_.notify_one();
+}
+
+grpc::Status AdminService::Authorize(grpc::CallbackServerContext* context) const {
+  if (ctx_.admin_token.empty()) return grpc::Status::OK;
+  const auto& md = context->client_metadata();
+  auto it = md.find("authorization");
+  if (it == md.end()) {
+    return grpc::Status(grpc::StatusCode::UNAUTHENTICATED,
+                        "admin calls need the metadata \"authorization: Bearer <token>\"");
+  }
+  const std::string value(it->second.data(), it->second.size());
+  if (!absl::StartsWith(value, "Bearer ") || !ConstantTimeEquals(value.substr(7), ctx_.admin_token)) {
+    return grpc::Status(grpc::StatusCode::UNAUTHENTICATED, "the admin token is not valid");
+  }
+  return grpc::Status::OK;
+}
+
+void AdminService::PublishAdapterMetrics() {
+  std::map<std::string, int64_t> bytes;
+  for (const auto& a : ctx_.table->List()) bytes[adapters::ReportOf(a).name] = adapters::ReportOf(a).bytes;
+  ctx_.metrics.SetAdapters(bytes);
+}
+
+absl::Status AdminService::Load(const std::string& name, const std::string& path,
+                                bool validate_only, bool replace, v1::LoadAdapterResponse* response) {
+  const auto start = std::chrono::steady_clock::now();
+  auto seconds = [&] {
+    return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  };
+  if (!IsValidAdapterName(name)) {
+    ctx_.metrics.AdapterLoad("refused", seconds());
+    return absl::InvalidArgumentError(absl::StrCat(
+        "adapter name \"", name, "\" must be 1-64 characters of letters, digits, '.', '_', '-'"));
+  }
+  auto dir = ResolveAdapterPath(ctx_.adapter_root, path);
+  if (!dir.ok()) {
+    ctx_.metrics.AdapterLoad("refused", seconds());
+    return dir.status();
+  }
+  adapters::AdapterReport report;
+  auto adapter = adapters::LoadAdapterFor(*ctx_.engine, *dir, name, &report);
+  report.path = path;
+  ToProto(report, response->mutable_report());
+  if (!adapter.ok()) {
+    ctx_.metrics.AdapterLoad("refused", seconds());
+    spdlog::warn("adapter {} from {} refused: {}", name, path, std::string(adapter.status().message()));
+    return adapter.status();
+  }
+  if (validate_only) {
+    ctx_.metrics.AdapterLoad("validated", seconds());
+    return absl::OkStatus();
+  }
+  absl::Status inserted = ctx_.table->Insert(*adapter, replace);
+  if (!inserted.ok()) {
+    ctx_.metrics.AdapterLoad("refused", seconds());
+    return inserted;
+  }
+  response->set_loaded(true);
+  ctx_.metrics.AdapterLoad("loaded", seconds());
+  PublishAdapterMetrics();
+  spdlog::info("adapter {} ({}) loaded from {} in {:.3f} s, {} bytes", name, report.type, path,
+               report.load_seconds, report.bytes);
+  return absl::OkStatus();
+}
+
+grpc::ServerUnaryReactor* AdminService::LoadAdapter(grpc::CallbackServerContext* context,
+                                                    const v1::LoadAdapterRequest* request,
+                                                    v1::LoadAdapterResponse* response) {
+  auto* reactor = context->DefaultReactor();
+  if (grpc::Status auth = Authorize(context); !auth.ok()) {
+    reactor->Finish(auth);
+    return reactor;
+  }
+  if (!ctx_.ready.load()) {
+    reactor->Finish(grpc::Status(grpc::StatusCode::UNAVAILABLE, "the model is still loading"));
+    return reactor;
+  }
+  Run([this, reactor, request, response] {
+    absl::Status s = Load(request->name(), request->path(), request->validate_only(),
+                          request->replace(), response);
+    reactor->Finish(ToGrpc(s));
+  });
+  return reactor;
+}
+
+grpc::ServerUnaryReactor* AdminService::UnloadAdapter(grpc::CallbackServerContext* context,
+                                                      const v1::UnloadAdapterRequest* request,
+                                                      v1::UnloadAdapterResponse* response) {
+  auto* reactor = context->DefaultReactor();
+  if (grpc::Status auth = Authorize(context); !auth.ok()) {
+    reactor->Finish(auth);
+    return reactor;
+  }
+  if (!ctx_.ready.load()) {
+    reactor->Finish(grpc::Status(grpc::StatusCode::UNAVAILABLE, "the model is still loading"));
+    return reactor;
+  }
+  Run([this, reactor, request, response] {
+    auto removed = ctx_.table->Remove(request->name());
+    if (!removed.ok()) {
+      ctx_.metrics.AdapterUnload("not_found");
+      reactor->Finish(ToGrpc(removed.status()));
+      return;
+    }
+    response->set_in_flight_references(removed->use_count() - 1);
+    ctx_.metrics.AdapterUnload("unloaded");
+    PublishAdapterMetrics();
+    spdlog::info("adapter {} unloaded ({} in-flight references)", request->name(),
+                 removed->use_count() - 1);
+    reactor->Finish(grpc::Status::OK);
+  });
+  return reactor;
+}
+
+grpc::ServerUnaryReactor* AdminService::ListAdapters(grpc::CallbackServerContext* context,
+                                                     const v1::ListAdaptersRequest*,
+                                                     v1::ListAdaptersResponse* response) {
+  auto* reactor = context->DefaultReactor();
+  if (grpc::Status auth = Authorize(context); !auth.ok()) {
+    reactor->Finish(auth);
+    return reactor;
+  }
+  if (ctx_.ready.load()) {
+    for (const auto& a : ctx_.table->List()) ToProto(adapters::ReportOf(a), response->add_adapters());
+  }
+  reactor->Finish(grpc::Status::OK);
+  return reactor;
+}
+
+grpc::ServerUnaryReactor* AdminService::GetModelState(grpc::CallbackServerContext* context,
+                                                      const v1::GetModelStateRequest*,
+                                                      v1::ModelState* response) {
+  auto* reactor = context->DefaultReactor();
+  if (grpc::Status auth = Authorize(context); !auth.ok()) {
+    reactor->Finish(auth);
+    return reactor;
+  }
+  if (!ctx_.ready.load()) {
+    reactor->Finish(grpc::Status(grpc::StatusCode::UNAVAILABLE, "the model is still loading"));
+    return reactor;
+  }
+  ToProto(ctx_.engine->report(), response->mutable_base());
+  for (const auto& a : ctx_.table->List()) ToProto(adapters::ReportOf(a), response->add_adapters());
+  response->set_queue_depth(static_cast<uint32_t>(ctx_.scheduler->queue_depth()));
+  response->set_running_requests(static_cast<uint32_t>(ctx_.scheduler->running()));
+  response->set_kv_cache_bytes(static_cast<uint64_t>(ctx_.scheduler->kv_bytes()));
+  response->set_kv_cache_capacity_bytes(static_cast<uint64_t>(ctx_.scheduler->kv_capacity_bytes()));
+  response->set_uptime_seconds(
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - ctx_.started).count());
+  response->mutable_build()->set_version(ADAPTERD_VERSION);
+  response->mutable_build()->set_threads(core::Engine::threads());
+  response->set_max_adapters(static_cast<uint32_t>(ctx_.table->limits().max_adapters));
+  response->set_max_adapter_bytes(static_cast<uint64_t>(ctx_.table->limits().max_bytes));
+  reactor->Finish(grpc::Status::OK);
+  return reactor;
+}
+
+}  // namespace adapterd::server

@@ -1,0 +1,321 @@
+#include "server/generation_service.h"
+
+#include <deque>
+
+#include "absl/strings/str_cat.h"
+#include "spdlog/spdlog.h"
+
+namespace adapterd::server {
+namespace {
+
+namespace v1 = adapterd::v1;
+
+v1::FinishReason ToProto(core::FinishReason r) {
+  switch (r) {
+    case core::FinishReason::kLength: return v1::FINISH_REASON_LENGTH;
+    case core::FinishReason::kEos: return v1::FINISH_REASON_EOS;
+    case core::FinishReason::kStop: return v1::FINISH_REASON_STOP;
+    case core::FinishReason::kCancelled: return v1::FINISH_REASON_CANCELLED;
+  }
+  return v1::FINISH_REASON_UNSPECIFIED;
+}
+
+void FillToken(const core::StepOutput& s, v1::GeneratedToken* t) {
+  t->set_id(s.token);
+  t->set_logprob(s.logprob);
+  for (const core::TokenLogprob& alt : s.top) {
+    auto* a = t->add_top_logprobs();
+    a->set_id(alt.id);
+    a->set_logprob(alt.logprob);
+  }
+}
+
+void FillStats(const GenerationStats& s, v1::GenerationStats* out) {
+  out->set_prompt_tokens(static_cast<uint32_t>(s.prompt_tokens));
+  out->set_completion_tokens(static_cast<uint32_t>(s.completion_tokens));
+  out->set_queue_seconds(s.queue_seconds);
+  out->set_time_to_first_token_seconds(s.time_to_first_token_seconds);
+  out->set_total_seconds(s.total_seconds);
+}
+
+// Unary Generate: the sink accumulates the response; OnDone finishes the call.
+class UnaryCall final : public grpc::ServerUnaryReactor {
+ public:
+  explicit UnaryCall(std::shared_ptr<std::atomic<bool>> cancelled) : cancelled_(std::move(cancelled)) {}
+  void OnCancel() override { cancelled_->store(true); }
+  void OnDone() override { delete this; }
+
+ private:
+  std::shared_ptr<std::atomic<bool>> cancelled_;
+};
+
+class UnarySink final : public RequestSink {
+ public:
+  UnarySink(UnaryCall* call, v1::GenerateResponse* response) : call_(call), response_(response) {}
+  void OnTokens(const std::vector<core::StepOutput>& tokens, const std::string& text) override {
+    for (const core::StepOutput& s : tokens) {
+      response_->add_token_ids(s.token);
+      FillToken(s, response_->add_tokens());
+    }
+    response_->mutable_text()->append(text);
+  }
+  void OnDone(const absl::Status& status, core::FinishReason reason, const GenerationStats& stats,
+              const std::string& text) override {
+    response_->mutable_text()->append(text);
+    response_->set_finish_reason(ToProto(reason));
+    FillStats(stats, response_->mutable_stats());
+    UnaryCall* call = call_;
+    call_ = nullptr;  // The call may be gone once finished.
+    call->Finish(ToGrpc(status));
+  }
+
+ private:
+  UnaryCall* call_;
+  v1::GenerateResponse* response_;
+};
+
+// Streaming: chunks queue up while a write is in flight and are merged, so a slow client
+// never slows the scheduler down.
+class StreamCall final : public grpc::ServerWriteReactor<v1::GenerateStreamResponse> {
+ public:
+  StreamCall(std::shared_ptr<std::atomic<bool>> cancelled, std::string adapter)
+      : cancelled_(std::move(cancelled)), adapter_(std::move(adapter)) {}
+
+  void Push(const std::vector<core::StepOutput>& tokens, const std::string& text) {
+    absl::MutexLock lock(&mu_);
+    if (pending_.size() < 2) {  // The front one may be in flight: never touch it.
+      pending_.emplace_back();
+      pending_.back().set_adapter(adapter_);
+    }
+    v1::GenerateStreamResponse& chunk = pending_.back();
+    for (const core::StepOutput& s : tokens) {
+      chunk.add_token_ids(s.token);
+      FillToken(s, chunk.add_tokens());
+    }
+    chunk.mutable_text()->append(text);
+    MaybeWriteLocked();
+  }
+
+  void Done(const absl::Status& status, core::FinishReason reason, const GenerationStats& stats,
+            const std::string& text) {
+    absl::MutexLock lock(&mu_);
+    status_ = ToGrpc(status);
+    done_ = true;
+    if (status.ok()) {
+      if (pending_.size() < 2) {
+        pending_.emplace_back();
+        pending_.back().set_adapter(adapter_);
+      }
+      v1::GenerateStreamResponse& last = pending_.back();
+      last.mutable_text()->append(text);
+      last.set_finish_reason(ToProto(reason));
+      FillStats(stats, last.mutable_stats());
+    } else if (!writing_) {
+      pending_.clear();  // An error ends the stream now.
+    }
+    MaybeWriteLocked();
+  }
+
+  void OnWriteDone(bool ok) override {
+    absl::MutexLock lock(&mu_);
+    writing_ = false;
+    pending_.pop_front();
+    if (!ok) {
+      broken_ = true;
+      cancelled_->store(true);
+      pending_.clear();
+    }
+    MaybeWriteLocked();
+  }
+  void OnCancel() override { cancelled_->store(true); }
+  void OnDone() override { delete this; }
+
+ private:
+  void MaybeWriteLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    if (writing_ || finished_) return;
+    if (!pending_.empty() && !broken_ && (status_.ok() || !done_)) {
+      writing_ = true;
+      StartWrite(&pending_.front());
+      return;
+    }
+    if (done_ && (pending_.empty() || broken_ || !status_.ok())) {
+      finished_ = true;
+      Finish(broken_ && status_.ok() ? grpc::Status(grpc::StatusCode::CANCELLED, "client went away")
+                                     : status_);
+    }
+  }
+
+  absl::Mutex mu_;
+  std::deque<v1::GenerateStreamResponse> pending_ ABSL_GUARDED_BY(mu_);
+  bool writing_ ABSL_GUARDED_BY(mu_) = false;
+  bool done_ ABSL_GUARDED_BY(mu_) = false;
+  bool broken_ ABSL_GUARDED_BY(mu_) = false;
+  bool finished_ ABSL_GUARDED_BY(mu_) = false;
+  grpc::Status status_ ABSL_GUARDED_BY(mu_);
+  std::shared_ptr<std::atomic<bool>> cancelled_;
+  std::string adapter_;
+};
+
+class StreamSink final : public RequestSink {
+ public:
+  explicit StreamSink(StreamCall* call) : call_(call) {}
+  void OnTokens(const std::vector<core::StepOutput>& tokens, const std::string& text) override {
+    call_->Push(tokens, text);
+  }
+  void OnDone(const absl::Status& status, core::FinishReason reason, const GenerationStats& stats,
+              const std::string& text) override {
+    StreamCall* call = call_;
+    call_ = nullptr;
+    call->Done(status, reason, stats, text);
+  }
+
+ private:
+  StreamCall* call_;
+};
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<GenerationRequest>> BuildRequest(
+    ServingContext& ctx, const v1::GenerateRequest& request,
+    std::chrono::system_clock::time_point deadline) {
+  if (!ctx.ready.load()) return absl::UnavailableError("the model is still loading");
+  auto r = std::make_unique<GenerationRequest>();
+  r->id = ctx.next_request_id.fetch_add(1);
+  const core::Engine& engine = *ctx.engine;
+  switch (request.prompt_case()) {
+    case v1::GenerateRequest::kText: {
+      if (ctx.tokenizer == nullptr) {
+        return absl::FailedPreconditionError(
+            "the model folder has no tokenizer.json; send token_ids instead of text");
+      }
+      auto ids = ctx.tokenizer->Encode(request.text(), !request.has_add_special_tokens() ||
+                                                           request.add_special_tokens());
+      if (!ids.ok()) return ids.status();
+      r->prompt = *std::move(ids);
+      break;
+    }
+    case v1::GenerateRequest::kTokenIds:
+      r->prompt.assign(request.token_ids().ids().begin(), request.token_ids().ids().end());
+      break;
+    default:
+      return absl::InvalidArgumentError("prompt is missing: set text or token_ids");
+  }
+  if (r->prompt.empty()) return absl::InvalidArgumentError("prompt is empty");
+  for (size_t i = 0; i < r->prompt.size(); ++i) {
+    if (r->prompt[i] < 0 || r->prompt[i] >= engine.config().vocab_size) {
+      return absl::InvalidArgumentError(absl::StrCat("prompt token ", i, " is ", r->prompt[i],
+                                                     ", outside the vocabulary [0, ",
+                                                     engine.config().vocab_size, ")"));
+    }
+  }
+  r->params.temperature = request.temperature();
+  r->params.top_k = request.top_k();
+  r->params.top_p = request.has_top_p() ? request.top_p() : 1.0f;
+  r->params.repetition_penalty = request.has_repetition_penalty() ? request.repetition_penalty() : 1.0f;
+  r->params.seed = request.seed();
+  if (request.top_logprobs() > static_cast<uint32_t>(core::kMaxTopLogprobs)) {
+    return absl::InvalidArgumentError(absl::StrCat("top_logprobs must be in [0, ",
+                                                   core::kMaxTopLogprobs, "], got ",
+                                                   request.top_logprobs()));
+  }
+  r->params.top_logprobs = static_cast<int32_t>(request.top_logprobs());
+  if (absl::Status s = core::ValidateSamplingParams(r->params); !s.ok()) return s;
+  r->max_new_tokens = request.max_new_tokens() ? request.max_new_tokens()
+                                               : ctx.limits.default_max_new_tokens;
+  if (r->max_new_tokens > ctx.limits.max_new_tokens_limit) {
+    return absl::InvalidArgumentError(absl::StrCat("max_new_tokens ", r->max_new_tokens,
+                                                   " exceeds the server's limit of ",
+                                                   ctx.limits.max_new_tokens_limit));
+  }
+  if (request.stop_size() > ctx.limits.max_stop_strings) {
+    return absl::InvalidArgumentError(absl::StrCat("at most ", ctx.limits.max_stop_strings,
+                                                   " stop strings are allowed"));
+  }
+  for (const std::string& s : request.stop()) {
+    if (s.empty()) return absl::InvalidArgumentError("stop strings must not be empty");
+    r->stop.push_back(s);
+  }
+  r->stop_token_ids.assign(request.stop_token_ids().begin(), request.stop_token_ids().end());
+  r->ignore_eos = request.ignore_eos();
+  r->skip_special_tokens = request.skip_special_tokens();
+  if (!request.adapter().empty()) {
+    r->adapter = ctx.table->Acquire(request.adapter());
+    if (r->adapter == nullptr) {
+      return absl::NotFoundError(absl::StrCat("adapter \"", request.adapter(), "\" is not loaded"));
+    }
+    r->adapter_name = request.adapter();
+  }
+  const int64_t virtual_tokens = r->adapter ? adapters::ReportOf(r->adapter).num_virtual_tokens : 0;
+  if (static_cast<int64_t>(r->prompt.size()) + virtual_tokens >= engine.context_length()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "prompt has ", r->prompt.size(), " tokens",
+        virtual_tokens ? absl::StrCat(" (+", virtual_tokens, " virtual)") : "",
+        "; the model's context holds ", engine.context_length(),
+        " and at least one must be left to generate"));
+  }
+  if (deadline != std::chrono::system_clock::time_point::max()) {
+    r->deadline = Clock::now() + std::chrono::duration_cast<Clock::duration>(
+                                     deadline - std::chrono::system_clock::now());
+  }
+  return r;
+}
+
+grpc::ServerUnaryReactor* GenerationService::Generate(grpc::CallbackServerContext* context,
+                                                      const v1::GenerateRequest* request,
+                                                      v1::GenerateResponse* response) {
+  auto built = BuildRequest(ctx_, *request, context->deadline());
+  if (!built.ok()) {
+    auto* reactor = context->DefaultReactor();
+    ctx_.metrics.RequestDone(request->adapter(), absl::StatusCodeToString(built.status().code()),
+                             0, 0, 0, 0, 0);
+    reactor->Finish(ToGrpc(built.status()));
+    return reactor;
+  }
+  response->set_adapter((*built)->adapter_name);
+  auto* call = new UnaryCall((*built)->cancelled);
+  absl::Status submitted =
+      ctx_.scheduler->Submit(*std::move(built), std::make_shared<UnarySink>(call, response));
+  if (!submitted.ok()) call->Finish(ToGrpc(submitted));
+  return call;
+}
+
+grpc::ServerWriteReactor<v1::GenerateStreamResponse>* GenerationService::GenerateStream(
+    grpc::CallbackServerContext* context, const v1::GenerateRequest* request) {
+  auto built = BuildRequest(ctx_, *request, context->deadline());
+  if (!built.ok()) {
+    auto* call = new StreamCall(std::make_shared<std::atomic<bool>>(false), "");
+    call->Done(built.status(), core::FinishReason::kCancelled, GenerationStats(), "");
+    return call;
+  }
+  auto* call = new StreamCall((*built)->cancelled, (*built)->adapter_name);
+  absl::Status submitted =
+      ctx_.scheduler->Submit(*std::move(built), std::make_shared<StreamSink>(call));
+  if (!submitted.ok()) call->Done(submitted, core::FinishReason::kCancelled, GenerationStats(), "");
+  return call;
+}
+
+grpc::ServerUnaryReactor* GenerationService::Tokenize(grpc::CallbackServerContext* context,
+                                                      const v1::TokenizeRequest* request,
+                                                      v1::TokenizeResponse* response) {
+  auto* reactor = context->DefaultReactor();
+  if (!ctx_.ready.load()) {
+    reactor->Finish(grpc::Status(grpc::StatusCode::UNAVAILABLE, "the model is still loading"));
+    return reactor;
+  }
+  if (ctx_.tokenizer == nullptr) {
+    reactor->Finish(grpc::Status(grpc::StatusCode::FAILED_PRECONDITION,
+                                 "the model folder has no tokenizer.json"));
+    return reactor;
+  }
+  auto ids = ctx_.tokenizer->Encode(request->text(), !request->has_add_special_tokens() ||
+                                                         request->add_special_tokens());
+  if (!ids.ok()) {
+    reactor->Finish(ToGrpc(ids.status()));
+    return reactor;
+  }
+  response->mutable_ids()->Assign(ids->begin(), ids->end());
+  reactor->Finish(grpc::Status::OK);
+  return reactor;
+}
+
+}  // namespace adapterd::server

@@ -1,0 +1,308 @@
+#include "server/metrics.h"
+
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <chrono>
+#include <cstring>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_join.h"
+#include "prometheus/text_serializer.h"
+
+namespace adapterd::server {
+namespace {
+
+using prometheus::BuildCounter;
+using prometheus::BuildGauge;
+using prometheus::BuildHistogram;
+using prometheus::Histogram;
+
+Histogram::BucketBoundaries LatencyBuckets() {
+  return {0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120};
+}
+
+}  // namespace
+
+Metrics::Metrics()
+    : registry_(std::make_shared<prometheus::Registry>()),
+      requests_(BuildCounter()
+                    .Name("adapterd_requests_total")
+                    .Help("Generation requests finished, by adapter and gRPC status code.")
+                    .Register(*registry_)),
+      duration_(BuildHistogram()
+                    .Name("adapterd_request_duration_seconds")
+                    .Help("Seconds from arrival to the end of a generation request.")
+                    .Register(*registry_)),
+      queue_time_(BuildHistogram()
+                      .Name("adapterd_request_queue_time_seconds")
+                      .Help("Seconds a request waited before its first model step.")
+                      .Register(*registry_)),
+      ttft_(BuildHistogram()
+                .Name("adapterd_time_to_first_token_seconds")
+                .Help("Seconds from arrival to the first generated token.")
+                .Register(*registry_)),
+      inter_token_(BuildHistogram()
+                       .Name("adapterd_inter_token_latency_seconds")
+                       .Help("Seconds between consecutive tokens of one request.")
+                       .Register(*registry_)),
+      prompt_tokens_(BuildCounter()
+                         .Name("adapterd_prompt_tokens_total")
+                         .Help("Prompt tokens processed, by adapter.")
+                         .Register(*registry_)),
+      generated_tokens_(BuildCounter()
+                            .Name("adapterd_generated_tokens_total")
+                            .Help("Tokens generated, by adapter.")
+                            .Register(*registry_)),
+      batch_rows_(BuildHistogram()
+                      .Name("adapterd_batch_size")
+                      .Help("Sequences in one model step.")
+                      .Register(*registry_)),
+      step_tokens_(BuildHistogram()
+                       .Name("adapterd_batch_tokens")
+                       .Help("Tokens processed in one model step.")
+                       .Register(*registry_)),
+      queue_depth_(BuildGauge()
+                       .Name("adapterd_queue_depth")
+                       .Help("Requests waiting for admission.")
+                       .Register(*registry_)),
+      running_(BuildGauge()
+                   .Name("adapterd_running_requests")
+                   .Help("Requests in the running batch.")
+                   .Register(*registry_)),
+      kv_usage_(BuildGauge()
+                    .Name("adapterd_kv_cache_usage_ratio")
+                    .Help("KV cache bytes held over the KV budget, 0 to 1.")
+                    .Register(*registry_)),
+      adapters_loaded_(BuildGauge()
+                           .Name("adapterd_adapters_loaded")
+                           .Help("Adapters in the adapter table.")
+                           .Register(*registry_)),
+      adapter_bytes_(BuildGauge()
+                         .Name("adapterd_adapter_bytes")
+                         .Help("Bytes held by each loaded adapter.")
+                         .Register(*registry_)),
+      adapter_loads_(BuildCounter()
+                         .Name("adapterd_adapter_loads_total")
+                         .Help("Adapter load calls, by result (loaded, validated, refused).")
+                         .Register(*registry_)),
+      adapter_unloads_(BuildCounter()
+                           .Name("adapterd_adapter_unloads_total")
+                           .Help("Adapter unload calls, by result (unloaded, not_found).")
+                           .Register(*registry_)),
+      adapter_load_duration_(BuildHistogram()
+                                 .Name("adapterd_adapter_load_duration_seconds")
+                                 .Help("Seconds spent reading and validating an adapter.")
+                                 .Register(*registry_)),
+      model_info_(BuildGauge()
+                      .Name("adapterd_model_info")
+                      .Help("The base model served (value 1).")
+                      .Register(*registry_)),
+      lora_info_(BuildGauge()
+                     .Name("adapterd_lora_requests_info")
+                     .Help("LoRA adapters with running and waiting requests, for the Gateway API "
+                           "Inference Extension's LoRA-affinity routing; value is a timestamp.")
+                     .Register(*registry_)),
+      queue_time_all_(queue_time_.Add({}, LatencyBuckets())),
+      inter_token_all_(inter_token_.Add({}, Histogram::BucketBoundaries{
+                                                0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15,
+                                                0.2, 0.3, 0.5, 1, 2})),
+      batch_rows_all_(batch_rows_.Add({}, Histogram::BucketBoundaries{1, 2, 4, 8, 16, 32, 64, 128})),
+      step_tokens_all_(step_tokens_.Add(
+          {}, Histogram::BucketBoundaries{1, 4, 16, 64, 256, 1024, 4096, 16384})),
+      queue_depth_all_(queue_depth_.Add({})),
+      running_all_(running_.Add({})),
+      kv_usage_all_(kv_usage_.Add({})),
+      adapters_loaded_all_(adapters_loaded_.Add({})),
+      adapter_load_duration_all_(adapter_load_duration_.Add(
+          {}, Histogram::BucketBoundaries{0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30})) {}
+
+Metrics::~Metrics() {
+  stop_.store(true);
+  if (listen_fd_ >= 0) ::shutdown(listen_fd_, SHUT_RDWR);
+  if (http_thread_.joinable()) http_thread_.join();
+  if (listen_fd_ >= 0) ::close(listen_fd_);
+}
+
+std::string Metrics::Scrape() const {
+  return prometheus::TextSerializer().Serialize(registry_->Collect());
+}
+
+absl::StatusOr<int> Metrics::Serve(const std::string& address) {
+  const size_t colon = address.rfind(':');
+  if (colon == std::string::npos) {
+    return absl::InvalidArgumentError(absl::StrCat("metrics listener \"", address,
+                                                   "\" is not HOST:PORT"));
+  }
+  std::string host = address.substr(0, colon);
+  int port = 0;
+  if (!absl::SimpleAtoi(address.substr(colon + 1), &port) || port < 0 || port > 65535) {
+    return absl::InvalidArgumentError(absl::StrCat("metrics listener \"", address,
+                                                   "\" has no valid port"));
+  }
+  if (host.empty() || host == "*") host = "0.0.0.0";
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_port = htons(static_cast<uint16_t>(port));
+  if (::inet_pton(AF_INET, host == "localhost" ? "127.0.0.1" : host.c_str(), &addr.sin_addr) != 1) {
+    return absl::InvalidArgumentError(absl::StrCat("metrics listener host \"", host,
+                                                   "\" is not an IPv4 address"));
+  }
+  listen_fd_ = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  const int one = 1;
+  ::setsockopt(listen_fd_, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+  if (::bind(listen_fd_, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0 ||
+      ::listen(listen_fd_, 64) != 0) {
+    const int err = errno;
+    ::close(listen_fd_);
+    listen_fd_ = -1;
+    return absl::UnavailableError(
+        absl::StrCat("metrics listener ", address, ": ", std::strerror(err)));
+  }
+  socklen_t len = sizeof(addr);
+  ::getsockname(listen_fd_, reinterpret_cast<sockaddr*>(&addr), &len);
+  http_thread_ = std::thread([this] { ServeLoop(); });
+  return ntohs(addr.sin_port);
+}
+
+void Metrics::ServeLoop() {
+  while (!stop_.load()) {
+    const int fd = ::accept4(listen_fd_, nullptr, nullptr, SOCK_CLOEXEC);
+    if (fd < 0) {
+      if (stop_.load()) return;
+      continue;
+    }
+    timeval timeout{5, 0};
+    ::setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, sizeof(timeout));
+    ::setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &timeout, sizeof(timeout));
+    // Read the request head (up to the blank line, or 8 KiB).
+    std::string head;
+    char buf[2048];
+    while (head.find("\r\n\r\n") == std::string::npos && head.size() < 8192) {
+      const ssize_t n = ::recv(fd, buf, sizeof(buf), 0);
+      if (n <= 0) break;
+      head.append(buf, static_cast<size_t>(n));
+    }
+    std::string status = "200 OK", type = "text/plain; version=0.0.4; charset=utf-8", body;
+    if (head.rfind("GET /metrics", 0) == 0 || head.rfind("GET /metrics?", 0) == 0) {
+      body = Scrape();
+    } else if (head.rfind("GET / ", 0) == 0) {
+      type = "text/html";
+      body = "<a href=\"/metrics\">/metrics</a>\n";
+    } else {
+      status = "404 Not Found";
+      body = "not found\n";
+    }
+    const std::string response =
+        absl::StrCat("HTTP/1.1 ", status, "\r\nContent-Type: ", type,
+                     "\r\nContent-Length: ", body.size(), "\r\nConnection: close\r\n\r\n", body);
+    size_t sent = 0;
+    while (sent < response.size()) {
+      const ssize_t n = ::send(fd, response.data() + sent, response.size() - sent, MSG_NOSIGNAL);
+      if (n <= 0) break;
+      sent += static_cast<size_t>(n);
+    }
+    ::close(fd);
+  }
+}
+
+Metrics::PerAdapter& Metrics::Series(const std::string& adapter) {
+  auto it = per_adapter_.find(adapter);
+  if (it != per_adapter_.end()) return it->second;
+  PerAdapter s;
+  s.prompt_tokens = &prompt_tokens_.Add({{"adapter", adapter}});
+  s.generated_tokens = &generated_tokens_.Add({{"adapter", adapter}});
+  s.duration = &duration_.Add({{"adapter", adapter}}, LatencyBuckets());
+  s.ttft = &ttft_.Add({{"adapter", adapter}}, LatencyBuckets());
+  return per_adapter_.emplace(adapter, std::move(s)).first->second;
+}
+
+void Metrics::DropSeries(const std::string& adapter) {
+  auto it = per_adapter_.find(adapter);
+  if (it == per_adapter_.end()) return;
+  PerAdapter& s = it->second;
+  prompt_tokens_.Remove(s.prompt_tokens);
+  generated_tokens_.Remove(s.generated_tokens);
+  duration_.Remove(s.duration);
+  ttft_.Remove(s.ttft);
+  for (auto& [code, c] : s.requests_by_code) requests_.Remove(c);
+  if (s.bytes != nullptr) adapter_bytes_.Remove(s.bytes);
+  per_adapter_.erase(it);
+}
+
+void Metrics::RequestDone(const std::string& adapter, const std::string& code, double duration_s,
+                          double queue_s, double ttft_s, int64_t prompt_tokens,
+                          int64_t generated_tokens) {
+  absl::MutexLock lock(&mu_);
+  PerAdapter& s = Series(adapter);
+  auto& counter = s.requests_by_code[code];
+  if (counter == nullptr) counter = &requests_.Add({{"adapter", adapter}, {"code", code}});
+  counter->Increment();
+  s.duration->Observe(duration_s);
+  if (generated_tokens > 0) s.ttft->Observe(ttft_s);
+  s.prompt_tokens->Increment(static_cast<double>(prompt_tokens));
+  s.generated_tokens->Increment(static_cast<double>(generated_tokens));
+  queue_time_all_.Observe(queue_s);
+}
+
+void Metrics::InterTokenLatency(double seconds) { inter_token_all_.Observe(seconds); }
+
+void Metrics::Step(int64_t rows, int64_t tokens) {
+  batch_rows_all_.Observe(static_cast<double>(rows));
+  step_tokens_all_.Observe(static_cast<double>(tokens));
+}
+
+void Metrics::SetQueue(int64_t waiting, int64_t running, double kv_usage_ratio) {
+  queue_depth_all_.Set(static_cast<double>(waiting));
+  running_all_.Set(static_cast<double>(running));
+  kv_usage_all_.Set(kv_usage_ratio);
+}
+
+void Metrics::SetLoraInfo(const std::vector<std::string>& running,
+                          const std::vector<std::string>& waiting, int64_t max_lora) {
+  absl::MutexLock lock(&mu_);
+  const prometheus::Labels labels = {{"running_lora_adapters", absl::StrJoin(running, ",")},
+                                     {"waiting_lora_adapters", absl::StrJoin(waiting, ",")},
+                                     {"max_lora", absl::StrCat(max_lora)}};
+  prometheus::Gauge& g = lora_info_.Add(labels);
+  if (lora_info_series_ != nullptr && lora_info_series_ != &g) lora_info_.Remove(lora_info_series_);
+  lora_info_series_ = &g;
+  g.Set(std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch()).count());
+}
+
+void Metrics::AdapterLoad(const std::string& result, double seconds) {
+  adapter_loads_.Add({{"result", result}}).Increment();
+  adapter_load_duration_all_.Observe(seconds);
+}
+
+void Metrics::AdapterUnload(const std::string& result) {
+  adapter_unloads_.Add({{"result", result}}).Increment();
+}
+
+void Metrics::SetAdapters(const std::map<std::string, int64_t>& bytes_by_adapter) {
+  absl::MutexLock lock(&mu_);
+  std::vector<std::string> gone;
+  for (const auto& [name, s] : per_adapter_) {
+    if (!name.empty() && !bytes_by_adapter.count(name)) gone.push_back(name);
+  }
+  for (const std::string& name : gone) DropSeries(name);
+  for (const auto& [name, bytes] : bytes_by_adapter) {
+    PerAdapter& s = Series(name);
+    if (s.bytes == nullptr) s.bytes = &adapter_bytes_.Add({{"adapter", name}});
+    s.bytes->Set(static_cast<double>(bytes));
+  }
+  adapters_loaded_all_.Set(static_cast<double>(bytes_by_adapter.size()));
+}
+
+void Metrics::SetModelInfo(const std::string& architecture, const std::string& name,
+                           int64_t parameters) {
+  model_info_.Add({{"architecture", architecture}, {"model", name},
+                   {"parameters", absl::StrCat(parameters)}})
+      .Set(1);
+}
+
+}  // namespace adapterd::server

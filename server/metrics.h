@@ -1,0 +1,108 @@
+// adapterd's Prometheus metrics: one registry, every family declared here, served by
+// prometheus-cpp's exposer on its own listener at /metrics. Per-adapter series exist only for
+// loaded adapters (and "" for the base model): unloading an adapter removes its series, so
+// label cardinality is bounded by the adapter table's capacity.
+//
+// Thread-safety: every method may be called from any thread.
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <thread>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "prometheus/counter.h"
+#include "prometheus/family.h"
+#include "prometheus/gauge.h"
+#include "prometheus/histogram.h"
+#include "prometheus/registry.h"
+
+namespace adapterd::server {
+
+class Metrics {
+ public:
+  Metrics();
+  // Stops the /metrics listener.
+  ~Metrics();
+  // Serves GET /metrics (Prometheus text format) on `address` ("host:port", port 0 picks
+  // one) from a thread of its own; returns the bound port.
+  absl::StatusOr<int> Serve(const std::string& address);
+  // Returns the text exposition of every family.
+  std::string Scrape() const;
+
+  // Requests.
+  void RequestDone(const std::string& adapter, const std::string& code, double duration_s,
+                   double queue_s, double ttft_s, int64_t prompt_tokens, int64_t generated_tokens);
+  void InterTokenLatency(double seconds);
+  void Step(int64_t rows, int64_t tokens);
+  void SetQueue(int64_t waiting, int64_t running, double kv_usage_ratio);
+  void SetLoraInfo(const std::vector<std::string>& running, const std::vector<std::string>& waiting,
+                   int64_t max_lora);
+  // Adapters.
+  void AdapterLoad(const std::string& result, double seconds);
+  void AdapterUnload(const std::string& result);
+  void SetAdapters(const std::map<std::string, int64_t>& bytes_by_adapter);
+  void SetModelInfo(const std::string& architecture, const std::string& name, int64_t parameters);
+
+  prometheus::Registry& registry() { return *registry_; }
+
+ private:
+  struct PerAdapter {
+    prometheus::Counter* prompt_tokens;
+    prometheus::Counter* generated_tokens;
+    prometheus::Histogram* duration;
+    prometheus::Histogram* ttft;
+    std::map<std::string, prometheus::Counter*> requests_by_code;
+    prometheus::Gauge* bytes = nullptr;
+  };
+  PerAdapter& Series(const std::string& adapter) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void DropSeries(const std::string& adapter) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+
+  void ServeLoop();
+
+  std::shared_ptr<prometheus::Registry> registry_;
+  int listen_fd_ = -1;
+  std::atomic<bool> stop_{false};
+  std::thread http_thread_;
+  prometheus::Family<prometheus::Counter>& requests_;
+  prometheus::Family<prometheus::Histogram>& duration_;
+  prometheus::Family<prometheus::Histogram>& queue_time_;
+  prometheus::Family<prometheus::Histogram>& ttft_;
+  prometheus::Family<prometheus::Histogram>& inter_token_;
+  prometheus::Family<prometheus::Counter>& prompt_tokens_;
+  prometheus::Family<prometheus::Counter>& generated_tokens_;
+  prometheus::Family<prometheus::Histogram>& batch_rows_;
+  prometheus::Family<prometheus::Histogram>& step_tokens_;
+  prometheus::Family<prometheus::Gauge>& queue_depth_;
+  prometheus::Family<prometheus::Gauge>& running_;
+  prometheus::Family<prometheus::Gauge>& kv_usage_;
+  prometheus::Family<prometheus::Gauge>& adapters_loaded_;
+  prometheus::Family<prometheus::Gauge>& adapter_bytes_;
+  prometheus::Family<prometheus::Counter>& adapter_loads_;
+  prometheus::Family<prometheus::Counter>& adapter_unloads_;
+  prometheus::Family<prometheus::Histogram>& adapter_load_duration_;
+  prometheus::Family<prometheus::Gauge>& model_info_;
+  prometheus::Family<prometheus::Gauge>& lora_info_;
+
+  prometheus::Histogram& queue_time_all_;
+  prometheus::Histogram& inter_token_all_;
+  prometheus::Histogram& batch_rows_all_;
+  prometheus::Histogram& step_tokens_all_;
+  prometheus::Gauge& queue_depth_all_;
+  prometheus::Gauge& running_all_;
+  prometheus::Gauge& kv_usage_all_;
+  prometheus::Gauge& adapters_loaded_all_;
+  prometheus::Histogram& adapter_load_duration_all_;
+
+  absl::Mutex mu_;
+  std::map<std::string, PerAdapter> per_adapter_ ABSL_GUARDED_BY(mu_);
+  prometheus::Gauge* lora_info_series_ ABSL_GUARDED_BY(mu_) = nullptr;
+};
+
+}  // namespace adapterd::server

@@ -1,0 +1,326 @@
+#include "server/scheduler.h"
+
+#include <algorithm>
+#include <set>
+
+#include "absl/strings/str_cat.h"
+#include "server/metrics.h"
+#include "spdlog/spdlog.h"
+
+namespace adapterd::server {
+
+// A request inside the scheduler: queued, then running with its sequence.
+struct Scheduler::Active {
+  std::unique_ptr<GenerationRequest> request;
+  std::shared_ptr<RequestSink> sink;
+  std::unique_ptr<core::Sequence> sequence;
+  std::unique_ptr<core::Tokenizer::DecodeStream> stream;
+  std::string text;  // Stable text so far (for stop strings).
+  int64_t generated = 0;
+  int64_t kv_reserved = 0;
+  Clock::time_point first_step, first_token, last_token;
+  bool started = false;
+};
+
+namespace {
+
+double Seconds(Clock::time_point a, Clock::time_point b) {
+  return std::chrono::duration<double>(b - a).count();
+}
+
+std::string CodeName(const absl::Status& s) {
+  switch (s.code()) {
+    case absl::StatusCode::kOk: return "OK";
+    case absl::StatusCode::kCancelled: return "CANCELLED";
+    case absl::StatusCode::kInvalidArgument: return "INVALID_ARGUMENT";
+    case absl::StatusCode::kDeadlineExceeded: return "DEADLINE_EXCEEDED";
+    case absl::StatusCode::kNotFound: return "NOT_FOUND";
+    case absl::StatusCode::kResourceExhausted: return "RESOURCE_EXHAUSTED";
+    case absl::StatusCode::kFailedPrecondition: return "FAILED_PRECONDITION";
+    case absl::StatusCode::kUnavailable: return "UNAVAILABLE";
+    default: return "INTERNAL";
+  }
+}
+
+}  // namespace
+
+Scheduler::Scheduler(const core::Engine& engine, const core::Tokenizer* tokenizer,
+                     Metrics* metrics, SchedulerOptions options)
+    : engine_(engine), tokenizer_(tokenizer), metrics_(metrics), options_(options) {
+  const core::ModelConfig& c = engine.config();
+  kv_bytes_per_position_ = c.num_layers * 2 * c.num_kv_heads * c.head_dim * 4;
+  thread_ = std::thread([this] { Loop(); });
+}
+
+Scheduler::~Scheduler() {
+  {
+    absl::MutexLock lock(&mu_);
+    shutdown_ = true;
+    cancel_all_ = true;
+  }
+  thread_.join();
+}
+
+int64_t Scheduler::KvEstimate(const GenerationRequest& r) const {
+  const int64_t positions = std::min<int64_t>(
+      engine_.context_length(), static_cast<int64_t>(r.prompt.size()) + r.max_new_tokens + 64);
+  return positions * kv_bytes_per_position_;
+}
+
+absl::Status Scheduler::Submit(std::unique_ptr<GenerationRequest> request,
+                               std::shared_ptr<RequestSink> sink) {
+  absl::MutexLock lock(&mu_);
+  if (!admitting_) return absl::UnavailableError("the server is shutting down");
+  if (static_cast<int64_t>(queue_.size()) >= options_.max_queue) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "the admission queue is full (", options_.max_queue, " waiting requests); retry later"));
+  }
+  if (KvEstimate(*request) > options_.max_kv_bytes) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "the request needs ", KvEstimate(*request), " bytes of KV cache, more than the budget of ",
+        options_.max_kv_bytes));
+  }
+  auto a = std::make_unique<Active>();
+  a->request = std::move(request);
+  a->sink = std::move(sink);
+  queue_.push_back(std::move(a));
+  queue_depth_.store(static_cast<int64_t>(queue_.size()), std::memory_order_relaxed);
+  idle_ = false;
+  return absl::OkStatus();
+}
+
+void Scheduler::StopAdmission() {
+  absl::MutexLock lock(&mu_);
+  admitting_ = false;
+}
+
+bool Scheduler::WaitIdle(Clock::time_point deadline) {
+  absl::MutexLock lock(&mu_);
+  auto idle = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return idle_; };
+  const auto wait = deadline - Clock::now();
+  if (wait.count() <= 0) return idle_;
+  mu_.AwaitWithTimeout(absl::Condition(&idle),
+                       absl::FromChrono(std::chrono::duration_cast<std::chrono::nanoseconds>(wait)));
+  return idle_;
+}
+
+void Scheduler::CancelAll() {
+  absl::MutexLock lock(&mu_);
+  cancel_all_ = true;
+}
+
+std::vector<std::string> Scheduler::RunningAdapters() const {
+  absl::MutexLock lock(&mu_);
+  return running_adapters_;
+}
+
+std::vector<std::string> Scheduler::WaitingAdapters() const {
+  absl::MutexLock lock(&mu_);
+  std::set<std::string> names;
+  for (const auto& a : queue_) {
+    if (!a->request->adapter_name.empty()) names.insert(a->request->adapter_name);
+  }
+  return {names.begin(), names.end()};
+}
+
+void Scheduler::Finish(Active& a, const absl::Status& status, core::FinishReason reason) {
+  const auto now = Clock::now();
+  GenerationStats stats;
+  stats.prompt_tokens = static_cast<int64_t>(a.request->prompt.size());
+  stats.completion_tokens = a.generated;
+  stats.total_seconds = Seconds(a.request->arrival, now);
+  stats.queue_seconds = Seconds(a.request->arrival, a.started ? a.first_step : now);
+  stats.time_to_first_token_seconds = a.generated ? Seconds(a.request->arrival, a.first_token) : 0;
+  std::string tail;
+  if (a.stream && status.ok()) {
+    auto rest = a.stream->Finish();
+    if (rest.ok()) tail = *rest;
+  }
+  if (metrics_) {
+    metrics_->RequestDone(a.request->adapter_name, CodeName(status), stats.total_seconds,
+                          stats.queue_seconds, stats.time_to_first_token_seconds,
+                          stats.prompt_tokens, stats.completion_tokens);
+  }
+  spdlog::debug("request {} done: {} {} ({} prompt, {} generated, {:.3f} s)", a.request->id,
+                CodeName(status), core::FinishReasonName(reason), stats.prompt_tokens,
+                stats.completion_tokens, stats.total_seconds);
+  a.sink->OnDone(status, reason, stats, tail);
+  reserved_kv_ -= a.kv_reserved;
+  a.sequence.reset();  // Releases the KV cache and the adapter reference.
+}
+
+void Scheduler::Admit(std::vector<std::unique_ptr<Active>>& admitted) {
+  absl::MutexLock lock(&mu_);
+  int64_t tokens = 0;
+  const auto now = Clock::now();
+  for (auto it = queue_.begin(); it != queue_.end();) {
+    Active& a = **it;
+    if (cancel_all_ || a.request->cancelled->load() || now >= a.request->deadline) {
+      admitted.push_back(std::move(*it));  // Finished below, outside the lock.
+      it = queue_.erase(it);
+      continue;
+    }
+    const int64_t rows = static_cast<int64_t>(running_set_.size() + admitted.size());
+    const int64_t need_tokens = static_cast<int64_t>(a.request->prompt.size());
+    const int64_t need_kv = KvEstimate(*a.request);
+    if (rows >= options_.max_batch_rows) break;
+    if (tokens > 0 && tokens + need_tokens > options_.max_tokens_per_step) break;
+    if (reserved_kv_ + need_kv > options_.max_kv_bytes && !running_set_.empty()) break;
+    tokens += need_tokens;
+    reserved_kv_ += need_kv;
+    a.kv_reserved = need_kv;
+    admitted.push_back(std::move(*it));
+    it = queue_.erase(it);
+  }
+  queue_depth_.store(static_cast<int64_t>(queue_.size()), std::memory_order_relaxed);
+}
+
+void Scheduler::Loop() {
+  while (true) {
+    {
+      absl::MutexLock lock(&mu_);
+      auto has_work = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+        return shutdown_ || !queue_.empty() || !running_set_.empty();
+      };
+      if (running_set_.empty() && queue_.empty()) {
+        idle_ = true;
+        running_adapters_.clear();
+      }
+      mu_.Await(absl::Condition(&has_work));
+      if (shutdown_ && queue_.empty() && running_set_.empty()) return;
+      idle_ = false;
+    }
+    bool cancel_all;
+    {
+      absl::MutexLock lock(&mu_);
+      cancel_all = cancel_all_;
+    }
+    std::vector<std::unique_ptr<Active>> admitted;
+    Admit(admitted);
+    const auto now = Clock::now();
+    for (auto& a : admitted) {
+      GenerationRequest& r = *a->request;
+      if (cancel_all || r.cancelled->load()) {
+        Finish(*a, absl::CancelledError("request cancelled"), core::FinishReason::kCancelled);
+        continue;
+      }
+      if (now >= r.deadline) {
+        Finish(*a, absl::DeadlineExceededError("deadline exceeded before the request started"),
+               core::FinishReason::kCancelled);
+        continue;
+      }
+      auto seq = engine_.NewSequence(r.prompt, r.params, adapters::ForSequence(r.adapter));
+      if (!seq.ok()) {
+        Finish(*a, seq.status(), core::FinishReason::kCancelled);
+        continue;
+      }
+      a->sequence = *std::move(seq);
+      if (tokenizer_ != nullptr) {
+        a->stream = std::make_unique<core::Tokenizer::DecodeStream>(*tokenizer_, r.skip_special_tokens);
+      }
+      running_set_.push_back(std::move(a));
+    }
+    // Cancellations and deadlines free their slot before the step.
+    for (auto& a : running_set_) {
+      if (cancel_all || a->request->cancelled->load()) {
+        Finish(*a, absl::CancelledError("request cancelled"), core::FinishReason::kCancelled);
+      } else if (now >= a->request->deadline) {
+        Finish(*a, absl::DeadlineExceededError(absl::StrCat(
+                       "deadline exceeded after ", a->generated, " generated tokens")),
+               core::FinishReason::kCancelled);
+      }
+    }
+    running_set_.erase(std::remove_if(running_set_.begin(), running_set_.end(),
+                                      [](const auto& a) { return a->sequence == nullptr; }),
+                       running_set_.end());
+    {
+      absl::MutexLock lock(&mu_);
+      std::set<std::string> names;
+      for (const auto& a : running_set_) {
+        if (!a->request->adapter_name.empty()) names.insert(a->request->adapter_name);
+      }
+      running_adapters_.assign(names.begin(), names.end());
+    }
+    running_.store(static_cast<int64_t>(running_set_.size()), std::memory_order_relaxed);
+    if (running_set_.empty()) continue;
+
+    std::vector<core::Sequence*> batch;
+    int64_t step_tokens = 0;
+    for (auto& a : running_set_) {
+      batch.push_back(a->sequence.get());
+      step_tokens += a->started ? 1 : static_cast<int64_t>(a->request->prompt.size());
+    }
+    const auto step_start = Clock::now();
+    for (auto& a : running_set_) {
+      if (!a->started) {
+        a->started = true;
+        a->first_step = step_start;
+      }
+    }
+    auto outputs = engine_.Step(batch);
+    const auto step_end = Clock::now();
+    if (metrics_) metrics_->Step(static_cast<int64_t>(batch.size()), step_tokens);
+    if (!outputs.ok()) {
+      spdlog::error("model step failed: {}", std::string(outputs.status().message()));
+      for (auto& a : running_set_) Finish(*a, outputs.status(), core::FinishReason::kCancelled);
+      running_set_.clear();
+      continue;
+    }
+    int64_t kv = 0;
+    const std::vector<int64_t>& eos = engine_.config().eos_token_ids;
+    for (size_t i = 0; i < running_set_.size(); ++i) {
+      Active& a = *running_set_[i];
+      const core::StepOutput& out = (*outputs)[i];
+      ++a.generated;
+      if (a.generated == 1) {
+        a.first_token = step_end;
+      } else if (metrics_) {
+        metrics_->InterTokenLatency(Seconds(a.last_token, step_end));
+      }
+      a.last_token = step_end;
+      std::string piece;
+      if (a.stream) {
+        auto p = a.stream->Step(out.token);
+        if (p.ok()) piece = *std::move(p);
+      }
+      const size_t before = a.text.size();
+      a.text += piece;
+      a.sink->OnTokens({out}, piece);
+      const GenerationRequest& r = *a.request;
+      std::optional<core::FinishReason> reason;
+      if (!r.ignore_eos && std::count(eos.begin(), eos.end(), out.token)) {
+        reason = core::FinishReason::kEos;
+      } else if (std::count(r.stop_token_ids.begin(), r.stop_token_ids.end(), out.token)) {
+        reason = core::FinishReason::kStop;
+      } else {
+        for (const std::string& stop : r.stop) {
+          const size_t from = before >= stop.size() ? before - stop.size() + 1 : 0;
+          if (!stop.empty() && a.text.find(stop, from) != std::string::npos) {
+            reason = core::FinishReason::kStop;
+            break;
+          }
+        }
+      }
+      if (!reason && (a.generated >= r.max_new_tokens ||
+                      a.sequence->positions() >= engine_.context_length())) {
+        reason = core::FinishReason::kLength;
+      }
+      if (reason) {
+        Finish(a, absl::OkStatus(), *reason);
+      } else {
+        kv += a.sequence->kv_bytes();
+      }
+    }
+    running_set_.erase(std::remove_if(running_set_.begin(), running_set_.end(),
+                                      [](const auto& a) { return a->sequence == nullptr; }),
+                       running_set_.end());
+    running_.store(static_cast<int64_t>(running_set_.size()), std::memory_order_relaxed);
+    kv_bytes_.store(kv, std::memory_order_relaxed);
+    if (metrics_) {
+      metrics_->SetQueue(queue_depth(), running(),
+                         static_cast<double>(kv) / static_cast<double>(options_.max_kv_bytes));
+    }
+  }
+}
+
+}  // namespace adapterd::server

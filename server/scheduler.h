@@ -1,0 +1,136 @@
+// Continuous batching at iteration level: the single thread that runs the model. gRPC
+// handlers Submit() requests into a bounded admission queue; every step the scheduler admits
+// waiting requests into the running batch (within row, token and KV budgets), drops the
+// cancelled and expired ones, runs one Engine::Step over every running sequence — whatever
+// their adapters — and hands each request its new tokens and stable text through its sink.
+//
+// Thread-safety: Submit(), Cancel-by-flag, the gauges and Shutdown() from any thread. Sinks
+// are called on the scheduler thread and must not block.
+#pragma once
+
+#include <atomic>
+#include <chrono>
+#include <cstdint>
+#include <deque>
+#include <functional>
+#include <memory>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/status/status.h"
+#include "absl/synchronization/mutex.h"
+#include "adapters/adapter_ref.h"
+#include "core/engine.h"
+#include "core/tokenizer.h"
+
+namespace adapterd::server {
+
+class Metrics;
+
+using Clock = std::chrono::steady_clock;
+
+struct GenerationStats {
+  int64_t prompt_tokens = 0;
+  int64_t completion_tokens = 0;
+  double queue_seconds = 0;
+  double time_to_first_token_seconds = 0;
+  double total_seconds = 0;
+};
+
+// Receives one request's output, on the scheduler thread.
+class RequestSink {
+ public:
+  virtual ~RequestSink() = default;
+  // New tokens and the text that became stable with them (possibly empty).
+  virtual void OnTokens(const std::vector<core::StepOutput>& tokens, const std::string& text) = 0;
+  // The end: OK with a finish reason, or the error that ended the request. `text` is the
+  // remaining text held back until now.
+  virtual void OnDone(const absl::Status& status, core::FinishReason reason,
+                      const GenerationStats& stats, const std::string& text) = 0;
+};
+
+struct GenerationRequest {
+  uint64_t id = 0;
+  std::vector<int32_t> prompt;
+  core::SamplingParams params;
+  adapters::AdapterRef adapter;  // Null: the base model. Held until the request ends.
+  std::string adapter_name;
+  int64_t max_new_tokens = 0;
+  std::vector<std::string> stop;
+  std::vector<int64_t> stop_token_ids;
+  bool ignore_eos = false;
+  bool skip_special_tokens = false;
+  Clock::time_point arrival = Clock::now();
+  Clock::time_point deadline = Clock::time_point::max();
+  std::shared_ptr<std::atomic<bool>> cancelled = std::make_shared<std::atomic<bool>>(false);
+};
+
+struct SchedulerOptions {
+  int64_t max_batch_rows = 32;         // Sequences in one step.
+  int64_t max_tokens_per_step = 2048;  // Prompt tokens admitted into one step.
+  int64_t max_queue = 256;             // Waiting requests before RESOURCE_EXHAUSTED.
+  int64_t max_kv_bytes = int64_t{4} << 30;  // KV cache budget over running sequences.
+};
+
+class Scheduler {
+ public:
+  // `tokenizer` may be null (token-id-only serving). `metrics` may be null.
+  Scheduler(const core::Engine& engine, const core::Tokenizer* tokenizer, Metrics* metrics,
+            SchedulerOptions options);
+  // Cancels whatever still runs and joins the thread.
+  ~Scheduler();
+
+  // Queues a request. ResourceExhausted when the queue is full, Unavailable once admission
+  // has stopped. On OK the sink will receive OnDone exactly once.
+  absl::Status Submit(std::unique_ptr<GenerationRequest> request, std::shared_ptr<RequestSink> sink)
+      ABSL_LOCKS_EXCLUDED(mu_);
+  // Refuses new requests from now on (shutdown's first step).
+  void StopAdmission() ABSL_LOCKS_EXCLUDED(mu_);
+  // Waits until nothing is queued or running, or until `deadline`; true when idle.
+  bool WaitIdle(Clock::time_point deadline) ABSL_LOCKS_EXCLUDED(mu_);
+  // Ends every queued and running request with CANCELLED / Unavailable.
+  void CancelAll() ABSL_LOCKS_EXCLUDED(mu_);
+
+  int64_t queue_depth() const { return queue_depth_.load(std::memory_order_relaxed); }
+  int64_t running() const { return running_.load(std::memory_order_relaxed); }
+  int64_t kv_bytes() const { return kv_bytes_.load(std::memory_order_relaxed); }
+  int64_t kv_capacity_bytes() const { return options_.max_kv_bytes; }
+  // Names of adapters with running / waiting requests, for LoRA-affinity routing.
+  std::vector<std::string> RunningAdapters() const ABSL_LOCKS_EXCLUDED(mu_);
+  std::vector<std::string> WaitingAdapters() const ABSL_LOCKS_EXCLUDED(mu_);
+
+ private:
+  struct Active;
+
+  void Loop();
+  void Admit(std::vector<std::unique_ptr<Active>>& admitted) ABSL_LOCKS_EXCLUDED(mu_);
+  int64_t KvEstimate(const GenerationRequest& r) const;
+  void Finish(Active& a, const absl::Status& status, core::FinishReason reason);
+
+  const core::Engine& engine_;
+  const core::Tokenizer* tokenizer_;
+  Metrics* metrics_;
+  const SchedulerOptions options_;
+  int64_t kv_bytes_per_position_ = 0;
+
+  mutable absl::Mutex mu_;
+  std::deque<std::unique_ptr<Active>> queue_ ABSL_GUARDED_BY(mu_);
+  std::vector<std::string> running_adapters_ ABSL_GUARDED_BY(mu_);
+  bool admitting_ ABSL_GUARDED_BY(mu_) = true;
+  bool shutdown_ ABSL_GUARDED_BY(mu_) = false;
+  bool cancel_all_ ABSL_GUARDED_BY(mu_) = false;
+  bool idle_ ABSL_GUARDED_BY(mu_) = true;
+
+  // Touched by the scheduler thread only.
+  std::vector<std::unique_ptr<Active>> running_set_;
+  int64_t reserved_kv_ = 0;
+
+  std::atomic<int64_t> queue_depth_{0};
+  std::atomic<int64_t> running_{0};
+  std::atomic<int64_t> kv_bytes_{0};
+  std::thread thread_;
+};
+
+}  // namespace adapterd::server

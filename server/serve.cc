@@ -1,0 +1,203 @@
+#include "server/serve.h"
+
+#include <climits>
+#include <csignal>
+#include <cstdlib>
+#include <fstream>
+#include <thread>
+
+#include "absl/flags/flag.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
+#include "grpcpp/ext/proto_server_reflection_plugin.h"
+#include "grpcpp/health_check_service_interface.h"
+#include "nlohmann/json.hpp"
+#include "server/admin_service.h"
+#include "server/flags.h"
+#include "server/generation_service.h"
+#include "spdlog/spdlog.h"
+
+namespace adapterd::server {
+
+grpc::Status ToGrpc(const absl::Status& status) {
+  if (status.ok()) return grpc::Status::OK;
+  return grpc::Status(static_cast<grpc::StatusCode>(status.code()), std::string(status.message()));
+}
+
+namespace {
+
+std::unique_ptr<grpc::Server> StartServer(const std::string& address,
+                                          std::vector<grpc::Service*> services, int* port) {
+  grpc::ServerBuilder builder;
+  builder.AddListeningPort(address, grpc::InsecureServerCredentials(), port);
+  for (grpc::Service* s : services) builder.RegisterService(s);
+  return builder.BuildAndStart();
+}
+
+void SetHealth(grpc::Server* server, bool serving) {
+  if (server == nullptr || server->GetHealthCheckService() == nullptr) return;
+  server->GetHealthCheckService()->SetServingStatus(serving);
+  server->GetHealthCheckService()->SetServingStatus("adapterd.v1.Generation", serving);
+  server->GetHealthCheckService()->SetServingStatus("adapterd.v1.Admin", serving);
+}
+
+}  // namespace
+
+int RunServe() {
+  const std::string model_dir = absl::GetFlag(FLAGS_model_dir);
+  if (model_dir.empty()) {
+    spdlog::error("serve: --model_dir is required");
+    return 2;
+  }
+  // Termination signals are taken by a dedicated thread (sigwait), never by a handler.
+  sigset_t signals;
+  sigemptyset(&signals);
+  sigaddset(&signals, SIGTERM);
+  sigaddset(&signals, SIGINT);
+  pthread_sigmask(SIG_BLOCK, &signals, nullptr);
+
+  auto ctx = std::make_unique<ServingContext>();
+  ctx->limits.default_max_new_tokens = absl::GetFlag(FLAGS_default_max_new_tokens);
+  ctx->limits.max_new_tokens_limit = absl::GetFlag(FLAGS_max_new_tokens_limit);
+  if (const std::string root = absl::GetFlag(FLAGS_adapter_root); !root.empty()) {
+    char resolved[PATH_MAX];
+    if (::realpath(root.c_str(), resolved) == nullptr) {
+      spdlog::error("serve: --adapter_root {} does not exist", root);
+      return 2;
+    }
+    ctx->adapter_root = resolved;
+  }
+  if (const std::string file = absl::GetFlag(FLAGS_admin_token_file); !file.empty()) {
+    std::ifstream in(file);
+    if (!in || !std::getline(in, ctx->admin_token) || ctx->admin_token.empty()) {
+      spdlog::error("serve: cannot read an admin token from {}", file);
+      return 2;
+    }
+    while (!ctx->admin_token.empty() && std::isspace(static_cast<unsigned char>(ctx->admin_token.back()))) {
+      ctx->admin_token.pop_back();
+    }
+  }
+
+  auto metrics_port = ctx->metrics.Serve(absl::GetFlag(FLAGS_metrics_listen));
+  if (!metrics_port.ok()) {
+    spdlog::error("serve: {}", std::string(metrics_port.status().message()));
+    return 1;
+  }
+  grpc::EnableDefaultHealthCheckService(true);
+  grpc::reflection::InitProtoReflectionServerBuilderPlugin();
+  GenerationService generation(*ctx);
+  AdminService admin(*ctx);
+  int port = 0, admin_port = 0;
+  auto server = StartServer(absl::GetFlag(FLAGS_listen), {&generation}, &port);
+  auto admin_server = StartServer(absl::GetFlag(FLAGS_admin_listen), {&admin}, &admin_port);
+  if (server == nullptr || admin_server == nullptr) {
+    spdlog::error("serve: cannot listen on {} / {}", absl::GetFlag(FLAGS_listen),
+                  absl::GetFlag(FLAGS_admin_listen));
+    return 1;
+  }
+  SetHealth(server.get(), false);
+  SetHealth(admin_server.get(), false);
+  spdlog::info("listening: generation port {}, admin port {}, metrics port {}", port, admin_port,
+               *metrics_port);
+
+  core::EngineOptions options;
+  options.model_dir = model_dir;
+  options.device = absl::GetFlag(FLAGS_device);
+  options.dtype = absl::GetFlag(FLAGS_dtype);
+  options.threads = absl::GetFlag(FLAGS_threads);
+  core::LoadReport report;
+  auto engine = core::Engine::Load(options, &report);
+  if (!engine.ok()) {
+    spdlog::error("serve: model refused: {}", std::string(engine.status().message()));
+    std::fputs(report.ToText().c_str(), stderr);
+    return 1;
+  }
+  ctx->engine = *std::move(engine);
+  spdlog::info("model {} ({} parameters) loaded in {:.3f} s; {} intra-op threads",
+               report.architecture, report.parameter_count, report.load_seconds,
+               core::Engine::threads());
+  auto tokenizer = core::Tokenizer::FromModelDir(model_dir);
+  if (tokenizer.ok()) {
+    ctx->tokenizer = *std::move(tokenizer);
+  } else if (absl::IsNotFound(tokenizer.status())) {
+    spdlog::warn("no tokenizer.json in {}: text prompts are refused, token ids work", model_dir);
+  } else {
+    spdlog::error("serve: tokenizer refused: {}", std::string(tokenizer.status().message()));
+    return 1;
+  }
+  ctx->table = std::make_unique<adapters::AdapterTable>(adapters::AdapterTable::Limits{
+      absl::GetFlag(FLAGS_max_adapters), absl::GetFlag(FLAGS_max_adapter_bytes)});
+  SchedulerOptions sched;
+  sched.max_batch_rows = absl::GetFlag(FLAGS_max_batch_rows);
+  sched.max_tokens_per_step = absl::GetFlag(FLAGS_max_tokens_per_step);
+  sched.max_queue = absl::GetFlag(FLAGS_max_queue);
+  sched.max_kv_bytes = absl::GetFlag(FLAGS_max_kv_bytes);
+  ctx->scheduler = std::make_unique<Scheduler>(*ctx->engine, ctx->tokenizer.get(), &ctx->metrics, sched);
+  ctx->metrics.SetModelInfo(report.architecture,
+                            report.name_or_path.empty() ? model_dir : report.name_or_path,
+                            report.parameter_count);
+  ctx->metrics.SetAdapters({});
+  ctx->ready.store(true);
+
+  for (const std::string& spec : absl::GetFlag(FLAGS_preload)) {
+    std::vector<std::string> parts = absl::StrSplit(spec, absl::MaxSplits('=', 1));
+    if (parts.size() != 2) {
+      spdlog::error("serve: --preload takes name=relative/path, got \"{}\"", spec);
+      return 2;
+    }
+    adapterd::v1::LoadAdapterResponse response;
+    if (absl::Status s = admin.Load(parts[0], parts[1], false, false, &response); !s.ok()) {
+      spdlog::error("serve: preloading {} failed: {}", spec, std::string(s.message()));
+      return 1;
+    }
+  }
+
+  SetHealth(server.get(), true);
+  SetHealth(admin_server.get(), true);
+  if (const std::string file = absl::GetFlag(FLAGS_port_file); !file.empty()) {
+    std::ofstream out(file + ".tmp");
+    out << nlohmann::json({{"listen", port}, {"admin", admin_port}, {"metrics", *metrics_port}}).dump();
+    out.close();
+    std::rename((file + ".tmp").c_str(), file.c_str());
+  }
+  spdlog::info("serving");
+
+  // A LoRA-affinity routing gauge, refreshed while serving.
+  std::atomic<bool> stopping{false};
+  std::thread lora_info([&] {
+    while (!stopping.load()) {
+      ctx->metrics.SetLoraInfo(ctx->scheduler->RunningAdapters(), ctx->scheduler->WaitingAdapters(),
+                               ctx->table->limits().max_adapters);
+      ctx->metrics.SetQueue(ctx->scheduler->queue_depth(), ctx->scheduler->running(),
+                            static_cast<double>(ctx->scheduler->kv_bytes()) /
+                                static_cast<double>(ctx->scheduler->kv_capacity_bytes()));
+      std::this_thread::sleep_for(std::chrono::milliseconds(200));
+    }
+  });
+
+  int sig = 0;
+  sigwait(&signals, &sig);
+  spdlog::info("signal {}: draining (grace period {} s)", sig, absl::GetFlag(FLAGS_grace_period_s));
+  SetHealth(server.get(), false);
+  SetHealth(admin_server.get(), false);
+  ctx->scheduler->StopAdmission();
+  const auto grace = std::chrono::steady_clock::now() +
+                     std::chrono::milliseconds(static_cast<int64_t>(
+                         1000 * absl::GetFlag(FLAGS_grace_period_s)));
+  if (!ctx->scheduler->WaitIdle(grace)) {
+    spdlog::warn("grace period over: cancelling {} running and {} queued requests",
+                 ctx->scheduler->running(), ctx->scheduler->queue_depth());
+    ctx->scheduler->CancelAll();
+    ctx->scheduler->WaitIdle(std::chrono::steady_clock::now() + std::chrono::seconds(5));
+  }
+  const auto deadline = std::chrono::system_clock::now() + std::chrono::seconds(2);
+  server->Shutdown(deadline);
+  admin_server->Shutdown(deadline);
+  stopping.store(true);
+  lora_info.join();
+  ctx->scheduler.reset();
+  spdlog::info("stopped");
+  return 0;
+}
+
+}  // namespace adapterd::server

@@ -1,0 +1,46 @@
+// What the gRPC services share: the engine, tokenizer, adapter table, scheduler and metrics,
+// plus serving limits. Built by `adapterd serve`; the model parts are set once loading
+// finishes (until then `ready` is false and generation answers UNAVAILABLE).
+//
+// Thread-safety: fields are set before `ready` is published and read-only afterwards.
+#pragma once
+
+#include <atomic>
+#include <chrono>
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "adapters/adapter_table.h"
+#include "core/engine.h"
+#include "core/tokenizer.h"
+#include "grpcpp/grpcpp.h"
+#include "server/metrics.h"
+#include "server/scheduler.h"
+
+namespace adapterd::server {
+
+struct ServingLimits {
+  int64_t default_max_new_tokens = 256;
+  int64_t max_new_tokens_limit = 4096;
+  int64_t max_stop_strings = 16;
+};
+
+struct ServingContext {
+  std::atomic<bool> ready{false};
+  std::unique_ptr<core::Engine> engine;
+  std::unique_ptr<core::Tokenizer> tokenizer;  // Null when the model folder has none.
+  std::unique_ptr<adapters::AdapterTable> table;
+  std::unique_ptr<Scheduler> scheduler;
+  Metrics metrics;
+  ServingLimits limits;
+  std::string adapter_root;  // Canonical absolute path.
+  std::string admin_token;   // Empty: no authentication.
+  std::chrono::steady_clock::time_point started = std::chrono::steady_clock::now();
+  std::atomic<uint64_t> next_request_id{1};
+};
+
+// Converts a Status to a grpc::Status (the codes share their numbers).
+grpc::Status ToGrpc(const absl::Status& status);
+
+}  // namespace adapterd::server
