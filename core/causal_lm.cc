@@ -74,9 +74,9 @@ std::unique_ptr<KvCache> CausalLm::NewCache(int64_t capacity) const {
                                    capacity, options_);
 }
 
-at::Tensor CausalLm::RowAttention(int64_t layer, const at::Tensor& q, const at::Tensor& k,
-                                  const at::Tensor& v, KvCache& cache, double scale,
-                                  int64_t window) const {
+void CausalLm::RowAttention(int64_t layer, const at::Tensor& q, const at::Tensor& k,
+                            const at::Tensor& v, KvCache& cache, double scale, int64_t window,
+                            at::Tensor out) const {
   const int64_t t = q.size(0);
   const int64_t n_heads = config_.num_heads;
   const int64_t n_kv = config_.num_kv_heads;
@@ -86,27 +86,33 @@ at::Tensor CausalLm::RowAttention(int64_t layer, const at::Tensor& q, const at::
   auto [keys, values] = cache.Append(layer, k.view({t, n_kv, d}).transpose(0, 1),
                                      v.view({t, n_kv, d}).transpose(0, 1));
   const int64_t total = past + t;
+  if (t == 1 && (window <= 0 || total <= window)) {
+    // Decode: one query per head. [n_heads, d] is already [n_kv, group, d]; the output is
+    // written straight into its row of the batch (a few ops per row on the per-token path).
+    at::Tensor qh = q.view({n_kv, group, d});
+    at::Tensor scores = at::bmm(qh, keys.transpose(1, 2)).mul_(scale);
+    at::Tensor probs = at::softmax(scores, -1);
+    at::Tensor o = out.view({n_kv, group, d});
+    at::bmm_out(o, probs, values);
+    return;
+  }
   // Query head h reads kv head h / group: fold the group into the query axis.
   at::Tensor qh = q.view({t, n_kv, group, d}).permute({1, 2, 0, 3}).reshape({n_kv, group * t, d});
   at::Tensor scores = at::bmm(qh, keys.transpose(1, 2));  // [n_kv, group*t, total]
   scores.mul_(scale);
-  const bool causal = t > 1;
-  const bool windowed = window > 0 && total > window;
-  if (causal || windowed) {
-    // Query i (absolute position past + i) sees key j iff j <= past + i and, with a window,
-    // j > past + i - window.
-    at::Tensor qpos = at::arange(past, total, at::TensorOptions().dtype(at::kLong).device(q.device()))
-                          .unsqueeze(1);
-    at::Tensor kpos = at::arange(0, total, at::TensorOptions().dtype(at::kLong).device(q.device()))
-                          .unsqueeze(0);
-    at::Tensor blocked = kpos > qpos;
-    if (windowed) blocked = blocked.logical_or(kpos <= qpos - window);
-    scores.view({n_kv, group, t, total})
-        .masked_fill_(blocked, -std::numeric_limits<float>::infinity());
-  }
+  // Query i (absolute position past + i) sees key j iff j <= past + i and, with a window,
+  // j > past + i - window.
+  at::Tensor qpos =
+      at::arange(past, total, at::TensorOptions().dtype(at::kLong).device(q.device())).unsqueeze(1);
+  at::Tensor kpos =
+      at::arange(0, total, at::TensorOptions().dtype(at::kLong).device(q.device())).unsqueeze(0);
+  at::Tensor blocked = kpos > qpos;
+  if (window > 0) blocked = blocked.logical_or(kpos <= qpos - window);
+  scores.view({n_kv, group, t, total})
+      .masked_fill_(blocked, -std::numeric_limits<float>::infinity());
   at::Tensor probs = at::softmax(scores, -1);
-  at::Tensor out = at::bmm(probs, values);  // [n_kv, group*t, d]
-  return out.view({n_kv, group, t, d}).permute({2, 0, 1, 3}).reshape({t, n_heads * d});
+  at::Tensor o = at::bmm(probs, values);  // [n_kv, group*t, d]
+  out.copy_(o.view({n_kv, group, t, d}).permute({2, 0, 1, 3}).reshape({t, n_heads * d}));
 }
 
 std::string InputEmbeddingName(const ModelConfig& config) {

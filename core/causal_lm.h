@@ -101,11 +101,11 @@ class CausalLm {
            at::TensorOptions options)
       : config_(std::move(config)), options_(options), weights_(std::move(weights)) {}
 
-  // Attention of one row: q [t, nH*d], k, v [t, nKV*d] (already rotated for Llama).
-  // Returns [t, nH*d]. `scale` multiplies q·kᵀ; `window` > 0 limits keys to that many positions.
-  at::Tensor RowAttention(int64_t layer, const at::Tensor& q, const at::Tensor& k,
-                          const at::Tensor& v, KvCache& cache, double scale,
-                          int64_t window) const;
+  // Attention of one row: q [t, nH*d], k, v [t, nKV*d] (already rotated for Llama), written
+  // into `out` ([t, nH*d], contiguous rows of the batch's output). `scale` multiplies q·kᵀ;
+  // `window` > 0 limits keys to that many positions.
+  void RowAttention(int64_t layer, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                    KvCache& cache, double scale, int64_t window, at::Tensor out) const;
 
   ModelConfig config_;
   at::TensorOptions options_;

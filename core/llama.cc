@@ -84,10 +84,9 @@ class Llama final : public CausalLm {
       k = Rotate(k.view({n, c.num_kv_heads, c.head_dim}), cos, sin).view({n, -1});
       at::Tensor attn = at::empty({n, c.num_heads * c.head_dim}, x.options());
       for (const RowSpan& r : rows) {
-        attn.narrow(0, r.offset, r.length)
-            .copy_(RowAttention(li, q.narrow(0, r.offset, r.length),
-                                k.narrow(0, r.offset, r.length), v.narrow(0, r.offset, r.length),
-                                *r.cache, scale, l.window));
+        RowAttention(li, q.narrow(0, r.offset, r.length), k.narrow(0, r.offset, r.length),
+                     v.narrow(0, r.offset, r.length), *r.cache, scale, l.window,
+                     attn.narrow(0, r.offset, r.length));
       }
       x = x + Project(li, Projection::kO, attn, l.o_w, l.o_b, adapters);
       h = RmsNorm(x, l.post_norm);
