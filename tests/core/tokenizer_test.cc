@@ -63,7 +63,8 @@ TEST_P(GoldenTest, EncodeMatchesHuggingFaceTokenizersExactly) {
 TEST_P(GoldenTest, DecodeMatchesHuggingFaceTokenizersExactly) {
   auto tok = Load(GetParam());
   ASSERT_NE(tok, nullptr);
-  for (const auto& c : Golden(GetParam())["cases"]) {
+  const auto golden = Golden(GetParam());
+  for (const auto& c : golden["cases"]) {
     const auto ids = c["ids"].get<std::vector<int32_t>>();
     auto text = tok->Decode(ids, false);
     auto skipped = tok->Decode(ids, true);
