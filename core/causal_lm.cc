@@ -74,6 +74,24 @@ std::unique_ptr<KvCache> CausalLm::NewCache(int64_t capacity) const {
                                    capacity, options_);
 }
 
+at::Tensor CausalLm::Positions(const std::vector<RowSpan>& rows, int64_t n, at::Device device) {
+  std::vector<int64_t> pos;
+  pos.reserve(n);
+  for (const RowSpan& r : rows) {
+    for (int64_t i = 0; i < r.length; ++i) pos.push_back(r.cache->length() + i);
+  }
+  return at::tensor(pos, at::kLong).to(device);
+}
+
+at::Tensor CausalLm::FinishRows(const at::Tensor& x, const std::vector<RowSpan>& rows,
+                                bool all_positions) {
+  for (const RowSpan& r : rows) r.cache->Commit(r.length);
+  if (all_positions) return x;
+  std::vector<int64_t> last;
+  for (const RowSpan& r : rows) last.push_back(r.offset + r.length - 1);
+  return x.index_select(0, at::tensor(last, at::kLong).to(x.device()));
+}
+
 void CausalLm::RowAttention(int64_t layer, const at::Tensor& q, const at::Tensor& k,
                             const at::Tensor& v, KvCache& cache, double scale, int64_t window,
                             at::Tensor out) const {

@@ -101,6 +101,14 @@ class CausalLm {
            at::TensorOptions options)
       : config_(std::move(config)), options_(options), weights_(std::move(weights)) {}
 
+  // Returns the absolute position of every packed token ([N] int64 on `device`): each row
+  // continues its cache.
+  static at::Tensor Positions(const std::vector<RowSpan>& rows, int64_t n, at::Device device);
+  // Commits every row's new positions to its cache and, unless `all_positions`, keeps only
+  // each row's last hidden state ([rows, H]).
+  static at::Tensor FinishRows(const at::Tensor& x, const std::vector<RowSpan>& rows,
+                               bool all_positions);
+
   // Attention of one row: q [t, nH*d], k, v [t, nKV*d] (already rotated for Llama), written
   // into `out` ([t, nH*d], contiguous rows of the batch's output). `scale` multiplies q·kᵀ;
   // `window` > 0 limits keys to that many positions.

@@ -47,12 +47,7 @@ class Gpt2 final : public CausalLm {
   at::Tensor Forward(const at::Tensor& tokens, const std::vector<RowSpan>& rows,
                      bool all_positions, const AdapterBatch* adapters) const override {
     const ModelConfig& c = config_;
-    std::vector<int64_t> pos_host;
-    pos_host.reserve(tokens.size(0));
-    for (const RowSpan& r : rows) {
-      for (int64_t i = 0; i < r.length; ++i) pos_host.push_back(r.cache->length() + i);
-    }
-    at::Tensor positions = at::tensor(pos_host, at::kLong).to(tokens.device());
+    at::Tensor positions = Positions(rows, tokens.size(0), tokens.device());
     const int64_t E = c.hidden_size;
     at::Tensor x = at::embedding(wte_, tokens);
     if (adapters != nullptr) adapters->WriteSoftPrompts(x);  // wpe is added to them too.
@@ -75,12 +70,7 @@ class Gpt2 final : public CausalLm {
       at::Tensor fc = Activation(Project(li, Projection::kFc, h, l.fc_w, l.fc_b, adapters));
       x = x + Project(li, Projection::kMlpOut, fc, l.mlp_proj_w, l.mlp_proj_b, adapters);
     }
-    for (const RowSpan& r : rows) r.cache->Commit(r.length);
-    if (!all_positions) {
-      std::vector<int64_t> last;
-      for (const RowSpan& r : rows) last.push_back(r.offset + r.length - 1);
-      x = x.index_select(0, at::tensor(last, at::kLong).to(x.device()));
-    }
+    x = FinishRows(x, rows, all_positions);
     x = at::layer_norm(x, {E}, lnf_w_, lnf_b_, c.norm_eps);
     return LinearForward(x, lm_head_, at::Tensor()).to(at::kFloat);
   }

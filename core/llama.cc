@@ -58,12 +58,7 @@ class Llama final : public CausalLm {
   at::Tensor Forward(const at::Tensor& tokens, const std::vector<RowSpan>& rows,
                      bool all_positions, const AdapterBatch* adapters) const override {
     const ModelConfig& c = config_;
-    std::vector<int64_t> pos_host;
-    pos_host.reserve(tokens.size(0));
-    for (const RowSpan& r : rows) {
-      for (int64_t i = 0; i < r.length; ++i) pos_host.push_back(r.cache->length() + i);
-    }
-    at::Tensor positions = at::tensor(pos_host, at::kLong).to(tokens.device());
+    at::Tensor positions = Positions(rows, tokens.size(0), tokens.device());
     // RoPE tables in float32: freqs = pos ⊗ inv_freq, emb = cat(freqs, freqs).
     at::Tensor freqs = positions.to(at::kFloat).unsqueeze(1) * inv_freq_.unsqueeze(0);
     at::Tensor emb = at::cat({freqs, freqs}, -1);
@@ -94,12 +89,7 @@ class Llama final : public CausalLm {
       at::Tensor up = Project(li, Projection::kUp, h, l.up_w, l.up_b, adapters);
       x = x + Project(li, Projection::kDown, at::silu(gate).mul_(up), l.down_w, l.down_b, adapters);
     }
-    for (const RowSpan& r : rows) r.cache->Commit(r.length);
-    if (!all_positions) {
-      std::vector<int64_t> last;
-      for (const RowSpan& r : rows) last.push_back(r.offset + r.length - 1);
-      x = x.index_select(0, at::tensor(last, at::kLong).to(x.device()));
-    }
+    x = FinishRows(x, rows, all_positions);
     x = RmsNorm(x, final_norm_);
     return LinearForward(x, lm_head_, at::Tensor()).to(at::kFloat);
   }

@@ -177,18 +177,24 @@ absl::Status AdminService::Load(const std::string& name, const std::string& path
   return absl::OkStatus();
 }
 
+bool AdminService::Precheck(grpc::CallbackServerContext* context,
+                            grpc::ServerUnaryReactor* reactor, bool needs_model) const {
+  if (grpc::Status auth = Authorize(context); !auth.ok()) {
+    reactor->Finish(auth);
+    return false;
+  }
+  if (needs_model && !ctx_.ready.load()) {
+    reactor->Finish(grpc::Status(grpc::StatusCode::UNAVAILABLE, "the model is still loading"));
+    return false;
+  }
+  return true;
+}
+
 grpc::ServerUnaryReactor* AdminService::LoadAdapter(grpc::CallbackServerContext* context,
                                                     const v1::LoadAdapterRequest* request,
                                                     v1::LoadAdapterResponse* response) {
   auto* reactor = context->DefaultReactor();
-  if (grpc::Status auth = Authorize(context); !auth.ok()) {
-    reactor->Finish(auth);
-    return reactor;
-  }
-  if (!ctx_.ready.load()) {
-    reactor->Finish(grpc::Status(grpc::StatusCode::UNAVAILABLE, "the model is still loading"));
-    return reactor;
-  }
+  if (!Precheck(context, reactor, /*needs_model=*/true)) return reactor;
   Run([this, reactor, request, response] {
     absl::Status s = Load(request->name(), request->path(), request->validate_only(),
                           request->replace(), response);
@@ -201,14 +207,7 @@ grpc::ServerUnaryReactor* AdminService::UnloadAdapter(grpc::CallbackServerContex
                                                       const v1::UnloadAdapterRequest* request,
                                                       v1::UnloadAdapterResponse* response) {
   auto* reactor = context->DefaultReactor();
-  if (grpc::Status auth = Authorize(context); !auth.ok()) {
-    reactor->Finish(auth);
-    return reactor;
-  }
-  if (!ctx_.ready.load()) {
-    reactor->Finish(grpc::Status(grpc::StatusCode::UNAVAILABLE, "the model is still loading"));
-    return reactor;
-  }
+  if (!Precheck(context, reactor, /*needs_model=*/true)) return reactor;
   Run([this, reactor, request, response] {
     auto removed = ctx_.table->Remove(request->name());
     if (!removed.ok()) {
@@ -230,10 +229,7 @@ grpc::ServerUnaryReactor* AdminService::ListAdapters(grpc::CallbackServerContext
                                                      const v1::ListAdaptersRequest*,
                                                      v1::ListAdaptersResponse* response) {
   auto* reactor = context->DefaultReactor();
-  if (grpc::Status auth = Authorize(context); !auth.ok()) {
-    reactor->Finish(auth);
-    return reactor;
-  }
+  if (!Precheck(context, reactor, /*needs_model=*/false)) return reactor;
   if (ctx_.ready.load()) {
     for (const auto& a : ctx_.table->List()) ToProto(adapters::ReportOf(a), response->add_adapters());
   }
@@ -245,14 +241,7 @@ grpc::ServerUnaryReactor* AdminService::GetModelState(grpc::CallbackServerContex
                                                       const v1::GetModelStateRequest*,
                                                       v1::ModelState* response) {
   auto* reactor = context->DefaultReactor();
-  if (grpc::Status auth = Authorize(context); !auth.ok()) {
-    reactor->Finish(auth);
-    return reactor;
-  }
-  if (!ctx_.ready.load()) {
-    reactor->Finish(grpc::Status(grpc::StatusCode::UNAVAILABLE, "the model is still loading"));
-    return reactor;
-  }
+  if (!Precheck(context, reactor, /*needs_model=*/true)) return reactor;
   ToProto(ctx_.engine->report(), response->mutable_base());
   for (const auto& a : ctx_.table->List()) ToProto(adapters::ReportOf(a), response->add_adapters());
   response->set_queue_depth(static_cast<uint32_t>(ctx_.scheduler->queue_depth()));

@@ -42,6 +42,10 @@ class AdminService final : public adapterd::v1::Admin::CallbackService {
 
  private:
   grpc::Status Authorize(grpc::CallbackServerContext* context) const;
+  // Returns true when the call may proceed; otherwise finishes `reactor` with
+  // UNAUTHENTICATED (bad token) or, when `needs_model`, UNAVAILABLE (model still loading).
+  bool Precheck(grpc::CallbackServerContext* context, grpc::ServerUnaryReactor* reactor,
+                bool needs_model) const;
   void Run(std::function<void()> work);
   void PublishAdapterMetrics();
 
