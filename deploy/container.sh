@@ -12,7 +12,7 @@ mkdir -p "$work"
 "$root/deploy/setup.sh" "$root/build"
 export DEBIAN_FRONTEND=noninteractive
 need=()
-for p in podman runc debootstrap uidmap; do
+for p in podman runc debootstrap uidmap catatonit; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || need+=("$p")
 done
 (( ${#need[@]} )) && apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null

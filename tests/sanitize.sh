@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
 # Builds the test suite under a sanitizer in its own build folder and runs it with ctest.
 # Usage: tests/sanitize.sh address|thread [extra ctest args]
-#   address: AddressSanitizer (+ leak checks off: LibTorch keeps process-lifetime pools)
-#   thread:  ThreadSanitizer, for the concurrency tests
+#   address: AddressSanitizer over everything, the real server in the end-to-end tests
+#            included (leak checks off: LibTorch keeps process-lifetime pools).
+#   thread:  ThreadSanitizer over the in-process tests (the adapter table's readers and
+#            writers, the engine, the tokenizer). The end-to-end tests are left out: Debian's
+#            gRPC and Abseil are not built with TSan, so absl::Mutex and gRPC's event engine
+#            synchronise invisibly to it and every server test drowns in false reports.
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 kind=${1:?usage: tests/sanitize.sh address|thread}
@@ -17,4 +21,6 @@ cmake --build "$build" -j"$(nproc)"
 export ASAN_OPTIONS=detect_leaks=0:abort_on_error=1:detect_odr_violation=0
 export TSAN_OPTIONS="halt_on_error=1 second_deadlock_stack=1 suppressions=$root/tests/tsan.supp"
 cd "$build"
-ctest --output-on-failure -j"$(nproc)" --timeout 900 "$@"
+exclude=()
+[[ "$kind" == thread ]] && exclude=(-E 'E2e|e2e\.')
+ctest --output-on-failure -j"$(nproc)" --timeout 900 "${exclude[@]}" "$@"
