@@ -919,6 +919,7 @@ struct Tokenizer::Impl {
   // TemplateProcessing "single": ids before and after the sequence.
   std::vector<int32_t> template_before, template_after;
   int32_t vocab_size = 0;
+  SpecialTokenIds special;
 
   void Bpe(absl::string_view word, std::vector<int32_t>& out) const;
   absl::Status EncodeSegment(std::string text, bool at_start, std::vector<int32_t>& out) const;
@@ -1036,11 +1037,16 @@ Tokenizer::~Tokenizer() = default;
 absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromModelDir(const std::string& dir) {
   const std::string path = dir + "/tokenizer.json";
   ASSIGN_OR_RETURN(std::string text, ReadFileToString(path));
-  return FromJson(text, path);
+  auto config = ReadFileToString(dir + "/tokenizer_config.json");
+  if (!config.ok() && !absl::IsNotFound(config.status())) return config.status();
+  return FromJson(text, path, config.ok() ? absl::string_view(*config) : absl::string_view());
 }
 
+const SpecialTokenIds& Tokenizer::special_tokens() const { return impl_->special; }
+
 absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromJson(absl::string_view text,
-                                                               absl::string_view label) {
+                                                               absl::string_view label,
+                                                               absl::string_view tokenizer_config) {
   Json j = Json::parse(text.begin(), text.end(), nullptr, /*allow_exceptions=*/false);
   if (j.is_discarded() || !j.is_object()) {
     return absl::InvalidArgumentError(absl::StrCat(label, ": not a valid JSON object"));
@@ -1183,7 +1189,36 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromJson(absl::string_view
   } catch (const Json::exception& e) {
     return absl::InvalidArgumentError(absl::StrCat(label, ": malformed tokenizer: ", e.what()));
   }
-  return std::unique_ptr<Tokenizer>(new Tokenizer(std::move(impl)));
+  auto tokenizer = std::unique_ptr<Tokenizer>(new Tokenizer(std::move(impl)));
+  if (!tokenizer_config.empty()) {
+    Json c = Json::parse(tokenizer_config.begin(), tokenizer_config.end(), nullptr, false);
+    if (c.is_discarded() || !c.is_object()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(label, ": tokenizer_config.json is not a valid JSON object"));
+    }
+    SpecialTokenIds& special = tokenizer->impl_->special;
+    for (auto [key, slot] : {std::pair{"bos_token", &special.bos}, std::pair{"eos_token", &special.eos},
+                             std::pair{"pad_token", &special.pad}, std::pair{"unk_token", &special.unk}}) {
+      auto it = c.find(key);
+      if (it == c.end() || it->is_null()) continue;
+      std::string content;
+      if (it->is_string()) {
+        content = it->get<std::string>();
+      } else if (it->is_object() && it->contains("content") && (*it)["content"].is_string()) {
+        content = (*it)["content"].get<std::string>();
+      } else {
+        return absl::InvalidArgumentError(absl::StrCat(
+            label, ": tokenizer_config.json \"", key, "\" is neither a string nor an AddedToken"));
+      }
+      auto id = tokenizer->TokenToId(content);
+      if (!id) {
+        return absl::InvalidArgumentError(absl::StrCat(label, ": tokenizer_config.json ", key,
+                                                       " \"", content, "\" is not in the vocabulary"));
+      }
+      *slot = *id;
+    }
+  }
+  return tokenizer;
 }
 
 absl::StatusOr<std::vector<int32_t>> Tokenizer::Encode(absl::string_view text,

@@ -21,13 +21,24 @@
 
 namespace adapterd::core {
 
+// Special tokens named by tokenizer_config.json (bos_token, eos_token, pad_token, unk_token,
+// each a string or an AddedToken object), resolved to ids.
+struct SpecialTokenIds {
+  std::optional<int32_t> bos, eos, pad, unk;
+};
+
 class Tokenizer {
  public:
-  // Parses tokenizer.json text; `label` names the file in errors.
-  static absl::StatusOr<std::unique_ptr<Tokenizer>> FromJson(absl::string_view json,
-                                                            absl::string_view label);
-  // Reads `dir`/tokenizer.json.
+  // Parses tokenizer.json text and, when given, tokenizer_config.json text; `label` names
+  // the file in errors. A special token the config names but the vocabulary lacks is an error.
+  static absl::StatusOr<std::unique_ptr<Tokenizer>> FromJson(
+      absl::string_view json, absl::string_view label, absl::string_view tokenizer_config = {});
+  // Reads `dir`/tokenizer.json and, when present, `dir`/tokenizer_config.json.
   static absl::StatusOr<std::unique_ptr<Tokenizer>> FromModelDir(const std::string& dir);
+
+  // The special tokens of tokenizer_config.json (empty without one). The template that
+  // Encode(…, true) applies is tokenizer.json's post-processor, as in the tokenizers library.
+  const SpecialTokenIds& special_tokens() const;
   ~Tokenizer();
 
   // Returns the ids of `text` (which must be valid UTF-8). With `add_special_tokens` the

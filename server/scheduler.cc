@@ -46,7 +46,11 @@ std::string CodeName(const absl::Status& s) {
 
 Scheduler::Scheduler(const core::Engine& engine, const core::Tokenizer* tokenizer,
                      Metrics* metrics, SchedulerOptions options)
-    : engine_(engine), tokenizer_(tokenizer), metrics_(metrics), options_(options) {
+    : engine_(engine),
+      tokenizer_(tokenizer),
+      metrics_(metrics),
+      options_(options),
+      eos_(options.eos_token_ids.empty() ? engine.config().eos_token_ids : options.eos_token_ids) {
   const core::ModelConfig& c = engine.config();
   kv_bytes_per_position_ = c.num_layers * 2 * c.num_kv_heads * c.head_dim * 4;
   thread_ = std::thread([this] { Loop(); });
@@ -267,7 +271,7 @@ void Scheduler::Loop() {
       continue;
     }
     int64_t kv = 0;
-    const std::vector<int64_t>& eos = engine_.config().eos_token_ids;
+    const std::vector<int64_t>& eos = eos_;
     for (size_t i = 0; i < running_set_.size(); ++i) {
       Active& a = *running_set_[i];
       const core::StepOutput& out = (*outputs)[i];

@@ -72,6 +72,7 @@ struct SchedulerOptions {
   int64_t max_tokens_per_step = 2048;  // Prompt tokens admitted into one step.
   int64_t max_queue = 256;             // Waiting requests before RESOURCE_EXHAUSTED.
   int64_t max_kv_bytes = int64_t{4} << 30;  // KV cache budget over running sequences.
+  std::vector<int64_t> eos_token_ids;  // Empty: the model's (generation_)config.json ids.
 };
 
 class Scheduler {
@@ -113,6 +114,7 @@ class Scheduler {
   const core::Tokenizer* tokenizer_;
   Metrics* metrics_;
   const SchedulerOptions options_;
+  const std::vector<int64_t> eos_;
   int64_t kv_bytes_per_position_ = 0;
 
   mutable absl::Mutex mu_;

@@ -132,6 +132,11 @@ int RunServe() {
   sched.max_tokens_per_step = absl::GetFlag(FLAGS_max_tokens_per_step);
   sched.max_queue = absl::GetFlag(FLAGS_max_queue);
   sched.max_kv_bytes = absl::GetFlag(FLAGS_max_kv_bytes);
+  // Without EOS ids in config.json / generation_config.json, tokenizer_config.json's eos_token.
+  if (ctx->engine->config().eos_token_ids.empty() && ctx->tokenizer != nullptr &&
+      ctx->tokenizer->special_tokens().eos) {
+    sched.eos_token_ids = {*ctx->tokenizer->special_tokens().eos};
+  }
   ctx->scheduler = std::make_unique<Scheduler>(*ctx->engine, ctx->tokenizer.get(), &ctx->metrics, sched);
   ctx->metrics.SetModelInfo(report.architecture,
                             report.name_or_path.empty() ? model_dir : report.name_or_path,

@@ -113,6 +113,28 @@ TEST_P(GoldenTest, StreamedPiecesConcatenateToTheFullDecodeAndAreValidUtf8) {
 INSTANTIATE_TEST_SUITE_P(RealTokenizers, GoldenTest,
                          ::testing::Values("llama2", "llama3", "qwen3"));
 
+TEST(TokenizerTest, SpecialTokensComeFromTokenizerConfig) {
+  struct Want {
+    const char* name;
+    std::optional<int32_t> bos, eos, pad;
+  };
+  // The ids these real files give their special tokens.
+  for (const Want& w : {Want{"llama2", 1, 2, std::nullopt}, Want{"llama3", 128000, 128001, std::nullopt},
+                        Want{"qwen3", std::nullopt, 151645, 151643}}) {
+    const std::string dir = TokenizerPath(w.name).substr(0, TokenizerPath(w.name).rfind('/'));
+    auto tok = Tokenizer::FromModelDir(dir);
+    ASSERT_TRUE(tok.ok()) << tok.status();
+    EXPECT_EQ((*tok)->special_tokens().bos, w.bos) << w.name;
+    EXPECT_EQ((*tok)->special_tokens().eos, w.eos) << w.name;
+    EXPECT_EQ((*tok)->special_tokens().pad, w.pad) << w.name;
+  }
+  auto text = ReadFileToString(TokenizerPath("llama2"));
+  ASSERT_TRUE(text.ok());
+  auto bad = Tokenizer::FromJson(*text, "t.json", R"({"eos_token": {"content": "<nope>"}})");
+  EXPECT_THAT(std::string(bad.status().message()),
+              HasSubstr("eos_token \"<nope>\" is not in the vocabulary"));
+}
+
 TEST(TokenizerTest, StreamingHoldsBackIncompleteUtf8) {
   auto tok = Load("llama2");  // Byte fallback: an emoji is four <0xHH> tokens.
   ASSERT_NE(tok, nullptr);
