@@ -3,7 +3,9 @@
 # podman (runc runtime, chroot build isolation) on a local debian:bookworm-slim base made with
 # debootstrap, host networking on loopback. Starts the image on a generated model with an
 # adapter folder mounted, calls Generate, loads and unloads an adapter, reads /metrics, sends
-# SIGTERM and expects a clean exit; then runs deploy/k8s's Deployment with `podman kube play`.
+# SIGTERM and expects a clean exit; then runs deploy/k8s's Deployment with `podman kube play`
+# and brings deploy/compose.yaml's adapterd and Prometheus up with docker-compose through
+# podman's Docker API (Grafana's image needs a registry, so it is validated, not started).
 # Prints the image size. Usage: deploy/container.sh [WORKDIR]   (root; ~15 min the first time)
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -12,7 +14,7 @@ mkdir -p "$work"
 "$root/deploy/setup.sh" "$root/build"
 export DEBIAN_FRONTEND=noninteractive
 need=()
-for p in podman runc debootstrap uidmap catatonit; do
+for p in podman runc debootstrap uidmap catatonit docker-compose; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || need+=("$p")
 done
 (( ${#need[@]} )) && apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
@@ -116,4 +118,27 @@ done
 ADAPTERD_ADMIN_TOKEN=kube-play-token "$ctl" --admin_addr 127.0.0.1:52052 list
 $P kube down "$work/play.yaml" >/dev/null
 (( ok )) || { echo "kube play: adapterd did not become healthy"; exit 1; }
+
+echo "== docker-compose up (adapterd + Prometheus)"
+BUILDAH_ISOLATION=chroot $P system service --time=0 "unix://$work/podman.sock" &
+service=$!
+trap 'kill $service 2>/dev/null || true' EXIT
+for _ in $(seq 100); do [[ -S "$work/podman.sock" ]] && break; sleep 0.1; done
+export DOCKER_HOST="unix://$work/podman.sock"
+compose=(docker-compose -f "$root/deploy/compose.yaml" -p adapterd)
+ADAPTERD_MODEL_DIR="$models/llama_tok" ADAPTERD_ADAPTER_DIR="$models/adapters" \
+  "${compose[@]}" up -d --build adapterd prometheus >"$work/compose.log" 2>&1 ||
+  { tail -30 "$work/compose.log"; exit 1; }
+up=""
+for _ in $(seq 300); do
+  up=$(curl -s '127.0.0.1:9090/api/v1/query?query=up%7Bjob%3D%22adapterd%22%7D' |
+       /usr/bin/python3 -c "import json,sys; r=json.load(sys.stdin)['data']['result']; print(r[0]['value'][1] if r else '')" 2>/dev/null || true)
+  [[ "$up" == 1 ]] && break
+  sleep 0.2
+done
+"$ctl" --addr 127.0.0.1:50051 generate --prompt "Hello from compose" --max_new_tokens 4 || up=""
+ADAPTERD_MODEL_DIR="$models/llama_tok" ADAPTERD_ADAPTER_DIR="$models/adapters" \
+  "${compose[@]}" down >>"$work/compose.log" 2>&1
+[[ "$up" == 1 ]] || { echo "compose: Prometheus never saw adapterd up"; tail -30 "$work/compose.log"; exit 1; }
+echo "compose: Prometheus scraped the containerised adapterd (up == 1)"
 echo "container checks passed"
