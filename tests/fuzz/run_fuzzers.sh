@@ -28,8 +28,9 @@ fixtures="$out/fixtures"
 mkdir -p "$out/corpus/safetensors" "$out/corpus/model_config"
 cp "$fixtures"/gpt2/model.safetensors "$out/corpus/safetensors/gpt2" 2>/dev/null || true
 for d in "$fixtures"/*/; do
-  n=$(basename "$d")
-  cp "$d/config.json" "$out/corpus/model_config/$n.json"
+  if [[ -f "$d/config.json" ]]; then
+    cp "$d/config.json" "$out/corpus/model_config/$(basename "$d").json"
+  fi
 done
 head -c 4096 "$fixtures/llama_tied/model.safetensors" > "$out/corpus/safetensors/head"
 cp "$root"/tests/fuzz/corpus/safetensors/* "$out/corpus/safetensors/" 2>/dev/null || true
