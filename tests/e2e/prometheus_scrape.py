@@ -7,14 +7,15 @@ Usage: prometheus_scrape.py ADAPTERD_BINARY ADAPTERCTL_BINARY FIXTURES_DIR
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.parse
 import urllib.request
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from adapterd_process import Adapterd, Checks  # noqa: E402
 
 
 def free_port():
@@ -36,37 +37,18 @@ def main():
         print("prometheus is not installed (deploy/setup.sh installs it)")
         print("0 passed, 1 failed")
         return 1
-    work = tempfile.mkdtemp(prefix="adapterd_prom_")
-    port_file = os.path.join(work, "ports.json")
-    server = subprocess.Popen(
-        [adapterd, "serve", "--model_dir=" + os.path.join(fixtures, "llama_tok"),
-         "--adapter_root=" + os.path.join(fixtures, "adapters"), "--listen=127.0.0.1:0",
-         "--admin_listen=127.0.0.1:0", "--metrics_listen=127.0.0.1:0",
-         "--port_file=" + port_file, "--preload=qv=lora_qv"],
-        stderr=open(os.path.join(work, "server.log"), "w"))
+    server = Adapterd(adapterd, fixtures, ["--preload=qv=lora_qv"])
+    work, ports = server.work, server.ports
     prom = None
-    passed = failed = 0
-
-    def check(name, cond, detail=""):
-        nonlocal passed, failed
-        if cond:
-            passed += 1
-        else:
-            failed += 1
-            print(f"FAILED {name} {detail}")
+    check = Checks()
 
     def generate(n):
         for _ in range(n):
-            subprocess.run([adapterctl, "--addr", f"127.0.0.1:{ports['listen']}", "generate",
+            subprocess.run([adapterctl, "--addr", server.addr, "generate",
                             "--prompt", "Hello", "--adapter", "qv", "--max_new_tokens", "3"],
                            check=True, capture_output=True, timeout=60)
 
     try:
-        deadline = time.time() + 60
-        while not os.path.exists(port_file):
-            assert server.poll() is None and time.time() < deadline, "adapterd did not start"
-            time.sleep(0.02)
-        ports = json.load(open(port_file))
         prom_port = free_port()
         with open(os.path.join(work, "prometheus.yml"), "w") as f:
             f.write("global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
@@ -109,10 +91,8 @@ def main():
         if prom is not None:
             prom.terminate()
             prom.wait(timeout=30)
-        server.send_signal(signal.SIGTERM)
-        check("clean exit", server.wait(timeout=60) == 0)
-    print(f"{passed} passed, {failed} failed")
-    return 1 if failed else 0
+        check("clean exit", server.stop() == 0)
+    return check.summary()
 
 
 if __name__ == "__main__":

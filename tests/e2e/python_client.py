@@ -5,13 +5,13 @@ tokenize and admin calls. Prints 'N passed, N failed'.
 
 Usage: python_client.py ADAPTERD_BINARY FIXTURES_DIR PROTO_DIR
 """
-import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
-import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from adapterd_process import Adapterd, Checks  # noqa: E402
 
 
 def main():
@@ -38,32 +38,11 @@ def main():
     import grpc
     from adapterd.v1 import admin_pb2, admin_pb2_grpc, generation_pb2, generation_pb2_grpc
 
-    port_file = os.path.join(work, "ports.json")
-    server = subprocess.Popen(
-        [binary, "serve", "--model_dir=" + os.path.join(fixtures, "llama_tok"),
-         "--adapter_root=" + os.path.join(fixtures, "adapters"), "--listen=127.0.0.1:0",
-         "--admin_listen=127.0.0.1:0", "--metrics_listen=127.0.0.1:0",
-         "--port_file=" + port_file, "--preload=qv=lora_qv"],
-        stderr=open(os.path.join(work, "server.log"), "w"))
-    passed = failed = 0
-
-    def check(name, cond, detail=""):
-        nonlocal passed, failed
-        if cond:
-            passed += 1
-        else:
-            failed += 1
-            print(f"FAILED {name} {detail}")
-
+    server = Adapterd(binary, fixtures, ["--preload=qv=lora_qv"])
+    check = Checks()
     try:
-        deadline = time.time() + 60
-        while not os.path.exists(port_file):
-            assert server.poll() is None, "adapterd exited"
-            assert time.time() < deadline, "adapterd did not start"
-            time.sleep(0.02)
-        ports = json.load(open(port_file))
-        channel = grpc.insecure_channel(f"127.0.0.1:{ports['listen']}")
-        admin_channel = grpc.insecure_channel(f"127.0.0.1:{ports['admin']}")
+        channel = grpc.insecure_channel(server.addr)
+        admin_channel = grpc.insecure_channel(server.admin_addr)
         gen_stub = generation_pb2_grpc.GenerationStub(channel)
         admin_stub = admin_pb2_grpc.AdminStub(admin_channel)
 
@@ -100,11 +79,9 @@ def main():
         check("admin state", state.base.ok and state.base.tied[0].same_storage, str(state.base))
         admin_stub.UnloadAdapter(admin_pb2.UnloadAdapterRequest(name="py"), timeout=10)
     finally:
-        server.send_signal(signal.SIGTERM)
-        code = server.wait(timeout=60)
+        code = server.stop()
         check("clean exit", code == 0, f"exit code {code}")
-    print(f"{passed} passed, {failed} failed")
-    return 1 if failed else 0
+    return check.summary()
 
 
 if __name__ == "__main__":
