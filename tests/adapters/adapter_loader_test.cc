@@ -42,6 +42,24 @@ double MaxDiff(const std::vector<float>& a, const std::vector<float>& b) {
   return worst;
 }
 
+// Runs the reference's prompt greedily with `adapter` for as many tokens as the reference
+// generated, expects the same tokens, and returns the steps.
+absl::StatusOr<std::vector<core::StepOutput>> GreedyLikeReference(
+    const core::Engine& engine, std::shared_ptr<const core::SequenceAdapter> adapter,
+    const nlohmann::json& ref) {
+  core::GenerateRequest req;
+  req.prompt = ref["prompt"].get<std::vector<int32_t>>();
+  req.adapter = std::move(adapter);
+  req.max_new_tokens = static_cast<int64_t>(ref["greedy"].size());
+  req.ignore_eos = true;
+  auto result = core::Generate(engine, req);
+  if (!result.ok()) return result.status();
+  std::vector<int32_t> tokens;
+  for (const auto& s : result->steps) tokens.push_back(s.token);
+  EXPECT_EQ(tokens, ref["greedy"].get<std::vector<int32_t>>());
+  return result->steps;
+}
+
 struct LoraCase {
   const char* adapter;
   const char* base;
@@ -67,16 +85,8 @@ TEST_P(LoraMergedTest, UnmergedLogitsEqualTheMergedModelTo1e4) {
   // if merging were a no-op too).
   EXPECT_GT(MaxDiff(*with_adapter, *without), 1e-2);
 
-  core::GenerateRequest req;
-  req.prompt = prompt;
-  req.adapter = *adapter;
-  req.max_new_tokens = static_cast<int64_t>(ref["greedy"].size());
-  req.ignore_eos = true;
-  auto result = core::Generate(*base, req);
-  ASSERT_TRUE(result.ok()) << result.status();
-  std::vector<int32_t> tokens;
-  for (const auto& s : result->steps) tokens.push_back(s.token);
-  EXPECT_EQ(tokens, ref["greedy"].get<std::vector<int32_t>>());
+  auto steps = GreedyLikeReference(*base, *adapter, ref);
+  ASSERT_TRUE(steps.ok()) << steps.status();
 }
 
 INSTANTIATE_TEST_SUITE_P(
@@ -106,18 +116,10 @@ TEST_P(PromptLearningTest, LogitsAndGreedyMatchThePeftReference) {
   }
   EXPECT_LT(MaxDiff(*logits, want), 1e-4);
 
-  core::GenerateRequest req;
-  req.prompt = prompt;
-  req.adapter = *adapter;
-  req.max_new_tokens = static_cast<int64_t>(ref["greedy"].size());
-  req.ignore_eos = true;
-  auto result = core::Generate(*base, req);
-  ASSERT_TRUE(result.ok()) << result.status();
-  std::vector<int32_t> tokens;
-  for (const auto& s : result->steps) tokens.push_back(s.token);
-  EXPECT_EQ(tokens, ref["greedy"].get<std::vector<int32_t>>());
-  for (size_t i = 0; i < tokens.size(); ++i) {
-    EXPECT_NEAR(result->steps[i].logprob, ref["greedy_logprobs"][i].get<double>(), 1e-4);
+  auto steps = GreedyLikeReference(*base, *adapter, ref);
+  ASSERT_TRUE(steps.ok()) << steps.status();
+  for (size_t i = 0; i < steps->size(); ++i) {
+    EXPECT_NEAR((*steps)[i].logprob, ref["greedy_logprobs"][i].get<double>(), 1e-4);
   }
   EXPECT_GT(report.num_virtual_tokens, 0);
 }
