@@ -42,7 +42,8 @@ bool Adapter::Adapts(int64_t layer, core::Projection p) const {
 
 at::Tensor Adapter::Delta(int64_t layer, core::Projection p, const at::Tensor& x) const {
   const LoraModule& m = *lookup_[layer * kProjections + static_cast<int64_t>(p)];
-  return x.mm(m.a.t()).mm(m.b.t());
+  // (x·Aᵀ)·Bᵀ with B pre-scaled; LinearForward takes the few-row CPU kernel when it applies.
+  return core::LinearForward(core::LinearForward(x, m.a, at::Tensor()), m.b, at::Tensor());
 }
 
 }  // namespace adapterd::adapters

@@ -4,6 +4,7 @@
 #include <limits>
 
 #include "absl/strings/str_cat.h"
+#include "core/cpu_kernels.h"
 
 namespace adapterd::core {
 
@@ -25,8 +26,10 @@ const char* ProjectionName(Projection p) {
 }
 
 at::Tensor LinearForward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b) {
+  at::Tensor y = cpu::Linear(x, w, b);
+  if (y.defined()) return y;
   if (x.size(0) != 1) return at::linear(x, w, b);
-  at::Tensor y = at::mv(w, x[0]);
+  y = at::mv(w, x[0]);
   if (b.defined()) y.add_(b);
   return y.unsqueeze(0);
 }
@@ -90,6 +93,26 @@ at::Tensor CausalLm::FinishRows(const at::Tensor& x, const std::vector<RowSpan>&
   std::vector<int64_t> last;
   for (const RowSpan& r : rows) last.push_back(r.offset + r.length - 1);
   return x.index_select(0, at::tensor(last, at::kLong).to(x.device()));
+}
+
+void CausalLm::Attend(int64_t layer, const at::Tensor& q, const at::Tensor& k,
+                      const at::Tensor& v, const std::vector<RowSpan>& rows, double scale,
+                      int64_t window, at::Tensor& out) const {
+  const bool fuse = cpu::DecodeAttentionApplies(q, k, v, out);
+  std::vector<cpu::DecodeRow> decode;
+  for (const RowSpan& r : rows) {
+    if (fuse && r.length == 1) {
+      decode.push_back({r.offset, r.cache});
+      continue;
+    }
+    RowAttention(layer, q.narrow(0, r.offset, r.length), k.narrow(0, r.offset, r.length),
+                 v.narrow(0, r.offset, r.length), *r.cache, scale, window,
+                 out.narrow(0, r.offset, r.length));
+  }
+  if (!decode.empty()) {
+    cpu::DecodeAttention(layer, q, k, v, decode, config_.num_heads, config_.num_kv_heads,
+                         config_.head_dim, scale, window, out);
+  }
 }
 
 void CausalLm::RowAttention(int64_t layer, const at::Tensor& q, const at::Tensor& k,

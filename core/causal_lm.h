@@ -109,6 +109,12 @@ class CausalLm {
   static at::Tensor FinishRows(const at::Tensor& x, const std::vector<RowSpan>& rows,
                                bool all_positions);
 
+  // Attention of every row: q [N, nH*d], k, v [N, nKV*d] (rotated for Llama), written into
+  // `out` ([N, nH*d], contiguous). Decode rows (one new token) go through one fused CPU
+  // kernel call when it applies; the others through RowAttention().
+  void Attend(int64_t layer, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+              const std::vector<RowSpan>& rows, double scale, int64_t window,
+              at::Tensor& out) const;
   // Attention of one row: q [t, nH*d], k, v [t, nKV*d] (already rotated for Llama), written
   // into `out` ([t, nH*d], contiguous rows of the batch's output). `scale` multiplies q·kᵀ;
   // `window` > 0 limits keys to that many positions.
@@ -120,9 +126,10 @@ class CausalLm {
   std::map<std::string, at::Tensor> weights_;
 };
 
-// y = x·Wᵀ + b for nn.Linear weights W [out, in]. A single row goes through a
-// matrix-vector product: OpenBLAS streams the weights 2-3x faster that way than through a
-// one-row GEMM, and single-stream decode is bound by exactly that stream.
+// y = x·Wᵀ + b for nn.Linear weights W [out, in]. A few rows on the CPU in float32 go through
+// cpu::Linear (weights read once, unpacked); otherwise a single row goes through a
+// matrix-vector product (OpenBLAS streams the weights 2-3x faster that way than through a
+// one-row GEMM) and more rows through at::linear.
 at::Tensor LinearForward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b);
 // y = x·W + b for transformers' Conv1D weights W [in, out] (GPT-2).
 at::Tensor Conv1dForward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b);

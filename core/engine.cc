@@ -8,6 +8,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "core/causal_lm.h"
+#include "core/cpu_kernels.h"
 #include "core/model_loader.h"
 #include "core/sampler.h"
 #include "core/status_macros.h"
@@ -57,6 +58,25 @@ Engine::~Engine() = default;
 absl::StatusOr<std::unique_ptr<Engine>> Engine::Load(const EngineOptions& options,
                                                      LoadReport* report) {
   if (options.threads > 0) at::set_num_threads(options.threads);
+  cpu::Isa isa = cpu::SupportedIsa();
+  if (options.cpu_kernels != "auto") {
+    bool known = false;
+    for (cpu::Isa i : {cpu::Isa::kNone, cpu::Isa::kAvx2, cpu::Isa::kAvx512}) {
+      if (options.cpu_kernels == cpu::IsaName(i)) {
+        isa = i;
+        known = true;
+      }
+    }
+    if (!known) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "cpu_kernels must be auto, avx512f, avx2 or none, got \"", options.cpu_kernels, "\""));
+    }
+  }
+  if (!cpu::SelectIsa(isa)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("cpu_kernels=", options.cpu_kernels, " is not supported by this CPU (best: ",
+                     cpu::IsaName(cpu::SupportedIsa()), ")"));
+  }
   LoadOptions load;
   load.device = options.device;
   load.compute_dtype = options.dtype;
@@ -67,6 +87,7 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Load(const EngineOptions& option
 const ModelConfig& Engine::config() const { return model_->config(); }
 int64_t Engine::context_length() const { return model_->config().max_position_embeddings; }
 int Engine::threads() { return at::get_num_threads(); }
+const char* Engine::cpu_kernels() { return cpu::IsaName(cpu::SelectedIsa()); }
 
 absl::StatusOr<std::unique_ptr<Sequence>> Engine::NewSequence(
     std::vector<int32_t> prompt, const SamplingParams& params,

@@ -61,6 +61,9 @@ struct EngineOptions {
   std::string device = "cpu";
   std::string dtype = "float32";
   int threads = 0;  // Intra-op threads; 0 leaves LibTorch's setting alone.
+  // CPU float32 kernels for few-row steps (core/cpu_kernels.h): "auto" (the best this CPU
+  // supports), "avx512f", "avx2" or "none" (ATen/BLAS only). Process-wide.
+  std::string cpu_kernels = "auto";
 };
 
 class Engine {
@@ -79,6 +82,8 @@ class Engine {
   int64_t context_length() const;
   // Returns the number of intra-op threads LibTorch uses.
   static int threads();
+  // Returns the instruction set of the CPU kernels in use ("avx512f", "avx2" or "none").
+  static const char* cpu_kernels();
 
   // Opens a sequence for `prompt`, run with `adapter` (null: the base model). InvalidArgument
   // for an empty prompt, an id outside the vocabulary, a prompt that (with the adapter's

@@ -60,11 +60,7 @@ class Gpt2 final : public CausalLm {
       at::Tensor qkv = Project(li, Projection::kCAttn, h, l.attn_w, l.attn_b, adapters);
       at::Tensor q = qkv.narrow(1, 0, E), k = qkv.narrow(1, E, E), v = qkv.narrow(1, 2 * E, E);
       at::Tensor attn = at::empty({tokens.size(0), E}, x.options());
-      for (const RowSpan& r : rows) {
-        RowAttention(li, q.narrow(0, r.offset, r.length), k.narrow(0, r.offset, r.length),
-                     v.narrow(0, r.offset, r.length), *r.cache, scale, /*window=*/0,
-                     attn.narrow(0, r.offset, r.length));
-      }
+      Attend(li, q, k, v, rows, scale, /*window=*/0, attn);
       x = x + Project(li, Projection::kAttnOut, attn, l.attn_proj_w, l.attn_proj_b, adapters);
       h = at::layer_norm(x, {E}, l.ln2_w, l.ln2_b, c.norm_eps);
       at::Tensor fc = Activation(Project(li, Projection::kFc, h, l.fc_w, l.fc_b, adapters));

@@ -13,7 +13,7 @@ KvCache::KvCache(int64_t num_layers, int64_t kv_heads, int64_t head_dim,
   }
 }
 
-void KvCache::Grow(int64_t layer, int64_t needed) {
+void KvCache::Reserve(int64_t layer, int64_t needed) {
   at::Tensor& k = keys_[layer];
   at::Tensor& v = values_[layer];
   int64_t cap = k.size(1);
@@ -30,7 +30,7 @@ void KvCache::Grow(int64_t layer, int64_t needed) {
 std::pair<at::Tensor, at::Tensor> KvCache::Append(int64_t layer, const at::Tensor& k,
                                                   const at::Tensor& v) {
   const int64_t t = k.size(1);
-  Grow(layer, length_ + t);
+  Reserve(layer, length_ + t);
   keys_[layer].narrow(1, length_, t).copy_(k);
   values_[layer].narrow(1, length_, t).copy_(v);
   return {keys_[layer].narrow(1, 0, length_ + t), values_[layer].narrow(1, 0, length_ + t)};

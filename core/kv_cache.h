@@ -23,14 +23,18 @@ class KvCache {
   // and returns views of every cached key and value up to length + t.
   std::pair<at::Tensor, at::Tensor> Append(int64_t layer, const at::Tensor& k,
                                            const at::Tensor& v);
+  // Makes room for `positions` positions in `layer` (keeping what is there).
+  void Reserve(int64_t layer, int64_t positions);
+  // The whole buffers of `layer`, [kv_heads, capacity, head_dim], contiguous; positions at
+  // and after length() are scratch. For kernels that write the next position in place.
+  at::Tensor& keys(int64_t layer) { return keys_[layer]; }
+  at::Tensor& values(int64_t layer) { return values_[layer]; }
   // Makes `t` appended positions part of the past once every layer has written them.
   void Commit(int64_t t) { length_ += t; }
   // Bytes held by the cache (capacity, not length).
   int64_t bytes() const;
 
  private:
-  void Grow(int64_t layer, int64_t needed);
-
   int64_t length_ = 0;
   std::vector<at::Tensor> keys_;
   std::vector<at::Tensor> values_;

@@ -78,11 +78,7 @@ class Llama final : public CausalLm {
       q = Rotate(q.view({n, c.num_heads, c.head_dim}), cos, sin).view({n, -1});
       k = Rotate(k.view({n, c.num_kv_heads, c.head_dim}), cos, sin).view({n, -1});
       at::Tensor attn = at::empty({n, c.num_heads * c.head_dim}, x.options());
-      for (const RowSpan& r : rows) {
-        RowAttention(li, q.narrow(0, r.offset, r.length), k.narrow(0, r.offset, r.length),
-                     v.narrow(0, r.offset, r.length), *r.cache, scale, l.window,
-                     attn.narrow(0, r.offset, r.length));
-      }
+      Attend(li, q, k, v, rows, scale, l.window, attn);
       x = x + Project(li, Projection::kO, attn, l.o_w, l.o_b, adapters);
       h = RmsNorm(x, l.post_norm);
       at::Tensor gate = Project(li, Projection::kGate, h, l.gate_w, l.gate_b, adapters);

@@ -7,6 +7,7 @@
 
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "core/cpu_kernels.h"
 #include "tests/test_util.h"
 
 namespace adapterd::core {
@@ -14,9 +15,11 @@ namespace {
 
 using ::testing::HasSubstr;
 
-std::unique_ptr<Engine> LoadEngine(const std::string& fixture) {
+std::unique_ptr<Engine> LoadEngine(const std::string& fixture,
+                                   const std::string& cpu_kernels = "auto") {
   EngineOptions o;
   o.model_dir = testing::Fixture(fixture);
+  o.cpu_kernels = cpu_kernels;
   LoadReport report;
   auto engine = Engine::Load(o, &report);
   EXPECT_TRUE(engine.ok()) << fixture << ": " << engine.status();
@@ -33,12 +36,34 @@ std::vector<float> LogSoftmax(const float* row, int64_t n) {
   return out;
 }
 
-class ReferenceTest : public ::testing::TestWithParam<const char*> {};
+// Every fixture on every CPU kernel set this machine has: "none" is the ATen/BLAS path.
+class ReferenceTest
+    : public ::testing::TestWithParam<std::tuple<const char*, const char*>> {
+ protected:
+  void SetUp() override {
+    if (!Supported(kernels())) GTEST_SKIP() << kernels() << " kernels are not supported here";
+  }
+  static bool Supported(const std::string& kernels) {
+    for (cpu::Isa isa : {cpu::Isa::kNone, cpu::Isa::kAvx2, cpu::Isa::kAvx512}) {
+      if (kernels == cpu::IsaName(isa)) return isa <= cpu::SupportedIsa();
+    }
+    return false;
+  }
+  const char* fixture() const { return std::get<0>(GetParam()); }
+  const char* kernels() const { return std::get<1>(GetParam()); }
+  std::unique_ptr<Engine> Load() const {
+    auto engine = LoadEngine(fixture(), kernels());
+    if (engine != nullptr) {
+      EXPECT_STREQ(Engine::cpu_kernels(), kernels());
+    }
+    return engine;
+  }
+};
 
 TEST_P(ReferenceTest, PromptLogitsMatchTheReferenceTo1e4) {
-  auto engine = LoadEngine(GetParam());
+  auto engine = Load();
   ASSERT_NE(engine, nullptr);
-  auto ref = testing::ReadJson(testing::Fixture(GetParam()) + "/reference.json");
+  auto ref = testing::ReadJson(testing::Fixture(fixture()) + "/reference.json");
   std::vector<int32_t> prompt = ref["prompt"].get<std::vector<int32_t>>();
   auto logits = engine->PromptLogits(prompt);
   ASSERT_TRUE(logits.ok()) << logits.status();
@@ -50,13 +75,13 @@ TEST_P(ReferenceTest, PromptLogitsMatchTheReferenceTo1e4) {
       worst = std::max(worst, std::abs((*logits)[t * vocab + v] - ref["logits"][t][v].get<double>()));
     }
   }
-  EXPECT_LT(worst, 1e-4) << GetParam();
+  EXPECT_LT(worst, 1e-4) << fixture();
 }
 
 TEST_P(ReferenceTest, GreedyDecodeMatchesTheReference) {
-  auto engine = LoadEngine(GetParam());
+  auto engine = Load();
   ASSERT_NE(engine, nullptr);
-  auto ref = testing::ReadJson(testing::Fixture(GetParam()) + "/reference.json");
+  auto ref = testing::ReadJson(testing::Fixture(fixture()) + "/reference.json");
   GenerateRequest req;
   req.prompt = ref["prompt"].get<std::vector<int32_t>>();
   req.max_new_tokens = static_cast<int64_t>(ref["greedy"].size());
@@ -72,9 +97,9 @@ TEST_P(ReferenceTest, GreedyDecodeMatchesTheReference) {
 }
 
 TEST_P(ReferenceTest, StepByStepDecodeEqualsFullPrefill) {
-  auto engine = LoadEngine(GetParam());
+  auto engine = Load();
   ASSERT_NE(engine, nullptr);
-  auto ref = testing::ReadJson(testing::Fixture(GetParam()) + "/reference.json");
+  auto ref = testing::ReadJson(testing::Fixture(fixture()) + "/reference.json");
   GenerateRequest req;
   req.prompt = ref["prompt"].get<std::vector<int32_t>>();
   req.max_new_tokens = 10;
@@ -97,10 +122,15 @@ TEST_P(ReferenceTest, StepByStepDecodeEqualsFullPrefill) {
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(Fixtures, ReferenceTest,
-                         ::testing::Values("llama_tied", "llama_untied", "qwen2_bias",
-                                           "mistral_window", "gpt2", "gpt2_noprefix",
-                                           "llama_sharded", "llama_bf16"));
+INSTANTIATE_TEST_SUITE_P(
+    Fixtures, ReferenceTest,
+    ::testing::Combine(::testing::Values("llama_tied", "llama_untied", "qwen2_bias",
+                                         "mistral_window", "gpt2", "gpt2_noprefix",
+                                         "llama_sharded", "llama_bf16"),
+                       ::testing::Values("none", "avx2", "avx512f")),
+    [](const auto& info) {
+      return std::string(std::get<0>(info.param)) + "_" + std::get<1>(info.param);
+    });
 
 // Runs `prompts` together: row i joins at step join[i]; returns every row's outputs.
 std::vector<std::vector<StepOutput>> RunBatched(const Engine& engine,

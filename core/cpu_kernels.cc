@@ -1,0 +1,148 @@
+#include "core/cpu_kernels.h"
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <atomic>
+
+#include "core/cpu_kernels_isa.h"
+
+namespace adapterd::core::cpu {
+namespace {
+
+Isa Detect() {
+#if defined(ADAPTERD_X86_KERNELS)
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f")) return Isa::kAvx512;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::kAvx2;
+#endif
+  return Isa::kNone;
+}
+
+std::atomic<Isa>& Selected() {
+  static std::atomic<Isa> isa{Detect()};
+  return isa;
+}
+
+// Work (multiply-adds) below which a parallel region costs more than it saves.
+constexpr int64_t kParallelWork = 1 << 15;
+
+// Runs body(begin, end) over [0, tasks) in chunks of `chunk` that the intra-op threads take
+// from a shared counter, or on this thread alone when `parallel` is false. Taking chunks
+// (rather than one fixed share per thread) lets the other threads absorb the work of one
+// that the OS preempts, so a busy core delays a step by a fraction of the time it stole.
+template <class F>
+void ForChunks(int64_t tasks, int64_t chunk, bool parallel, const F& body) {
+  const int64_t threads = at::get_num_threads();
+  if (!parallel || threads < 2 || tasks <= chunk) {
+    body(0, tasks);
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    for (int64_t b = next.fetch_add(chunk); b < tasks; b = next.fetch_add(chunk)) {
+      body(b, std::min(tasks, b + chunk));
+    }
+  });
+}
+
+bool IsCpuFloat(const at::Tensor& t) {
+  return t.defined() && t.device().is_cpu() && t.scalar_type() == at::kFloat;
+}
+
+}  // namespace
+
+Isa SupportedIsa() { return Detect(); }
+Isa SelectedIsa() { return Selected().load(std::memory_order_relaxed); }
+
+bool SelectIsa(Isa isa) {
+  if (static_cast<int>(isa) > static_cast<int>(Detect())) return false;
+  Selected().store(isa, std::memory_order_relaxed);
+  return true;
+}
+
+const char* IsaName(Isa isa) {
+  switch (isa) {
+    case Isa::kAvx512: return "avx512f";
+    case Isa::kAvx2: return "avx2";
+    case Isa::kNone: return "none";
+  }
+  return "?";
+}
+
+at::Tensor Linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b) {
+  const Isa isa = SelectedIsa();
+  if (isa == Isa::kNone || !IsCpuFloat(x) || !IsCpuFloat(w) || x.dim() != 2 || w.dim() != 2 ||
+      x.size(0) > kLinearMaxRows || x.size(1) != w.size(1) || x.stride(1) != 1 ||
+      w.stride(1) != 1 || (b.defined() && (!IsCpuFloat(b) || !b.is_contiguous() ||
+                                           b.dim() != 1 || b.size(0) != w.size(0)))) {
+    return at::Tensor();
+  }
+  const int64_t m = x.size(0), n = w.size(0), k = x.size(1);
+  at::Tensor y = at::empty({m, n}, x.options());
+  if (m == 0 || n == 0) return y;
+  const LinearArgs args{x.data_ptr<float>(), x.stride(0),
+                        w.data_ptr<float>(), w.stride(0),
+                        b.defined() ? b.data_ptr<float>() : nullptr,
+                        y.data_ptr<float>(), n, m, k};
+  auto* kernel = isa == Isa::kAvx512 ? &LinearAvx512 : &LinearAvx2;
+  // Split the outputs into blocks of 48 (a multiple of both ISAs' tile widths).
+  constexpr int64_t kBlock = 48;
+  const int64_t blocks = (n + kBlock - 1) / kBlock;
+  const bool parallel = blocks * kBlock * k * m >= 2 * kParallelWork;
+  ForChunks(blocks, 1, parallel, [&](int64_t begin, int64_t end) {
+    kernel(args, begin * kBlock, std::min(n, end * kBlock));
+  });
+  return y;
+}
+
+bool DecodeAttentionApplies(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                            const at::Tensor& out) {
+  return SelectedIsa() != Isa::kNone && IsCpuFloat(q) && IsCpuFloat(k) && IsCpuFloat(v) &&
+         IsCpuFloat(out) && q.dim() == 2 && k.dim() == 2 && v.dim() == 2 && out.dim() == 2 &&
+         q.stride(1) == 1 && k.stride(1) == 1 && v.stride(1) == 1 && out.is_contiguous();
+}
+
+void DecodeAttention(int64_t layer, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                     const std::vector<DecodeRow>& rows, int64_t num_heads, int64_t kv_heads,
+                     int64_t head_dim, double scale, int64_t window, at::Tensor& out) {
+  const int64_t group = num_heads / kv_heads;
+  int64_t work = 0;
+  int64_t longest = 0;
+  for (const DecodeRow& r : rows) {
+    r.cache->Reserve(layer, r.cache->length() + 1);
+    TORCH_CHECK(r.cache->keys(layer).scalar_type() == at::kFloat && r.cache->keys(layer).is_cpu(),
+                "KV cache is not CPU float32");
+    longest = std::max(longest, r.cache->length() + 1);
+    work += (r.cache->length() + 1) * num_heads * head_dim * 2;
+  }
+  auto* kernel = SelectedIsa() == Isa::kAvx512 ? &AttendAvx512 : &AttendAvx2;
+  const int64_t tasks = static_cast<int64_t>(rows.size()) * kv_heads;
+  ForChunks(tasks, 1, work >= kParallelWork, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores(longest);
+    for (int64_t t = begin; t < end; ++t) {
+      const DecodeRow& r = rows[t / kv_heads];
+      const int64_t h = t % kv_heads;
+      at::Tensor& keys = r.cache->keys(layer);
+      at::Tensor& values = r.cache->values(layer);
+      const int64_t capacity = keys.size(1);
+      const int64_t position = r.cache->length();
+      AttendArgs a;
+      a.q = q.data_ptr<float>() + r.index * q.stride(0) + h * group * head_dim;
+      a.k = k.data_ptr<float>() + r.index * k.stride(0) + h * head_dim;
+      a.v = v.data_ptr<float>() + r.index * v.stride(0) + h * head_dim;
+      a.keys = keys.data_ptr<float>() + h * capacity * head_dim;
+      a.values = values.data_ptr<float>() + h * capacity * head_dim;
+      a.out = out.data_ptr<float>() + r.index * out.stride(0) + h * group * head_dim;
+      a.scores = scores.data();
+      a.group = group;
+      a.head_dim = head_dim;
+      a.first = window > 0 ? std::max<int64_t>(0, position + 1 - window) : 0;
+      a.position = position;
+      a.scale = static_cast<float>(scale);
+      kernel(a);
+    }
+  });
+}
+
+}  // namespace adapterd::core::cpu

@@ -1,0 +1,64 @@
+// Hand-written float32 CPU kernels for the decode path, where a step carries a few rows per
+// projection and one new token per sequence:
+//  - Linear: y = x·Wᵀ (+ b) for a few rows of x. BLAS packs W before every GEMM, so with
+//    2–32 rows it reads the weights twice and runs at a third of memory bandwidth; these
+//    kernels read W once, straight from the (memory-mapped) checkpoint layout [out, in]. Each
+//    output is one dot product summed in a fixed order, so a row's result does not depend on
+//    which other rows share its batch.
+//  - DecodeAttention: one new query per sequence against its KV cache, every row and head of
+//    a layer in one parallel call instead of a handful of ATen ops per row.
+// Both choose AVX-512F or AVX2+FMA code at run time and report when they do not apply (other
+// device or dtype, no such CPU), so callers fall back to ATen and CUDA builds are unaffected.
+//
+// Thread-safety: stateless; they parallelise internally with ATen's intra-op pool.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <vector>
+
+#include "core/kv_cache.h"
+
+namespace adapterd::core::cpu {
+
+// Rows up to which Linear() beats BLAS (beyond it packing pays for itself: prefill).
+inline constexpr int64_t kLinearMaxRows = 48;
+
+// Instruction sets with kernels, in increasing order; kNone: every caller uses ATen.
+enum class Isa { kNone, kAvx2, kAvx512 };
+
+// Returns the best instruction set this CPU (and build) supports.
+Isa SupportedIsa();
+// Returns the instruction set in use (SupportedIsa() unless SelectIsa() chose another).
+Isa SelectedIsa();
+// Uses `isa` from now on (a lower one than supported, e.g. to compare paths in tests, or
+// kNone to turn the kernels off). Returns false, changing nothing, when it is unsupported.
+bool SelectIsa(Isa isa);
+// Returns "avx512f", "avx2" or "none".
+const char* IsaName(Isa isa);
+
+// Returns y = x·wᵀ + b (b may be undefined) when a kernel applies: x [M, K] with
+// M <= kLinearMaxRows, w [N, K], both CPU float32 with unit stride along K, b contiguous [N].
+// Returns an undefined tensor otherwise.
+at::Tensor Linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b);
+
+// One decode row of a packed batch: token `index` of q/k/v continues the sequence in `cache`.
+struct DecodeRow {
+  int64_t index = 0;
+  KvCache* cache = nullptr;
+};
+
+// Returns true when DecodeAttention() can take these tensors: CPU float32 q, k, v [n, heads·d]
+// with unit stride along the features, `out` [n, heads·d] contiguous, caches of the same dtype.
+bool DecodeAttentionApplies(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                            const at::Tensor& out);
+
+// For every row: writes its key and value ([kv_heads·d] at token `index` of k and v) into
+// `layer` of its cache at position cache->length() (not committed), then writes the attention
+// of its query (num_heads·d) over the cached positions — the last `window` when window > 0 —
+// into row `index` of `out`. Query head h reads kv head h / (num_heads / kv_heads).
+void DecodeAttention(int64_t layer, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                     const std::vector<DecodeRow>& rows, int64_t num_heads, int64_t kv_heads,
+                     int64_t head_dim, double scale, int64_t window, at::Tensor& out);
+
+}  // namespace adapterd::core::cpu

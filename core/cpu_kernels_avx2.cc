@@ -1,0 +1,34 @@
+// cpu_kernels_isa.h for AVX2 + FMA (compiled with -mavx2 -mfma; see core/CMakeLists.txt).
+#include <immintrin.h>
+#include <math.h>
+
+#include "core/cpu_kernels_isa.h"
+
+namespace adapterd::core::cpu {
+namespace {
+
+struct Vec {
+  using T = __m256;
+  static constexpr int kLanes = 8;
+  static constexpr int kTile = 3;  // 4 rows × 3 outputs: 12 accumulators of the 16 registers.
+  static T Zero() { return _mm256_setzero_ps(); }
+  static T Set1(float v) { return _mm256_set1_ps(v); }
+  static T Load(const float* p) { return _mm256_loadu_ps(p); }
+  static void Store(float* p, T v) { _mm256_storeu_ps(p, v); }
+  static T Fma(T a, T b, T c) { return _mm256_fmadd_ps(a, b, c); }
+  static float Sum(T v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+  }
+};
+
+#include "core/cpu_kernels_impl.inc"
+
+}  // namespace
+
+void LinearAvx2(const LinearArgs& args, int64_t n0, int64_t n1) { LinearTiles(args, n0, n1); }
+void AttendAvx2(const AttendArgs& args) { AttendHead(args); }
+
+}  // namespace adapterd::core::cpu

@@ -1,0 +1,38 @@
+// cpu_kernels_isa.h for AVX-512F (compiled with -mavx512f -mfma; see core/CMakeLists.txt).
+#include <immintrin.h>
+#include <math.h>
+
+#include "core/cpu_kernels_isa.h"
+
+namespace adapterd::core::cpu {
+namespace {
+
+struct Vec {
+  using T = __m512;
+  static constexpr int kLanes = 16;
+  static constexpr int kTile = 6;  // 4 rows × 6 outputs: 24 accumulators of the 32 registers.
+  static T Zero() { return _mm512_setzero_ps(); }
+  static T Set1(float v) { return _mm512_set1_ps(v); }
+  static T Load(const float* p) { return _mm512_loadu_ps(p); }
+  static void Store(float* p, T v) { _mm512_storeu_ps(p, v); }
+  static T Fma(T a, T b, T c) { return _mm512_fmadd_ps(a, b, c); }
+  // (_mm512_reduce_add_ps and the unmasked shuffles trip GCC 12's -Wuninitialized through
+  // _mm512_undefined_ps; the all-ones masked forms do not.)
+  static float Sum(T v) {
+    v = _mm512_add_ps(v, _mm512_maskz_shuffle_f32x4(0xffff, v, v, _MM_SHUFFLE(1, 0, 3, 2)));
+    v = _mm512_add_ps(v, _mm512_maskz_shuffle_f32x4(0xffff, v, v, _MM_SHUFFLE(2, 3, 0, 1)));
+    __m128 s = _mm512_maskz_extractf32x4_ps(0xf, v, 0);
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+  }
+};
+
+#include "core/cpu_kernels_impl.inc"
+
+}  // namespace
+
+void LinearAvx512(const LinearArgs& args, int64_t n0, int64_t n1) { LinearTiles(args, n0, n1); }
+void AttendAvx512(const AttendArgs& args) { AttendHead(args); }
+
+}  // namespace adapterd::core::cpu

@@ -1,0 +1,184 @@
+// The CPU kernels against references computed another way (double precision, written from
+// the formulas), on every instruction set this machine supports.
+#include "core/cpu_kernels.h"
+
+#include <cmath>
+#include <string>
+
+#include "gtest/gtest.h"
+
+namespace adapterd::core::cpu {
+namespace {
+
+// Selects an instruction set for one test and restores the best one afterwards.
+class IsaTest : public ::testing::TestWithParam<Isa> {
+ protected:
+  void SetUp() override {
+    if (static_cast<int>(GetParam()) > static_cast<int>(SupportedIsa())) {
+      GTEST_SKIP() << IsaName(GetParam()) << " is not supported here";
+    }
+    ASSERT_TRUE(SelectIsa(GetParam()));
+  }
+  void TearDown() override { SelectIsa(SupportedIsa()); }
+};
+
+std::string IsaParamName(const ::testing::TestParamInfo<Isa>& info) {
+  return IsaName(info.param);
+}
+
+class LinearTest : public IsaTest {};
+
+TEST_P(LinearTest, MatchesADoublePrecisionProductForAwkwardShapes) {
+  at::manual_seed(7);
+  for (int64_t m : {1, 2, 3, 4, 5, 7, 16, 17, 48}) {
+    for (int64_t k : {1, 7, 16, 24, 40, 773}) {
+      for (int64_t n : {1, 5, 6, 7, 48, 49, 101}) {
+        // x is a row-strided view (every other row of a wider tensor), as a narrowed batch is.
+        at::Tensor wide = at::randn({m, k + 3});
+        at::Tensor x = wide.narrow(1, 1, k);
+        at::Tensor w = at::randn({n, k});
+        at::Tensor b = at::randn({n});
+        for (bool with_bias : {false, true}) {
+          at::Tensor bias = with_bias ? b : at::Tensor();
+          at::Tensor y = Linear(x, w, bias);
+          ASSERT_TRUE(y.defined()) << m << "x" << k << "x" << n;
+          at::Tensor want = at::linear(x.to(at::kDouble), w.to(at::kDouble),
+                                       with_bias ? b.to(at::kDouble) : at::Tensor());
+          const double err = (y.to(at::kDouble) - want).abs().max().item<double>();
+          const double scale = std::sqrt(static_cast<double>(k)) + 1;
+          EXPECT_LT(err, 2e-6 * scale * 8) << m << "x" << k << "x" << n << " bias " << with_bias;
+        }
+      }
+    }
+  }
+}
+
+TEST_P(LinearTest, ARowsResultDoesNotDependOnItsBatch) {
+  at::manual_seed(8);
+  at::Tensor x = at::randn({19, 200});
+  at::Tensor w = at::randn({130, 200});
+  at::Tensor all = Linear(x, w, at::Tensor());
+  for (int64_t i = 0; i < x.size(0); ++i) {
+    at::Tensor alone = Linear(x.narrow(0, i, 1), w, at::Tensor());
+    EXPECT_TRUE(at::equal(all.narrow(0, i, 1), alone)) << "row " << i;
+  }
+}
+
+TEST_P(LinearTest, DeclinesWhatItCannotTake) {
+  at::Tensor w = at::randn({8, 16});
+  EXPECT_FALSE(Linear(at::randn({kLinearMaxRows + 1, 16}), w, at::Tensor()).defined());
+  EXPECT_FALSE(Linear(at::randn({2, 16}, at::kDouble), w.to(at::kDouble), at::Tensor()).defined());
+  EXPECT_FALSE(Linear(at::randn({16, 2}).t(), w, at::Tensor()).defined());  // Strided along k.
+  EXPECT_FALSE(Linear(at::randn({2, 15}), w, at::Tensor()).defined());
+  EXPECT_FALSE(Linear(at::randn({2, 16}), w, at::randn({7})).defined());
+  EXPECT_TRUE(Linear(at::randn({2, 16}), w, at::randn({8})).defined());
+}
+
+INSTANTIATE_TEST_SUITE_P(Isas, LinearTest, ::testing::Values(Isa::kAvx2, Isa::kAvx512),
+                         IsaParamName);
+
+class DecodeAttentionTest : public IsaTest {};
+
+// Attention of one query vector over keys/values [n, d] in double: softmax(scale·q·kᵀ)·v.
+std::vector<double> Attention(const float* q, const at::Tensor& keys, const at::Tensor& values,
+                              double scale) {
+  const int64_t n = keys.size(0), d = keys.size(1);
+  auto k = keys.accessor<float, 2>();
+  auto v = values.accessor<float, 2>();
+  std::vector<double> s(n);
+  double max = -INFINITY;
+  for (int64_t j = 0; j < n; ++j) {
+    double dot = 0;
+    for (int64_t i = 0; i < d; ++i) dot += static_cast<double>(q[i]) * k[j][i];
+    s[j] = dot * scale;
+    max = std::max(max, s[j]);
+  }
+  double z = 0;
+  for (double& e : s) z += (e = std::exp(e - max));
+  std::vector<double> o(d, 0.0);
+  for (int64_t j = 0; j < n; ++j) {
+    for (int64_t i = 0; i < d; ++i) o[i] += s[j] / z * v[j][i];
+  }
+  return o;
+}
+
+TEST_P(DecodeAttentionTest, MatchesTheFormulaWithGroupedHeadsWindowsAndOddHeadSizes) {
+  at::manual_seed(9);
+  struct Case {
+    int64_t heads, kv_heads, head_dim, window;
+  };
+  const Case cases[] = {{4, 4, 64, 0}, {8, 2, 24, 0}, {6, 3, 20, 5}, {2, 1, 7, 3}};
+  for (const Case& c : cases) {
+    // Rows with different pasts (0 = the first position), each continuing its own cache.
+    const std::vector<int64_t> pasts = {0, 3, 9, 17};
+    std::vector<std::unique_ptr<KvCache>> caches;
+    for (int64_t past : pasts) {
+      caches.push_back(std::make_unique<KvCache>(2, c.kv_heads, c.head_dim, 4,
+                                                 at::TensorOptions().dtype(at::kFloat)));
+      if (past > 0) {
+        for (int64_t layer = 0; layer < 2; ++layer) {
+          caches.back()->Append(layer, at::randn({c.kv_heads, past, c.head_dim}),
+                                at::randn({c.kv_heads, past, c.head_dim}));
+        }
+        caches.back()->Commit(past);
+      }
+    }
+    const int64_t rows = static_cast<int64_t>(pasts.size());
+    // Decode rows sit among other tokens of a packed batch: q/k/v have 2 rows per sequence.
+    at::Tensor q = at::randn({2 * rows, c.heads * c.head_dim});
+    at::Tensor kv = at::randn({2 * rows, 3 * c.kv_heads * c.head_dim});  // k and v inside.
+    at::Tensor k = kv.narrow(1, 0, c.kv_heads * c.head_dim);
+    at::Tensor v = kv.narrow(1, 2 * c.kv_heads * c.head_dim, c.kv_heads * c.head_dim);
+    at::Tensor out = at::zeros({2 * rows, c.heads * c.head_dim});
+    std::vector<DecodeRow> decode;
+    for (int64_t r = 0; r < rows; ++r) decode.push_back({2 * r + 1, caches[r].get()});
+    ASSERT_TRUE(DecodeAttentionApplies(q, k, v, out));
+    const double scale = 1.0 / std::sqrt(static_cast<double>(c.head_dim));
+    const int64_t layer = 1;
+    DecodeAttention(layer, q, k, v, decode, c.heads, c.kv_heads, c.head_dim, scale, c.window, out);
+    const int64_t group = c.heads / c.kv_heads;
+    for (int64_t r = 0; r < rows; ++r) {
+      KvCache& cache = *caches[r];
+      EXPECT_EQ(cache.length(), pasts[r]) << "the kernel must not commit";
+      const int64_t total = pasts[r] + 1;
+      const int64_t first = c.window > 0 ? std::max<int64_t>(0, total - c.window) : 0;
+      for (int64_t h = 0; h < c.heads; ++h) {
+        const int64_t kvh = h / group;
+        // The new key and value were stored at position `past` of this row's cache.
+        at::Tensor stored_k = cache.keys(layer)[kvh][pasts[r]];
+        EXPECT_TRUE(at::equal(stored_k, k[2 * r + 1].narrow(0, kvh * c.head_dim, c.head_dim)));
+        at::Tensor keys = cache.keys(layer)[kvh].narrow(0, first, total - first).contiguous();
+        at::Tensor values = cache.values(layer)[kvh].narrow(0, first, total - first).contiguous();
+        const float* qh = q[2 * r + 1].data_ptr<float>() + h * c.head_dim;
+        std::vector<double> want = Attention(qh, keys, values, scale);
+        const float* got = out[2 * r + 1].data_ptr<float>() + h * c.head_dim;
+        for (int64_t i = 0; i < c.head_dim; ++i) {
+          EXPECT_NEAR(got[i], want[i], 1e-5) << "row " << r << " head " << h << " dim " << i;
+        }
+      }
+      // Rows that are not decode rows are left alone.
+      EXPECT_EQ(out[2 * r].abs().sum().item<float>(), 0.0f);
+    }
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Isas, DecodeAttentionTest, ::testing::Values(Isa::kAvx2, Isa::kAvx512),
+                         IsaParamName);
+
+TEST(CpuKernelsTest, NoneTurnsTheKernelsOff) {
+  ASSERT_TRUE(SelectIsa(Isa::kNone));
+  at::Tensor x = at::randn({2, 16}), w = at::randn({4, 16});
+  EXPECT_FALSE(Linear(x, w, at::Tensor()).defined());
+  EXPECT_FALSE(DecodeAttentionApplies(x, x, x, at::empty({2, 16})));
+  EXPECT_TRUE(SelectIsa(SupportedIsa()));
+  EXPECT_EQ(SelectedIsa(), SupportedIsa());
+}
+
+TEST(CpuKernelsTest, RefusesAnInstructionSetTheCpuLacks) {
+  if (SupportedIsa() == Isa::kAvx512) GTEST_SKIP() << "every instruction set is supported";
+  EXPECT_FALSE(SelectIsa(Isa::kAvx512));
+  EXPECT_EQ(SelectedIsa(), SupportedIsa());
+}
+
+}  // namespace
+}  // namespace adapterd::core::cpu
