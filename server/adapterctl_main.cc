@@ -194,7 +194,8 @@ int Admin(const std::string& command, const std::vector<std::string>& args) {
                   << "kv cache  " << resp.kv_cache_bytes() << " / " << resp.kv_cache_capacity_bytes()
                   << " bytes\n"
                   << "uptime    " << resp.uptime_seconds() << " s, version "
-                  << resp.build().version() << ", " << resp.build().threads() << " threads\n";
+                  << resp.build().version() << ", " << resp.build().threads()
+                  << " threads, CPU kernels " << resp.build().cpu_kernels() << "\n";
       }
     }
   }

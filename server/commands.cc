@@ -22,6 +22,7 @@ core::EngineOptions EngineOptionsFromFlags() {
   o.device = absl::GetFlag(FLAGS_device);
   o.dtype = absl::GetFlag(FLAGS_dtype);
   o.threads = absl::GetFlag(FLAGS_threads);
+  o.cpu_kernels = absl::GetFlag(FLAGS_cpu_kernels);
   return o;
 }
 
@@ -171,8 +172,8 @@ int RunGenerate() {
     std::cerr << "generate: " << engine.status().message() << "\n";
     return 1;
   }
-  spdlog::info("loaded {} in {:.3f} s, {} intra-op threads", report.architecture,
-               report.load_seconds, core::Engine::threads());
+  spdlog::info("loaded {} in {:.3f} s, {} intra-op threads, CPU kernels {}", report.architecture,
+               report.load_seconds, core::Engine::threads(), core::Engine::cpu_kernels());
   if (const std::string dir = absl::GetFlag(FLAGS_adapter_dir); !dir.empty()) {
     adapters::AdapterReport adapter_report;
     auto adapter = adapters::LoadAdapterFor(**engine, dir, AdapterNameOf(dir), &adapter_report);

@@ -13,6 +13,9 @@ ABSL_FLAG(std::string, device, "cpu", "Device the model runs on (cpu, cuda:0, ..
 ABSL_FLAG(std::string, dtype, "float32", "Compute dtype: float32, float16 or bfloat16.");
 ABSL_FLAG(int32_t, threads, static_cast<int32_t>(std::thread::hardware_concurrency()),
           "Intra-op threads for the model (default: the machine's cores).");
+ABSL_FLAG(std::string, cpu_kernels, "auto",
+          "CPU float32 kernels for few-row steps: auto (best this CPU has), avx512f, avx2 or "
+          "none (ATen/BLAS only).");
 ABSL_FLAG(bool, json, false, "Print machine-readable JSON instead of text.");
 ABSL_FLAG(std::string, prompt_ids, "", "Prompt as comma-separated token ids (generate).");
 ABSL_FLAG(std::string, prompt, "", "Prompt as text, tokenized with the model's tokenizer.json.");

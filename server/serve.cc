@@ -105,6 +105,7 @@ int RunServe() {
   options.device = absl::GetFlag(FLAGS_device);
   options.dtype = absl::GetFlag(FLAGS_dtype);
   options.threads = absl::GetFlag(FLAGS_threads);
+  options.cpu_kernels = absl::GetFlag(FLAGS_cpu_kernels);
   core::LoadReport report;
   auto engine = core::Engine::Load(options, &report);
   if (!engine.ok()) {
@@ -113,9 +114,10 @@ int RunServe() {
     return 1;
   }
   ctx->engine = *std::move(engine);
-  spdlog::info("model {} ({} parameters) loaded in {:.3f} s; {} intra-op threads",
+  spdlog::info("model {} ({} parameters) loaded in {:.3f} s; {} intra-op threads, "
+               "CPU kernels {}",
                report.architecture, report.parameter_count, report.load_seconds,
-               core::Engine::threads());
+               core::Engine::threads(), core::Engine::cpu_kernels());
   auto tokenizer = core::Tokenizer::FromModelDir(model_dir);
   if (tokenizer.ok()) {
     ctx->tokenizer = *std::move(tokenizer);

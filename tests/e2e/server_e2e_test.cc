@@ -331,6 +331,7 @@ TEST_F(E2eTest, AdminListsAdaptersAndReportsModelState) {
   EXPECT_EQ(state.base().architecture(), "LlamaForCausalLM");
   EXPECT_GE(state.adapters_size(), 3);
   EXPECT_GT(state.build().threads(), 0);
+  EXPECT_THAT(state.build().cpu_kernels(), ::testing::AnyOf("avx512f", "avx2", "none"));
   // A dry run validates and reports without publishing.
   grpc::ClientContext vctx;
   v1::LoadAdapterRequest dry;

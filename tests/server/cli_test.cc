@@ -19,8 +19,10 @@ struct CliRun {
   std::string out;
 };
 
-CliRun Adapterd(const std::string& args) {
-  std::string cmd = testing::AdapterdBinary() + " " + args + " --log_level=warn 2>/dev/null";
+// Runs adapterd with `args`; the output holds stdout, and stderr too when `with_stderr`.
+CliRun Adapterd(const std::string& args, bool with_stderr = false) {
+  std::string cmd = testing::AdapterdBinary() + " " + args + " --log_level=warn " +
+                    (with_stderr ? "2>&1" : "2>/dev/null");
   CliRun r{0, ""};
   FILE* p = ::popen(cmd.c_str(), "r");
   std::array<char, 4096> buf;
@@ -56,6 +58,24 @@ TEST(CliTest, GenerateJsonEqualsTheReferenceGreedyContinuation) {
   EXPECT_EQ(j["tokens"], ref["greedy"]);
   EXPECT_EQ(j["finish_reason"], "length");
   EXPECT_EQ(j["steps"][0]["top"].size(), 5u);
+}
+
+TEST(CliTest, EveryCpuKernelChoiceGivesTheReferenceContinuationAndBadOnesAreRefused) {
+  auto ref = testing::ReadJson(testing::Fixture("llama_untied") + "/reference.json");
+  std::string ids;
+  for (int id : ref["prompt"]) ids += (ids.empty() ? "" : ",") + std::to_string(id);
+  for (const char* kernels : {"none", "auto"}) {
+    CliRun r = Adapterd(std::string("generate --json --ignore_eos --max_new_tokens 8") +
+                        " --cpu_kernels " + kernels + " --model_dir " +
+                        testing::Fixture("llama_untied") + " --prompt_ids " + ids);
+    ASSERT_EQ(r.exit_code, 0) << kernels << ": " << r.out;
+    EXPECT_EQ(nlohmann::json::parse(r.out)["tokens"], ref["greedy"]) << kernels;
+  }
+  CliRun bad = Adapterd("generate --cpu_kernels sse9 --model_dir " +
+                            testing::Fixture("llama_untied") + " --prompt_ids " + ids,
+                        /*with_stderr=*/true);
+  EXPECT_EQ(bad.exit_code, 1);
+  EXPECT_THAT(bad.out, HasSubstr("cpu_kernels must be auto, avx512f, avx2 or none, got \"sse9\""));
 }
 
 TEST(CliTest, GenerateRejectsMalformedIds) {
