@@ -1,6 +1,6 @@
 // Benchmark (not a test): single-stream decode speed and cold load time of a model, printed
 // next to the machine's limit — weight bytes read per token over measured memory-copy
-// bandwidth. Usage: decode_bench MODEL_DIR [NEW_TOKENS] [THREADS]
+// bandwidth. Usage: decode_bench MODEL_DIR [NEW_TOKENS] [THREADS] [CPU_KERNELS]
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -47,6 +47,7 @@ int main(int argc, char** argv) {
   adapterd::core::EngineOptions options;
   options.model_dir = argv[1];
   options.threads = threads;
+  if (argc > 4) options.cpu_kernels = argv[4];
   adapterd::core::LoadReport report;
   auto t0 = std::chrono::steady_clock::now();
   auto engine = adapterd::core::Engine::Load(options, &report);
@@ -74,11 +75,33 @@ int main(int argc, char** argv) {
   const double tps = new_tokens / decode_s;
   const double bw = CopyBandwidth(threads);
   const double limit = bw / weight_bytes;
-  std::printf("threads          %d\n", adapterd::core::Engine::threads());
+  std::printf("threads          %d, CPU kernels %s\n", adapterd::core::Engine::threads(),
+              adapterd::core::Engine::cpu_kernels());
   std::printf("decode           %.2f tokens/s (%.2f ms/token over %d tokens)\n", tps,
               1e3 * decode_s / new_tokens, new_tokens);
   std::printf("memcpy bandwidth %.2f GB/s\n", bw / 1e9);
   std::printf("limit            %.2f tokens/s (weight bytes per token / bandwidth)\n", limit);
   std::printf("ratio            %.2f of the limit\n", tps / limit);
+
+  // Batched decode: B sequences step together (what the server's scheduler does with B
+  // streams), without gRPC; aggregate tokens/s and the speed-up over one row.
+  for (int rows : {1, 4, 8, 16, 32}) {
+    std::vector<std::unique_ptr<adapterd::core::Sequence>> seqs;
+    std::vector<adapterd::core::Sequence*> batch;
+    for (int r = 0; r < rows; ++r) {
+      std::vector<int32_t> p;
+      for (int i = 0; i < 16; ++i) p.push_back(100 + 13 * r + 7 * i);
+      seqs.push_back(std::move(*(*engine)->NewSequence(p, adapterd::core::SamplingParams())));
+      batch.push_back(seqs.back().get());
+    }
+    (void)(*engine)->Step(batch);  // Prefill.
+    for (int i = 0; i < 2; ++i) (void)(*engine)->Step(batch);
+    const int steps = 32;
+    t0 = std::chrono::steady_clock::now();
+    for (int i = 0; i < steps; ++i) (void)(*engine)->Step(batch);
+    const double s = Seconds(t0, std::chrono::steady_clock::now());
+    std::printf("batch %2d rows    %7.1f tokens/s (%.2f ms/step, %.2fx one row)\n", rows,
+                rows * steps / s, 1e3 * s / steps, rows * steps / s / tps);
+  }
   return 0;
 }
