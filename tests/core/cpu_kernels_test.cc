@@ -3,6 +3,9 @@
 #include "core/cpu_kernels.h"
 
 #include <cmath>
+#include <fstream>
+#include <set>
+#include <sstream>
 #include <string>
 
 #include "gtest/gtest.h"
@@ -174,10 +177,34 @@ TEST(CpuKernelsTest, NoneTurnsTheKernelsOff) {
   EXPECT_EQ(SelectedIsa(), SupportedIsa());
 }
 
-TEST(CpuKernelsTest, RefusesAnInstructionSetTheCpuLacks) {
-  if (SupportedIsa() == Isa::kAvx512) GTEST_SKIP() << "every instruction set is supported";
-  EXPECT_FALSE(SelectIsa(Isa::kAvx512));
-  EXPECT_EQ(SelectedIsa(), SupportedIsa());
+TEST(CpuKernelsTest, DetectsWhatTheKernelReportsInProcCpuinfo) {
+  Isa want = Isa::kNone;
+#if defined(__x86_64__)
+  std::ifstream in("/proc/cpuinfo");
+  std::string line;
+  while (std::getline(in, line) && line.rfind("flags", 0) != 0) {
+  }
+  std::set<std::string> flags;
+  std::istringstream words(line);
+  for (std::string w; words >> w;) flags.insert(w);
+  ASSERT_FALSE(flags.empty()) << "no flags line in /proc/cpuinfo";
+  if (flags.count("avx512f")) {
+    want = Isa::kAvx512;
+  } else if (flags.count("avx2") && flags.count("fma")) {
+    want = Isa::kAvx2;
+  }
+#endif
+  EXPECT_EQ(IsaName(SupportedIsa()), std::string(IsaName(want)));
+}
+
+TEST(CpuKernelsTest, SelectsAnInstructionSetOnlyWhenTheCpuHasIt) {
+  for (Isa isa : {Isa::kNone, Isa::kAvx2, Isa::kAvx512}) {
+    const bool supported = isa <= SupportedIsa();
+    ASSERT_TRUE(SelectIsa(Isa::kNone));
+    EXPECT_EQ(SelectIsa(isa), supported) << IsaName(isa);
+    EXPECT_EQ(SelectedIsa(), supported ? isa : Isa::kNone) << IsaName(isa);
+  }
+  EXPECT_TRUE(SelectIsa(SupportedIsa()));
 }
 
 }  // namespace
