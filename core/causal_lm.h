@@ -1,7 +1,8 @@
 // The forward pass of a decoder-only language model over a packed batch: the new tokens of
 // every row are concatenated into one [N] tensor so that each projection is one matrix
-// multiply for the whole batch, while attention runs per row against that row's KV cache.
-// Rows may mix prefill (many new tokens) and decode (one new token).
+// multiply for the whole batch, while attention reads each row's own KV cache (all decode
+// rows of a layer in one CPU kernel call when it applies, other rows one by one). Rows may
+// mix prefill (many new tokens) and decode (one new token).
 //
 // Thread-safety: the weights are immutable and shared; Forward() is called by the single
 // scheduler thread (it mutates the rows' caches).

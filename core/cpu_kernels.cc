@@ -70,6 +70,16 @@ const char* IsaName(Isa isa) {
   return "?";
 }
 
+bool IsaFromName(const std::string& name, Isa* isa) {
+  for (Isa i : {Isa::kNone, Isa::kAvx2, Isa::kAvx512}) {
+    if (name == IsaName(i)) {
+      *isa = i;
+      return true;
+    }
+  }
+  return false;
+}
+
 at::Tensor Linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b) {
   const Isa isa = SelectedIsa();
   if (isa == Isa::kNone || !IsCpuFloat(x) || !IsCpuFloat(w) || x.dim() != 2 || w.dim() != 2 ||

@@ -15,6 +15,7 @@
 
 #include <ATen/ATen.h>
 
+#include <string>
 #include <vector>
 
 #include "core/kv_cache.h"
@@ -36,6 +37,8 @@ Isa SelectedIsa();
 bool SelectIsa(Isa isa);
 // Returns "avx512f", "avx2" or "none".
 const char* IsaName(Isa isa);
+// Returns the instruction set IsaName() names `name`; false when it names none.
+bool IsaFromName(const std::string& name, Isa* isa);
 
 // Returns y = x·wᵀ + b (b may be undefined) when a kernel applies: x [M, K] with
 // M <= kLinearMaxRows, w [N, K], both CPU float32 with unit stride along K, b contiguous [N].

@@ -60,14 +60,7 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Load(const EngineOptions& option
   if (options.threads > 0) at::set_num_threads(options.threads);
   cpu::Isa isa = cpu::SupportedIsa();
   if (options.cpu_kernels != "auto") {
-    bool known = false;
-    for (cpu::Isa i : {cpu::Isa::kNone, cpu::Isa::kAvx2, cpu::Isa::kAvx512}) {
-      if (options.cpu_kernels == cpu::IsaName(i)) {
-        isa = i;
-        known = true;
-      }
-    }
-    if (!known) {
+    if (!cpu::IsaFromName(options.cpu_kernels, &isa)) {
       return absl::InvalidArgumentError(absl::StrCat(
           "cpu_kernels must be auto, avx512f, avx2 or none, got \"", options.cpu_kernels, "\""));
     }

@@ -44,10 +44,8 @@ class ReferenceTest
     if (!Supported(kernels())) GTEST_SKIP() << kernels() << " kernels are not supported here";
   }
   static bool Supported(const std::string& kernels) {
-    for (cpu::Isa isa : {cpu::Isa::kNone, cpu::Isa::kAvx2, cpu::Isa::kAvx512}) {
-      if (kernels == cpu::IsaName(isa)) return isa <= cpu::SupportedIsa();
-    }
-    return false;
+    cpu::Isa isa;
+    return cpu::IsaFromName(kernels, &isa) && isa <= cpu::SupportedIsa();
   }
   const char* fixture() const { return std::get<0>(GetParam()); }
   const char* kernels() const { return std::get<1>(GetParam()); }
