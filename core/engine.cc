@@ -12,6 +12,8 @@
 #include "core/model_loader.h"
 #include "core/sampler.h"
 #include "core/status_macros.h"
+#include "core/stop_criteria.h"
+#include "core/torch_error.h"
 
 namespace adapterd::core {
 
@@ -73,6 +75,7 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Load(const EngineOptions& option
   LoadOptions load;
   load.device = options.device;
   load.compute_dtype = options.dtype;
+  load.map_weights = options.map_weights;
   ASSIGN_OR_RETURN(auto model, LoadModel(options.model_dir, load, report));
   return std::unique_ptr<Engine>(new Engine(std::move(model), *report));
 }
@@ -118,7 +121,7 @@ absl::StatusOr<std::unique_ptr<Sequence>> Engine::NewSequence(
     try {
       prefix_positions = adapter->SeedCache(*state->cache);
     } catch (const std::exception& e) {
-      return absl::InternalError(absl::StrCat("seeding the prefix failed: ", e.what()));
+      return absl::InternalError(absl::StrCat("seeding the prefix failed: ", TorchErrorMessage(e)));
     }
     if (prefix_positions + static_cast<int64_t>(state->tokens.size()) >= context_length()) {
       return absl::InvalidArgumentError(absl::StrCat(
@@ -171,20 +174,34 @@ absl::StatusOr<std::vector<StepOutput>> Engine::Step(const std::vector<Sequence*
   }
   AdapterBatch adapters(std::move(ranges));
   std::vector<StepOutput> out(batch.size());
+  at::Tensor logits, logprobs;
   try {
     at::Tensor tokens = at::tensor(ids, at::kLong).to(model_->options().device());
-    at::Tensor logits =
+    logits =
         model_->Forward(tokens, rows, /*all_positions=*/false, adapters.empty() ? nullptr : &adapters)
             .to(at::kCPU, at::kFloat);
-    at::Tensor logprobs = at::log_softmax(logits, -1);
-    for (size_t r = 0; r < order.size(); ++r) {
-      Sequence::State& s = *batch[order[r]]->state_;
-      s.soft_prompt_pending = false;
+    logprobs = at::log_softmax(logits, -1);
+  } catch (const std::exception& e) {
+    // Nothing was committed: every cache keeps its length, so the rows can be retried.
+    return absl::InternalError(absl::StrCat("model step failed: ", TorchErrorMessage(e)));
+  }
+  for (size_t r = 0; r < order.size(); ++r) {
+    Sequence::State& s = *batch[order[r]]->state_;
+    s.soft_prompt_pending = false;
+    StepOutput& o = out[order[r]];
+    try {
+      if (!at::isfinite(logits[r]).all().item<bool>()) {
+        o.status = absl::InternalError("the model produced non-finite logits for this sequence");
+        continue;
+      }
       at::Tensor processed = ProcessLogits(logits[r], s.params, s.seen);
-      const int64_t token = ChooseToken(processed, s.params, s.generator);
-      StepOutput& o = out[order[r]];
-      o.token = static_cast<int32_t>(token);
-      o.logprob = logprobs[r][token].item<float>();
+      absl::StatusOr<int64_t> token = ChooseToken(processed, s.params, s.generator);
+      if (!token.ok()) {
+        o.status = token.status();
+        continue;
+      }
+      o.token = static_cast<int32_t>(*token);
+      o.logprob = logprobs[r][*token].item<float>();
       if (s.params.top_logprobs > 0) {
         auto [values, indices] = at::topk(logprobs[r], s.params.top_logprobs);
         auto v = values.accessor<float, 1>();
@@ -193,11 +210,13 @@ absl::StatusOr<std::vector<StepOutput>> Engine::Step(const std::vector<Sequence*
           o.top.push_back({static_cast<int32_t>(i[k]), v[k]});
         }
       }
-      s.tokens.push_back(o.token);
-      s.Remember(o.token);
+    } catch (const std::exception& e) {
+      o = StepOutput();
+      o.status = absl::InternalError(absl::StrCat("sampling failed: ", TorchErrorMessage(e)));
+      continue;
     }
-  } catch (const std::exception& e) {
-    return absl::InternalError(absl::StrCat("model step failed: ", e.what()));
+    s.tokens.push_back(o.token);
+    s.Remember(o.token);
   }
   return out;
 }
@@ -222,7 +241,7 @@ absl::StatusOr<std::vector<float>> Engine::PromptLogits(
                             .contiguous();
     return std::vector<float>(logits.data_ptr<float>(), logits.data_ptr<float>() + logits.numel());
   } catch (const std::exception& e) {
-    return absl::InternalError(absl::StrCat("model forward failed: ", e.what()));
+    return absl::InternalError(absl::StrCat("model forward failed: ", TorchErrorMessage(e)));
   }
 }
 
@@ -243,21 +262,24 @@ absl::StatusOr<GenerateResult> Generate(const Engine& engine, const GenerateRequ
   }
   ASSIGN_OR_RETURN(auto seq, engine.NewSequence(request.prompt, request.params, request.adapter));
   GenerateResult result;
-  const std::vector<int64_t>& eos = engine.config().eos_token_ids;
-  while (true) {
-    if (seq->positions() >= engine.context_length()) break;
+  StopCriteria stop;
+  stop.eos_token_ids =
+      request.eos_token_ids.empty() ? engine.config().eos_token_ids : request.eos_token_ids;
+  stop.ignore_eos = request.ignore_eos;
+  stop.stop_token_ids = request.stop_token_ids;
+  stop.max_new_tokens = request.max_new_tokens;
+  const std::string no_text;
+  while (seq->positions() < engine.context_length()) {
     ASSIGN_OR_RETURN(auto step, engine.Step({seq.get()}));
+    RETURN_IF_ERROR(step[0].status);
     result.steps.push_back(step[0]);
-    const int64_t t = step[0].token;
-    if (!request.ignore_eos && std::count(eos.begin(), eos.end(), t)) {
-      result.finish_reason = FinishReason::kEos;
+    const auto reason =
+        stop.Check(step[0].token, no_text, 0, static_cast<int64_t>(result.steps.size()),
+                   seq->positions(), engine.context_length());
+    if (reason) {
+      result.finish_reason = *reason;
       return result;
     }
-    if (std::count(request.stop_token_ids.begin(), request.stop_token_ids.end(), t)) {
-      result.finish_reason = FinishReason::kStop;
-      return result;
-    }
-    if (static_cast<int64_t>(result.steps.size()) >= request.max_new_tokens) break;
   }
   result.finish_reason = FinishReason::kLength;
   return result;

@@ -28,6 +28,9 @@ struct TokenLogprob {
 };
 
 struct StepOutput {
+  // Not OK when this row alone failed (non-finite logits, sampling that overflowed): the
+  // sequence did not advance and must end with this status; the other rows are unaffected.
+  absl::Status status;
   int32_t token = 0;
   float logprob = 0;
   std::vector<TokenLogprob> top;  // The SamplingParams::top_logprobs most likely ids.
@@ -64,6 +67,7 @@ struct EngineOptions {
   // CPU float32 kernels for few-row steps (core/cpu_kernels.h): "auto" (the best this CPU
   // supports), "avx512f", "avx2" or "none" (ATen/BLAS only). Process-wide.
   std::string cpu_kernels = "auto";
+  bool map_weights = true;  // See LoadOptions::map_weights (core/model_loader.h).
 };
 
 class Engine {
@@ -119,7 +123,10 @@ struct GenerateRequest {
   SamplingParams params;
   int64_t max_new_tokens = 16;
   bool ignore_eos = false;
-  std::vector<int64_t> stop_token_ids;  // In addition to the model's EOS ids.
+  std::vector<int64_t> stop_token_ids;  // In addition to the EOS ids.
+  // The ids that end generation (see EosTokenIds in core/stop_criteria.h); when empty, the
+  // model's config.json / generation_config.json ids.
+  std::vector<int64_t> eos_token_ids;
 };
 
 struct GenerateResult {

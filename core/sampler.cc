@@ -41,7 +41,7 @@ at::Tensor ProcessLogits(const at::Tensor& logits, const SamplingParams& p,
     score = at::where(score < 0, score * p.repetition_penalty, score / p.repetition_penalty);
     s.index_copy_(0, ids, score);
   }
-  if (p.temperature == 0.0f) return s;  // Greedy: no warpers.
+  if (IsGreedy(p)) return s;  // Greedy: no warpers.
   const float neg_inf = -std::numeric_limits<float>::infinity();
   if (p.temperature != 1.0f) s = s / p.temperature;
   if (p.top_k > 0) {
@@ -59,9 +59,17 @@ at::Tensor ProcessLogits(const at::Tensor& logits, const SamplingParams& p,
   return s;
 }
 
-int64_t ChooseToken(const at::Tensor& processed, const SamplingParams& p,
-                    at::Generator& generator) {
-  if (p.temperature == 0.0f) return processed.argmax().item<int64_t>();
+absl::StatusOr<int64_t> ChooseToken(const at::Tensor& processed, const SamplingParams& p,
+                                    at::Generator& generator) {
+  // softmax subtracts the maximum: a finite maximum keeps every probability finite.
+  const float max = processed.max().item<float>();
+  if (!std::isfinite(max)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "sampling failed: the processed scores' maximum is ", max,
+        " (temperature=", p.temperature, ", repetition_penalty=", p.repetition_penalty,
+        ", top_k=", p.top_k, ", top_p=", p.top_p, "); these values overflow float32"));
+  }
+  if (IsGreedy(p)) return processed.argmax().item<int64_t>();
   at::Tensor probs = at::softmax(processed, 0);
   return at::multinomial(probs, 1, /*replacement=*/false, generator).item<int64_t>();
 }

@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "absl/status/statusor.h"
 #include "core/sampling_params.h"
 
 namespace adapterd::core {
@@ -19,9 +20,10 @@ namespace adapterd::core {
 at::Tensor ProcessLogits(const at::Tensor& logits, const SamplingParams& params,
                          const std::vector<int64_t>& seen);
 
-// Returns the chosen id: argmax when params.temperature == 0, else a draw from
-// softmax(processed) with `generator`.
-int64_t ChooseToken(const at::Tensor& processed, const SamplingParams& params,
-                    at::Generator& generator);
+// Returns the chosen id: argmax when IsGreedy(params), else a draw from softmax(processed)
+// with `generator`. InvalidArgument when the processed scores are not usable (NaN, +inf, or
+// every token masked): an odd sampling value overflowed, and only this row is affected.
+absl::StatusOr<int64_t> ChooseToken(const at::Tensor& processed, const SamplingParams& params,
+                                    at::Generator& generator);
 
 }  // namespace adapterd::core

@@ -8,7 +8,7 @@
 namespace adapterd::core {
 
 struct SamplingParams {
-  float temperature = 0.0f;         // 0 selects greedy decoding; otherwise > 0.
+  float temperature = 0.0f;         // Below kGreedyTemperature (0 included): greedy decoding.
   int32_t top_k = 0;                // 0 disables top-k (transformers' generate defaults to 50).
   float top_p = 1.0f;               // 1 disables nucleus filtering; otherwise in (0, 1).
   float repetition_penalty = 1.0f;  // 1 disables; otherwise > 0.
@@ -17,6 +17,16 @@ struct SamplingParams {
 };
 
 inline constexpr int32_t kMaxTopLogprobs = 20;
+
+// Temperatures below this select greedy decoding, as vLLM does (its _SAMPLING_EPS): dividing
+// logits by a near-zero temperature overflows float32 (anything under ~1e-38 turns every
+// logit into +-inf), and the limit of softmax(logits / t) as t -> 0 is the argmax anyway.
+inline constexpr float kGreedyTemperature = 1e-5f;
+
+// True when `params` decodes greedily (argmax after the repetition penalty).
+inline bool IsGreedy(const SamplingParams& params) {
+  return params.temperature < kGreedyTemperature;
+}
 
 // Returns InvalidArgument naming the first field out of range.
 absl::Status ValidateSamplingParams(const SamplingParams& params);

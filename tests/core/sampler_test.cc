@@ -39,7 +39,7 @@ TEST(SamplerTest, GreedyIgnoresWarpersButNotThePenalty) {
   p.repetition_penalty = 1.5f;
   at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(1);
   // 3 / 1.5 = 2 < 2.9: the penalty moves the argmax to id 1.
-  EXPECT_EQ(ChooseToken(ProcessLogits(logits, p, {0}), p, gen), 1);
+  EXPECT_EQ(ChooseToken(ProcessLogits(logits, p, {0}), p, gen).value(), 1);
   auto out = ToVector(ProcessLogits(logits, p, {0}));
   EXPECT_TRUE(std::isfinite(out[2]));  // No top-k / top-p in greedy mode.
 }
@@ -99,7 +99,7 @@ TEST(SamplerTest, SameSeedSameDrawsAndFilteredTokensNeverDrawn) {
   auto draw = [&](uint64_t seed) {
     at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(seed);
     std::vector<int64_t> ids;
-    for (int i = 0; i < 200; ++i) ids.push_back(ChooseToken(ProcessLogits(logits, p, {}), p, gen));
+    for (int i = 0; i < 200; ++i) ids.push_back(ChooseToken(ProcessLogits(logits, p, {}), p, gen).value());
     return ids;
   };
   auto a = draw(7), b = draw(7), c = draw(8);
@@ -111,6 +111,42 @@ TEST(SamplerTest, SameSeedSameDrawsAndFilteredTokensNeverDrawn) {
   // Empirical frequency of the most likely of the three near its processed probability.
   const double e0 = std::exp(1.0 / 1.3), e1 = std::exp(1.1 / 1.3), e3 = std::exp(1.05 / 1.3);
   EXPECT_NEAR(counts[1] / 200.0, e1 / (e0 + e1 + e3), 0.12);
+}
+
+TEST(SamplerTest, NearZeroTemperatureIsGreedyInsteadOfOverflowing) {
+  // logits / 1e-45 is +-inf in float32: such temperatures decode greedily (vLLM's rule).
+  at::Tensor logits = at::tensor({0.5f, 2.5f, -1.0f, 2.4f});
+  at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(3);
+  for (float t : {1e-45f, 1e-38f, 9e-6f}) {
+    SamplingParams p;
+    p.temperature = t;
+    p.top_k = 1;
+    ASSERT_TRUE(IsGreedy(p)) << t;
+    auto out = ToVector(ProcessLogits(logits, p, {}));
+    EXPECT_EQ(out, ToVector(logits)) << t;  // No warper touched the scores.
+    EXPECT_EQ(ChooseToken(ProcessLogits(logits, p, {}), p, gen).value(), 1) << t;
+  }
+  SamplingParams p;
+  p.temperature = kGreedyTemperature;
+  EXPECT_FALSE(IsGreedy(p));
+}
+
+TEST(SamplerTest, OverflowingPenaltyFailsTheDrawWithItsValues) {
+  // A positive score divided by 1e-38 overflows to +inf; softmax would be NaN.
+  at::Tensor logits = at::tensor({5.0f, 2.0f, 1.0f});
+  SamplingParams p;
+  p.temperature = 0.8f;
+  p.repetition_penalty = 1e-38f;
+  at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(3);
+  auto token = ChooseToken(ProcessLogits(logits, p, {0}), p, gen);
+  ASSERT_FALSE(token.ok());
+  EXPECT_EQ(token.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(token.status().message().find("repetition_penalty=1e-38"), std::string::npos)
+      << token.status().message();
+  // NaN scores are refused too, in greedy mode as well.
+  SamplingParams greedy;
+  at::Tensor nan = at::tensor({1.0f, std::nanf(""), 0.0f});
+  EXPECT_FALSE(ChooseToken(nan, greedy, gen).ok());
 }
 
 TEST(SamplerTest, ValidationNamesTheBadField) {
