@@ -4,16 +4,18 @@
 
 #include <chrono>
 #include <cmath>
-#include <regex>
 #include <set>
 
 #include "absl/strings/match.h"
+#include "absl/strings/numbers.h"
+#include "adapters/peft_regex.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "core/engine.h"
 #include "core/model_config.h"
 #include "core/safetensors.h"
 #include "core/status_macros.h"
+#include "core/torch_error.h"
 
 namespace adapterd::adapters {
 namespace {
@@ -29,17 +31,13 @@ std::string Shape(at::IntArrayRef s) { return absl::StrCat("[", absl::StrJoin(s,
 
 absl::StatusOr<bool> FullMatch(const std::string& pattern, const std::string& text,
                                const char* field) {
-  try {
-    return std::regex_match(text, std::regex(pattern, std::regex::ECMAScript));
-  } catch (const std::regex_error& e) {
-    return absl::InvalidArgumentError(
-        absl::StrCat(field, " \"", pattern, "\" is not a valid regular expression: ", e.what()));
-  }
+  ASSIGN_OR_RETURN(auto regex, PeftRegex::Compile(pattern, field));
+  return regex->FullMatch(text);
 }
 
 // PEFT: the layer index is the first `.<pattern>.<digits>.` in the name.
-std::optional<int64_t> LayerIndex(const std::string& key,
-                                  const std::vector<std::string>& patterns) {
+absl::StatusOr<std::optional<int64_t>> LayerIndex(const std::string& key,
+                                                  const std::vector<std::string>& patterns) {
   std::vector<std::string> regexes;
   if (patterns.empty()) {
     regexes.push_back(R"(^.*?\.[^.]*\.(\d+)\.)");
@@ -47,28 +45,25 @@ std::optional<int64_t> LayerIndex(const std::string& key,
     for (const std::string& p : patterns) regexes.push_back("^.*?\\." + p + R"(\.(\d+)\.)");
   }
   for (const std::string& r : regexes) {
-    std::smatch m;
-    try {
-      if (std::regex_search(key, m, std::regex(r))) return std::stoll(m[1].str());
-    } catch (const std::exception&) {
-      return std::nullopt;
-    }
+    ASSIGN_OR_RETURN(auto regex, PeftRegex::Compile(r, "layers_pattern"));
+    ASSIGN_OR_RETURN(std::optional<std::string> digits, regex->SearchGroup1(key));
+    int64_t index = 0;
+    if (digits && absl::SimpleAtoi(*digits, &index)) return index;
   }
-  return std::nullopt;
+  return std::optional<int64_t>();
 }
 
 // PEFT's get_pattern_key: the first pattern with re.match(rf"(.*\.)?({pattern})$", key).
 template <typename T>
-std::optional<T> PatternValue(const std::vector<std::pair<std::string, T>>& patterns,
-                              const std::string& key) {
+absl::StatusOr<std::optional<T>> PatternValue(
+    const std::vector<std::pair<std::string, T>>& patterns, const std::string& key,
+    const char* field) {
   for (const auto& [pattern, value] : patterns) {
-    try {
-      if (std::regex_match(key, std::regex("(.*\\.)?(" + pattern + ")"))) return value;
-    } catch (const std::regex_error&) {
-      continue;
-    }
+    ASSIGN_OR_RETURN(auto regex, PeftRegex::Compile("(.*\\.)?(" + pattern + ")", field));
+    ASSIGN_OR_RETURN(bool match, regex->FullMatch(key));
+    if (match) return std::optional<T>(value);
   }
-  return std::nullopt;
+  return std::optional<T>();
 }
 
 absl::StatusOr<at::Tensor> ToTensor(const core::SafetensorsFile& file, const core::TensorInfo& info,
@@ -87,6 +82,10 @@ absl::StatusOr<at::Tensor> ToTensor(const core::SafetensorsFile& file, const cor
   // Copied straight into its final buffer: adapters outlive their file's mapping.
   at::Tensor t = at::empty(info.shape, stored);
   std::memcpy(t.data_ptr(), file.Data(info), info.NumBytes());
+  if (!at::isfinite(t).all().item<bool>()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        file.path(), ": tensor \"", info.name, "\" holds NaN or infinite values"));
+  }
   // PEFT upcasts half-precision adapter weights to float32 (autocast_adapter_dtype).
   return t.to(options.device(), options.dtype().toScalarType());
 }
@@ -187,8 +186,12 @@ absl::StatusOr<AdapterWeights> LoadLora(
     const bool conv1d = bc.architecture == core::Architecture::kGpt2;
     const int64_t in = conv1d ? w.size(0) : w.size(1);
     const int64_t out = conv1d ? w.size(1) : w.size(0);
-    const int64_t r = PatternValue(cfg.rank_pattern, mname).value_or(cfg.r);
-    const double alpha = PatternValue(cfg.alpha_pattern, mname).value_or(cfg.lora_alpha);
+    ASSIGN_OR_RETURN(std::optional<int64_t> rank_override,
+                     PatternValue(cfg.rank_pattern, mname, "rank_pattern"));
+    ASSIGN_OR_RETURN(std::optional<double> alpha_override,
+                     PatternValue(cfg.alpha_pattern, mname, "alpha_pattern"));
+    const int64_t r = rank_override.value_or(cfg.r);
+    const double alpha = alpha_override.value_or(cfg.lora_alpha);
     const std::vector<int64_t> want_a = {r, in}, want_b = {out, r};
     if (pair.a->shape != want_a) {
       return absl::FailedPreconditionError(absl::StrCat(
@@ -206,6 +209,11 @@ absl::StatusOr<AdapterWeights> LoadLora(
     LoraModule lm;
     lm.a = std::move(a);
     lm.b = b.mul_(scaling);  // `b` is this loader's own copy.
+    if (!std::isfinite(scaling) || !at::isfinite(lm.b).all().item<bool>()) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          label, ": lora_B for ", mname, " times its scaling ", scaling, " (lora_alpha ", alpha,
+          ", r ", r, ") is not finite in ", c10::toString(options.dtype().toScalarType())));
+    }
     report.bytes += lm.a.nbytes() + lm.b.nbytes();
     weights.lora[{m.layer, m.projection}] = std::move(lm);
     ranks.insert(r);
@@ -347,7 +355,7 @@ absl::StatusOr<bool> IsTargeted(const AdapterConfig& c, const core::ModelConfig&
   }
   if (!in_list(targets)) return false;
   if (!c.layers_to_transform) return true;
-  auto index = LayerIndex(key, c.layers_pattern);
+  ASSIGN_OR_RETURN(std::optional<int64_t> index, LayerIndex(key, c.layers_pattern));
   if (!index) return false;
   return std::count(c.layers_to_transform->begin(), c.layers_to_transform->end(), *index) > 0;
 }
@@ -355,7 +363,8 @@ absl::StatusOr<bool> IsTargeted(const AdapterConfig& c, const core::ModelConfig&
 absl::StatusOr<std::shared_ptr<const Adapter>> LoadAdapter(const std::string& dir,
                                                            const std::string& name,
                                                            const core::CausalLm& base,
-                                                           AdapterReport* report) {
+                                                           AdapterReport* report,
+                                                           const AdapterFileRules& rules) {
   const auto start = std::chrono::steady_clock::now();
   *report = AdapterReport();
   report->name = name;
@@ -366,7 +375,8 @@ absl::StatusOr<std::shared_ptr<const Adapter>> LoadAdapter(const std::string& di
         std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   };
   const std::string config_path = dir + "/adapter_config.json";
-  ASSIGN_OR_RETURN(std::string text, core::ReadFileToString(config_path));
+  ASSIGN_OR_RETURN(std::string text,
+                   core::ReadFileToString(config_path, {rules.root, kMaxAdapterConfigBytes}));
   ASSIGN_OR_RETURN(AdapterConfig cfg, AdapterConfig::FromJson(text, config_path));
   report->type = AdapterTypeName(cfg.type);
   report->base_model_name_or_path = cfg.base_model_name_or_path;
@@ -385,7 +395,10 @@ absl::StatusOr<std::shared_ptr<const Adapter>> LoadAdapter(const std::string& di
     }
     return absl::NotFoundError(absl::StrCat(weights_path, ": no such file"));
   }
-  ASSIGN_OR_RETURN(auto file, core::SafetensorsFile::Open(weights_path));
+  // Read, not mapped: a file truncated or rewritten during the load cannot fault the process.
+  ASSIGN_OR_RETURN(auto file,
+                   core::SafetensorsFile::Open(weights_path, {rules.root, rules.max_weight_bytes},
+                                               core::SafetensorsFile::Mode::kRead));
   for (const core::TensorInfo& t : file->tensors()) {
     report->file_bytes_by_dtype[std::string(core::DTypeName(t.dtype))] +=
         static_cast<int64_t>(t.NumBytes());
@@ -396,7 +409,7 @@ absl::StatusOr<std::shared_ptr<const Adapter>> LoadAdapter(const std::string& di
                                              : LoadPromptLearning(cfg, *file, base, name, *report);
   } catch (const std::exception& e) {
     weights = absl::InternalError(
-        absl::StrCat(dir, ": converting adapter weights failed: ", e.what()));
+        absl::StrCat(dir, ": converting adapter weights failed: ", core::TorchErrorMessage(e)));
   }
   finish();
   if (!weights.ok()) return weights.status();
@@ -404,8 +417,9 @@ absl::StatusOr<std::shared_ptr<const Adapter>> LoadAdapter(const std::string& di
 }
 
 absl::StatusOr<AdapterRef> LoadAdapterFor(const core::Engine& engine, const std::string& dir,
-                                          const std::string& name, AdapterReport* report) {
-  return LoadAdapter(dir, name, engine.model(), report);
+                                          const std::string& name, AdapterReport* report,
+                                          const AdapterFileRules& rules) {
+  return LoadAdapter(dir, name, engine.model(), report, rules);
 }
 
 const AdapterReport& ReportOf(const AdapterRef& adapter) { return adapter->report(); }

@@ -12,6 +12,7 @@
 
 #include "absl/status/statusor.h"
 #include "adapters/adapter.h"
+#include "adapters/adapter_ref.h"
 #include "core/causal_lm.h"
 
 namespace adapterd::adapters {
@@ -19,10 +20,9 @@ namespace adapterd::adapters {
 // Loads the adapter in `dir` under `name`. `report` is filled as far as loading got, also on
 // failure. Codes: NotFound (no folder or config), InvalidArgument (malformed files),
 // FailedPrecondition (incompatible with the base or an unsupported option).
-absl::StatusOr<std::shared_ptr<const Adapter>> LoadAdapter(const std::string& dir,
-                                                           const std::string& name,
-                                                           const core::CausalLm& base,
-                                                           AdapterReport* report);
+absl::StatusOr<std::shared_ptr<const Adapter>> LoadAdapter(
+    const std::string& dir, const std::string& name, const core::CausalLm& base,
+    AdapterReport* report, const AdapterFileRules& rules = AdapterFileRules());
 
 // A projection of the base model that LoRA can target.
 struct BaseModule {

@@ -3,6 +3,7 @@
 // sequence. The Adapter class itself (adapters/adapter.h) carries tensors.
 #pragma once
 
+#include <cstdint>
 #include <memory>
 #include <string>
 
@@ -20,10 +21,20 @@ class Adapter;
 // Held for the whole life of a request; the adapter's weights live while any reference does.
 using AdapterRef = std::shared_ptr<const Adapter>;
 
+// What an adapter load may read: every file it opens is a regular file (never a FIFO or a
+// device) whose real path lies under `root` (when set), and the weights file holds at most
+// `max_weight_bytes` (when non-zero). adapter_config.json is bounded by kMaxAdapterConfigBytes.
+struct AdapterFileRules {
+  std::string root;
+  uint64_t max_weight_bytes = 0;
+};
+inline constexpr uint64_t kMaxAdapterConfigBytes = 1 << 20;
+
 // Loads and validates the PEFT adapter in `dir` against `engine`'s base model
 // (see adapters/adapter_loader.h for the codes). `report` is filled also on failure.
 absl::StatusOr<AdapterRef> LoadAdapterFor(const core::Engine& engine, const std::string& dir,
-                                          const std::string& name, AdapterReport* report);
+                                          const std::string& name, AdapterReport* report,
+                                          const AdapterFileRules& rules = AdapterFileRules());
 
 // Returns the report the adapter was admitted with.
 const AdapterReport& ReportOf(const AdapterRef& adapter);

@@ -25,7 +25,9 @@ class Checkpoint {
 
   // Opens the checkpoint in `dir`. A tensor listed in the index but absent from its shard, or
   // present in two files, is an error naming both.
-  static absl::StatusOr<Checkpoint> Open(const std::string& dir);
+  // `mode`: map the files (zero copy) or read them into private memory.
+  static absl::StatusOr<Checkpoint> Open(
+      const std::string& dir, SafetensorsFile::Mode mode = SafetensorsFile::Mode::kMap);
 
   const std::vector<std::shared_ptr<const SafetensorsFile>>& files() const { return files_; }
   const std::map<std::string, Entry, std::less<>>& entries() const { return entries_; }

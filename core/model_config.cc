@@ -3,6 +3,10 @@
 #include <fstream>
 #include <sstream>
 #include <sys/stat.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cmath>
 
 #include "absl/strings/str_cat.h"
 #include "core/status_macros.h"
@@ -207,6 +211,30 @@ absl::Status Validate(const ModelConfig& c, absl::string_view label) {
   RETURN_IF_ERROR(positive("number of key/value heads", c.num_kv_heads));
   RETURN_IF_ERROR(positive("head_dim", c.head_dim));
   RETURN_IF_ERROR(positive("max_position_embeddings", c.max_position_embeddings));
+  // Upper bounds, checked before anything is sized from them: far above every released model
+  // (Llama 3.1 405B: 126 layers, hidden 16384, 128 heads, context 131072; vocabularies to ~262k).
+  auto at_most = [&](const char* what, int64_t v, int64_t limit) -> absl::Status {
+    if (v <= limit) return absl::OkStatus();
+    return absl::InvalidArgumentError(
+        absl::StrCat(label, ": ", what, " is ", v, ", above adapterd's limit of ", limit));
+  };
+  RETURN_IF_ERROR(at_most("vocab_size", c.vocab_size, int64_t{1} << 22));
+  RETURN_IF_ERROR(at_most("hidden size", c.hidden_size, int64_t{1} << 17));
+  RETURN_IF_ERROR(at_most("intermediate size", c.intermediate_size, int64_t{1} << 19));
+  RETURN_IF_ERROR(at_most("number of layers", c.num_layers, 1024));
+  RETURN_IF_ERROR(at_most("number of attention heads", c.num_heads, 4096));
+  RETURN_IF_ERROR(at_most("max_position_embeddings", c.max_position_embeddings, int64_t{1} << 24));
+  RETURN_IF_ERROR(at_most("head_dim", c.head_dim, 4096));
+  // Values a forward pass divides by, takes the log or the root of: garbage in, NaN out.
+  if (!(c.norm_eps > 0 && c.norm_eps < 1)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        label, ": the normalisation epsilon (rms_norm_eps / layer_norm_epsilon) must be in "
+               "(0, 1), found ", c.norm_eps));
+  }
+  if (c.architecture == Architecture::kLlama && !(c.rope_theta > 1 && std::isfinite(c.rope_theta))) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(label, ": rope_theta must be a finite number > 1, found ", c.rope_theta));
+  }
   if (c.num_heads % c.num_kv_heads != 0) {
     return absl::InvalidArgumentError(
         absl::StrCat(label, ": num_attention_heads ", c.num_heads,
@@ -225,16 +253,27 @@ absl::Status Validate(const ModelConfig& c, absl::string_view label) {
 
 }  // namespace
 
-absl::StatusOr<std::string> ReadFileToString(const std::string& path) {
-  struct stat st {};
-  if (::stat(path.c_str(), &st) != 0) {
-    return absl::NotFoundError(absl::StrCat(path, ": no such file"));
+absl::StatusOr<std::string> ReadFileToString(const std::string& path, const FileRules& rules) {
+  ASSIGN_OR_RETURN(const int fd, OpenRegularFile(path, rules));
+  std::string text;
+  char buf[1 << 16];
+  while (true) {
+    const ssize_t n = ::read(fd, buf, sizeof(buf));
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) {
+      ::close(fd);
+      return absl::PermissionDeniedError(absl::StrCat(path, ": read failed"));
+    }
+    if (n == 0) break;
+    text.append(buf, static_cast<size_t>(n));
+    if (rules.max_bytes > 0 && text.size() > rules.max_bytes) {  // It grew while being read.
+      ::close(fd);
+      return absl::InvalidArgumentError(
+          absl::StrCat(path, ": more than the limit of ", rules.max_bytes, " bytes"));
+    }
   }
-  std::ifstream in(path, std::ios::binary);
-  if (!in) return absl::PermissionDeniedError(absl::StrCat(path, ": cannot open"));
-  std::ostringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
+  ::close(fd);
+  return text;
 }
 
 absl::StatusOr<ModelConfig> ModelConfig::FromJson(absl::string_view config_json,

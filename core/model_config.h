@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "core/file_rules.h"
 
 namespace adapterd::core {
 
@@ -68,7 +69,8 @@ struct ModelConfig {
   static absl::StatusOr<ModelConfig> Load(const std::string& dir);
 };
 
-// Reads a whole file into a string; NotFound when it does not exist.
-absl::StatusOr<std::string> ReadFileToString(const std::string& path);
+// Reads a whole regular file into a string, under `rules`; NotFound when it does not exist.
+absl::StatusOr<std::string> ReadFileToString(const std::string& path,
+                                             const FileRules& rules = FileRules());
 
 }  // namespace adapterd::core

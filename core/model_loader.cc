@@ -9,6 +9,7 @@
 #include "absl/strings/str_join.h"
 #include "core/checkpoint.h"
 #include "core/status_macros.h"
+#include "core/torch_error.h"
 
 static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "safetensors data is little-endian");
 
@@ -101,7 +102,7 @@ absl::StatusOr<at::TensorOptions> ComputeOptions(const LoadOptions& options) {
     return at::TensorOptions().dtype(dtype).device(at::Device(options.device));
   } catch (const std::exception& e) {
     return absl::InvalidArgumentError(absl::StrCat("device \"", options.device,
-                                                   "\" is not a valid device: ", e.what()));
+                                                   "\" is not a valid device: ", TorchErrorMessage(e)));
   }
 }
 
@@ -134,7 +135,9 @@ absl::StatusOr<std::unique_ptr<CausalLm>> LoadModel(const std::string& dir,
   report->architecture = config.architecture_name;
   report->model_type = config.model_type;
   report->name_or_path = config.name_or_path;
-  ASSIGN_OR_RETURN(Checkpoint ckpt, Checkpoint::Open(dir));
+  ASSIGN_OR_RETURN(Checkpoint ckpt,
+                   Checkpoint::Open(dir, options.map_weights ? SafetensorsFile::Mode::kMapGuarded
+                                                             : SafetensorsFile::Mode::kRead));
   for (const auto& f : ckpt.files()) {
     report->files.push_back(f->path());
     for (const TensorInfo& t : f->tensors()) {
@@ -199,9 +202,14 @@ absl::StatusOr<std::unique_ptr<CausalLm>> LoadModel(const std::string& dir,
       problems.push_back(absl::StrCat("shape of ", m.name, " is [", absl::StrJoin(m.found, ","),
                                       "], expected [", absl::StrJoin(m.expected, ","), "]"));
     }
+    // The report lists every name; the message stays readable.
+    constexpr size_t kShown = 20;
+    const size_t total = problems.size();
+    if (total > kShown) problems.resize(kShown);
     return absl::FailedPreconditionError(absl::StrCat(
         dir, ": checkpoint does not fit ", config.architecture_name, ": ",
-        absl::StrJoin(problems, "; ")));
+        absl::StrJoin(problems, "; "),
+        total > kShown ? absl::StrCat("; and ", total - kShown, " more") : ""));
   }
 
   WeightMap weights;
@@ -215,11 +223,17 @@ absl::StatusOr<std::unique_ptr<CausalLm>> LoadModel(const std::string& dir,
                             absl::StrCat(entry->file->path(), ": tensor \"", entry->info->name,
                                          "\": ", tensor.status().message()));
       }
+      if (!at::isfinite(*tensor).all().item<bool>()) {
+        finish();
+        return absl::InvalidArgumentError(absl::StrCat(entry->file->path(), ": tensor \"",
+                                                       entry->info->name,
+                                                       "\" holds NaN or infinite values"));
+      }
       weights[name] = *std::move(tensor);
     }
   } catch (const std::exception& e) {
     finish();
-    return absl::InternalError(absl::StrCat(dir, ": materialising tensors failed: ", e.what()));
+    return absl::InternalError(absl::StrCat(dir, ": materialising tensors failed: ", TorchErrorMessage(e)));
   }
   if (tie_output) {
     if (auto pair = TieWeights(config, weights)) report->tied.push_back(*pair);
@@ -253,7 +267,7 @@ absl::StatusOr<std::unique_ptr<CausalLm>> LoadModel(const std::string& dir,
                 : BuildLlama(config, weights, tensor_options);
   } catch (const std::exception& e) {
     finish();
-    return absl::InternalError(absl::StrCat(dir, ": building the model failed: ", e.what()));
+    return absl::InternalError(absl::StrCat(dir, ": building the model failed: ", TorchErrorMessage(e)));
   }
   finish();
   return model;

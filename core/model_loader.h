@@ -20,6 +20,9 @@ namespace adapterd::core {
 struct LoadOptions {
   std::string device = "cpu";           // Any device string LibTorch accepts ("cuda:0", ...).
   std::string compute_dtype = "float32";  // float32 | float16 | bfloat16.
+  // Map the weight files (zero copy; update them only by atomic rename while serving), or
+  // read them into private memory (immune to any later change of the files).
+  bool map_weights = true;
 };
 
 // Parses LoadOptions' strings into tensor options.

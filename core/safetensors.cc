@@ -14,6 +14,8 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "core/mapped_file_guard.h"
+#include "core/status_macros.h"
 #include "nlohmann/json.hpp"
 
 namespace adapterd::core {
@@ -190,22 +192,19 @@ absl::StatusOr<SafetensorsHeader> ParseSafetensorsHeader(const uint8_t* data, si
 }
 
 absl::StatusOr<std::shared_ptr<const SafetensorsFile>> SafetensorsFile::Open(
-    const std::string& path) {
-  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) {
-    int err = errno;
-    std::string msg = absl::StrCat(path, ": cannot open: ", std::strerror(err));
-    return err == ENOENT ? absl::NotFoundError(msg) : absl::PermissionDeniedError(msg);
-  }
+    const std::string& path, const FileRules& rules, Mode mode) {
+  ASSIGN_OR_RETURN(const int fd, OpenRegularFile(path, rules));
   struct stat st {};
-  if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
+  if (::fstat(fd, &st) != 0) {
     ::close(fd);
-    return absl::InvalidArgumentError(absl::StrCat(path, ": not a regular file"));
+    return absl::InvalidArgumentError(absl::StrCat(path, ": cannot stat"));
   }
   const uint64_t size = static_cast<uint64_t>(st.st_size);
   const uint8_t* base = nullptr;
   if (size > 0) {
-    void* p = ::mmap(nullptr, size, PROT_READ, MAP_PRIVATE, fd, 0);
+    void* p = mode != Mode::kRead
+                  ? ::mmap(nullptr, size, PROT_READ, MAP_PRIVATE, fd, 0)
+                  : ::mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (p == MAP_FAILED) {
       int err = errno;
       ::close(fd);
@@ -213,13 +212,35 @@ absl::StatusOr<std::shared_ptr<const SafetensorsFile>> SafetensorsFile::Open(
           absl::StrCat(path, ": mmap failed: ", std::strerror(err)));
     }
     base = static_cast<const uint8_t*>(p);
+    if (mode == Mode::kRead) {
+      uint64_t done = 0;
+      while (done < size) {
+        const ssize_t n = ::pread(fd, static_cast<uint8_t*>(p) + done, size - done,
+                                  static_cast<off_t>(done));
+        if (n < 0 && errno == EINTR) continue;
+        if (n <= 0) break;
+        done += static_cast<uint64_t>(n);
+      }
+      if (done < size) {
+        ::munmap(p, size);
+        ::close(fd);
+        return absl::InvalidArgumentError(absl::StrCat(
+            path, ": read ", done, " of ", size, " bytes (the file shrank while being read)"));
+      }
+      ::mprotect(p, size, PROT_READ);
+    }
   }
-  ::close(fd);  // The mapping stays valid without the descriptor.
   static const uint8_t kEmpty[1] = {0};
   auto header = ParseSafetensorsHeader(base ? base : kEmpty, size, path);
   if (!header.ok()) {
+    ::close(fd);
     if (base) ::munmap(const_cast<uint8_t*>(base), size);
     return header.status();
+  }
+  if (mode == Mode::kMapGuarded && base != nullptr) {
+    GuardMapping(fd, base, size, path);  // Owns fd now.
+  } else {
+    ::close(fd);  // The mapping stays valid without the descriptor.
   }
   return std::shared_ptr<const SafetensorsFile>(
       new SafetensorsFile(path, base, size, std::move(*header)));
@@ -232,7 +253,10 @@ SafetensorsFile::SafetensorsFile(std::string path, const uint8_t* base, uint64_t
 }
 
 SafetensorsFile::~SafetensorsFile() {
-  if (base_ != nullptr) ::munmap(const_cast<uint8_t*>(base_), size_);
+  if (base_ != nullptr) {
+    UnguardMapping(base_);
+    ::munmap(const_cast<uint8_t*>(base_), size_);
+  }
 }
 
 const TensorInfo* SafetensorsFile::Find(absl::string_view name) const {

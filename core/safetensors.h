@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "core/file_rules.h"
 
 namespace adapterd::core {
 
@@ -64,8 +65,14 @@ absl::StatusOr<SafetensorsHeader> ParseSafetensorsHeader(const uint8_t* data, si
 
 class SafetensorsFile {
  public:
-  // Maps `path` and validates its header.
-  static absl::StatusOr<std::shared_ptr<const SafetensorsFile>> Open(const std::string& path);
+  // How the bytes are held: mapped from the file (zero copy; the file must not change
+  // underneath), or read into private memory (immune to later changes of the file).
+  // kMapGuarded maps and guards the mapping against in-place changes of the file
+  // (core/mapped_file_guard.h): for files that stay mapped while serving.
+  enum class Mode { kMap, kMapGuarded, kRead };
+  // Opens `path` (a regular file, within `rules`) and validates its header.
+  static absl::StatusOr<std::shared_ptr<const SafetensorsFile>> Open(
+      const std::string& path, const FileRules& rules = FileRules(), Mode mode = Mode::kMap);
 
   ~SafetensorsFile();
   SafetensorsFile(const SafetensorsFile&) = delete;
