@@ -19,7 +19,7 @@ FROM debian:bookworm-slim
 RUN apt-get update \
     && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
        libtorch1.13 libopenblas0-openmp libgrpc++1.51 libprotobuf32 libabsl20220623 \
-       libspdlog1.10 libprometheus-cpp-core1.0 liburcu8 libpcre2-8-0 libutf8proc2 tini \
+       libspdlog1.10 libprometheus-cpp-core1.0 liburcu8 libpcre2-8-0 libutf8proc2 libcpp-httplib0.11 tini \
     && rm -rf /var/lib/apt/lists/* \
     && useradd --system --uid 10001 --home-dir /nonexistent --shell /usr/sbin/nologin adapterd
 COPY --from=build /build/server/adapterd /build/server/adapterctl /usr/local/bin/

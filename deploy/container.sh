@@ -84,12 +84,14 @@ echo "SIGTERM: clean exit"
 echo "== podman kube play (deploy/k8s Deployment + ConfigMap, volumes on host paths)"
 mkdir -p "$work/secret"
 echo "kube-play-token" >"$work/secret/token"
+# adapterd refuses a token file that every user may read; the image runs as uid 10001.
+chown 10001 "$work/secret/token" && chmod 600 "$work/secret/token"
 /usr/bin/python3 - "$root/deploy/k8s" "$models" "$work" >"$work/play.yaml" <<'PY'
 import sys, yaml
 k8s, models, work = sys.argv[1:4]
 docs = [yaml.safe_load(open(f"{k8s}/configmap.yaml")), yaml.safe_load(open(f"{k8s}/deployment.yaml"))]
 flags = docs[0]["data"]["adapterd.flags"].replace("0.0.0.0:50051", "127.0.0.1:52051") \
-    .replace("0.0.0.0:50052", "127.0.0.1:52052").replace("0.0.0.0:9400", "127.0.0.1:52400") \
+    .replace("127.0.0.1:50052", "127.0.0.1:52052").replace("0.0.0.0:9400", "127.0.0.1:52400") \
     .replace("--model_dir=/models/base", "--model_dir=/models/llama_tok")
 docs[0]["data"]["adapterd.flags"] = flags
 spec = docs[1]["spec"]

@@ -24,11 +24,11 @@ packages=(
   libtorch-dev libopenblas0-openmp
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
   libabsl-dev libspdlog-dev prometheus-cpp-dev nlohmann-json3-dev
-  liburcu-dev libpcre2-dev libutf8proc-dev
+  liburcu-dev libpcre2-dev libutf8proc-dev libcpp-httplib-dev libssl-dev
 )
 if (( ! server_only )); then
   packages+=(ccache git curl libgtest-dev libgmock-dev libbenchmark-dev
-             python3-torch python3-numpy python3-grpcio python3-yaml grpc-proto prometheus)
+             python3-torch python3-numpy python3-grpcio python3-yaml grpc-proto prometheus openssl)
   # node and npm fetch the real tokenizer files for the tests; keep whatever node is installed.
   command -v npm >/dev/null || packages+=(nodejs npm)
 fi

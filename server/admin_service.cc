@@ -100,51 +100,60 @@ struct SchedAttr {
   uint32_t sched_util_min;
   uint32_t sched_util_max;
 };
+
+// Loading reads, checks and copies files: a few ms of CPU that must not stall the model's
+// steps (a parallel step waits for its slowest thread). At nice 19 the thread takes little CPU
+// while the cores are busy, and with a 100 µs slice (Linux >= 6.12 EEVDF; older kernels ignore
+// it) a waking step thread preempts it at once instead of after a full 3 ms slice.
+// (SCHED_IDLE would protect the steps too, but starves loads for seconds.)
+void LowerAdminThreadPriority() {
+  ::setpriority(PRIO_PROCESS, static_cast<id_t>(::syscall(SYS_gettid)), 19);
+  SchedAttr attr{};
+  attr.size = sizeof(attr);
+  attr.sched_policy = SCHED_OTHER;
+  attr.sched_nice = 19;
+  attr.sched_runtime = 100 * 1000;  // ns
+  (void)::syscall(SYS_sched_setattr, 0, &attr, 0);
+}
+
 }  // namespace
 
-AdminService::AdminService(ServingContext& context) : ctx_(context) {
-  worker_ = std::thread([this] {
-    // Loading reads, checks and copies files: a few ms of CPU that must not stall the model's
-    // steps (a parallel step waits for its slowest thread). At nice 19 the thread takes
-    // little CPU while the cores are busy, and with a 100 µs slice (Linux >= 6.12 EEVDF; older
-    // kernels ignore it) a waking step thread preempts it at once instead of after a full
-    // 3 ms slice. (SCHED_IDLE would protect the steps too, but starves loads for seconds.)
-    ::setpriority(PRIO_PROCESS, static_cast<id_t>(::syscall(SYS_gettid)), 19);
-    SchedAttr attr{};
-    attr.size = sizeof(attr);
-    attr.sched_policy = SCHED_OTHER;
-    attr.sched_nice = 19;
-    attr.sched_runtime = 100 * 1000;  // ns
-    (void)::syscall(SYS_sched_setattr, 0, &attr, 0);
-    while (true) {
-      std::function<void()> job;
-      {
-        std::unique_lock<std::mutex> lock(mu_);
-        cv_.wait(lock, [this] { return stop_ || !work_.empty(); });
-        if (work_.empty()) return;
-        job = std::move(work_.front());
-        work_.pop_front();
+AdminService::AdminService(ServingContext& context,
+                           std::chrono::steady_clock::duration load_timeout)
+    : ctx_(context), load_timeout_(load_timeout), worker_(LowerAdminThreadPriority) {}
+
+AdminService::~AdminService() = default;
+
+void AdminService::Run(grpc::CallbackServerContext* context, grpc::ServerUnaryReactor* reactor,
+                       const char* what,
+                       std::function<void(const std::function<bool()>& may_answer)> work) {
+  AdminWorker::Job job;
+  job.timeout = load_timeout_;
+  std::shared_ptr<std::atomic<bool>> claim = job.claim;
+  job.run = [context, reactor, claim, work = std::move(work)] {
+    if (context->IsCancelled()) {  // The caller gave up while the job waited in the queue.
+      if (AdminWorker::Claim(*claim)) {
+        reactor->Finish(grpc::Status(grpc::StatusCode::CANCELLED, "the call was cancelled"));
       }
-      job();
+      return;
     }
-  });
-}
-
-AdminService::~AdminService() {
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    stop_ = true;
-  }
-  cv_.notify_all();
-  worker_.join();
-}
-
-void AdminService::Run(std::function<void()> work) {
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    work_.push_back(std::move(work));
-  }
-  cv_.notify_one();
+    work([&claim] { return AdminWorker::Claim(*claim); });
+  };
+  const double timeout_s = std::chrono::duration<double>(load_timeout_).count();
+  job.abandon = [this, reactor, what, timeout_s](bool shutting_down) {
+    if (shutting_down) {
+      reactor->Finish(grpc::Status(grpc::StatusCode::UNAVAILABLE, "the server is shutting down"));
+      return;
+    }
+    spdlog::error("{} did not finish within {} s (--adapter_load_timeout_s); abandoned", what,
+                  timeout_s);
+    ctx_.metrics.AdapterLoad("timeout", timeout_s);
+    reactor->Finish(grpc::Status(
+        grpc::StatusCode::DEADLINE_EXCEEDED,
+        absl::StrCat(what, " did not finish within ", timeout_s,
+                     " s and was abandoned; the adapter table is unchanged")));
+  };
+  worker_.Submit(std::move(job));
 }
 
 grpc::Status AdminService::Authorize(grpc::CallbackServerContext* context) const {
@@ -169,7 +178,8 @@ void AdminService::PublishAdapterMetrics() {
 }
 
 absl::Status AdminService::Load(const std::string& name, const std::string& path,
-                                bool validate_only, bool replace, v1::LoadAdapterResponse* response) {
+                                bool validate_only, bool replace, v1::LoadAdapterResponse* response,
+                                const std::function<bool()>& may_publish) {
   const auto start = std::chrono::steady_clock::now();
   auto seconds = [&] {
     return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
@@ -185,7 +195,9 @@ absl::Status AdminService::Load(const std::string& name, const std::string& path
     return dir.status();
   }
   adapters::AdapterReport report;
-  auto adapter = adapters::LoadAdapterFor(*ctx_.engine, *dir, name, &report);
+  const adapters::AdapterFileRules rules{
+      ctx_.adapter_root, static_cast<uint64_t>(ctx_.table->limits().max_bytes)};
+  auto adapter = adapters::LoadAdapterFor(*ctx_.engine, *dir, name, &report, rules);
   report.path = path;
   ToProto(report, response->mutable_report());
   if (!adapter.ok()) {
@@ -196,6 +208,9 @@ absl::Status AdminService::Load(const std::string& name, const std::string& path
   if (validate_only) {
     ctx_.metrics.AdapterLoad("validated", seconds());
     return absl::OkStatus();
+  }
+  if (may_publish && !may_publish()) {
+    return absl::DeadlineExceededError("the load was abandoned before it could be published");
   }
   absl::Status inserted = ctx_.table->Insert(*adapter, replace);
   if (!inserted.ok()) {
@@ -228,11 +243,19 @@ grpc::ServerUnaryReactor* AdminService::LoadAdapter(grpc::CallbackServerContext*
                                                     v1::LoadAdapterResponse* response) {
   auto* reactor = context->DefaultReactor();
   if (!Precheck(context, reactor, /*needs_model=*/true)) return reactor;
-  Run([this, reactor, request, response] {
-    absl::Status s = Load(request->name(), request->path(), request->validate_only(),
-                          request->replace(), response);
-    reactor->Finish(ToGrpc(s));
-  });
+  // The request and response belong to the call, which an abandoned job outlives: the job
+  // works on copies and touches `response` only once it is the one answering.
+  Run(context, reactor, "loading an adapter",
+      [this, reactor, request = *request, response](const std::function<bool()>& may_answer) {
+        bool answered = false;
+        auto gate = [&] { return answered = may_answer(); };
+        v1::LoadAdapterResponse result;
+        absl::Status s = Load(request.name(), request.path(), request.validate_only(),
+                              request.replace(), &result, gate);
+        if (!answered && !may_answer()) return;
+        *response = std::move(result);
+        reactor->Finish(ToGrpc(s));
+      });
   return reactor;
 }
 
@@ -241,7 +264,9 @@ grpc::ServerUnaryReactor* AdminService::UnloadAdapter(grpc::CallbackServerContex
                                                       v1::UnloadAdapterResponse* response) {
   auto* reactor = context->DefaultReactor();
   if (!Precheck(context, reactor, /*needs_model=*/true)) return reactor;
-  Run([this, reactor, request, response] {
+  Run(context, reactor, "unloading an adapter",
+      [this, reactor, request, response](const std::function<bool()>& may_answer) {
+    if (!may_answer()) return;  // From here on this job answers: the call is alive.
     auto removed = ctx_.table->Remove(request->name());
     if (!removed.ok()) {
       ctx_.metrics.AdapterUnload("not_found");

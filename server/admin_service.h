@@ -7,20 +7,20 @@
 // Thread-safety: handlers run on gRPC threads; the admin worker owns slow work.
 #pragma once
 
-#include <condition_variable>
-#include <deque>
+#include <chrono>
 #include <functional>
-#include <mutex>
-#include <thread>
+#include <memory>
 
 #include "adapterd/v1/admin.grpc.pb.h"
+#include "server/admin_worker.h"
 #include "server/serving_context.h"
 
 namespace adapterd::server {
 
 class AdminService final : public adapterd::v1::Admin::CallbackService {
  public:
-  explicit AdminService(ServingContext& context);
+  // Loads still running after `load_timeout` are abandoned (DEADLINE_EXCEEDED).
+  AdminService(ServingContext& context, std::chrono::steady_clock::duration load_timeout);
   ~AdminService() override;
 
   grpc::ServerUnaryReactor* LoadAdapter(grpc::CallbackServerContext* context,
@@ -36,9 +36,16 @@ class AdminService final : public adapterd::v1::Admin::CallbackService {
                                           const adapterd::v1::GetModelStateRequest* request,
                                           adapterd::v1::ModelState* response) override;
 
-  // Loads an adapter synchronously (used for --preload and by the worker).
+  // Loads an adapter synchronously (used for --preload and by the worker). When given,
+  // `may_publish` is asked right before the adapter enters the table; false (the load was
+  // abandoned meanwhile) leaves the table untouched.
   absl::Status Load(const std::string& name, const std::string& path, bool validate_only,
-                    bool replace, adapterd::v1::LoadAdapterResponse* response);
+                    bool replace, adapterd::v1::LoadAdapterResponse* response,
+                    const std::function<bool()>& may_publish = nullptr);
+
+  // Stops the admin worker (see AdminWorker::Shutdown); true when a thread was left inside
+  // an abandoned load, so that the process should exit without destroying the model.
+  bool StopWorker() { return worker_.Shutdown(); }
 
  private:
   grpc::Status Authorize(grpc::CallbackServerContext* context) const;
@@ -46,15 +53,15 @@ class AdminService final : public adapterd::v1::Admin::CallbackService {
   // UNAUTHENTICATED (bad token) or, when `needs_model`, UNAVAILABLE (model still loading).
   bool Precheck(grpc::CallbackServerContext* context, grpc::ServerUnaryReactor* reactor,
                 bool needs_model) const;
-  void Run(std::function<void()> work);
+  // Runs `work(may_answer)` on the admin worker; `may_answer()` is true once, for whichever
+  // of the work and the abandonment (timeout, shutdown, cancelled call) answers `reactor`.
+  void Run(grpc::CallbackServerContext* context, grpc::ServerUnaryReactor* reactor,
+           const char* what, std::function<void(const std::function<bool()>& may_answer)> work);
   void PublishAdapterMetrics();
 
   ServingContext& ctx_;
-  std::mutex mu_;
-  std::condition_variable cv_;
-  std::deque<std::function<void()>> work_;
-  bool stop_ = false;
-  std::thread worker_;
+  const std::chrono::steady_clock::duration load_timeout_;
+  AdminWorker worker_;
 };
 
 // Copies an adapter report into its proto.

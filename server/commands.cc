@@ -9,6 +9,7 @@
 #include "adapters/adapter_ref.h"
 #include "core/engine.h"
 #include "core/tokenizer.h"
+#include "core/stop_criteria.h"
 #include "nlohmann/json.hpp"
 #include "server/flags.h"
 #include "spdlog/spdlog.h"
@@ -23,6 +24,7 @@ core::EngineOptions EngineOptionsFromFlags() {
   o.dtype = absl::GetFlag(FLAGS_dtype);
   o.threads = absl::GetFlag(FLAGS_threads);
   o.cpu_kernels = absl::GetFlag(FLAGS_cpu_kernels);
+  o.map_weights = absl::GetFlag(FLAGS_mmap);
   return o;
 }
 
@@ -185,6 +187,11 @@ int RunGenerate() {
                  adapter_report.load_seconds);
     request.adapter = adapters::ForSequence(*adapter);
   }
+  if (tokenizer == nullptr) {  // Only for its EOS token: ids in, ids out.
+    auto from_dir = core::Tokenizer::FromModelDir(absl::GetFlag(FLAGS_model_dir));
+    if (from_dir.ok()) tokenizer = *std::move(from_dir);
+  }
+  request.eos_token_ids = core::EosTokenIds((*engine)->config(), tokenizer.get());
   auto result = core::Generate(**engine, request);
   if (!result.ok()) {
     std::cerr << "generate: " << result.status().message() << "\n";

@@ -55,3 +55,14 @@ ABSL_FLAG(int64_t, default_max_new_tokens, 256, "max_new_tokens when a request l
 ABSL_FLAG(int64_t, max_new_tokens_limit, 4096, "Largest max_new_tokens a request may ask for.");
 ABSL_FLAG(double, grace_period_s, 20.0,
           "On SIGTERM, seconds in-flight requests get to finish before being cancelled.");
+ABSL_FLAG(std::string, tls_cert, "",
+          "PEM certificate chain: every listener (generation, admin, metrics) serves TLS.");
+ABSL_FLAG(std::string, tls_key, "", "PEM private key of --tls_cert.");
+ABSL_FLAG(std::string, tls_client_ca, "",
+          "PEM CA bundle: clients must present a certificate it signed (mutual TLS).");
+ABSL_FLAG(int32_t, tls_reload_interval_s, 10,
+          "How often the gRPC listeners re-read the TLS files (rotation without a restart).");
+ABSL_FLAG(double, adapter_load_timeout_s, 30.0,
+          "An adapter load still running after this many seconds is abandoned and refused.");
+ABSL_FLAG(bool, mmap, true,
+          "Map the model's weight files (zero copy); false reads them into private memory.");

@@ -260,22 +260,30 @@ absl::StatusOr<std::unique_ptr<GenerationRequest>> BuildRequest(
   return r;
 }
 
+void GenerationService::CountRefusal(const std::string& adapter, const absl::Status& status) {
+  // Metrics bounds the adapter label: names that are not loaded share one series.
+  ctx_.metrics.RequestDone(adapter, absl::StatusCodeToString(status.code()), 0, 0, 0, 0, 0);
+}
+
 grpc::ServerUnaryReactor* GenerationService::Generate(grpc::CallbackServerContext* context,
                                                       const v1::GenerateRequest* request,
                                                       v1::GenerateResponse* response) {
   auto built = BuildRequest(ctx_, *request, context->deadline());
   if (!built.ok()) {
     auto* reactor = context->DefaultReactor();
-    ctx_.metrics.RequestDone(request->adapter(), absl::StatusCodeToString(built.status().code()),
-                             0, 0, 0, 0, 0);
+    CountRefusal(request->adapter(), built.status());
     reactor->Finish(ToGrpc(built.status()));
     return reactor;
   }
   response->set_adapter((*built)->adapter_name);
+  const std::string adapter = (*built)->adapter_name;
   auto* call = new UnaryCall((*built)->cancelled);
   absl::Status submitted =
       ctx_.scheduler->Submit(*std::move(built), std::make_shared<UnarySink>(call, response));
-  if (!submitted.ok()) call->Finish(ToGrpc(submitted));
+  if (!submitted.ok()) {
+    CountRefusal(adapter, submitted);
+    call->Finish(ToGrpc(submitted));
+  }
   return call;
 }
 
@@ -283,14 +291,19 @@ grpc::ServerWriteReactor<v1::GenerateStreamResponse>* GenerationService::Generat
     grpc::CallbackServerContext* context, const v1::GenerateRequest* request) {
   auto built = BuildRequest(ctx_, *request, context->deadline());
   if (!built.ok()) {
+    CountRefusal(request->adapter(), built.status());
     auto* call = new StreamCall(std::make_shared<std::atomic<bool>>(false), "");
     call->Done(built.status(), core::FinishReason::kCancelled, GenerationStats(), "");
     return call;
   }
-  auto* call = new StreamCall((*built)->cancelled, (*built)->adapter_name);
+  const std::string adapter = (*built)->adapter_name;
+  auto* call = new StreamCall((*built)->cancelled, adapter);
   absl::Status submitted =
       ctx_.scheduler->Submit(*std::move(built), std::make_shared<StreamSink>(call));
-  if (!submitted.ok()) call->Done(submitted, core::FinishReason::kCancelled, GenerationStats(), "");
+  if (!submitted.ok()) {
+    CountRefusal(adapter, submitted);
+    call->Done(submitted, core::FinishReason::kCancelled, GenerationStats(), "");
+  }
   return call;
 }
 

@@ -24,6 +24,9 @@ class GenerationService final : public adapterd::v1::Generation::CallbackService
                                      adapterd::v1::TokenizeResponse* response) override;
 
  private:
+  // Counts a request refused before it reached the scheduler (validation, full queue).
+  void CountRefusal(const std::string& adapter, const absl::Status& status);
+
   ServingContext& ctx_;
 };
 

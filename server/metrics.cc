@@ -1,17 +1,12 @@
 #include "server/metrics.h"
 
-#include <arpa/inet.h>
-#include <netinet/in.h>
-#include <sys/socket.h>
-#include <unistd.h>
-
-#include <cerrno>
 #include <chrono>
-#include <cstring>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_join.h"
+#include "core/status_macros.h"
+#include "httplib.h"
 #include "prometheus/text_serializer.h"
 
 namespace adapterd::server {
@@ -122,92 +117,33 @@ Metrics::Metrics()
           {}, Histogram::BucketBoundaries{0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30})) {}
 
 Metrics::~Metrics() {
-  stop_.store(true);
-  if (listen_fd_ >= 0) ::shutdown(listen_fd_, SHUT_RDWR);
+  if (http_ != nullptr) http_->stop();
   if (http_thread_.joinable()) http_thread_.join();
-  if (listen_fd_ >= 0) ::close(listen_fd_);
 }
 
 std::string Metrics::Scrape() const {
   return prometheus::TextSerializer().Serialize(registry_->Collect());
 }
 
-absl::StatusOr<int> Metrics::Serve(const std::string& address) {
-  const size_t colon = address.rfind(':');
-  if (colon == std::string::npos) {
-    return absl::InvalidArgumentError(absl::StrCat("metrics listener \"", address,
-                                                   "\" is not HOST:PORT"));
-  }
-  std::string host = address.substr(0, colon);
+absl::StatusOr<int> Metrics::Serve(const std::string& address, const TlsFiles& tls) {
+  std::string host;
   int port = 0;
-  if (!absl::SimpleAtoi(address.substr(colon + 1), &port) || port < 0 || port > 65535) {
-    return absl::InvalidArgumentError(absl::StrCat("metrics listener \"", address,
-                                                   "\" has no valid port"));
+  if (absl::Status s = SplitHostPort(address, &host, &port); !s.ok()) {
+    return absl::InvalidArgumentError(absl::StrCat("metrics listener: ", s.message()));
   }
-  if (host.empty() || host == "*") host = "0.0.0.0";
-  sockaddr_in addr{};
-  addr.sin_family = AF_INET;
-  addr.sin_port = htons(static_cast<uint16_t>(port));
-  if (::inet_pton(AF_INET, host == "localhost" ? "127.0.0.1" : host.c_str(), &addr.sin_addr) != 1) {
-    return absl::InvalidArgumentError(absl::StrCat("metrics listener host \"", host,
-                                                   "\" is not an IPv4 address"));
+  ASSIGN_OR_RETURN(http_, NewHttpServer(tls, "metrics listener"));
+  http_->Get("/metrics", [this](const httplib::Request&, httplib::Response& res) {
+    res.set_content(Scrape(), "text/plain; version=0.0.4; charset=utf-8");
+  });
+  http_->Get("/", [](const httplib::Request&, httplib::Response& res) {
+    res.set_content("<a href=\"/metrics\">/metrics</a>\n", "text/html");
+  });
+  const int bound = port == 0 ? http_->bind_to_any_port(host) : (http_->bind_to_port(host, port) ? port : -1);
+  if (bound < 0) {
+    return absl::UnavailableError(absl::StrCat("metrics listener ", address, ": cannot bind"));
   }
-  listen_fd_ = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-  const int one = 1;
-  ::setsockopt(listen_fd_, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
-  if (::bind(listen_fd_, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0 ||
-      ::listen(listen_fd_, 64) != 0) {
-    const int err = errno;
-    ::close(listen_fd_);
-    listen_fd_ = -1;
-    return absl::UnavailableError(
-        absl::StrCat("metrics listener ", address, ": ", std::strerror(err)));
-  }
-  socklen_t len = sizeof(addr);
-  ::getsockname(listen_fd_, reinterpret_cast<sockaddr*>(&addr), &len);
-  http_thread_ = std::thread([this] { ServeLoop(); });
-  return ntohs(addr.sin_port);
-}
-
-void Metrics::ServeLoop() {
-  while (!stop_.load()) {
-    const int fd = ::accept4(listen_fd_, nullptr, nullptr, SOCK_CLOEXEC);
-    if (fd < 0) {
-      if (stop_.load()) return;
-      continue;
-    }
-    timeval timeout{5, 0};
-    ::setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, sizeof(timeout));
-    ::setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &timeout, sizeof(timeout));
-    // Read the request head (up to the blank line, or 8 KiB).
-    std::string head;
-    char buf[2048];
-    while (head.find("\r\n\r\n") == std::string::npos && head.size() < 8192) {
-      const ssize_t n = ::recv(fd, buf, sizeof(buf), 0);
-      if (n <= 0) break;
-      head.append(buf, static_cast<size_t>(n));
-    }
-    std::string status = "200 OK", type = "text/plain; version=0.0.4; charset=utf-8", body;
-    if (head.rfind("GET /metrics", 0) == 0 || head.rfind("GET /metrics?", 0) == 0) {
-      body = Scrape();
-    } else if (head.rfind("GET / ", 0) == 0) {
-      type = "text/html";
-      body = "<a href=\"/metrics\">/metrics</a>\n";
-    } else {
-      status = "404 Not Found";
-      body = "not found\n";
-    }
-    const std::string response =
-        absl::StrCat("HTTP/1.1 ", status, "\r\nContent-Type: ", type,
-                     "\r\nContent-Length: ", body.size(), "\r\nConnection: close\r\n\r\n", body);
-    size_t sent = 0;
-    while (sent < response.size()) {
-      const ssize_t n = ::send(fd, response.data() + sent, response.size() - sent, MSG_NOSIGNAL);
-      if (n <= 0) break;
-      sent += static_cast<size_t>(n);
-    }
-    ::close(fd);
-  }
+  http_thread_ = std::thread([this] { http_->listen_after_bind(); });
+  return bound;
 }
 
 Metrics::PerAdapter& Metrics::Series(const std::string& adapter) {
@@ -238,9 +174,12 @@ void Metrics::RequestDone(const std::string& adapter, const std::string& code, d
                           double queue_s, double ttft_s, int64_t prompt_tokens,
                           int64_t generated_tokens) {
   absl::MutexLock lock(&mu_);
-  PerAdapter& s = Series(adapter);
+  // Only names of loaded adapters become label values: clients choose the rest.
+  const std::string& label =
+      adapter.empty() || loaded_.count(adapter) ? adapter : std::string(kNotLoadedAdapterLabel);
+  PerAdapter& s = Series(label);
   auto& counter = s.requests_by_code[code];
-  if (counter == nullptr) counter = &requests_.Add({{"adapter", adapter}, {"code", code}});
+  if (counter == nullptr) counter = &requests_.Add({{"adapter", label}, {"code", code}});
   counter->Increment();
   s.duration->Observe(duration_s);
   if (generated_tokens > 0) s.ttft->Observe(ttft_s);
@@ -287,8 +226,12 @@ void Metrics::SetAdapters(const std::map<std::string, int64_t>& bytes_by_adapter
   absl::MutexLock lock(&mu_);
   std::vector<std::string> gone;
   for (const auto& [name, s] : per_adapter_) {
-    if (!name.empty() && !bytes_by_adapter.count(name)) gone.push_back(name);
+    if (!name.empty() && name != kNotLoadedAdapterLabel && !bytes_by_adapter.count(name)) {
+      gone.push_back(name);
+    }
   }
+  loaded_.clear();
+  for (const auto& [name, bytes] : bytes_by_adapter) loaded_.insert(name);
   for (const std::string& name : gone) DropSeries(name);
   for (const auto& [name, bytes] : bytes_by_adapter) {
     PerAdapter& s = Series(name);

@@ -1,7 +1,8 @@
-// adapterd's Prometheus metrics: one registry, every family declared here, served by
-// prometheus-cpp's exposer on its own listener at /metrics. Per-adapter series exist only for
-// loaded adapters (and "" for the base model): unloading an adapter removes its series, so
-// label cardinality is bounded by the adapter table's capacity.
+// adapterd's Prometheus metrics: one registry, every family declared here, served at /metrics
+// by cpp-httplib (a thread pool, read/write timeouts, optional TLS) on a listener of its own.
+// Per-adapter series exist only for loaded adapters (and "" for the base model): a request
+// naming anything else is counted under adapter="<not loaded>", and unloading an adapter
+// removes its series, so label cardinality is bounded by the adapter table's capacity.
 //
 // Thread-safety: every method may be called from any thread.
 #pragma once
@@ -10,6 +11,7 @@
 #include <cstdint>
 #include <thread>
 #include <map>
+#include <set>
 #include <memory>
 #include <string>
 #include <vector>
@@ -17,13 +19,21 @@
 #include "absl/base/thread_annotations.h"
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
+#include "server/tls.h"
 #include "prometheus/counter.h"
 #include "prometheus/family.h"
 #include "prometheus/gauge.h"
 #include "prometheus/histogram.h"
 #include "prometheus/registry.h"
 
+namespace httplib {
+class Server;
+}
+
 namespace adapterd::server {
+
+// The adapter label of requests for names that are not (or no longer) loaded.
+inline constexpr char kNotLoadedAdapterLabel[] = "<not loaded>";
 
 class Metrics {
  public:
@@ -31,8 +41,8 @@ class Metrics {
   // Stops the /metrics listener.
   ~Metrics();
   // Serves GET /metrics (Prometheus text format) on `address` ("host:port", port 0 picks
-  // one) from a thread of its own; returns the bound port.
-  absl::StatusOr<int> Serve(const std::string& address);
+  // one) from threads of its own, over TLS when `tls` is enabled; returns the bound port.
+  absl::StatusOr<int> Serve(const std::string& address, const TlsFiles& tls = TlsFiles());
   // Returns the text exposition of every family.
   std::string Scrape() const;
 
@@ -64,11 +74,8 @@ class Metrics {
   PerAdapter& Series(const std::string& adapter) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void DropSeries(const std::string& adapter) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
-  void ServeLoop();
-
   std::shared_ptr<prometheus::Registry> registry_;
-  int listen_fd_ = -1;
-  std::atomic<bool> stop_{false};
+  std::unique_ptr<httplib::Server> http_;
   std::thread http_thread_;
   prometheus::Family<prometheus::Counter>& requests_;
   prometheus::Family<prometheus::Histogram>& duration_;
@@ -102,6 +109,7 @@ class Metrics {
 
   absl::Mutex mu_;
   std::map<std::string, PerAdapter> per_adapter_ ABSL_GUARDED_BY(mu_);
+  std::set<std::string> loaded_ ABSL_GUARDED_BY(mu_);  // As of the last SetAdapters().
   prometheus::Gauge* lora_info_series_ ABSL_GUARDED_BY(mu_) = nullptr;
 };
 

@@ -4,6 +4,7 @@
 #include <set>
 
 #include "absl/strings/str_cat.h"
+#include "core/stop_criteria.h"
 #include "server/metrics.h"
 #include "spdlog/spdlog.h"
 
@@ -15,6 +16,7 @@ struct Scheduler::Active {
   std::shared_ptr<RequestSink> sink;
   std::unique_ptr<core::Sequence> sequence;
   std::unique_ptr<core::Tokenizer::DecodeStream> stream;
+  core::StopCriteria stop;
   std::string text;  // Stable text so far (for stop strings).
   int64_t generated = 0;
   int64_t kv_reserved = 0;
@@ -28,18 +30,13 @@ double Seconds(Clock::time_point a, Clock::time_point b) {
   return std::chrono::duration<double>(b - a).count();
 }
 
-std::string CodeName(const absl::Status& s) {
-  switch (s.code()) {
-    case absl::StatusCode::kOk: return "OK";
-    case absl::StatusCode::kCancelled: return "CANCELLED";
-    case absl::StatusCode::kInvalidArgument: return "INVALID_ARGUMENT";
-    case absl::StatusCode::kDeadlineExceeded: return "DEADLINE_EXCEEDED";
-    case absl::StatusCode::kNotFound: return "NOT_FOUND";
-    case absl::StatusCode::kResourceExhausted: return "RESOURCE_EXHAUSTED";
-    case absl::StatusCode::kFailedPrecondition: return "FAILED_PRECONDITION";
-    case absl::StatusCode::kUnavailable: return "UNAVAILABLE";
-    default: return "INTERNAL";
-  }
+// Client-facing form of an error: INTERNAL details (LibTorch messages, shapes, paths) go to
+// the log under the request id, and the client gets the id to quote.
+absl::Status ForClient(const absl::Status& s, uint64_t request_id) {
+  if (s.code() != absl::StatusCode::kInternal) return s;
+  spdlog::error("request {}: {}", request_id, std::string(s.message()));
+  return absl::InternalError(absl::StrCat("internal error while generating (request ", request_id,
+                                          "); the server log has the details"));
 }
 
 }  // namespace
@@ -129,6 +126,7 @@ std::vector<std::string> Scheduler::WaitingAdapters() const {
 
 void Scheduler::Finish(Active& a, const absl::Status& status, core::FinishReason reason) {
   const auto now = Clock::now();
+  const absl::Status client_status = ForClient(status, a.request->id);
   GenerationStats stats;
   stats.prompt_tokens = static_cast<int64_t>(a.request->prompt.size());
   stats.completion_tokens = a.generated;
@@ -141,14 +139,15 @@ void Scheduler::Finish(Active& a, const absl::Status& status, core::FinishReason
     if (rest.ok()) tail = *rest;
   }
   if (metrics_) {
-    metrics_->RequestDone(a.request->adapter_name, CodeName(status), stats.total_seconds,
+    metrics_->RequestDone(a.request->adapter_name, absl::StatusCodeToString(status.code()),
+                          stats.total_seconds,
                           stats.queue_seconds, stats.time_to_first_token_seconds,
                           stats.prompt_tokens, stats.completion_tokens);
   }
   spdlog::debug("request {} done: {} {} ({} prompt, {} generated, {:.3f} s)", a.request->id,
-                CodeName(status), core::FinishReasonName(reason), stats.prompt_tokens,
+                absl::StatusCodeToString(status.code()), core::FinishReasonName(reason), stats.prompt_tokens,
                 stats.completion_tokens, stats.total_seconds);
-  a.sink->OnDone(status, reason, stats, tail);
+  a.sink->OnDone(client_status, reason, stats, tail);
   reserved_kv_ -= a.kv_reserved;
   a.sequence.reset();  // Releases the KV cache and the adapter reference.
 }
@@ -169,7 +168,8 @@ void Scheduler::Admit(std::vector<std::unique_ptr<Active>>& admitted) {
     const int64_t need_kv = KvEstimate(*a.request);
     if (rows >= options_.max_batch_rows) break;
     if (tokens > 0 && tokens + need_tokens > options_.max_tokens_per_step) break;
-    if (reserved_kv_ + need_kv > options_.max_kv_bytes && !running_set_.empty()) break;
+    // Submit() refused any request that exceeds the budget alone, so this never starves one.
+    if (reserved_kv_ + need_kv > options_.max_kv_bytes) break;
     tokens += need_tokens;
     reserved_kv_ += need_kv;
     a.kv_reserved = need_kv;
@@ -179,8 +179,120 @@ void Scheduler::Admit(std::vector<std::unique_ptr<Active>>& admitted) {
   queue_depth_.store(static_cast<int64_t>(queue_.size()), std::memory_order_relaxed);
 }
 
+absl::Status Scheduler::EndReason(const Active& a, bool cancel_all, Clock::time_point now) {
+  if (cancel_all) {
+    return absl::UnavailableError("the server is shutting down and its grace period ended");
+  }
+  const GenerationRequest& r = *a.request;
+  // gRPC cancels a call whose deadline passed: that is a deadline, not a client's cancel.
+  const bool expired = now + kDeadlineSlack >= r.deadline;
+  if (expired && (r.cancelled->load() || now >= r.deadline)) {
+    return absl::DeadlineExceededError(
+        a.started ? absl::StrCat("deadline exceeded after ", a.generated, " generated tokens")
+                  : std::string("deadline exceeded before the request started"));
+  }
+  if (r.cancelled->load()) return absl::CancelledError("request cancelled");
+  return absl::OkStatus();
+}
+
+void Scheduler::Start(std::unique_ptr<Active> a) {
+  GenerationRequest& r = *a->request;
+  a->stop.eos_token_ids = eos_;
+  a->stop.ignore_eos = r.ignore_eos;
+  a->stop.stop_token_ids = r.stop_token_ids;
+  a->stop.stop = r.stop;
+  a->stop.max_new_tokens = r.max_new_tokens;
+  // The sequence takes the request's adapter reference: one reference per running request.
+  auto seq = engine_.NewSequence(r.prompt, r.params, adapters::ForSequence(std::move(r.adapter)));
+  if (!seq.ok()) {
+    Finish(*a, seq.status(), core::FinishReason::kCancelled);
+    return;
+  }
+  a->sequence = *std::move(seq);
+  if (tokenizer_ != nullptr) {
+    a->stream = std::make_unique<core::Tokenizer::DecodeStream>(*tokenizer_, r.skip_special_tokens);
+  }
+  running_set_.push_back(std::move(a));
+}
+
+void Scheduler::Deliver(Active& a, const core::StepOutput& out, Clock::time_point step_end) {
+  if (!out.status.ok()) {
+    Finish(a, out.status, core::FinishReason::kCancelled);
+    return;
+  }
+  ++a.generated;
+  if (a.generated == 1) {
+    a.first_token = step_end;
+  } else if (metrics_) {
+    metrics_->InterTokenLatency(Seconds(a.last_token, step_end));
+  }
+  a.last_token = step_end;
+  std::string piece;
+  if (a.stream) {
+    auto p = a.stream->Step(out.token);
+    if (p.ok()) piece = *std::move(p);
+  }
+  const size_t before = a.text.size();
+  a.text += piece;
+  a.sink->OnTokens({out}, piece);
+  const auto reason = a.stop.Check(out.token, a.text, before, a.generated,
+                                   a.sequence->positions(), engine_.context_length());
+  if (reason) Finish(a, absl::OkStatus(), *reason);
+}
+
+void Scheduler::RunStep() {
+  std::vector<core::Sequence*> batch;
+  int64_t step_tokens = 0;
+  const auto step_start = Clock::now();
+  for (auto& a : running_set_) {
+    batch.push_back(a->sequence.get());
+    step_tokens += a->started ? 1 : static_cast<int64_t>(a->request->prompt.size());
+    if (!a->started) {
+      a->started = true;
+      a->first_step = step_start;
+    }
+  }
+  auto outputs = engine_.Step(batch);
+  if (metrics_) metrics_->Step(static_cast<int64_t>(batch.size()), step_tokens);
+  if (outputs.ok()) {
+    const auto step_end = Clock::now();
+    for (size_t i = 0; i < running_set_.size(); ++i) Deliver(*running_set_[i], (*outputs)[i], step_end);
+    return;
+  }
+  // A failed step committed nothing. One row may be the cause: run each alone, so that only
+  // the rows that fail by themselves end (with their own error) and the others go on.
+  spdlog::warn("model step over {} rows failed; retrying each row alone: {}", batch.size(),
+               std::string(outputs.status().message()));
+  for (auto& a : running_set_) {
+    auto alone = batch.size() == 1 ? outputs : engine_.Step({a->sequence.get()});
+    if (!alone.ok()) {
+      Finish(*a, alone.status(), core::FinishReason::kCancelled);
+      continue;
+    }
+    Deliver(*a, (*alone)[0], Clock::now());
+  }
+}
+
+void Scheduler::DropFinished() {
+  running_set_.erase(std::remove_if(running_set_.begin(), running_set_.end(),
+                                    [](const auto& a) { return a->sequence == nullptr; }),
+                     running_set_.end());
+}
+
+void Scheduler::PublishGauges() {
+  int64_t kv = 0;
+  for (const auto& a : running_set_) kv += a->sequence->kv_bytes();
+  running_.store(static_cast<int64_t>(running_set_.size()), std::memory_order_relaxed);
+  kv_bytes_.store(kv, std::memory_order_relaxed);
+  if (metrics_) {
+    metrics_->SetQueue(queue_depth(), running(),
+                       static_cast<double>(kv) / static_cast<double>(options_.max_kv_bytes));
+  }
+}
+
 void Scheduler::Loop() {
   while (true) {
+    bool cancel_all;
     {
       absl::MutexLock lock(&mu_);
       auto has_work = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
@@ -193,50 +305,25 @@ void Scheduler::Loop() {
       mu_.Await(absl::Condition(&has_work));
       if (shutdown_ && queue_.empty() && running_set_.empty()) return;
       idle_ = false;
-    }
-    bool cancel_all;
-    {
-      absl::MutexLock lock(&mu_);
       cancel_all = cancel_all_;
     }
     std::vector<std::unique_ptr<Active>> admitted;
     Admit(admitted);
     const auto now = Clock::now();
     for (auto& a : admitted) {
-      GenerationRequest& r = *a->request;
-      if (cancel_all || r.cancelled->load()) {
-        Finish(*a, absl::CancelledError("request cancelled"), core::FinishReason::kCancelled);
+      if (absl::Status end = EndReason(*a, cancel_all, now); !end.ok()) {
+        Finish(*a, end, core::FinishReason::kCancelled);
         continue;
       }
-      if (now >= r.deadline) {
-        Finish(*a, absl::DeadlineExceededError("deadline exceeded before the request started"),
-               core::FinishReason::kCancelled);
-        continue;
-      }
-      auto seq = engine_.NewSequence(r.prompt, r.params, adapters::ForSequence(r.adapter));
-      if (!seq.ok()) {
-        Finish(*a, seq.status(), core::FinishReason::kCancelled);
-        continue;
-      }
-      a->sequence = *std::move(seq);
-      if (tokenizer_ != nullptr) {
-        a->stream = std::make_unique<core::Tokenizer::DecodeStream>(*tokenizer_, r.skip_special_tokens);
-      }
-      running_set_.push_back(std::move(a));
+      Start(std::move(a));
     }
     // Cancellations and deadlines free their slot before the step.
     for (auto& a : running_set_) {
-      if (cancel_all || a->request->cancelled->load()) {
-        Finish(*a, absl::CancelledError("request cancelled"), core::FinishReason::kCancelled);
-      } else if (now >= a->request->deadline) {
-        Finish(*a, absl::DeadlineExceededError(absl::StrCat(
-                       "deadline exceeded after ", a->generated, " generated tokens")),
-               core::FinishReason::kCancelled);
+      if (absl::Status end = EndReason(*a, cancel_all, now); !end.ok()) {
+        Finish(*a, end, core::FinishReason::kCancelled);
       }
     }
-    running_set_.erase(std::remove_if(running_set_.begin(), running_set_.end(),
-                                      [](const auto& a) { return a->sequence == nullptr; }),
-                       running_set_.end());
+    DropFinished();
     {
       absl::MutexLock lock(&mu_);
       std::set<std::string> names;
@@ -245,85 +332,9 @@ void Scheduler::Loop() {
       }
       running_adapters_.assign(names.begin(), names.end());
     }
-    running_.store(static_cast<int64_t>(running_set_.size()), std::memory_order_relaxed);
-    if (running_set_.empty()) continue;
-
-    std::vector<core::Sequence*> batch;
-    int64_t step_tokens = 0;
-    for (auto& a : running_set_) {
-      batch.push_back(a->sequence.get());
-      step_tokens += a->started ? 1 : static_cast<int64_t>(a->request->prompt.size());
-    }
-    const auto step_start = Clock::now();
-    for (auto& a : running_set_) {
-      if (!a->started) {
-        a->started = true;
-        a->first_step = step_start;
-      }
-    }
-    auto outputs = engine_.Step(batch);
-    const auto step_end = Clock::now();
-    if (metrics_) metrics_->Step(static_cast<int64_t>(batch.size()), step_tokens);
-    if (!outputs.ok()) {
-      spdlog::error("model step failed: {}", std::string(outputs.status().message()));
-      for (auto& a : running_set_) Finish(*a, outputs.status(), core::FinishReason::kCancelled);
-      running_set_.clear();
-      continue;
-    }
-    int64_t kv = 0;
-    const std::vector<int64_t>& eos = eos_;
-    for (size_t i = 0; i < running_set_.size(); ++i) {
-      Active& a = *running_set_[i];
-      const core::StepOutput& out = (*outputs)[i];
-      ++a.generated;
-      if (a.generated == 1) {
-        a.first_token = step_end;
-      } else if (metrics_) {
-        metrics_->InterTokenLatency(Seconds(a.last_token, step_end));
-      }
-      a.last_token = step_end;
-      std::string piece;
-      if (a.stream) {
-        auto p = a.stream->Step(out.token);
-        if (p.ok()) piece = *std::move(p);
-      }
-      const size_t before = a.text.size();
-      a.text += piece;
-      a.sink->OnTokens({out}, piece);
-      const GenerationRequest& r = *a.request;
-      std::optional<core::FinishReason> reason;
-      if (!r.ignore_eos && std::count(eos.begin(), eos.end(), out.token)) {
-        reason = core::FinishReason::kEos;
-      } else if (std::count(r.stop_token_ids.begin(), r.stop_token_ids.end(), out.token)) {
-        reason = core::FinishReason::kStop;
-      } else {
-        for (const std::string& stop : r.stop) {
-          const size_t from = before >= stop.size() ? before - stop.size() + 1 : 0;
-          if (!stop.empty() && a.text.find(stop, from) != std::string::npos) {
-            reason = core::FinishReason::kStop;
-            break;
-          }
-        }
-      }
-      if (!reason && (a.generated >= r.max_new_tokens ||
-                      a.sequence->positions() >= engine_.context_length())) {
-        reason = core::FinishReason::kLength;
-      }
-      if (reason) {
-        Finish(a, absl::OkStatus(), *reason);
-      } else {
-        kv += a.sequence->kv_bytes();
-      }
-    }
-    running_set_.erase(std::remove_if(running_set_.begin(), running_set_.end(),
-                                      [](const auto& a) { return a->sequence == nullptr; }),
-                       running_set_.end());
-    running_.store(static_cast<int64_t>(running_set_.size()), std::memory_order_relaxed);
-    kv_bytes_.store(kv, std::memory_order_relaxed);
-    if (metrics_) {
-      metrics_->SetQueue(queue_depth(), running(),
-                         static_cast<double>(kv) / static_cast<double>(options_.max_kv_bytes));
-    }
+    if (!running_set_.empty()) RunStep();
+    DropFinished();
+    PublishGauges();
   }
 }
 

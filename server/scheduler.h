@@ -105,9 +105,24 @@ class Scheduler {
  private:
   struct Active;
 
+  // How much earlier than its deadline a request that gRPC cancelled counts as expired: the
+  // deadline was converted between clocks.
+  static constexpr std::chrono::milliseconds kDeadlineSlack{20};
+
   void Loop();
   void Admit(std::vector<std::unique_ptr<Active>>& admitted) ABSL_LOCKS_EXCLUDED(mu_);
   int64_t KvEstimate(const GenerationRequest& r) const;
+  // Why `a` must end now (Unavailable at the end of the grace period, DeadlineExceeded,
+  // Cancelled), or OK. Scheduler thread only, as are the functions below.
+  absl::Status EndReason(const Active& a, bool cancel_all, Clock::time_point now);
+  // Opens the sequence of an admitted request and adds it to the running set (or ends it).
+  void Start(std::unique_ptr<Active> a);
+  // Runs one step over the running set; a failed step is retried row by row.
+  void RunStep();
+  // Hands one row's step output to its request and ends it when a stop criterion is met.
+  void Deliver(Active& a, const core::StepOutput& out, Clock::time_point step_end);
+  void DropFinished();
+  void PublishGauges();
   void Finish(Active& a, const absl::Status& status, core::FinishReason reason);
 
   const core::Engine& engine_;

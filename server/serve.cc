@@ -11,10 +11,15 @@
 #include "absl/strings/str_split.h"
 #include "grpcpp/ext/proto_server_reflection_plugin.h"
 #include "grpcpp/health_check_service_interface.h"
+#include "grpcpp/security/tls_certificate_provider.h"
+#include "grpcpp/security/tls_credentials_options.h"
 #include "nlohmann/json.hpp"
+#include "core/mapped_file_guard.h"
+#include "core/stop_criteria.h"
 #include "server/admin_service.h"
 #include "server/flags.h"
 #include "server/generation_service.h"
+#include "server/tls.h"
 #include "spdlog/spdlog.h"
 
 namespace adapterd::server {
@@ -26,10 +31,28 @@ grpc::Status ToGrpc(const absl::Status& status) {
 
 namespace {
 
+// Plaintext, or TLS whose files are re-read every `reload_s` seconds (certificate rotation).
+std::shared_ptr<grpc::ServerCredentials> Credentials(const TlsFiles& tls, int reload_s) {
+  if (!tls.enabled()) return grpc::InsecureServerCredentials();
+  auto provider = std::make_shared<grpc::experimental::FileWatcherCertificateProvider>(
+      tls.key, tls.cert, tls.client_ca, static_cast<unsigned>(std::max(1, reload_s)));
+  grpc::experimental::TlsServerCredentialsOptions options(provider);
+  options.watch_identity_key_cert_pairs();
+  if (!tls.client_ca.empty()) {
+    options.watch_root_certs();
+    options.set_cert_request_type(GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY);
+  } else {
+    options.set_cert_request_type(GRPC_SSL_DONT_REQUEST_CLIENT_CERTIFICATE);
+  }
+  return grpc::experimental::TlsServerCredentials(options);
+}
+
 std::unique_ptr<grpc::Server> StartServer(const std::string& address,
-                                          std::vector<grpc::Service*> services, int* port) {
+                                          std::vector<grpc::Service*> services,
+                                          const std::shared_ptr<grpc::ServerCredentials>& creds,
+                                          int* port) {
   grpc::ServerBuilder builder;
-  builder.AddListeningPort(address, grpc::InsecureServerCredentials(), port);
+  builder.AddListeningPort(address, creds, port);
   for (grpc::Service* s : services) builder.RegisterService(s);
   return builder.BuildAndStart();
 }
@@ -68,17 +91,34 @@ int RunServe() {
     ctx->adapter_root = resolved;
   }
   if (const std::string file = absl::GetFlag(FLAGS_admin_token_file); !file.empty()) {
-    std::ifstream in(file);
-    if (!in || !std::getline(in, ctx->admin_token) || ctx->admin_token.empty()) {
-      spdlog::error("serve: cannot read an admin token from {}", file);
+    auto token = ReadAdminToken(file);
+    if (!token.ok()) {
+      spdlog::error("serve: {}", std::string(token.status().message()));
       return 2;
     }
-    while (!ctx->admin_token.empty() && std::isspace(static_cast<unsigned char>(ctx->admin_token.back()))) {
-      ctx->admin_token.pop_back();
-    }
+    ctx->admin_token = *std::move(token);
+  }
+  TlsFiles tls{absl::GetFlag(FLAGS_tls_cert), absl::GetFlag(FLAGS_tls_key),
+               absl::GetFlag(FLAGS_tls_client_ca)};
+  if (absl::Status s = tls.Validate(); !s.ok()) {
+    spdlog::error("serve: {}", std::string(s.message()));
+    return 2;
+  }
+  // The admin API changes what every client gets: off loopback it needs both a token and TLS,
+  // or the token would cross the network in cleartext.
+  if (!IsLoopbackAddress(absl::GetFlag(FLAGS_admin_listen)) &&
+      (ctx->admin_token.empty() || !tls.enabled())) {
+    spdlog::error("serve: --admin_listen {} is not a loopback address: it needs "
+                  "--admin_token_file and TLS (--tls_cert, --tls_key)",
+                  absl::GetFlag(FLAGS_admin_listen));
+    return 2;
+  }
+  if (!tls.enabled() && !IsLoopbackAddress(absl::GetFlag(FLAGS_listen))) {
+    spdlog::warn("serve: generation listener {} is not loopback and serves plaintext (no "
+                 "--tls_cert)", absl::GetFlag(FLAGS_listen));
   }
 
-  auto metrics_port = ctx->metrics.Serve(absl::GetFlag(FLAGS_metrics_listen));
+  auto metrics_port = ctx->metrics.Serve(absl::GetFlag(FLAGS_metrics_listen), tls);
   if (!metrics_port.ok()) {
     spdlog::error("serve: {}", std::string(metrics_port.status().message()));
     return 1;
@@ -86,10 +126,12 @@ int RunServe() {
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   GenerationService generation(*ctx);
-  AdminService admin(*ctx);
+  AdminService admin(*ctx, std::chrono::milliseconds(static_cast<int64_t>(
+                               1000 * absl::GetFlag(FLAGS_adapter_load_timeout_s))));
   int port = 0, admin_port = 0;
-  auto server = StartServer(absl::GetFlag(FLAGS_listen), {&generation}, &port);
-  auto admin_server = StartServer(absl::GetFlag(FLAGS_admin_listen), {&admin}, &admin_port);
+  const auto creds = Credentials(tls, absl::GetFlag(FLAGS_tls_reload_interval_s));
+  auto server = StartServer(absl::GetFlag(FLAGS_listen), {&generation}, creds, &port);
+  auto admin_server = StartServer(absl::GetFlag(FLAGS_admin_listen), {&admin}, creds, &admin_port);
   if (server == nullptr || admin_server == nullptr) {
     spdlog::error("serve: cannot listen on {} / {}", absl::GetFlag(FLAGS_listen),
                   absl::GetFlag(FLAGS_admin_listen));
@@ -106,6 +148,8 @@ int RunServe() {
   options.dtype = absl::GetFlag(FLAGS_dtype);
   options.threads = absl::GetFlag(FLAGS_threads);
   options.cpu_kernels = absl::GetFlag(FLAGS_cpu_kernels);
+  options.map_weights = absl::GetFlag(FLAGS_mmap);
+  core::SetMappedFileNoticeHandler([](const std::string& line) { spdlog::warn("{}", line); });
   core::LoadReport report;
   auto engine = core::Engine::Load(options, &report);
   if (!engine.ok()) {
@@ -134,11 +178,7 @@ int RunServe() {
   sched.max_tokens_per_step = absl::GetFlag(FLAGS_max_tokens_per_step);
   sched.max_queue = absl::GetFlag(FLAGS_max_queue);
   sched.max_kv_bytes = absl::GetFlag(FLAGS_max_kv_bytes);
-  // Without EOS ids in config.json / generation_config.json, tokenizer_config.json's eos_token.
-  if (ctx->engine->config().eos_token_ids.empty() && ctx->tokenizer != nullptr &&
-      ctx->tokenizer->special_tokens().eos) {
-    sched.eos_token_ids = {*ctx->tokenizer->special_tokens().eos};
-  }
+  sched.eos_token_ids = core::EosTokenIds(ctx->engine->config(), ctx->tokenizer.get());
   ctx->scheduler = std::make_unique<Scheduler>(*ctx->engine, ctx->tokenizer.get(), &ctx->metrics, sched);
   ctx->metrics.SetModelInfo(report.architecture,
                             report.name_or_path.empty() ? model_dir : report.name_or_path,
@@ -202,6 +242,13 @@ int RunServe() {
   admin_server->Shutdown(deadline);
   stopping.store(true);
   lora_info.join();
+  if (admin.StopWorker()) {
+    // A thread is still inside an abandoned adapter load and may touch the model: leave
+    // without destroying anything (there is nothing left to save).
+    spdlog::warn("an abandoned adapter load is still running; exiting without waiting for it");
+    spdlog::shutdown();
+    std::_Exit(0);
+  }
   ctx->scheduler.reset();
   spdlog::info("stopped");
   return 0;

@@ -6,37 +6,18 @@ tokenize and admin calls. Prints 'N passed, N failed'.
 Usage: python_client.py ADAPTERD_BINARY FIXTURES_DIR PROTO_DIR
 """
 import os
-import subprocess
 import sys
-import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from adapterd_process import Adapterd, Checks  # noqa: E402
+from adapterd_process import Adapterd, Checks, load_stubs  # noqa: E402
 
 
 def main():
     binary, fixtures, proto_dir = sys.argv[1:4]
-    work = tempfile.mkdtemp(prefix="adapterd_py_")
-    gen = os.path.join(work, "gen")
-    os.makedirs(gen)
-    # Debian's protoc (3.21, which knows proto3 `optional`) with grpc_python_plugin; the
-    # protoc bundled in python3-grpc-tools is 3.5 and does not.
-    def protoc(include, protos):
-        subprocess.run(["protoc", "-I" + include, "--python_out=" + gen, "--grpc_python_out=" + gen,
-                        "--plugin=protoc-gen-grpc_python=/usr/bin/grpc_python_plugin", *protos],
-                       check=True)
-    protoc(proto_dir, ["adapterd/v1/generation.proto", "adapterd/v1/admin.proto"])
-    # grpc.health.v1 stubs from Debian's grpc-proto copy, flat so they don't shadow `grpc`.
-    health = "/usr/share/grpc-proto/grpc/health/v1/health.proto"
-    health_dir = os.path.join(work, "health")
-    os.makedirs(health_dir)
-    if os.path.exists(health):
-        with open(health) as src, open(os.path.join(health_dir, "health.proto"), "w") as dst:
-            dst.write(src.read())
-        protoc(health_dir, ["health.proto"])
-    sys.path.insert(0, gen)
-    import grpc
-    from adapterd.v1 import admin_pb2, admin_pb2_grpc, generation_pb2, generation_pb2_grpc
+    stubs = load_stubs(proto_dir)
+    grpc = stubs.grpc
+    admin_pb2, admin_pb2_grpc = stubs.admin_pb2, stubs.admin_pb2_grpc
+    generation_pb2, generation_pb2_grpc = stubs.generation_pb2, stubs.generation_pb2_grpc
 
     server = Adapterd(binary, fixtures, ["--preload=qv=lora_qv"])
     check = Checks()
@@ -46,9 +27,8 @@ def main():
         gen_stub = generation_pb2_grpc.GenerationStub(channel)
         admin_stub = admin_pb2_grpc.AdminStub(admin_channel)
 
-        if os.path.exists(health):
-            import health_pb2
-            import health_pb2_grpc
+        if stubs.health_pb2 is not None:
+            health_pb2, health_pb2_grpc = stubs.health_pb2, stubs.health_pb2_grpc
             resp = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
             check("health", resp.status == health_pb2.HealthCheckResponse.SERVING, str(resp))
 

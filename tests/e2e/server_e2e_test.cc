@@ -22,23 +22,6 @@ const char* const kPreload =
 
 std::string Model() { return Fixture("llama_tok"); }
 
-v1::GenerateRequest IdsRequest(const std::vector<int32_t>& ids, const std::string& adapter,
-                               uint32_t max_new_tokens) {
-  v1::GenerateRequest r;
-  for (int32_t id : ids) r.mutable_token_ids()->add_ids(id);
-  r.set_adapter(adapter);
-  r.set_max_new_tokens(max_new_tokens);
-  r.set_ignore_eos(true);
-  return r;
-}
-
-grpc::Status Generate(const ServerProcess& s, const v1::GenerateRequest& req,
-                      v1::GenerateResponse* resp, int timeout_ms = 60000) {
-  grpc::ClientContext ctx;
-  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::milliseconds(timeout_ms));
-  return s.Generation()->Generate(&ctx, req, resp);
-}
-
 // Streams `req`; returns the concatenated chunks as one response.
 grpc::Status Stream(const ServerProcess& s, const v1::GenerateRequest& req,
                     v1::GenerateResponse* out, std::function<void(int)> after_chunk = nullptr) {
@@ -382,6 +365,7 @@ TEST(E2eAdminSafetyTest, TokenRequiredAndPathsConfinedToTheRoot) {
                         std::filesystem::copy_options::recursive);
   std::filesystem::create_directory_symlink(Fixture("adapters/lora_regex"), root + "/escape");
   WriteFile(dir + "/token", "s3cret\n");
+  std::filesystem::permissions(dir + "/token", std::filesystem::perms::owner_read);
   ServerProcess server(Model(), {"--adapter_root=" + root, "--admin_token_file=" + dir + "/token"});
   ASSERT_TRUE(server.ok()) << server.log();
   auto admin = server.Admin();

@@ -114,4 +114,22 @@ class ServerProcess {
   int port_ = 0, admin_port_ = 0, metrics_port_ = 0;
 };
 
+// A greedy request for `ids` that ignores EOS.
+inline adapterd::v1::GenerateRequest IdsRequest(const std::vector<int32_t>& ids, const std::string& adapter,
+                               uint32_t max_new_tokens) {
+  adapterd::v1::GenerateRequest r;
+  for (int32_t id : ids) r.mutable_token_ids()->add_ids(id);
+  r.set_adapter(adapter);
+  r.set_max_new_tokens(max_new_tokens);
+  r.set_ignore_eos(true);
+  return r;
+}
+
+inline grpc::Status Generate(const ServerProcess& s, const adapterd::v1::GenerateRequest& req,
+                      adapterd::v1::GenerateResponse* resp, int timeout_ms = 60000) {
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::milliseconds(timeout_ms));
+  return s.Generation()->Generate(&ctx, req, resp);
+}
+
 }  // namespace adapterd::testing
