@@ -10,6 +10,7 @@
 #include "core/causal_lm.h"
 #include "core/cpu_kernels.h"
 #include "core/model_loader.h"
+#include "core/prompt_rules.h"
 #include "core/sampler.h"
 #include "core/status_macros.h"
 #include "core/stop_criteria.h"
@@ -81,6 +82,11 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Load(const EngineOptions& option
 }
 
 const ModelConfig& Engine::config() const { return model_->config(); }
+int64_t Engine::kv_bytes_per_position() const {
+  const ModelConfig& c = model_->config();
+  const int64_t element = static_cast<int64_t>(model_->options().dtype().itemsize());
+  return c.num_layers * 2 * c.num_kv_heads * c.head_dim * element;
+}
 int64_t Engine::context_length() const { return model_->config().max_position_embeddings; }
 int Engine::threads() { return at::get_num_threads(); }
 const char* Engine::cpu_kernels() { return cpu::IsaName(cpu::SelectedIsa()); }
@@ -90,23 +96,9 @@ absl::StatusOr<std::unique_ptr<Sequence>> Engine::NewSequence(
     std::shared_ptr<const SequenceAdapter> adapter) const {
   RETURN_IF_ERROR(ValidateSamplingParams(params));
   const ModelConfig& c = config();
-  if (prompt.empty()) return absl::InvalidArgumentError("prompt is empty");
   const int64_t virtual_tokens = adapter ? adapter->virtual_tokens() : 0;
   int64_t prefix_positions = 0;
-  if (static_cast<int64_t>(prompt.size()) + virtual_tokens >= context_length()) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "prompt has ", prompt.size(), " tokens", virtual_tokens ? " (+" : "",
-        virtual_tokens ? absl::StrCat(virtual_tokens, " virtual)") : "",
-        "; the model's context holds ", context_length(),
-        " and at least one must be left to generate"));
-  }
-  for (size_t i = 0; i < prompt.size(); ++i) {
-    if (prompt[i] < 0 || prompt[i] >= c.vocab_size) {
-      return absl::InvalidArgumentError(absl::StrCat("prompt token ", i, " is ", prompt[i],
-                                                     ", outside the vocabulary [0, ",
-                                                     c.vocab_size, ")"));
-    }
-  }
+  RETURN_IF_ERROR(ValidatePrompt(prompt, c.vocab_size, context_length(), virtual_tokens));
   auto state = std::make_unique<Sequence::State>();
   state->prompt_length = static_cast<int64_t>(prompt.size());
   state->params = params;

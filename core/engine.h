@@ -78,6 +78,9 @@ class Engine {
   ~Engine();
 
   const ModelConfig& config() const;
+  // Bytes the KV cache holds per context position (every layer's keys and values, in the
+  // cache's dtype): the one figure KV budgets are computed from.
+  int64_t kv_bytes_per_position() const;
   const LoadReport& report() const { return report_; }
   // The model itself, for code inside core/ and adapters/ (LibTorch types).
   const CausalLm& model() const { return *model_; }

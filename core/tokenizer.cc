@@ -1185,6 +1185,16 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromJson(absl::string_view
           }
         }
       }
+      // Every id Encode() returns must lie in the vocabulary, these included.
+      for (const auto* ids : {&impl->template_before, &impl->template_after}) {
+        for (int32_t id : *ids) {
+          if (id < 0 || id >= impl->vocab_size) {
+            return absl::InvalidArgumentError(absl::StrCat(
+                label, ": post_processor template adds id ", id,
+                ", outside the vocabulary and added tokens [0, ", impl->vocab_size, ")"));
+          }
+        }
+      }
     }
   } catch (const Json::exception& e) {
     return absl::InvalidArgumentError(absl::StrCat(label, ": malformed tokenizer: ", e.what()));

@@ -3,6 +3,8 @@
 #include <deque>
 
 #include "absl/strings/str_cat.h"
+#include "core/prompt_rules.h"
+#include "server/generate_request.h"
 #include "spdlog/spdlog.h"
 
 namespace adapterd::server {
@@ -182,76 +184,28 @@ absl::StatusOr<std::unique_ptr<GenerationRequest>> BuildRequest(
   auto r = std::make_unique<GenerationRequest>();
   r->id = ctx.next_request_id.fetch_add(1);
   const core::Engine& engine = *ctx.engine;
-  switch (request.prompt_case()) {
-    case v1::GenerateRequest::kText: {
-      if (ctx.tokenizer == nullptr) {
-        return absl::FailedPreconditionError(
-            "the model folder has no tokenizer.json; send token_ids instead of text");
-      }
-      auto ids = ctx.tokenizer->Encode(request.text(), !request.has_add_special_tokens() ||
-                                                           request.add_special_tokens());
-      if (!ids.ok()) return ids.status();
-      r->prompt = *std::move(ids);
-      break;
-    }
-    case v1::GenerateRequest::kTokenIds:
-      r->prompt.assign(request.token_ids().ids().begin(), request.token_ids().ids().end());
-      break;
-    default:
-      return absl::InvalidArgumentError("prompt is missing: set text or token_ids");
+  RequestRules rules;
+  rules.vocab_size = engine.config().vocab_size;
+  rules.context_length = engine.context_length();
+  rules.default_max_new_tokens = ctx.limits.default_max_new_tokens;
+  rules.max_new_tokens_limit = ctx.limits.max_new_tokens_limit;
+  rules.max_stop_strings = ctx.limits.max_stop_strings;
+  if (absl::Status s = ParseGenerateRequest(request, rules, ctx.tokenizer.get(), r.get());
+      !s.ok()) {
+    return s;
   }
-  if (r->prompt.empty()) return absl::InvalidArgumentError("prompt is empty");
-  for (size_t i = 0; i < r->prompt.size(); ++i) {
-    if (r->prompt[i] < 0 || r->prompt[i] >= engine.config().vocab_size) {
-      return absl::InvalidArgumentError(absl::StrCat("prompt token ", i, " is ", r->prompt[i],
-                                                     ", outside the vocabulary [0, ",
-                                                     engine.config().vocab_size, ")"));
-    }
-  }
-  r->params.temperature = request.temperature();
-  r->params.top_k = request.top_k();
-  r->params.top_p = request.has_top_p() ? request.top_p() : 1.0f;
-  r->params.repetition_penalty = request.has_repetition_penalty() ? request.repetition_penalty() : 1.0f;
-  r->params.seed = request.seed();
-  if (request.top_logprobs() > static_cast<uint32_t>(core::kMaxTopLogprobs)) {
-    return absl::InvalidArgumentError(absl::StrCat("top_logprobs must be in [0, ",
-                                                   core::kMaxTopLogprobs, "], got ",
-                                                   request.top_logprobs()));
-  }
-  r->params.top_logprobs = static_cast<int32_t>(request.top_logprobs());
-  if (absl::Status s = core::ValidateSamplingParams(r->params); !s.ok()) return s;
-  r->max_new_tokens = request.max_new_tokens() ? request.max_new_tokens()
-                                               : ctx.limits.default_max_new_tokens;
-  if (r->max_new_tokens > ctx.limits.max_new_tokens_limit) {
-    return absl::InvalidArgumentError(absl::StrCat("max_new_tokens ", r->max_new_tokens,
-                                                   " exceeds the server's limit of ",
-                                                   ctx.limits.max_new_tokens_limit));
-  }
-  if (request.stop_size() > ctx.limits.max_stop_strings) {
-    return absl::InvalidArgumentError(absl::StrCat("at most ", ctx.limits.max_stop_strings,
-                                                   " stop strings are allowed"));
-  }
-  for (const std::string& s : request.stop()) {
-    if (s.empty()) return absl::InvalidArgumentError("stop strings must not be empty");
-    r->stop.push_back(s);
-  }
-  r->stop_token_ids.assign(request.stop_token_ids().begin(), request.stop_token_ids().end());
-  r->ignore_eos = request.ignore_eos();
-  r->skip_special_tokens = request.skip_special_tokens();
   if (!request.adapter().empty()) {
     r->adapter = ctx.table->Acquire(request.adapter());
     if (r->adapter == nullptr) {
       return absl::NotFoundError(absl::StrCat("adapter \"", request.adapter(), "\" is not loaded"));
     }
     r->adapter_name = request.adapter();
-  }
-  const int64_t virtual_tokens = r->adapter ? adapters::ReportOf(r->adapter).num_virtual_tokens : 0;
-  if (static_cast<int64_t>(r->prompt.size()) + virtual_tokens >= engine.context_length()) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "prompt has ", r->prompt.size(), " tokens",
-        virtual_tokens ? absl::StrCat(" (+", virtual_tokens, " virtual)") : "",
-        "; the model's context holds ", engine.context_length(),
-        " and at least one must be left to generate"));
+    const int64_t virtual_tokens = adapters::ReportOf(r->adapter).num_virtual_tokens;
+    if (absl::Status s = core::ValidatePrompt(r->prompt, rules.vocab_size, rules.context_length,
+                                              virtual_tokens);
+        !s.ok()) {
+      return s;
+    }
   }
   if (deadline != std::chrono::system_clock::time_point::max()) {
     r->deadline = Clock::now() + std::chrono::duration_cast<Clock::duration>(

@@ -48,8 +48,7 @@ Scheduler::Scheduler(const core::Engine& engine, const core::Tokenizer* tokenize
       metrics_(metrics),
       options_(options),
       eos_(options.eos_token_ids.empty() ? engine.config().eos_token_ids : options.eos_token_ids) {
-  const core::ModelConfig& c = engine.config();
-  kv_bytes_per_position_ = c.num_layers * 2 * c.num_kv_heads * c.head_dim * 4;
+  kv_bytes_per_position_ = engine.kv_bytes_per_position();
   thread_ = std::thread([this] { Loop(); });
 }
 

@@ -186,6 +186,17 @@ TEST(TokenizerTest, MalformedFilesAreRefusedByName) {
   auto truncation = Tokenizer::FromJson(
       R"({"truncation":{"max_length":5},"model":{"type":"BPE","vocab":{},"merges":[]}})", "t.json");
   EXPECT_THAT(std::string(truncation.status().message()), HasSubstr("\"truncation\" is set"));
+  // Found by tests/fuzz/tokenizer_json_fuzz: a template naming an id that no vocabulary entry
+  // or added token has made Encode return ids past vocab_size().
+  auto template_id = Tokenizer::FromJson(
+      R"({"model":{"type":"BPE","vocab":{"a":0,"b":1},"merges":[]},"post_processor":)"
+      R"({"type":"TemplateProcessing","single":[{"SpecialToken":{"id":"<x>","type_id":0}},)"
+      R"({"Sequence":{"id":"A","type_id":0}}],"special_tokens":{"<x>":{"ids":[6]}}}})",
+      "t.json");
+  EXPECT_EQ(template_id.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(template_id.status().message()),
+              HasSubstr("post_processor template adds id 6, outside the vocabulary and added "
+                        "tokens [0, 2)"));
 }
 
 TEST(TokenizerTest, TinyBpeMergesByRankLeftmostFirst) {
