@@ -24,6 +24,33 @@ TEST(ModelConfigTest, LlamaMissingKeysTakeTheClassDefaults) {
   EXPECT_EQ(c->bos_token_id, std::nullopt);
 }
 
+TEST(ModelConfigTest, ValuesThatBreakTheForwardPassOrItsAllocationsAreRefused) {
+  const std::string base = R"({"architectures":["LlamaForCausalLM"],"hidden_size":64,)"
+                           R"("num_attention_heads":4,)";
+  struct Case {
+    std::string fields, message;
+  };
+  for (const Case& c : std::vector<Case>{
+           {R"("rope_theta":0})", "rope_theta must be a finite number > 1, found 0"},
+           {R"("rms_norm_eps":-1e-6})", "must be in (0, 1), found -1e-06"},
+           {R"("rms_norm_eps":0})", "must be in (0, 1), found 0"},
+           {R"("num_hidden_layers":2147483647})",
+            "number of layers is 2147483647, above adapterd's limit of 1024"},
+           {R"("num_hidden_layers":100000})", "number of layers is 100000"},
+           {R"("vocab_size":1099511627776})", "vocab_size is 1099511627776"},
+           {R"("max_position_embeddings":1e12})", ""},
+       }) {
+    auto config = ModelConfig::FromJson(base + c.fields, "config.json");
+    ASSERT_FALSE(config.ok()) << c.fields;
+    EXPECT_EQ(config.status().code(), absl::StatusCode::kInvalidArgument) << c.fields;
+    EXPECT_THAT(std::string(config.status().message()), HasSubstr(c.message)) << c.fields;
+  }
+  auto gpt2 = ModelConfig::FromJson(R"({"architectures":["GPT2LMHeadModel"],"n_embd":64,)"
+                                    R"("n_head":4,"layer_norm_epsilon":-1})",
+                                    "config.json");
+  EXPECT_THAT(std::string(gpt2.status().message()), HasSubstr("must be in (0, 1), found -1"));
+}
+
 TEST(ModelConfigTest, Gpt2TiesByDefaultAndMapsItsKeyNames) {
   auto c = ModelConfig::FromJson(R"({"architectures":["GPT2LMHeadModel"],"n_embd":64,)"
                                  R"("n_head":4,"n_layer":2})",

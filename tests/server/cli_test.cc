@@ -1,6 +1,8 @@
 // The adapterd executable's offline subcommands, run as a user would.
+#include <algorithm>
 #include <array>
 #include <cstdio>
+#include <filesystem>
 #include <string>
 
 #include "gmock/gmock.h"
@@ -153,6 +155,44 @@ TEST(CliTest, TokenizeDetokenizeAndGenerateFromText) {
   EXPECT_EQ(a["tokens"], b["tokens"]);
   EXPECT_EQ(a["prompt_ids"], b["prompt_ids"]);
   EXPECT_TRUE(a.contains("text"));
+}
+
+}  // namespace
+}  // namespace adapterd::server
+
+namespace adapterd::server {
+namespace {
+
+TEST(CliTest, GenerateStopsAtTheTokenizerConfigEosLikeTheServer) {
+  // A copy of llama_tok whose configs name no EOS id; tokenizer_config.json names as its
+  // eos_token a token the greedy continuation produces.
+  const std::string model = testing::TempDir("cli_eos") + "/model";
+  std::filesystem::copy(testing::Fixture("llama_tok"), model,
+                        std::filesystem::copy_options::recursive);
+  CliRun full = Adapterd("generate --json --ignore_eos --max_new_tokens 8 --model_dir " + model +
+                         " --prompt_ids 1,450,4996,17354");
+  ASSERT_EQ(full.exit_code, 0) << full.out;
+  const std::vector<int> tokens = nlohmann::json::parse(full.out)["tokens"];
+  const int eos = tokens[2];  // Its first occurrence ends generation.
+  const size_t first = std::find(tokens.begin(), tokens.end(), eos) - tokens.begin();
+  std::string eos_text;
+  const nlohmann::json tokenizer = testing::ReadJson(model + "/tokenizer.json");
+  for (const auto& [text, id] : tokenizer["model"]["vocab"].items()) {
+    if (id == eos) eos_text = text;
+  }
+  ASSERT_FALSE(eos_text.empty());
+  auto config = testing::ReadJson(model + "/config.json");
+  config.erase("eos_token_id");
+  testing::WriteFile(model + "/config.json", config.dump());
+  testing::WriteFile(model + "/tokenizer_config.json",
+                     nlohmann::json({{"eos_token", eos_text}}).dump());
+  CliRun r = Adapterd("generate --json --max_new_tokens 8 --model_dir " + model +
+                      " --prompt_ids 1,450,4996,17354");
+  ASSERT_EQ(r.exit_code, 0) << r.out;
+  auto j = nlohmann::json::parse(r.out);
+  EXPECT_EQ(j["finish_reason"], "eos");
+  EXPECT_EQ(j["tokens"].get<std::vector<int>>(),
+            std::vector<int>(tokens.begin(), tokens.begin() + first + 1));
 }
 
 }  // namespace

@@ -1,0 +1,201 @@
+// The scheduler on a real model (the llama_tok fixture) with recording sinks: how requests
+// end (shutdown, deadline, cancellation), the KV budget at admission, and a failing row that
+// must not take the rest of its batch with it.
+#include "server/scheduler.h"
+
+#include <atomic>
+#include <map>
+#include <set>
+
+#include "adapters/adapter.h"
+#include "core/engine.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "tests/test_util.h"
+
+namespace adapterd::server {
+namespace {
+
+using ::testing::HasSubstr;
+using ::testing::Not;
+
+// Everything one request received. Sinks run on the scheduler thread only.
+struct Outcome {
+  std::vector<int32_t> tokens;
+  absl::Status status;
+  core::FinishReason reason = core::FinishReason::kLength;
+  bool done = false;
+};
+
+// Records outcomes, and the most requests it ever saw between first token and end at once.
+struct Recorder {
+  std::map<uint64_t, Outcome> outcomes;
+  std::set<uint64_t> streaming;
+  size_t most_streaming = 0;
+  absl::Mutex mu;
+  int done = 0;
+};
+
+class RecordingSink final : public RequestSink {
+ public:
+  RecordingSink(Recorder* r, uint64_t id) : r_(r), id_(id) {}
+  void OnTokens(const std::vector<core::StepOutput>& tokens, const std::string&) override {
+    absl::MutexLock lock(&r_->mu);
+    for (const auto& t : tokens) r_->outcomes[id_].tokens.push_back(t.token);
+    r_->streaming.insert(id_);
+    r_->most_streaming = std::max(r_->most_streaming, r_->streaming.size());
+  }
+  void OnDone(const absl::Status& status, core::FinishReason reason, const GenerationStats&,
+              const std::string&) override {
+    absl::MutexLock lock(&r_->mu);
+    Outcome& o = r_->outcomes[id_];
+    o.status = status;
+    o.reason = reason;
+    o.done = true;
+    r_->streaming.erase(id_);
+    ++r_->done;
+  }
+
+ private:
+  Recorder* r_;
+  uint64_t id_;
+};
+
+class SchedulerTest : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    core::EngineOptions options;
+    options.model_dir = testing::Fixture("llama_tok");
+    core::LoadReport report;
+    auto engine = core::Engine::Load(options, &report);
+    ASSERT_TRUE(engine.ok()) << engine.status();
+    engine_ = engine->release();
+  }
+  static void TearDownTestSuite() { delete engine_; }
+
+  std::unique_ptr<GenerationRequest> Request(uint64_t id, int64_t max_new_tokens,
+                                             std::vector<int32_t> prompt = {1, 450, 4996}) {
+    auto r = std::make_unique<GenerationRequest>();
+    r->id = id;
+    r->prompt = std::move(prompt);
+    r->max_new_tokens = max_new_tokens;
+    r->ignore_eos = true;
+    return r;
+  }
+  void Submit(Scheduler& s, std::unique_ptr<GenerationRequest> r) {
+    const uint64_t id = r->id;
+    ASSERT_TRUE(s.Submit(std::move(r), std::make_shared<RecordingSink>(&recorder_, id)).ok());
+  }
+  void AwaitDone(int n) {
+    absl::MutexLock lock(&recorder_.mu);
+    auto done = [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(recorder_.mu) { return recorder_.done >= n; };
+    ASSERT_TRUE(recorder_.mu.AwaitWithTimeout(absl::Condition(&done), absl::Seconds(60)));
+  }
+  Outcome Get(uint64_t id) {
+    absl::MutexLock lock(&recorder_.mu);
+    return recorder_.outcomes[id];
+  }
+
+  static core::Engine* engine_;
+  Recorder recorder_;
+};
+core::Engine* SchedulerTest::engine_ = nullptr;
+
+TEST_F(SchedulerTest, TheEndOfTheGracePeriodIsUnavailableAndDeadlinesAreDeadlines) {
+  SchedulerOptions options;
+  options.max_batch_rows = 1;  // The others wait in the queue.
+  Scheduler s(*engine_, nullptr, nullptr, options);
+  auto expired = Request(1, 4);
+  expired->deadline = Clock::now() - std::chrono::seconds(1);
+  Submit(s, std::move(expired));
+  auto cancelled = Request(2, 4);
+  cancelled->cancelled->store(true);
+  Submit(s, std::move(cancelled));
+  AwaitDone(2);
+  EXPECT_EQ(Get(1).status.code(), absl::StatusCode::kDeadlineExceeded);
+  EXPECT_EQ(Get(2).status.code(), absl::StatusCode::kCancelled);
+  // A deadline that passes while running, even when gRPC also cancelled the call.
+  auto running = Request(3, 200);
+  running->deadline = Clock::now() + std::chrono::milliseconds(30);
+  auto flag = running->cancelled;
+  Submit(s, std::move(running));
+  std::this_thread::sleep_for(std::chrono::milliseconds(35));
+  flag->store(true);
+  AwaitDone(3);
+  EXPECT_EQ(Get(3).status.code(), absl::StatusCode::kDeadlineExceeded) << Get(3).status;
+  for (uint64_t id = 10; id < 14; ++id) Submit(s, Request(id, 200));
+  s.StopAdmission();
+  EXPECT_EQ(s.Submit(Request(99, 1), std::make_shared<RecordingSink>(&recorder_, 99)).code(),
+            absl::StatusCode::kUnavailable);
+  s.CancelAll();
+  AwaitDone(7);
+  for (uint64_t id = 10; id < 14; ++id) {
+    EXPECT_EQ(Get(id).status.code(), absl::StatusCode::kUnavailable) << id;
+    EXPECT_THAT(std::string(Get(id).status.message()), HasSubstr("grace period"));
+  }
+}
+
+TEST_F(SchedulerTest, TheKvBudgetHoldsFromAnIdleBatchOn) {
+  SchedulerOptions options;
+  // Room for one request's estimate (prompt + max_new_tokens + 64 positions), not two.
+  const int64_t one = (3 + 20 + 64) * engine_->kv_bytes_per_position();
+  options.max_kv_bytes = one + one / 2;
+  Scheduler s(*engine_, nullptr, nullptr, options);
+  for (uint64_t id = 1; id <= 4; ++id) Submit(s, Request(id, 20));
+  AwaitDone(4);
+  for (uint64_t id = 1; id <= 4; ++id) EXPECT_TRUE(Get(id).status.ok()) << id;
+  EXPECT_EQ(recorder_.most_streaming, 1u);
+  EXPECT_EQ(s.kv_bytes(), 0);  // Nothing runs: the gauge says so.
+  // A request that cannot fit even alone is refused at once.
+  EXPECT_EQ(s.Submit(Request(9, 200), std::make_shared<RecordingSink>(&recorder_, 9)).code(),
+            absl::StatusCode::kResourceExhausted);
+}
+
+// An adapter whose LoRA A has the wrong width: the forward pass throws for any batch that
+// holds one of its rows.
+adapters::AdapterRef BrokenAdapter(const core::Engine& engine) {
+  adapters::AdapterReport report;
+  report.name = "broken";
+  adapters::AdapterWeights weights;
+  const int64_t hidden = engine.config().hidden_size;
+  weights.lora[{0, core::Projection::kQ}] = {at::zeros({4, hidden + 3}), at::zeros({hidden, 4})};
+  return std::make_shared<const adapters::Adapter>(report, std::move(weights));
+}
+
+TEST_F(SchedulerTest, AStepThatFailsIsRetriedRowByRowAndOnlyTheBadRowEnds) {
+  // Expected tokens of each good request, run alone first.
+  std::map<uint64_t, std::vector<int32_t>> alone;
+  {
+    Scheduler s(*engine_, nullptr, nullptr, SchedulerOptions());
+    for (uint64_t id = 1; id <= 4; ++id) {
+      Submit(s, Request(id, 12, {1, 450, static_cast<int32_t>(4996 + id)}));
+      AwaitDone(static_cast<int>(id));
+      alone[id] = Get(id).tokens;
+    }
+  }
+  recorder_.outcomes.clear();
+  recorder_.done = 0;
+  SchedulerOptions options;
+  options.max_batch_rows = 8;
+  Scheduler s(*engine_, nullptr, nullptr, options);
+  auto bad = Request(100, 12);
+  bad->adapter = BrokenAdapter(*engine_);
+  bad->adapter_name = "broken";
+  Submit(s, std::move(bad));
+  for (uint64_t id = 1; id <= 4; ++id) {
+    Submit(s, Request(id, 12, {1, 450, static_cast<int32_t>(4996 + id)}));
+  }
+  AwaitDone(5);
+  const Outcome failed = Get(100);
+  EXPECT_EQ(failed.status.code(), absl::StatusCode::kInternal);
+  EXPECT_THAT(std::string(failed.status.message()), HasSubstr("request 100"));
+  EXPECT_THAT(std::string(failed.status.message()), Not(HasSubstr("size")));  // No LibTorch text.
+  for (uint64_t id = 1; id <= 4; ++id) {
+    const Outcome o = Get(id);
+    EXPECT_TRUE(o.status.ok()) << id << " " << o.status;
+    EXPECT_EQ(o.tokens, alone[id]) << id;
+  }
+}
+
+}  // namespace
+}  // namespace adapterd::server
