@@ -6,7 +6,7 @@ AdminWorker::AdminWorker(std::function<void()> thread_setup)
     : state_(std::make_shared<State>()) {
   state_->thread_setup = std::move(thread_setup);
   {
-    std::lock_guard<std::mutex> lock(state_->mu);
+    absl::MutexLock lock(&state_->mu);
     StartThread(state_);
   }
   watchdog_ = std::thread([s = state_] { Watch(s); });
@@ -19,42 +19,46 @@ bool AdminWorker::Shutdown() {
   if (!watchdog_.joinable()) return s.retired_running.load() > 0;
   std::deque<Job> queued;
   {
-    std::lock_guard<std::mutex> lock(s.mu);
+    absl::MutexLock lock(&s.mu);
     s.stop = true;
     queued.swap(s.queue);
   }
-  s.cv.notify_all();
   watchdog_.join();
   for (Job& job : queued) {
     if (Claim(*job.claim)) job.abandon(/*shutting_down=*/true);
   }
-  std::unique_lock<std::mutex> lock(s.mu);
-  // A job about to finish (a load takes milliseconds) may; a stuck one is left behind.
-  s.cv.wait_for(lock, std::chrono::seconds(1), [&] { return s.current == nullptr; });
-  std::shared_ptr<Job> current = s.current;
-  if (current != nullptr && Claim(*current->claim)) {
-    // Still inside a job: answer its caller and leave the thread behind.
-    s.abandoned.fetch_add(1);
-    s.retired_running.fetch_add(1);
-    ++s.generation;
-    s.worker.detach();
-    lock.unlock();
+  std::shared_ptr<Job> current;
+  std::thread worker;
+  {
+    absl::MutexLock lock(&s.mu);
+    // A job about to finish (a load takes milliseconds) may; a stuck one is left behind.
+    auto idle = [&s]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(s.mu) { return s.current == nullptr; };
+    s.mu.AwaitWithTimeout(absl::Condition(&idle), absl::Seconds(1));
+    current = s.current;
+    if (current != nullptr && Claim(*current->claim)) {
+      // Still inside a job: answer its caller and leave the thread behind.
+      s.abandoned.fetch_add(1);
+      s.retired_running.fetch_add(1);
+      ++s.generation;
+      s.worker.detach();
+    } else {
+      current = nullptr;
+      worker = std::move(s.worker);
+    }
+  }
+  if (current != nullptr) {
     current->abandon(/*shutting_down=*/true);
     return true;
   }
-  std::thread worker = std::move(s.worker);
-  lock.unlock();
-  s.cv.notify_all();
   if (worker.joinable()) worker.join();
   return s.retired_running.load() > 0;
 }
 
 void AdminWorker::Submit(Job job) {
   {
-    std::lock_guard<std::mutex> lock(state_->mu);
+    absl::MutexLock lock(&state_->mu);
     if (!state_->stop) {
       state_->queue.push_back(std::move(job));
-      state_->cv.notify_all();
       return;
     }
   }
@@ -68,51 +72,58 @@ void AdminWorker::StartThread(const std::shared_ptr<State>& s) {
 
 void AdminWorker::Work(std::shared_ptr<State> s, uint64_t generation) {
   s->thread_setup();
-  std::unique_lock<std::mutex> lock(s->mu);
+  bool retired = false;
   while (true) {
-    s->cv.wait(lock, [&] { return s->stop || !s->queue.empty() || s->generation != generation; });
-    if (s->generation != generation || s->stop) break;
-    s->current = std::make_shared<Job>(std::move(s->queue.front()));
-    s->queue.pop_front();
-    s->deadline = std::chrono::steady_clock::now() + s->current->timeout;
-    std::shared_ptr<Job> job = s->current;
-    s->cv.notify_all();  // The watchdog learns the deadline.
-    lock.unlock();
+    std::shared_ptr<Job> job;
+    {
+      absl::MutexLock lock(&s->mu);
+      auto ready = [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(s->mu) {
+        return s->stop || !s->queue.empty() || s->generation != generation;
+      };
+      s->mu.Await(absl::Condition(&ready));
+      retired = s->generation != generation;
+      if (retired || s->stop) break;
+      job = s->current = std::make_shared<Job>(std::move(s->queue.front()));
+      s->queue.pop_front();
+      s->deadline = absl::Now() + absl::FromChrono(job->timeout);
+    }
     job->run();
-    lock.lock();
-    if (s->generation != generation) break;  // Retired while inside the job.
+    absl::MutexLock lock(&s->mu);
+    retired = s->generation != generation;
+    if (retired) break;  // Abandoned while inside the job: a fresh thread took over.
     s->current.reset();
-    s->cv.notify_all();
   }
-  const bool retired = s->generation != generation;
-  lock.unlock();
   if (retired) s->retired_running.fetch_sub(1);
 }
 
 void AdminWorker::Watch(std::shared_ptr<State> s) {
-  std::unique_lock<std::mutex> lock(s->mu);
-  while (!s->stop) {
-    if (s->current == nullptr) {
-      s->cv.wait(lock);
-      continue;
+  while (true) {
+    std::shared_ptr<Job> job;
+    {
+      absl::MutexLock lock(&s->mu);
+      auto busy = [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(s->mu) {
+        return s->stop || s->current != nullptr;
+      };
+      s->mu.Await(absl::Condition(&busy));
+      if (s->stop) return;
+      job = s->current;
+      auto moved_on = [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(s->mu) {
+        return s->stop || s->current != job;
+      };
+      if (s->mu.AwaitWithDeadline(absl::Condition(&moved_on), s->deadline)) continue;
+      if (!Claim(*job->claim)) {
+        // It is answering right now and ends on its own.
+        s->mu.Await(absl::Condition(&moved_on));
+        continue;
+      }
+      // Retire the stuck thread and give the queue a fresh one.
+      s->abandoned.fetch_add(1);
+      s->retired_running.fetch_add(1);
+      s->current.reset();
+      s->worker.detach();
+      StartThread(s);
     }
-    std::shared_ptr<Job> job = s->current;
-    if (s->cv.wait_until(lock, s->deadline, [&] { return s->stop || s->current != job; })) {
-      continue;
-    }
-    if (!Claim(*job->claim)) {  // It is answering right now and ends on its own.
-      s->cv.wait(lock, [&] { return s->stop || s->current != job; });
-      continue;
-    }
-    // Retire the stuck thread and give the queue a fresh one.
-    s->abandoned.fetch_add(1);
-    s->retired_running.fetch_add(1);
-    s->current.reset();
-    s->worker.detach();
-    StartThread(s);
-    lock.unlock();
     job->abandon(/*shutting_down=*/false);
-    lock.lock();
   }
 }
 

@@ -12,12 +12,13 @@
 
 #include <atomic>
 #include <chrono>
-#include <condition_variable>
 #include <deque>
 #include <functional>
 #include <memory>
-#include <mutex>
 #include <thread>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/synchronization/mutex.h"
 
 namespace adapterd::server {
 
@@ -58,18 +59,17 @@ class AdminWorker {
   // life still finds its bookkeeping.
   struct State {
     std::function<void()> thread_setup;
-    std::mutex mu;
-    std::condition_variable cv;         // Queue changes, job starts and ends, stop.
-    std::deque<Job> queue;              // Guarded by mu.
-    std::shared_ptr<Job> current;       // The job running now; guarded by mu.
-    std::chrono::steady_clock::time_point deadline;  // Of current; guarded by mu.
-    uint64_t generation = 0;            // The live worker thread's; guarded by mu.
-    bool stop = false;                  // Guarded by mu.
-    std::thread worker;                 // The live worker thread; guarded by mu.
+    absl::Mutex mu;
+    std::deque<Job> queue ABSL_GUARDED_BY(mu);
+    std::shared_ptr<Job> current ABSL_GUARDED_BY(mu);  // The job running now.
+    absl::Time deadline ABSL_GUARDED_BY(mu);           // Of `current`.
+    uint64_t generation ABSL_GUARDED_BY(mu) = 0;       // The live worker thread's.
+    bool stop ABSL_GUARDED_BY(mu) = false;
+    std::thread worker ABSL_GUARDED_BY(mu);            // The live worker thread.
     std::atomic<int64_t> abandoned{0};
     std::atomic<int> retired_running{0};
   };
-  static void StartThread(const std::shared_ptr<State>& s);  // Requires s->mu.
+  static void StartThread(const std::shared_ptr<State>& s) ABSL_EXCLUSIVE_LOCKS_REQUIRED(s->mu);
   static void Work(std::shared_ptr<State> s, uint64_t generation);
   static void Watch(std::shared_ptr<State> s);
 
