@@ -77,73 +77,94 @@ class UnarySink final : public RequestSink {
 };
 
 // Streaming: chunks queue up while a write is in flight and are merged, so a slow client
-// never slows the scheduler down.
+// never slows the scheduler down. StartWrite and Finish are called with no lock held: gRPC may
+// run OnWriteDone or OnDone (which deletes the call) inline, and nothing may touch the call
+// after Finish.
 class StreamCall final : public grpc::ServerWriteReactor<v1::GenerateStreamResponse> {
  public:
   StreamCall(std::shared_ptr<std::atomic<bool>> cancelled, std::string adapter)
       : cancelled_(std::move(cancelled)), adapter_(std::move(adapter)) {}
 
   void Push(const std::vector<core::StepOutput>& tokens, const std::string& text) {
-    absl::MutexLock lock(&mu_);
-    if (pending_.size() < 2) {  // The front one may be in flight: never touch it.
-      pending_.emplace_back();
-      pending_.back().set_adapter(adapter_);
+    {
+      absl::MutexLock lock(&mu_);
+      if (pending_.size() < 2) {  // The front one may be in flight: never touch it.
+        pending_.emplace_back();
+        pending_.back().set_adapter(adapter_);
+      }
+      v1::GenerateStreamResponse& chunk = pending_.back();
+      for (const core::StepOutput& s : tokens) {
+        chunk.add_token_ids(s.token);
+        FillToken(s, chunk.add_tokens());
+      }
+      chunk.mutable_text()->append(text);
     }
-    v1::GenerateStreamResponse& chunk = pending_.back();
-    for (const core::StepOutput& s : tokens) {
-      chunk.add_token_ids(s.token);
-      FillToken(s, chunk.add_tokens());
-    }
-    chunk.mutable_text()->append(text);
-    MaybeWriteLocked();
+    Pump();
   }
 
   void Done(const absl::Status& status, core::FinishReason reason, const GenerationStats& stats,
             const std::string& text) {
-    absl::MutexLock lock(&mu_);
-    status_ = ToGrpc(status);
-    done_ = true;
-    if (status.ok()) {
-      if (pending_.size() < 2) {
-        pending_.emplace_back();
-        pending_.back().set_adapter(adapter_);
+    {
+      absl::MutexLock lock(&mu_);
+      status_ = ToGrpc(status);
+      done_ = true;
+      if (status.ok()) {
+        if (pending_.size() < 2) {
+          pending_.emplace_back();
+          pending_.back().set_adapter(adapter_);
+        }
+        v1::GenerateStreamResponse& last = pending_.back();
+        last.mutable_text()->append(text);
+        last.set_finish_reason(ToProto(reason));
+        FillStats(stats, last.mutable_stats());
+      } else if (!writing_) {
+        pending_.clear();  // An error ends the stream now.
       }
-      v1::GenerateStreamResponse& last = pending_.back();
-      last.mutable_text()->append(text);
-      last.set_finish_reason(ToProto(reason));
-      FillStats(stats, last.mutable_stats());
-    } else if (!writing_) {
-      pending_.clear();  // An error ends the stream now.
     }
-    MaybeWriteLocked();
+    Pump();
   }
 
   void OnWriteDone(bool ok) override {
-    absl::MutexLock lock(&mu_);
-    writing_ = false;
-    pending_.pop_front();
-    if (!ok) {
-      broken_ = true;
-      cancelled_->store(true);
-      pending_.clear();
+    {
+      absl::MutexLock lock(&mu_);
+      writing_ = false;
+      pending_.pop_front();
+      if (!ok) {
+        broken_ = true;
+        cancelled_->store(true);
+        pending_.clear();
+      }
     }
-    MaybeWriteLocked();
+    Pump();
   }
   void OnCancel() override { cancelled_->store(true); }
   void OnDone() override { delete this; }
 
  private:
-  void MaybeWriteLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-    if (writing_ || finished_) return;
-    if (!pending_.empty() && !broken_ && (status_.ok() || !done_)) {
-      writing_ = true;
-      StartWrite(&pending_.front());
-      return;
+  // Starts the next write or finishes the call, whichever is due, outside the lock. Must be
+  // the last thing its caller does with the call.
+  void Pump() {
+    const v1::GenerateStreamResponse* next = nullptr;
+    grpc::Status finish;
+    {
+      absl::MutexLock lock(&mu_);
+      if (writing_ || finished_) return;
+      if (!pending_.empty() && !broken_ && (status_.ok() || !done_)) {
+        writing_ = true;
+        next = &pending_.front();  // Stays put: nothing touches the front while writing_.
+      } else if (done_ && (pending_.empty() || broken_ || !status_.ok())) {
+        finished_ = true;
+        finish = broken_ && status_.ok()
+                     ? grpc::Status(grpc::StatusCode::CANCELLED, "client went away")
+                     : status_;
+      } else {
+        return;
+      }
     }
-    if (done_ && (pending_.empty() || broken_ || !status_.ok())) {
-      finished_ = true;
-      Finish(broken_ && status_.ok() ? grpc::Status(grpc::StatusCode::CANCELLED, "client went away")
-                                     : status_);
+    if (next != nullptr) {
+      StartWrite(next);
+    } else {
+      Finish(finish);
     }
   }
 

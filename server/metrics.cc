@@ -1,5 +1,6 @@
 #include "server/metrics.h"
 
+#include <algorithm>
 #include <chrono>
 
 #include "absl/strings/str_cat.h"
@@ -174,9 +175,11 @@ void Metrics::RequestDone(const std::string& adapter, const std::string& code, d
                           double queue_s, double ttft_s, int64_t prompt_tokens,
                           int64_t generated_tokens) {
   absl::MutexLock lock(&mu_);
-  // Only names of loaded adapters become label values: clients choose the rest.
-  const std::string& label =
-      adapter.empty() || loaded_.count(adapter) ? adapter : std::string(kNotLoadedAdapterLabel);
+  // Only names of adapters that are or were loaded become label values: clients choose the
+  // rest.
+  const std::string& label = adapter.empty() || per_adapter_.count(adapter)
+                                 ? adapter
+                                 : std::string(kNotLoadedAdapterLabel);
   PerAdapter& s = Series(label);
   auto& counter = s.requests_by_code[code];
   if (counter == nullptr) counter = &requests_.Add({{"adapter", label}, {"code", code}});
@@ -224,21 +227,34 @@ void Metrics::AdapterUnload(const std::string& result) {
 
 void Metrics::SetAdapters(const std::map<std::string, int64_t>& bytes_by_adapter) {
   absl::MutexLock lock(&mu_);
-  std::vector<std::string> gone;
-  for (const auto& [name, s] : per_adapter_) {
-    if (!name.empty() && name != kNotLoadedAdapterLabel && !bytes_by_adapter.count(name)) {
-      gone.push_back(name);
+  for (const std::string& name : loaded_) {
+    if (bytes_by_adapter.count(name)) continue;
+    // Unloaded: its bytes go, its counters stay (bounded below).
+    auto it = per_adapter_.find(name);
+    if (it != per_adapter_.end() && it->second.bytes != nullptr) {
+      adapter_bytes_.Remove(it->second.bytes);
+      it->second.bytes = nullptr;
     }
+    unloaded_.push_back(name);
   }
   loaded_.clear();
-  for (const auto& [name, bytes] : bytes_by_adapter) loaded_.insert(name);
-  for (const std::string& name : gone) DropSeries(name);
   for (const auto& [name, bytes] : bytes_by_adapter) {
+    loaded_.insert(name);
+    unloaded_.erase(std::remove(unloaded_.begin(), unloaded_.end(), name), unloaded_.end());
     PerAdapter& s = Series(name);
     if (s.bytes == nullptr) s.bytes = &adapter_bytes_.Add({{"adapter", name}});
     s.bytes->Set(static_cast<double>(bytes));
   }
+  while (unloaded_.size() > retained_unloaded_) {
+    DropSeries(unloaded_.front());
+    unloaded_.pop_front();
+  }
   adapters_loaded_all_.Set(static_cast<double>(bytes_by_adapter.size()));
+}
+
+void Metrics::SetRetainedUnloaded(size_t n) {
+  absl::MutexLock lock(&mu_);
+  retained_unloaded_ = n;
 }
 
 void Metrics::SetModelInfo(const std::string& architecture, const std::string& name,

@@ -1,8 +1,11 @@
 // adapterd's Prometheus metrics: one registry, every family declared here, served at /metrics
 // by cpp-httplib (a thread pool, read/write timeouts, optional TLS) on a listener of its own.
-// Per-adapter series exist only for loaded adapters (and "" for the base model): a request
-// naming anything else is counted under adapter="<not loaded>", and unloading an adapter
-// removes its series, so label cardinality is bounded by the adapter table's capacity.
+// Per-adapter series exist only for adapters that are or were loaded (and "" for the base
+// model): a request naming anything else is counted under adapter="<not loaded>". An unloaded
+// adapter keeps its counters (so no count is lost when requests finish after the unload, or
+// when one name is loaded and unloaded again) until more than `retained_unloaded` other
+// adapters were unloaded after it; so label cardinality stays bounded by the adapter table's
+// capacity plus that number.
 //
 // Thread-safety: every method may be called from any thread.
 #pragma once
@@ -10,6 +13,7 @@
 #include <atomic>
 #include <cstdint>
 #include <thread>
+#include <deque>
 #include <map>
 #include <set>
 #include <memory>
@@ -57,7 +61,10 @@ class Metrics {
   // Adapters.
   void AdapterLoad(const std::string& result, double seconds);
   void AdapterUnload(const std::string& result);
+  // The adapters loaded now, with their bytes; adapters missing from it count as unloaded.
   void SetAdapters(const std::map<std::string, int64_t>& bytes_by_adapter);
+  // How many unloaded adapters keep their series (default 64; serve sets --max_adapters).
+  void SetRetainedUnloaded(size_t n);
   void SetModelInfo(const std::string& architecture, const std::string& name, int64_t parameters);
 
   prometheus::Registry& registry() { return *registry_; }
@@ -110,6 +117,8 @@ class Metrics {
   absl::Mutex mu_;
   std::map<std::string, PerAdapter> per_adapter_ ABSL_GUARDED_BY(mu_);
   std::set<std::string> loaded_ ABSL_GUARDED_BY(mu_);  // As of the last SetAdapters().
+  std::deque<std::string> unloaded_ ABSL_GUARDED_BY(mu_);  // Oldest unload first.
+  size_t retained_unloaded_ ABSL_GUARDED_BY(mu_) = 64;
   prometheus::Gauge* lora_info_series_ ABSL_GUARDED_BY(mu_) = nullptr;
 };
 

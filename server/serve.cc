@@ -183,6 +183,7 @@ int RunServe() {
   ctx->metrics.SetModelInfo(report.architecture,
                             report.name_or_path.empty() ? model_dir : report.name_or_path,
                             report.parameter_count);
+  ctx->metrics.SetRetainedUnloaded(static_cast<size_t>(absl::GetFlag(FLAGS_max_adapters)));
   ctx->metrics.SetAdapters({});
   ctx->ready.store(true);
 

@@ -27,12 +27,33 @@ TEST(MetricsTest, OnlyLoadedAdaptersBecomeLabelValues) {
   EXPECT_THAT(text, HasSubstr("adapterd_prompt_tokens_total{adapter=\"sql\"} 7"));
   EXPECT_THAT(text, HasSubstr("adapterd_adapter_bytes{adapter=\"sql\"} 1000"));
   EXPECT_THAT(text, Not(HasSubstr("ghost")));
-  // Unloaded: its series go, and a late request of it counts as not loaded.
+  // Unloaded: its bytes go, its counters stay, and a request finishing after the unload
+  // still counts under its name.
   m.SetAdapters({});
   m.RequestDone("sql", "OK", 0.5, 0.01, 0.1, 7, 3);
   text = m.Scrape();
-  EXPECT_THAT(text, Not(HasSubstr("adapter=\"sql\"")));
-  EXPECT_THAT(text, HasSubstr("adapterd_requests_total{adapter=\"<not loaded>\",code=\"OK\"} 1"));
+  EXPECT_THAT(text, Not(HasSubstr("adapterd_adapter_bytes{adapter=\"sql\"}")));
+  EXPECT_THAT(text, HasSubstr("adapterd_requests_total{adapter=\"sql\",code=\"OK\"} 2"));
+  EXPECT_THAT(text, HasSubstr("adapterd_adapters_loaded 0"));
+}
+
+TEST(MetricsTest, UnloadedAdaptersKeepTheirSeriesUpToTheRetentionBound) {
+  Metrics m;
+  m.SetRetainedUnloaded(2);
+  for (const std::string name : {"a", "b", "c", "d"}) {
+    m.SetAdapters({{name, 10}});
+    m.RequestDone(name, "OK", 0.1, 0, 0.1, 1, 1);
+  }
+  m.SetAdapters({});  // a, b, c, d unloaded in that order: a and b are dropped.
+  const std::string text = m.Scrape();
+  EXPECT_THAT(text, Not(HasSubstr("adapter=\"a\"")));
+  EXPECT_THAT(text, Not(HasSubstr("adapter=\"b\"")));
+  EXPECT_THAT(text, HasSubstr("adapterd_requests_total{adapter=\"c\",code=\"OK\"} 1"));
+  EXPECT_THAT(text, HasSubstr("adapterd_requests_total{adapter=\"d\",code=\"OK\"} 1"));
+  // Loading a retained name again continues its counters.
+  m.SetAdapters({{"c", 10}});
+  m.RequestDone("c", "OK", 0.1, 0, 0.1, 1, 1);
+  EXPECT_THAT(m.Scrape(), HasSubstr("adapterd_requests_total{adapter=\"c\",code=\"OK\"} 2"));
 }
 
 TEST(MetricsTest, ServesConcurrentScrapesOverHttp) {
