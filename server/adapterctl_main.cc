@@ -8,6 +8,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
+#include <sstream>
 #include <iostream>
 #include <string>
 #include <vector>
@@ -40,6 +41,10 @@ ABSL_FLAG(bool, ignore_eos, false, "Generate past end-of-sequence.");
 ABSL_FLAG(bool, validate_only, false, "load: validate without publishing.");
 ABSL_FLAG(bool, replace, false, "load: replace an adapter of the same name.");
 ABSL_FLAG(double, timeout_s, 60, "Deadline of each call in seconds.");
+ABSL_FLAG(std::string, tls_ca, "",
+          "PEM CA bundle: connect over TLS, trusting it (the server's --tls_cert issuer).");
+ABSL_FLAG(std::string, tls_cert, "", "PEM client certificate, for servers with --tls_client_ca.");
+ABSL_FLAG(std::string, tls_key, "", "PEM private key of --tls_cert.");
 
 namespace {
 
@@ -57,6 +62,28 @@ std::string Json(const google::protobuf::Message& m) {
 int Fail(const grpc::Status& s) {
   std::cerr << "error: " << s.error_code() << " " << s.error_message() << "\n";
   return 1;
+}
+
+std::string ReadPem(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  std::stringstream ss;
+  ss << in.rdbuf();
+  if (!in) std::cerr << "warning: cannot read " << path << "\n";
+  return ss.str();
+}
+
+// Plaintext, or TLS with --tls_ca (and a client certificate for mutual TLS).
+std::shared_ptr<grpc::Channel> Channel(const std::string& address) {
+  if (absl::GetFlag(FLAGS_tls_ca).empty()) {
+    return grpc::CreateChannel(address, grpc::InsecureChannelCredentials());
+  }
+  grpc::SslCredentialsOptions ssl;
+  ssl.pem_root_certs = ReadPem(absl::GetFlag(FLAGS_tls_ca));
+  if (!absl::GetFlag(FLAGS_tls_cert).empty()) {
+    ssl.pem_cert_chain = ReadPem(absl::GetFlag(FLAGS_tls_cert));
+    ssl.pem_private_key = ReadPem(absl::GetFlag(FLAGS_tls_key));
+  }
+  return grpc::CreateChannel(address, grpc::SslCredentials(ssl));
 }
 
 void SetDeadline(grpc::ClientContext& ctx) {
@@ -78,7 +105,7 @@ void AddToken(grpc::ClientContext& ctx) {
 
 int Generate() {
   auto stub = v1::Generation::NewStub(
-      grpc::CreateChannel(absl::GetFlag(FLAGS_addr), grpc::InsecureChannelCredentials()));
+      Channel(absl::GetFlag(FLAGS_addr)));
   v1::GenerateRequest req;
   if (!absl::GetFlag(FLAGS_prompt_ids).empty()) {
     for (absl::string_view p : absl::StrSplit(absl::GetFlag(FLAGS_prompt_ids), ',')) {
@@ -121,7 +148,7 @@ int Generate() {
 
 int Admin(const std::string& command, const std::vector<std::string>& args) {
   auto stub = v1::Admin::NewStub(
-      grpc::CreateChannel(absl::GetFlag(FLAGS_admin_addr), grpc::InsecureChannelCredentials()));
+      Channel(absl::GetFlag(FLAGS_admin_addr)));
   grpc::ClientContext ctx;
   SetDeadline(ctx);
   AddToken(ctx);
@@ -203,7 +230,7 @@ int Admin(const std::string& command, const std::vector<std::string>& args) {
 }
 
 int Health() {
-  auto channel = grpc::CreateChannel(absl::GetFlag(FLAGS_addr), grpc::InsecureChannelCredentials());
+  auto channel = Channel(absl::GetFlag(FLAGS_addr));
   grpc::ByteBuffer request_buf, response_buf;
   // grpc.health.v1.HealthCheckRequest{service: ""} is the empty message.
   grpc::GenericStub stub(channel);

@@ -112,6 +112,13 @@ def main():
         channel.close()
         rc, body = curl_metrics(server.metrics_port, ca[1])
         check("curl https metrics", rc == 0 and "adapterd_requests_total" in body, f"rc={rc}")
+        ctl = os.path.join(os.path.dirname(binary), "adapterctl")
+        r = subprocess.run([ctl, "--addr", server.addr, "--tls_ca", ca[1], "generate", "--prompt",
+                            "Hello", "--max_new_tokens", "3", "--json"], capture_output=True, text=True)
+        check("adapterctl over tls", r.returncode == 0 and "token_ids" in r.stdout, r.stderr)
+        r = subprocess.run([ctl, "--admin_addr", server.admin_addr, "--tls_ca", ca[1],
+                            "--admin_token_file", token, "list"], capture_output=True, text=True)
+        check("adapterctl admin over tls", r.returncode == 0, r.stderr)
         plain = subprocess.run(["curl", "-sS", "--max-time", "5",
                                 f"http://127.0.0.1:{server.metrics_port}/metrics"],
                                capture_output=True, text=True)
@@ -145,6 +152,11 @@ def main():
         check("mtls foreign client cert refused", resp is None, str(code))
         rc, body = curl_metrics(server.metrics_port, ca[1], client_cert)
         check("curl mtls metrics", rc == 0 and "adapterd_requests_total" in body, f"rc={rc}")
+        ctl = os.path.join(os.path.dirname(binary), "adapterctl")
+        r = subprocess.run([ctl, "--addr", server.addr, "--tls_ca", ca[1], "--tls_cert",
+                            client_cert[1], "--tls_key", client_cert[0], "health"],
+                           capture_output=True, text=True)
+        check("adapterctl mtls", r.returncode == 0 and "SERVING" in r.stdout, r.stdout + r.stderr)
         rc, body = curl_metrics(server.metrics_port, ca[1])
         check("curl mtls metrics without cert refused", rc != 0 or "adapterd" not in body)
     finally:
