@@ -205,12 +205,9 @@ absl::StatusOr<std::unique_ptr<GenerationRequest>> BuildRequest(
   auto r = std::make_unique<GenerationRequest>();
   r->id = ctx.next_request_id.fetch_add(1);
   const core::Engine& engine = *ctx.engine;
-  RequestRules rules;
+  RequestRules rules = ctx.limits;
   rules.vocab_size = engine.config().vocab_size;
   rules.context_length = engine.context_length();
-  rules.default_max_new_tokens = ctx.limits.default_max_new_tokens;
-  rules.max_new_tokens_limit = ctx.limits.max_new_tokens_limit;
-  rules.max_stop_strings = ctx.limits.max_stop_strings;
   if (absl::Status s = ParseGenerateRequest(request, rules, ctx.tokenizer.get(), r.get());
       !s.ok()) {
     return s;

@@ -15,16 +15,11 @@
 #include "core/engine.h"
 #include "core/tokenizer.h"
 #include "grpcpp/grpcpp.h"
+#include "server/generate_request.h"
 #include "server/metrics.h"
 #include "server/scheduler.h"
 
 namespace adapterd::server {
-
-struct ServingLimits {
-  int64_t default_max_new_tokens = 256;
-  int64_t max_new_tokens_limit = 4096;
-  int64_t max_stop_strings = 16;
-};
 
 struct ServingContext {
   std::atomic<bool> ready{false};
@@ -33,7 +28,7 @@ struct ServingContext {
   std::unique_ptr<adapters::AdapterTable> table;
   std::unique_ptr<Scheduler> scheduler;
   Metrics metrics;
-  ServingLimits limits;
+  RequestRules limits;  // vocab_size and context_length are the engine's, set per request.
   std::string adapter_root;  // Canonical absolute path.
   std::string admin_token;   // Empty: no authentication.
   std::chrono::steady_clock::time_point started = std::chrono::steady_clock::now();
