@@ -8,6 +8,7 @@
 #include <array>
 #include <cstdlib>
 #include <queue>
+#include <stdexcept>
 
 #include "absl/container/flat_hash_map.h"
 #include "absl/container/flat_hash_set.h"
@@ -929,6 +930,27 @@ namespace {
 uint64_t PairKey(int32_t a, int32_t b) {
   return (static_cast<uint64_t>(static_cast<uint32_t>(a)) << 32) | static_cast<uint32_t>(b);
 }
+// Thrown by TokenId for an id that is not a small non-negative integer; FromJson turns it
+// into a status like any malformed field.
+struct BadTokenId : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+// Largest token id accepted: far above any real vocabulary (Gemma's 262,144), and small
+// enough that tables indexed by id stay modest.
+constexpr int64_t kMaxTokenId = (int64_t{1} << 24) - 1;
+
+// Returns `v` as a token id; throws BadTokenId for a float, a negative or a huge number
+// (converting 1e45 to int32 would be undefined behaviour).
+int32_t TokenId(const Json& v, const std::string& what) {
+  if (!v.is_number_integer()) throw BadTokenId(what + " is not an integer id");
+  const int64_t id = v.get<int64_t>();
+  if (id < 0 || id > kMaxTokenId) {
+    throw BadTokenId(absl::StrCat(what, " has id ", v.dump(), ", outside [0, ", kMaxTokenId, "]"));
+  }
+  return static_cast<int32_t>(id);
+}
+
 }  // namespace
 
 void Tokenizer::Impl::Bpe(absl::string_view word, std::vector<int32_t>& out) const {
@@ -1079,8 +1101,7 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromJson(absl::string_view
     impl->ignore_merges = model.value("ignore_merges", false);
     int32_t max_id = -1;
     for (auto& [tok, id] : model.at("vocab").items()) {
-      const int32_t i = id.get<int32_t>();
-      if (i < 0) return absl::InvalidArgumentError(absl::StrCat(label, ": negative id for ", tok));
+      const int32_t i = TokenId(id, "vocabulary entry \"" + tok + "\"");
       impl->vocab[tok] = i;
       max_id = std::max(max_id, i);
     }
@@ -1132,7 +1153,7 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromJson(absl::string_view
     for (const Json& t : j.value("added_tokens", Json::array())) {
       AddedToken a;
       a.content = t.at("content").get<std::string>();
-      a.id = t.at("id").get<int32_t>();
+      a.id = TokenId(t.at("id"), "added token \"" + a.content + "\"");
       a.special = t.value("special", false);
       a.lstrip = t.value("lstrip", false);
       a.rstrip = t.value("rstrip", false);
@@ -1181,7 +1202,8 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromJson(absl::string_view
           const std::string name = item.at("SpecialToken").at("id").get<std::string>();
           const Json& special = p->at("special_tokens").at(name);
           for (const Json& id : special.at("ids")) {
-            (seen_sequence ? impl->template_after : impl->template_before).push_back(id.get<int32_t>());
+            (seen_sequence ? impl->template_after : impl->template_before)
+                .push_back(TokenId(id, "post_processor special token \"" + name + "\""));
           }
         }
       }
@@ -1198,6 +1220,8 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromJson(absl::string_view
     }
   } catch (const Json::exception& e) {
     return absl::InvalidArgumentError(absl::StrCat(label, ": malformed tokenizer: ", e.what()));
+  } catch (const BadTokenId& e) {
+    return absl::InvalidArgumentError(absl::StrCat(label, ": ", e.what()));
   }
   auto tokenizer = std::unique_ptr<Tokenizer>(new Tokenizer(std::move(impl)));
   if (!tokenizer_config.empty()) {

@@ -197,6 +197,23 @@ TEST(TokenizerTest, MalformedFilesAreRefusedByName) {
   EXPECT_THAT(std::string(template_id.status().message()),
               HasSubstr("post_processor template adds id 6, outside the vocabulary and added "
                         "tokens [0, 2)"));
+  // Also found by the fuzzer: ids converted to int32 without a check (1e45 is undefined
+  // behaviour; a huge integer sized the id table from it).
+  for (const auto& [ids, message] : std::vector<std::pair<std::string, std::string>>{
+           {R"("vocab":{"a":0,"b":1e45})", "vocabulary entry \"b\" is not an integer id"},
+           {R"("vocab":{"a":0,"b":-1})", "vocabulary entry \"b\" has id -1"},
+           {R"("vocab":{"a":0,"b":1073741824})", "vocabulary entry \"b\" has id 1073741824"},
+       }) {
+    auto bad = Tokenizer::FromJson(R"({"model":{"type":"BPE",)" + ids + R"(,"merges":[]}})", "t.json");
+    EXPECT_EQ(bad.status().code(), absl::StatusCode::kInvalidArgument) << ids;
+    EXPECT_THAT(std::string(bad.status().message()), HasSubstr(message)) << ids;
+  }
+  auto added = Tokenizer::FromJson(
+      R"({"model":{"type":"BPE","vocab":{"a":0},"merges":[]},)"
+      R"("added_tokens":[{"id":1e45,"content":"<s>","special":true}]})",
+      "t.json");
+  EXPECT_THAT(std::string(added.status().message()),
+              HasSubstr("added token \"<s>\" is not an integer id"));
 }
 
 TEST(TokenizerTest, TinyBpeMergesByRankLeftmostFirst) {
