@@ -24,6 +24,38 @@ namespace {
 
 using Json = nlohmann::json;
 
+// Thrown for a number field out of its range (TokenId, Count); FromJson turns it into a
+// status like any malformed field.
+struct BadField : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+// Largest token id accepted: far above any real vocabulary (Gemma's 262,144), and small
+// enough that tables indexed by id stay modest.
+constexpr int64_t kMaxTokenId = (int64_t{1} << 24) - 1;
+
+// Returns `v` as a token id; throws BadField for a float, a negative or a huge number
+// (converting 1e45 to int32 would be undefined behaviour).
+int32_t TokenId(const Json& v, const std::string& what) {
+  if (!v.is_number_integer()) throw BadField(what + " is not an integer id");
+  const int64_t id = v.get<int64_t>();
+  if (id < 0 || id > kMaxTokenId) {
+    throw BadField(absl::StrCat(what, " has id ", v.dump(), ", outside [0, ", kMaxTokenId, "]"));
+  }
+  return static_cast<int32_t>(id);
+}
+
+// Returns `j[key]` (default 0) as a count of characters: an integer in [0, 2^20].
+int Count(const Json& j, const char* key, const std::string& where) {
+  auto it = j.find(key);
+  if (it == j.end() || it->is_null()) return 0;
+  if (!it->is_number_integer() || it->get<int64_t>() < 0 || it->get<int64_t>() > (1 << 20)) {
+    throw BadField(absl::StrCat(where, ": \"", key, "\" must be an integer in [0, 1048576], found ",
+                                it->dump()));
+  }
+  return static_cast<int>(it->get<int64_t>());
+}
+
 // ---------------------------------------------------------------------------------------
 // UTF-8 helpers.
 
@@ -790,8 +822,8 @@ absl::StatusOr<std::unique_ptr<Decoder>> ParseDecoder(const Json& j, absl::strin
   if (type == "ByteFallback") return std::make_unique<ByteFallbackDecoder>();
   if (type == "Fuse") return std::make_unique<FuseDecoder>();
   if (type == "Strip") {
-    return std::make_unique<StripDecoder>(j.value("content", " "), j.value("start", 0),
-                                          j.value("stop", 0));
+    return std::make_unique<StripDecoder>(j.value("content", " "), Count(j, "start", where),
+                                          Count(j, "stop", where));
   }
   return absl::UnimplementedError(absl::StrCat(label, ": decoder type \"", type,
                                                "\" is not supported"));
@@ -929,26 +961,6 @@ struct Tokenizer::Impl {
 namespace {
 uint64_t PairKey(int32_t a, int32_t b) {
   return (static_cast<uint64_t>(static_cast<uint32_t>(a)) << 32) | static_cast<uint32_t>(b);
-}
-// Thrown by TokenId for an id that is not a small non-negative integer; FromJson turns it
-// into a status like any malformed field.
-struct BadTokenId : std::runtime_error {
-  using std::runtime_error::runtime_error;
-};
-
-// Largest token id accepted: far above any real vocabulary (Gemma's 262,144), and small
-// enough that tables indexed by id stay modest.
-constexpr int64_t kMaxTokenId = (int64_t{1} << 24) - 1;
-
-// Returns `v` as a token id; throws BadTokenId for a float, a negative or a huge number
-// (converting 1e45 to int32 would be undefined behaviour).
-int32_t TokenId(const Json& v, const std::string& what) {
-  if (!v.is_number_integer()) throw BadTokenId(what + " is not an integer id");
-  const int64_t id = v.get<int64_t>();
-  if (id < 0 || id > kMaxTokenId) {
-    throw BadTokenId(absl::StrCat(what, " has id ", v.dump(), ", outside [0, ", kMaxTokenId, "]"));
-  }
-  return static_cast<int32_t>(id);
 }
 
 }  // namespace
@@ -1220,7 +1232,7 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromJson(absl::string_view
     }
   } catch (const Json::exception& e) {
     return absl::InvalidArgumentError(absl::StrCat(label, ": malformed tokenizer: ", e.what()));
-  } catch (const BadTokenId& e) {
+  } catch (const BadField& e) {
     return absl::InvalidArgumentError(absl::StrCat(label, ": ", e.what()));
   }
   auto tokenizer = std::unique_ptr<Tokenizer>(new Tokenizer(std::move(impl)));

@@ -214,6 +214,12 @@ TEST(TokenizerTest, MalformedFilesAreRefusedByName) {
       "t.json");
   EXPECT_THAT(std::string(added.status().message()),
               HasSubstr("added token \"<s>\" is not an integer id"));
+  auto strip = Tokenizer::FromJson(
+      R"({"model":{"type":"BPE","vocab":{"a":0},"merges":[]},)"
+      R"("decoder":{"type":"Strip","content":" ","start":1,"stop":7E025}})",
+      "t.json");
+  EXPECT_THAT(std::string(strip.status().message()),
+              HasSubstr("decoder Strip: \"stop\" must be an integer in [0, 1048576], found 7e+25"));
 }
 
 TEST(TokenizerTest, TinyBpeMergesByRankLeftmostFirst) {

@@ -73,9 +73,11 @@ for req in 'text: "ab abc" max_new_tokens: 8' \
     adapterd/v1/generation.proto > "$out/corpus/generate_request/seed$((i++))"
 done
 
+# FUZZ_SEED fixes libFuzzer's random seed (CI sets 1, so its pass is the one run before
+# landing); unset, every run explores anew.
 run() {  # NAME CORPUS MAX_LEN
-  "$out/$1" -max_total_time="$seconds" -max_len="$3" -timeout=10 -artifact_prefix="$out/$1-" \
-    "$out/corpus/$2"
+  "$out/$1" -max_total_time="$seconds" -max_len="$3" -timeout=10 -seed="${FUZZ_SEED:-0}" \
+    -artifact_prefix="$out/$1-" "$out/corpus/$2"
 }
 run safetensors_header_fuzz safetensors 65536
 run model_config_fuzz model_config 8192
