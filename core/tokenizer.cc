@@ -1355,9 +1355,14 @@ absl::StatusOr<std::string> Tokenizer::DecodeStream::Step(int32_t id) {
 }
 
 absl::StatusOr<std::string> Tokenizer::DecodeStream::Finish() {
+  // The rest of the full decode, so that the stream adds up to Decode(all ids). When a window
+  // began inside a byte-fallback sequence (decoded as U+FFFD) the emitted bytes need not line
+  // up with the full decode: start at the next character boundary, so the tail is valid UTF-8
+  // whatever happened (a client's protobuf refuses a string that is not).
   ASSIGN_OR_RETURN(std::string all, tokenizer_.Decode(all_ids_, skip_special_));
-  if (all.size() < emitted_bytes_) return std::string();
-  return all.substr(emitted_bytes_);
+  size_t from = std::min(emitted_bytes_, all.size());
+  while (from < all.size() && (static_cast<uint8_t>(all[from]) & 0xC0) == 0x80) ++from;
+  return all.substr(from);
 }
 
 }  // namespace adapterd::core
