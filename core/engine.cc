@@ -177,12 +177,19 @@ absl::StatusOr<std::vector<StepOutput>> Engine::Step(const std::vector<Sequence*
     // Nothing was committed: every cache keeps its length, so the rows can be retried.
     return absl::InternalError(absl::StrCat("model step failed: ", TorchErrorMessage(e)));
   }
+  // One pass over the whole batch; rows are looked at one by one only when something is off.
+  bool all_finite = true;
+  try {
+    all_finite = at::isfinite(logits).all().item<bool>();
+  } catch (const std::exception&) {
+    all_finite = false;
+  }
   for (size_t r = 0; r < order.size(); ++r) {
     Sequence::State& s = *batch[order[r]]->state_;
     s.soft_prompt_pending = false;
     StepOutput& o = out[order[r]];
     try {
-      if (!at::isfinite(logits[r]).all().item<bool>()) {
+      if (!all_finite && !at::isfinite(logits[r]).all().item<bool>()) {
         o.status = absl::InternalError("the model produced non-finite logits for this sequence");
         continue;
       }

@@ -39,15 +39,17 @@ at::Tensor ProcessLogits(const at::Tensor& logits, const SamplingParams& p,
 
 absl::StatusOr<int64_t> ChooseToken(const at::Tensor& processed, const SamplingParams& p,
                                     at::Generator& generator) {
-  // softmax subtracts the maximum: a finite maximum keeps every probability finite.
-  const float max = processed.max().item<float>();
+  // argmax returns a NaN's index when there is one; softmax subtracts the maximum, so a
+  // finite maximum keeps every probability finite. One pass checks both.
+  const int64_t best = processed.argmax().item<int64_t>();
+  const float max = processed[best].item<float>();
   if (!std::isfinite(max)) {
     return absl::InvalidArgumentError(absl::StrCat(
         "sampling failed: the processed scores' maximum is ", max,
         " (temperature=", p.temperature, ", repetition_penalty=", p.repetition_penalty,
         ", top_k=", p.top_k, ", top_p=", p.top_p, "); these values overflow float32"));
   }
-  if (IsGreedy(p)) return processed.argmax().item<int64_t>();
+  if (IsGreedy(p)) return best;
   at::Tensor probs = at::softmax(processed, 0);
   return at::multinomial(probs, 1, /*replacement=*/false, generator).item<int64_t>();
 }
