@@ -75,10 +75,10 @@ absl::Status Scheduler::Submit(std::unique_ptr<GenerationRequest> request,
     return absl::ResourceExhaustedError(absl::StrCat(
         "the admission queue is full (", options_.max_queue, " waiting requests); retry later"));
   }
-  if (KvEstimate(*request) > options_.max_kv_bytes) {
-    return absl::ResourceExhaustedError(absl::StrCat(
-        "the request needs ", KvEstimate(*request), " bytes of KV cache, more than the budget of ",
-        options_.max_kv_bytes));
+  if (const int64_t need = KvEstimate(*request); need > options_.max_kv_bytes) {
+    return absl::ResourceExhaustedError(absl::StrCat("the request needs ", need,
+                                                     " bytes of KV cache, more than the budget of ",
+                                                     options_.max_kv_bytes));
   }
   auto a = std::make_unique<Active>();
   a->request = std::move(request);

@@ -210,15 +210,13 @@ int RunServe() {
   }
   spdlog::info("serving");
 
-  // A LoRA-affinity routing gauge, refreshed while serving.
+  // A LoRA-affinity routing gauge, refreshed while serving (the scheduler publishes the
+  // queue, running and KV gauges itself after every step).
   std::atomic<bool> stopping{false};
   std::thread lora_info([&] {
     while (!stopping.load()) {
       ctx->metrics.SetLoraInfo(ctx->scheduler->RunningAdapters(), ctx->scheduler->WaitingAdapters(),
                                ctx->table->limits().max_adapters);
-      ctx->metrics.SetQueue(ctx->scheduler->queue_depth(), ctx->scheduler->running(),
-                            static_cast<double>(ctx->scheduler->kv_bytes()) /
-                                static_cast<double>(ctx->scheduler->kv_capacity_bytes()));
       std::this_thread::sleep_for(std::chrono::milliseconds(200));
     }
   });
