@@ -1,7 +1,9 @@
 #include "server/commands.h"
 
 #include <cstdio>
+#include <fstream>
 #include <iostream>
+#include <sstream>
 
 #include "absl/flags/flag.h"
 #include "absl/strings/numbers.h"
@@ -10,6 +12,7 @@
 #include "core/engine.h"
 #include "core/tokenizer.h"
 #include "core/stop_criteria.h"
+#include "jinja/chat_template.h"
 #include "nlohmann/json.hpp"
 #include "server/flags.h"
 #include "spdlog/spdlog.h"
@@ -136,6 +139,48 @@ int RunDetokenize() {
   } else {
     std::cout << *text << "\n";
   }
+  return 0;
+}
+
+int RunChatTemplate() {
+  const std::string dir = absl::GetFlag(FLAGS_model_dir);
+  const std::string messages_path = absl::GetFlag(FLAGS_messages_json);
+  if (dir.empty() || messages_path.empty()) {
+    std::cerr << "chat-template: --model_dir and --messages_json are required\n";
+    return 2;
+  }
+  auto t = jinja::ChatTemplate::FromModelDir(dir);
+  if (!t.ok()) {
+    std::cerr << "chat-template: " << t.status().message() << "\n";
+    return 1;
+  }
+  std::ifstream in(messages_path);
+  if (!in) {
+    std::cerr << "chat-template: cannot read " << messages_path << "\n";
+    return 2;
+  }
+  std::stringstream text;
+  text << in.rdbuf();
+  const auto messages = nlohmann::ordered_json::parse(text.str(), nullptr, false);
+  if (messages.is_discarded() || !messages.is_array()) {
+    std::cerr << "chat-template: " << messages_path << " is not a JSON list of messages\n";
+    return 2;
+  }
+  jinja::ChatTemplate::RenderOptions options;
+  options.add_generation_prompt = absl::GetFlag(FLAGS_add_generation_prompt);
+  if (const std::string kwargs = absl::GetFlag(FLAGS_chat_template_kwargs); !kwargs.empty()) {
+    options.extra = nlohmann::ordered_json::parse(kwargs, nullptr, false);
+    if (options.extra.is_discarded() || !options.extra.is_object()) {
+      std::cerr << "chat-template: --chat_template_kwargs is not a JSON object\n";
+      return 2;
+    }
+  }
+  auto rendered = (*t)->Render(messages, options);
+  if (!rendered.ok()) {
+    std::cerr << "chat-template: " << rendered.status().message() << "\n";
+    return 1;
+  }
+  std::cout << *rendered;
   return 0;
 }
 

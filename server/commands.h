@@ -18,6 +18,9 @@ int RunGenerate();
 int RunTokenize();
 // `adapterd detokenize --model_dir DIR --ids 1,2,3 [--json]`: prints the text.
 int RunDetokenize();
+// `adapterd chat-template`: renders --messages_json with the model's chat template to stdout,
+// exactly the text a chat request is tokenized from.
+int RunChatTemplate();
 
 // Returns the last path component of an adapter folder, used as its name.
 std::string AdapterNameOf(const std::string& dir);

@@ -66,3 +66,9 @@ ABSL_FLAG(double, adapter_load_timeout_s, 30.0,
           "An adapter load still running after this many seconds is abandoned and refused.");
 ABSL_FLAG(bool, mmap, true,
           "Map the model's weight files (zero copy); false reads them into private memory.");
+ABSL_FLAG(std::string, messages_json, "",
+          "File with a JSON list of chat messages to render (chat-template).");
+ABSL_FLAG(bool, add_generation_prompt, false,
+          "End the rendered chat with the template's assistant prompt (chat-template).");
+ABSL_FLAG(std::string, chat_template_kwargs, "",
+          "JSON object of extra chat-template variables, e.g. {\"enable_thinking\": false}.");

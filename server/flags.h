@@ -52,3 +52,6 @@ ABSL_DECLARE_FLAG(std::string, tls_client_ca);
 ABSL_DECLARE_FLAG(int32_t, tls_reload_interval_s);
 ABSL_DECLARE_FLAG(double, adapter_load_timeout_s);
 ABSL_DECLARE_FLAG(bool, mmap);
+ABSL_DECLARE_FLAG(std::string, messages_json);
+ABSL_DECLARE_FLAG(bool, add_generation_prompt);
+ABSL_DECLARE_FLAG(std::string, chat_template_kwargs);

@@ -46,7 +46,9 @@ int main(int argc, char** argv) {
       "            [--json]   generate ids with their top log-probabilities\n"
       "            (or --prompt TEXT, tokenized with the model's tokenizer.json)\n"
       "  tokenize  --model_dir DIR --text TEXT [--json]\n"
-      "  detokenize --model_dir DIR --ids 1,2,3 [--json]");
+      "  detokenize --model_dir DIR --ids 1,2,3 [--json]\n"
+      "  chat-template --model_dir DIR --messages_json FILE [--add_generation_prompt]\n"
+      "            [--chat_template_kwargs JSON]   print the prompt a chat request renders");
   std::vector<char*> args = absl::ParseCommandLine(argc, argv);
   spdlog::set_default_logger(spdlog::stderr_color_mt("adapterd"));
   spdlog::set_level(spdlog::level::from_str(absl::GetFlag(FLAGS_log_level)));
@@ -66,6 +68,7 @@ int main(int argc, char** argv) {
   if (command == "generate") return adapterd::server::RunGenerate();
   if (command == "tokenize") return adapterd::server::RunTokenize();
   if (command == "detokenize") return adapterd::server::RunDetokenize();
+  if (command == "chat-template") return adapterd::server::RunChatTemplate();
   std::fprintf(stderr, "unknown subcommand \"%s\"\n%s\n", command.c_str(),
                absl::ProgramUsageMessage().data());
   return 2;
