@@ -6,6 +6,7 @@
 
 #include <algorithm>
 
+#include "absl/container/flat_hash_map.h"
 #include "absl/strings/str_cat.h"
 #include "core/causal_lm.h"
 #include "core/cpu_kernels.h"
@@ -31,6 +32,23 @@ struct Sequence::State {
   at::Generator generator;
   std::vector<int64_t> seen;     // Distinct ids in `tokens`, for the repetition penalty.
   std::vector<uint8_t> is_seen;  // Indexed by id.
+  GeneratedCounts generated;     // Counted only when the params need them.
+  absl::flat_hash_map<int64_t, size_t> generated_index;  // id -> position in generated.ids.
+
+  bool CountsGenerated() const {
+    return params.presence_penalty != 0.0f || params.frequency_penalty != 0.0f;
+  }
+  void CountGenerated(int32_t id) {
+    ++generated.length;
+    if (!CountsGenerated()) return;
+    auto [it, inserted] = generated_index.try_emplace(id, generated.ids.size());
+    if (inserted) {
+      generated.ids.push_back(id);
+      generated.counts.push_back(1.0f);
+    } else {
+      generated.counts[it->second] += 1.0f;
+    }
+  }
 
   void Remember(int32_t id) {
     if (!is_seen[id]) {
@@ -193,7 +211,7 @@ absl::StatusOr<std::vector<StepOutput>> Engine::Step(const std::vector<Sequence*
         o.status = absl::InternalError("the model produced non-finite logits for this sequence");
         continue;
       }
-      at::Tensor processed = ProcessLogits(logits[r], s.params, s.seen);
+      at::Tensor processed = ProcessLogits(logits[r], s.params, s.seen, s.generated);
       absl::StatusOr<int64_t> token = ChooseToken(processed, s.params, s.generator);
       if (!token.ok()) {
         o.status = token.status();
@@ -216,6 +234,7 @@ absl::StatusOr<std::vector<StepOutput>> Engine::Step(const std::vector<Sequence*
     }
     s.tokens.push_back(o.token);
     s.Remember(o.token);
+    s.CountGenerated(o.token);
   }
   return out;
 }

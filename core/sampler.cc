@@ -10,14 +10,26 @@
 namespace adapterd::core {
 
 at::Tensor ProcessLogits(const at::Tensor& logits, const SamplingParams& p,
-                         const std::vector<int64_t>& seen) {
+                         const std::vector<int64_t>& seen, const GeneratedCounts& generated) {
   at::Tensor s = logits;
+  if (generated.length < p.min_tokens && !p.min_tokens_suppressed.empty()) {
+    s = s.clone();
+    at::Tensor ids = at::tensor(p.min_tokens_suppressed, at::kLong).to(s.device());
+    s.index_fill_(0, ids, -std::numeric_limits<float>::infinity());
+  }
   if (p.repetition_penalty != 1.0f && !seen.empty()) {
     s = s.clone();
     at::Tensor ids = at::tensor(seen, at::kLong).to(s.device());
     at::Tensor score = s.index_select(0, ids);
     score = at::where(score < 0, score * p.repetition_penalty, score / p.repetition_penalty);
     s.index_copy_(0, ids, score);
+  }
+  if ((p.frequency_penalty != 0.0f || p.presence_penalty != 0.0f) && !generated.ids.empty()) {
+    s = s.clone();
+    at::Tensor ids = at::tensor(generated.ids, at::kLong).to(s.device());
+    at::Tensor counts = at::tensor(generated.counts, at::kFloat).to(s.device());
+    at::Tensor delta = counts * p.frequency_penalty + p.presence_penalty;
+    s.index_copy_(0, ids, s.index_select(0, ids) - delta);
   }
   if (IsGreedy(p)) return s;  // Greedy: no warpers.
   const float neg_inf = -std::numeric_limits<float>::infinity();

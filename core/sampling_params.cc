@@ -21,6 +21,15 @@ absl::Status ValidateSamplingParams(const SamplingParams& p) {
     return absl::InvalidArgumentError(
         absl::StrCat("repetition_penalty must be > 0, got ", p.repetition_penalty));
   }
+  for (auto [name, v] : {std::pair{"presence_penalty", p.presence_penalty},
+                         std::pair{"frequency_penalty", p.frequency_penalty}}) {
+    if (!std::isfinite(v) || v < -2.0f || v > 2.0f) {
+      return absl::InvalidArgumentError(absl::StrCat(name, " must be in [-2, 2], got ", v));
+    }
+  }
+  if (p.min_tokens < 0) {
+    return absl::InvalidArgumentError(absl::StrCat("min_tokens must be >= 0, got ", p.min_tokens));
+  }
   if (p.top_logprobs < 0 || p.top_logprobs > kMaxTopLogprobs) {
     return absl::InvalidArgumentError(absl::StrCat("top_logprobs must be in [0, ",
                                                    kMaxTopLogprobs, "], got ", p.top_logprobs));

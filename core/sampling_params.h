@@ -2,6 +2,7 @@
 #pragma once
 
 #include <cstdint>
+#include <vector>
 
 #include "absl/status/status.h"
 
@@ -14,6 +15,14 @@ struct SamplingParams {
   float repetition_penalty = 1.0f;  // 1 disables; otherwise > 0.
   uint64_t seed = 0;                // Seeds this request's own generator.
   int32_t top_logprobs = 0;         // How many alternatives to report per token (0..20).
+  // OpenAI's penalties over generated tokens (vLLM's order: after the repetition penalty,
+  // before temperature; greedy decoding too): logit -= frequency * count + presence * (count > 0).
+  float presence_penalty = 0.0f;    // In [-2, 2].
+  float frequency_penalty = 0.0f;   // In [-2, 2].
+  // Until this many tokens are generated, `min_tokens_suppressed` (the end-of-sequence and
+  // stop token ids) cannot be chosen.
+  int64_t min_tokens = 0;
+  std::vector<int64_t> min_tokens_suppressed;
 };
 
 inline constexpr int32_t kMaxTopLogprobs = 20;

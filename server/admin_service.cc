@@ -259,6 +259,66 @@ grpc::ServerUnaryReactor* AdminService::LoadAdapter(grpc::CallbackServerContext*
   return reactor;
 }
 
+absl::StatusOr<int64_t> AdminService::Unload(const std::string& name) {
+  auto removed = ctx_.table->Remove(name);
+  if (!removed.ok()) {
+    ctx_.metrics.AdapterUnload("not_found");
+    return removed.status();
+  }
+  const int64_t in_flight = removed->use_count() - 1;
+  ctx_.metrics.AdapterUnload("unloaded");
+  PublishAdapterMetrics();
+  spdlog::info("adapter {} unloaded ({} in-flight references)", name, in_flight);
+  return in_flight;
+}
+
+void AdminService::LoadAsync(
+    const std::string& name, const std::string& path,
+    std::function<void(const absl::Status&, const v1::LoadAdapterResponse&)> done) {
+  AdminWorker::Job job;
+  job.timeout = load_timeout_;
+  auto shared_done = std::make_shared<decltype(done)>(std::move(done));
+  std::shared_ptr<std::atomic<bool>> claim = job.claim;
+  job.run = [this, name, path, claim, shared_done] {
+    bool answered = false;
+    auto gate = [&] { return answered = AdminWorker::Claim(*claim); };
+    v1::LoadAdapterResponse result;
+    absl::Status s = Load(name, path, false, false, &result, gate);
+    if (!answered && !AdminWorker::Claim(*claim)) return;
+    (*shared_done)(s, result);
+  };
+  const double timeout_s = std::chrono::duration<double>(load_timeout_).count();
+  job.abandon = [this, shared_done, timeout_s](bool shutting_down) {
+    if (shutting_down) {
+      (*shared_done)(absl::UnavailableError("the server is shutting down"), v1::LoadAdapterResponse());
+      return;
+    }
+    ctx_.metrics.AdapterLoad("timeout", timeout_s);
+    (*shared_done)(absl::DeadlineExceededError(absl::StrCat(
+                       "loading an adapter did not finish within ", timeout_s,
+                       " s and was abandoned; the adapter table is unchanged")),
+                   v1::LoadAdapterResponse());
+  };
+  worker_.Submit(std::move(job));
+}
+
+void AdminService::UnloadAsync(const std::string& name,
+                               std::function<void(const absl::StatusOr<int64_t>&)> done) {
+  AdminWorker::Job job;
+  job.timeout = load_timeout_;
+  auto shared_done = std::make_shared<decltype(done)>(std::move(done));
+  std::shared_ptr<std::atomic<bool>> claim = job.claim;
+  job.run = [this, name, claim, shared_done] {
+    if (!AdminWorker::Claim(*claim)) return;
+    (*shared_done)(Unload(name));
+  };
+  job.abandon = [shared_done](bool shutting_down) {
+    (*shared_done)(shutting_down ? absl::UnavailableError("the server is shutting down")
+                                 : absl::DeadlineExceededError("unloading an adapter timed out"));
+  };
+  worker_.Submit(std::move(job));
+}
+
 grpc::ServerUnaryReactor* AdminService::UnloadAdapter(grpc::CallbackServerContext* context,
                                                       const v1::UnloadAdapterRequest* request,
                                                       v1::UnloadAdapterResponse* response) {
@@ -267,17 +327,12 @@ grpc::ServerUnaryReactor* AdminService::UnloadAdapter(grpc::CallbackServerContex
   Run(context, reactor, "unloading an adapter",
       [this, reactor, request, response](const std::function<bool()>& may_answer) {
     if (!may_answer()) return;  // From here on this job answers: the call is alive.
-    auto removed = ctx_.table->Remove(request->name());
-    if (!removed.ok()) {
-      ctx_.metrics.AdapterUnload("not_found");
-      reactor->Finish(ToGrpc(removed.status()));
+    absl::StatusOr<int64_t> in_flight = Unload(request->name());
+    if (!in_flight.ok()) {
+      reactor->Finish(ToGrpc(in_flight.status()));
       return;
     }
-    response->set_in_flight_references(removed->use_count() - 1);
-    ctx_.metrics.AdapterUnload("unloaded");
-    PublishAdapterMetrics();
-    spdlog::info("adapter {} unloaded ({} in-flight references)", request->name(),
-                 removed->use_count() - 1);
+    response->set_in_flight_references(*in_flight);
     reactor->Finish(grpc::Status::OK);
   });
   return reactor;

@@ -43,6 +43,17 @@ class AdminService final : public adapterd::v1::Admin::CallbackService {
                     bool replace, adapterd::v1::LoadAdapterResponse* response,
                     const std::function<bool()>& may_publish = nullptr);
 
+  // Unloads `name` (NotFound when it is not loaded); returns the references requests in flight
+  // still hold (they finish with the adapter).
+  absl::StatusOr<int64_t> Unload(const std::string& name);
+
+  // For callers outside gRPC (the HTTP front): runs a load or an unload on the admin worker,
+  // with the same timeout, and calls `done` exactly once with the outcome (DeadlineExceeded
+  // when abandoned, Unavailable when the server shuts down).
+  void LoadAsync(const std::string& name, const std::string& path,
+                 std::function<void(const absl::Status&, const adapterd::v1::LoadAdapterResponse&)> done);
+  void UnloadAsync(const std::string& name, std::function<void(const absl::StatusOr<int64_t>&)> done);
+
   // Stops the admin worker (see AdminWorker::Shutdown); true when a thread was left inside
   // an abandoned load, so that the process should exit without destroying the model.
   bool StopWorker() { return worker_.Shutdown(); }

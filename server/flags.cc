@@ -72,3 +72,15 @@ ABSL_FLAG(bool, add_generation_prompt, false,
           "End the rendered chat with the template's assistant prompt (chat-template).");
 ABSL_FLAG(std::string, chat_template_kwargs, "",
           "JSON object of extra chat-template variables, e.g. {\"enable_thinking\": false}.");
+ABSL_FLAG(std::string, http_listen, "",
+          "OpenAI-compatible HTTP listener (host:port); empty: off.");
+ABSL_FLAG(bool, http_admin, false,
+          "Serve /v1/load_lora_adapter and /v1/unload_lora_adapter on --http_listen (admin token "
+          "as Bearer; off loopback it needs --admin_token_file and TLS).");
+ABSL_FLAG(std::string, api_key_file, "",
+          "File holding the API key every HTTP call but /health and /metrics must send as "
+          "\"Authorization: Bearer <key>\".");
+ABSL_FLAG(std::string, served_model_name, "",
+          "The base model's id in the HTTP API's `model` field; empty: the model folder's name.");
+ABSL_FLAG(int32_t, http_threads, 256,
+          "HTTP worker threads: each open HTTP request (a stream) holds one.");

@@ -37,6 +37,9 @@ absl::Status ParseGenerateRequest(const v1::GenerateRequest& request, const Requ
   r->params.repetition_penalty =
       request.has_repetition_penalty() ? request.repetition_penalty() : 1.0f;
   r->params.seed = request.seed();
+  r->params.presence_penalty = request.presence_penalty();
+  r->params.frequency_penalty = request.frequency_penalty();
+  r->params.min_tokens = request.min_tokens();
   if (request.top_logprobs() > static_cast<uint32_t>(core::kMaxTopLogprobs)) {
     return absl::InvalidArgumentError(absl::StrCat("top_logprobs must be in [0, ",
                                                    core::kMaxTopLogprobs, "], got ",
@@ -68,6 +71,16 @@ absl::Status ParseGenerateRequest(const v1::GenerateRequest& request, const Requ
         absl::StrCat("at most ", rules.max_stop_token_ids, " stop_token_ids are allowed"));
   }
   r->stop_token_ids.assign(request.stop_token_ids().begin(), request.stop_token_ids().end());
+  for (int64_t id : r->stop_token_ids) {
+    if (id < 0 || id >= rules.vocab_size) {
+      return absl::InvalidArgumentError(absl::StrCat("stop_token_ids: ", id, " is outside the vocabulary [0, ",
+                                                     rules.vocab_size, ")"));
+    }
+  }
+  if (r->params.min_tokens > r->max_new_tokens) {
+    return absl::InvalidArgumentError(absl::StrCat("min_tokens ", r->params.min_tokens,
+                                                   " exceeds max_new_tokens ", r->max_new_tokens));
+  }
   r->ignore_eos = request.ignore_eos();
   r->skip_special_tokens = request.skip_special_tokens();
   return absl::OkStatus();

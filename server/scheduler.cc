@@ -201,6 +201,13 @@ void Scheduler::Start(std::unique_ptr<Active> a) {
   a->stop.stop_token_ids = r.stop_token_ids;
   a->stop.stop = r.stop;
   a->stop.max_new_tokens = r.max_new_tokens;
+  if (r.params.min_tokens > 0) {
+    // min_tokens holds back the ids that would end the request early.
+    r.params.min_tokens_suppressed = r.stop_token_ids;
+    if (!r.ignore_eos) {
+      r.params.min_tokens_suppressed.insert(r.params.min_tokens_suppressed.end(), eos_.begin(), eos_.end());
+    }
+  }
   // The sequence takes the request's adapter reference: one reference per running request.
   auto seq = engine_.NewSequence(r.prompt, r.params, adapters::ForSequence(std::move(r.adapter)));
   if (!seq.ok()) {

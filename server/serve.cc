@@ -17,6 +17,8 @@
 #include "core/mapped_file_guard.h"
 #include "core/stop_criteria.h"
 #include "server/admin_service.h"
+#include "server/commands.h"
+#include "server/openai_http.h"
 #include "server/flags.h"
 #include "server/generation_service.h"
 #include "server/tls.h"
@@ -113,6 +115,22 @@ int RunServe() {
                   absl::GetFlag(FLAGS_admin_listen));
     return 2;
   }
+  const std::string http_listen = absl::GetFlag(FLAGS_http_listen);
+  if (absl::GetFlag(FLAGS_http_admin) && !http_listen.empty() && !IsLoopbackAddress(http_listen) &&
+      (ctx->admin_token.empty() || !tls.enabled())) {
+    spdlog::error("serve: --http_admin on --http_listen {} (not loopback) needs --admin_token_file and TLS",
+                  http_listen);
+    return 2;
+  }
+  std::string api_key;
+  if (const std::string file = absl::GetFlag(FLAGS_api_key_file); !file.empty()) {
+    auto key = ReadAdminToken(file);  // Same file rules as the admin token.
+    if (!key.ok()) {
+      spdlog::error("serve: --api_key_file: {}", std::string(key.status().message()));
+      return 2;
+    }
+    api_key = *std::move(key);
+  }
   if (!tls.enabled() && !IsLoopbackAddress(absl::GetFlag(FLAGS_listen))) {
     spdlog::warn("serve: generation listener {} is not loopback and serves plaintext (no "
                  "--tls_cert)", absl::GetFlag(FLAGS_listen));
@@ -128,6 +146,22 @@ int RunServe() {
   GenerationService generation(*ctx);
   AdminService admin(*ctx, std::chrono::milliseconds(static_cast<int64_t>(
                                1000 * absl::GetFlag(FLAGS_adapter_load_timeout_s))));
+  OpenAiOptions http_options;
+  http_options.model_id = absl::GetFlag(FLAGS_served_model_name);
+  if (http_options.model_id.empty()) http_options.model_id = AdapterNameOf(model_dir);
+  http_options.api_key = api_key;
+  http_options.admin = absl::GetFlag(FLAGS_http_admin);
+  http_options.threads = absl::GetFlag(FLAGS_http_threads);
+  OpenAiServer http(*ctx, &admin, http_options);
+  int http_port = 0;
+  if (!http_listen.empty()) {
+    auto bound = http.Start(http_listen, tls);
+    if (!bound.ok()) {
+      spdlog::error("serve: {}", std::string(bound.status().message()));
+      return 1;
+    }
+    http_port = *bound;
+  }
   int port = 0, admin_port = 0;
   const auto creds = Credentials(tls, absl::GetFlag(FLAGS_tls_reload_interval_s));
   auto server = StartServer(absl::GetFlag(FLAGS_listen), {&generation}, creds, &port);
@@ -139,8 +173,8 @@ int RunServe() {
   }
   SetHealth(server.get(), false);
   SetHealth(admin_server.get(), false);
-  spdlog::info("listening: generation port {}, admin port {}, metrics port {}", port, admin_port,
-               *metrics_port);
+  spdlog::info("listening: generation port {}, admin port {}, metrics port {}, HTTP port {}", port,
+               admin_port, *metrics_port, http_listen.empty() ? std::string("off") : std::to_string(http_port));
 
   core::EngineOptions options;
   options.model_dir = model_dir;
@@ -170,6 +204,13 @@ int RunServe() {
   } else {
     spdlog::error("serve: tokenizer refused: {}", std::string(tokenizer.status().message()));
     return 1;
+  }
+  auto chat_template = jinja::ChatTemplate::FromModelDir(model_dir);
+  if (chat_template.ok()) {
+    ctx->chat_template = *std::move(chat_template);
+  } else {
+    ctx->chat_template_error = std::string(chat_template.status().message());
+    spdlog::warn("chat requests are refused: {}", ctx->chat_template_error);
   }
   ctx->table = std::make_unique<adapters::AdapterTable>(adapters::AdapterTable::Limits{
       absl::GetFlag(FLAGS_max_adapters), absl::GetFlag(FLAGS_max_adapter_bytes)});
@@ -204,7 +245,9 @@ int RunServe() {
   SetHealth(admin_server.get(), true);
   if (const std::string file = absl::GetFlag(FLAGS_port_file); !file.empty()) {
     std::ofstream out(file + ".tmp");
-    out << nlohmann::json({{"listen", port}, {"admin", admin_port}, {"metrics", *metrics_port}}).dump();
+    nlohmann::json ports = {{"listen", port}, {"admin", admin_port}, {"metrics", *metrics_port}};
+    if (!http_listen.empty()) ports["http"] = http_port;
+    out << ports.dump();
     out.close();
     std::rename((file + ".tmp").c_str(), file.c_str());
   }
@@ -226,6 +269,7 @@ int RunServe() {
   spdlog::info("signal {}: draining (grace period {} s)", sig, absl::GetFlag(FLAGS_grace_period_s));
   SetHealth(server.get(), false);
   SetHealth(admin_server.get(), false);
+  ctx->draining.store(true);
   ctx->scheduler->StopAdmission();
   const auto grace = std::chrono::steady_clock::now() +
                      std::chrono::milliseconds(static_cast<int64_t>(
@@ -239,6 +283,7 @@ int RunServe() {
   const auto deadline = std::chrono::system_clock::now() + std::chrono::seconds(2);
   server->Shutdown(deadline);
   admin_server->Shutdown(deadline);
+  http.Stop();
   stopping.store(true);
   lora_info.join();
   if (admin.StopWorker()) {

@@ -15,6 +15,7 @@
 #include "core/engine.h"
 #include "core/tokenizer.h"
 #include "grpcpp/grpcpp.h"
+#include "jinja/chat_template.h"
 #include "server/generate_request.h"
 #include "server/metrics.h"
 #include "server/scheduler.h"
@@ -23,8 +24,12 @@ namespace adapterd::server {
 
 struct ServingContext {
   std::atomic<bool> ready{false};
+  std::atomic<bool> draining{false};  // Set once shutdown begins.
   std::unique_ptr<core::Engine> engine;
   std::unique_ptr<core::Tokenizer> tokenizer;  // Null when the model folder has none.
+  // The model's chat template; null (with the reason) when it has none or it cannot be used.
+  std::unique_ptr<jinja::ChatTemplate> chat_template;
+  std::string chat_template_error;
   std::unique_ptr<adapters::AdapterTable> table;
   std::unique_ptr<Scheduler> scheduler;
   Metrics metrics;
