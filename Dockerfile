@@ -25,10 +25,10 @@ RUN apt-get update \
 COPY --from=build /build/server/adapterd /build/server/adapterctl /usr/local/bin/
 USER 10001
 # Generation (gRPC), admin (gRPC), metrics (HTTP).
-EXPOSE 50051 50052 9400
+EXPOSE 50051 50052 9400 8000
 VOLUME ["/models", "/adapters"]
 HEALTHCHECK --interval=10s --timeout=5s --start-period=60s --retries=3 CMD ["adapterctl", "health"]
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["/usr/bin/tini", "--", "/usr/local/bin/adapterd"]
 CMD ["serve", "--model_dir=/models/base", "--adapter_root=/adapters", \
-     "--listen=0.0.0.0:50051", "--admin_listen=127.0.0.1:50052", "--metrics_listen=0.0.0.0:9400"]
+     "--listen=0.0.0.0:50051", "--admin_listen=127.0.0.1:50052", "--metrics_listen=0.0.0.0:9400", "--http_listen=0.0.0.0:8000"]

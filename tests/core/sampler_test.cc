@@ -31,6 +31,53 @@ TEST(SamplerTest, RepetitionPenaltyDividesPositiveAndMultipliesNegativeScores) {
   EXPECT_FLOAT_EQ(logits[0].item<float>(), 2.0f);  // Input untouched.
 }
 
+TEST(SamplerTest, OpenAiPenaltiesFollowVllmOverGeneratedTokensOnly) {
+  // vLLM: after the repetition penalty, logit -= frequency * count + presence * (count > 0),
+  // counting generated tokens only (id 3 is in the prompt: `seen`, but not generated).
+  at::Tensor logits = at::tensor({2.0f, -1.0f, 0.5f, -3.0f});
+  SamplingParams p;
+  p.repetition_penalty = 2.0f;
+  p.frequency_penalty = 0.25f;
+  p.presence_penalty = -0.5f;
+  GeneratedCounts g;
+  g.ids = {0, 2};
+  g.counts = {3.0f, 1.0f};
+  g.length = 4;
+  auto out = ToVector(ProcessLogits(logits, p, {0, 2, 3}, g));
+  EXPECT_FLOAT_EQ(out[0], 2.0f / 2 - (0.25f * 3 - 0.5f));
+  EXPECT_FLOAT_EQ(out[1], -1.0f);
+  EXPECT_FLOAT_EQ(out[2], 0.5f / 2 - (0.25f * 1 - 0.5f));
+  EXPECT_FLOAT_EQ(out[3], -3.0f * 2);
+  // Greedy decoding applies them too.
+  at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(1);
+  p.repetition_penalty = 1.0f;
+  p.frequency_penalty = 2.0f;
+  p.presence_penalty = 0.0f;
+  g.ids = {0};
+  g.counts = {1.0f};
+  auto chosen = ChooseToken(ProcessLogits(logits, p, {}, g), p, gen);
+  ASSERT_TRUE(chosen.ok());
+  EXPECT_EQ(*chosen, 2);  // 2 - 2 = 0 < 0.5
+  // Out of range values are refused by name.
+  p.frequency_penalty = 2.5f;
+  EXPECT_FALSE(ValidateSamplingParams(p).ok());
+}
+
+TEST(SamplerTest, MinTokensHoldsBackEndIdsUntilEnoughAreGenerated) {
+  at::Tensor logits = at::tensor({5.0f, 1.0f, 0.5f});
+  SamplingParams p;
+  p.min_tokens = 2;
+  p.min_tokens_suppressed = {0};
+  GeneratedCounts g;
+  g.length = 1;
+  auto out = ToVector(ProcessLogits(logits, p, {}, g));
+  EXPECT_EQ(out[0], kNegInf);
+  EXPECT_FLOAT_EQ(out[1], 1.0f);
+  g.length = 2;
+  out = ToVector(ProcessLogits(logits, p, {}, g));
+  EXPECT_FLOAT_EQ(out[0], 5.0f);
+}
+
 TEST(SamplerTest, GreedyIgnoresWarpersButNotThePenalty) {
   at::Tensor logits = at::tensor({3.0f, 2.9f, 1.0f});
   SamplingParams p;

