@@ -250,6 +250,9 @@ size_t Sendable(const Choice& c, const std::vector<std::string>& stop) {
     const size_t at = c.reason == core::FinishReason::kStop ? StopAt(c.text, stop) : std::string::npos;
     return std::min(c.text.size(), at);
   }
+  // A stop string already in the text (its done event not yet seen) ends what may be sent.
+  const size_t at = StopAt(c.text, stop);
+  if (at != std::string::npos) return std::max(c.sent, at);
   size_t hold = 0;
   for (const std::string& s : stop) hold = std::max(hold, s.size() - 1);
   if (c.text.size() <= hold) return c.sent;

@@ -265,6 +265,52 @@ def main():
 
     code = server.stop()
     check("clean_exit", code == 0, code)
+
+    # Queue full answers 429; draining answers 503 while in-flight streams finish.
+    # One row per step and 15 choices of 250 tokens: the first request runs for seconds and
+    # leaves at most four queue slots; a second request with n=5 cannot fit.
+    small = Adapterd(binary, fixtures, ["--http_listen=127.0.0.1:0", "--max_queue=16", "--max_batch_rows=1",
+                                        "--grace_period_s=120"])
+    sport = small.ports["http"]
+    long_req = {"prompt": "long", "max_tokens": 250, "ignore_eos": True, "temperature": 0, "stream": True, "n": 15,
+                "logprobs": 20}
+    streams = []
+
+    def open_stream():
+        s = socket.create_connection(("127.0.0.1", sport))
+        payload = json.dumps(long_req)
+        s.sendall((f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                   f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n{payload}").encode())
+        streams.append(s)
+    open_stream()
+    queued = 0
+    for _ in range(200):  # Until the long request's choices wait in the queue.
+        m = call(sport, "GET", "/metrics", key=None)[1]
+        queued = int(float(next(ln for ln in m.splitlines() if ln.startswith("adapterd_queue_depth")).split()[-1]))
+        if queued >= 12:
+            break
+        time.sleep(0.01)
+    st, b, _ = call(sport, "POST", "/v1/completions", {"prompt": "x", "max_tokens": 2, "n": 5}, key=None)
+    check("error.queue_full_429", st == 429 and b["error"]["code"] == "rate_limit_exceeded", (st, b))
+    small.process.send_signal(15)
+    time.sleep(0.1)
+    st, _, _ = call(sport, "GET", "/health", key=None)
+    check("draining.health_503", st == 503, st)
+    st, b, _ = call(sport, "POST", "/v1/completions", {"prompt": "x", "max_tokens": 2}, key=None)
+    check("error.draining_503", st == 503 and "error" in b, (st, b))
+    finished = 0
+    for s in streams:
+        got = b""
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            got += chunk
+        s.close()
+        finished += got.count(b'"finish_reason":"length"') if b"data: [DONE]" in got else 0
+    check("draining.in_flight_finish", finished == 15, finished)
+    code = small.process.wait(timeout=60)
+    check("draining.clean_exit", code == 0, code)
     return check.summary()
 
 
