@@ -997,37 +997,24 @@ class Parser {
     return e;
   }
 
-  absl::StatusOr<NodePtr> Or() {
-    absl::StatusOr<NodePtr> left = And();
+  // `left (word right)*`, left-associative: `or` over `and`, `and` over `not`.
+  absl::StatusOr<NodePtr> Logical(const char* word, Node::Kind kind, absl::StatusOr<NodePtr> (Parser::*next)()) {
+    absl::StatusOr<NodePtr> left = (this->*next)();
     if (!left.ok()) return left;
     NodePtr l = *left;
-    while (IsName("or")) {
+    while (IsName(word)) {
       const int line = Cur().line;
       ++i_;
-      absl::StatusOr<NodePtr> right = And();
+      absl::StatusOr<NodePtr> right = (this->*next)();
       if (!right.ok()) return right;
-      NodePtr n = Make(Node::Kind::kOr, line);
+      NodePtr n = Make(kind, line);
       n->kids = {l, *right};
       l = n;
     }
     return l;
   }
-
-  absl::StatusOr<NodePtr> And() {
-    absl::StatusOr<NodePtr> left = Not();
-    if (!left.ok()) return left;
-    NodePtr l = *left;
-    while (IsName("and")) {
-      const int line = Cur().line;
-      ++i_;
-      absl::StatusOr<NodePtr> right = Not();
-      if (!right.ok()) return right;
-      NodePtr n = Make(Node::Kind::kAnd, line);
-      n->kids = {l, *right};
-      l = n;
-    }
-    return l;
-  }
+  absl::StatusOr<NodePtr> Or() { return Logical("or", Node::Kind::kOr, &Parser::And); }
+  absl::StatusOr<NodePtr> And() { return Logical("and", Node::Kind::kAnd, &Parser::Not); }
 
   absl::StatusOr<NodePtr> Not() {
     if (IsName("not")) {

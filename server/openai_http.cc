@@ -902,13 +902,18 @@ struct OpenAiServer::Impl {
     res.set_content(Dump(Json{{"object", "list"}, {"data", data}}), "application/json");
   }
 
-  void Tokenize(const httplib::Request& req, httplib::Response& res) {
-    if (auto e = CheckKey(req)) return SendError(res, *e);
-    if (auto e = Ready()) return SendError(res, *e);
-    Json body;
-    if (auto e = ParseBody(req, &body)) return SendError(res, *e);
+  // The checks every tokenizer endpoint starts with: key, readiness, body, model.
+  std::optional<ApiError> TokenizerCall(const httplib::Request& req, Json* body) const {
+    API_TRY(CheckKey(req));
+    API_TRY(Ready());
+    API_TRY(ParseBody(req, body));
     std::string model, adapter;
-    if (auto e = ResolveModel(body, &model, &adapter)) return SendError(res, *e);
+    return ResolveModel(*body, &model, &adapter);
+  }
+
+  void Tokenize(const httplib::Request& req, httplib::Response& res) {
+    Json body;
+    if (auto e = TokenizerCall(req, &body)) return SendError(res, *e);
     PromptIds p;
     if (body.contains("messages")) {
       if (auto e = ChatPrompt(body, false, &p)) return SendError(res, *e);
@@ -928,12 +933,8 @@ struct OpenAiServer::Impl {
   }
 
   void Detokenize(const httplib::Request& req, httplib::Response& res) {
-    if (auto e = CheckKey(req)) return SendError(res, *e);
-    if (auto e = Ready()) return SendError(res, *e);
     Json body;
-    if (auto e = ParseBody(req, &body)) return SendError(res, *e);
-    std::string model, adapter;
-    if (auto e = ResolveModel(body, &model, &adapter)) return SendError(res, *e);
+    if (auto e = TokenizerCall(req, &body)) return SendError(res, *e);
     if (auto e = NeedTokenizer()) return SendError(res, *e);
     if (!body.contains("tokens") || !body["tokens"].is_array()) {
       return SendError(res, BadRequest("tokens must be a list of token ids", "tokens"));

@@ -11,6 +11,7 @@ import http.client
 import json
 import os
 import socket
+import subprocess
 import sys
 import tempfile
 import threading
@@ -143,6 +144,21 @@ def main():
     st, tok, _ = call(port, "POST", "/tokenize", {"model": "qv", "messages": messages})
     ref_ids = gen.Tokenize(pb.TokenizeRequest(text=rendered, add_special_tokens=False)).ids
     check("chat.rendered_prompt", st == 200 and tok["tokens"] == list(ref_ids) and tok["count"] == len(ref_ids), tok)
+    # `adapterd chat-template` renders offline what Jinja itself renders (transformers' settings).
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "jinja"))
+    from make_golden import make_env  # noqa: E402
+    config = json.load(open(os.path.join(fixtures, "llama_tok", "tokenizer_config.json")))
+    conv = [{"role": "system", "content": "Sys ünï"}, {"role": "user", "content": " a "},
+            {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}]
+    conv_file = os.path.join(work, "messages.json")
+    with open(conv_file, "w") as f:
+        json.dump(conv, f)
+    cli = subprocess.run([binary, "chat-template", "--model_dir=" + os.path.join(fixtures, "llama_tok"),
+                          "--messages_json=" + conv_file], capture_output=True, text=True)
+    expect = make_env().from_string(config["chat_template"]).render(
+        messages=conv, tools=None, documents=None, add_generation_prompt=False, bos_token="<s>", eos_token="</s>",
+        unk_token="<unk>")
+    check("cli.chat_template_equals_jinja", cli.returncode == 0 and cli.stdout == expect, (cli.stdout, expect, cli.stderr))
     ref = gen.Generate(pb.GenerateRequest(token_ids=pb.TokenIds(ids=ref_ids), adapter="qv", max_new_tokens=8,
                                           skip_special_tokens=True))
     check("chat.equals_grpc", msg["content"] == ref.text, (msg["content"], ref.text))
