@@ -130,8 +130,21 @@ void AdminService::Run(grpc::CallbackServerContext* context, grpc::ServerUnaryRe
   AdminWorker::Job job;
   job.timeout = load_timeout_;
   std::shared_ptr<std::atomic<bool>> claim = job.claim;
-  job.run = [context, reactor, claim, work = std::move(work)] {
-    if (context->IsCancelled()) {  // The caller gave up while the job waited in the queue.
+  // Once an abandoned call is answered gRPC may free its context at any time: the job looks at
+  // the context only under this lock and only while the call is not answered.
+  struct CallGuard {
+    absl::Mutex mu;
+    bool answered ABSL_GUARDED_BY(mu) = false;
+  };
+  auto guard = std::make_shared<CallGuard>();
+  job.run = [context, reactor, claim, guard, work = std::move(work)] {
+    bool cancelled = false;
+    {
+      absl::MutexLock lock(&guard->mu);
+      if (guard->answered) return;  // Abandoned (timed out) while it waited in the queue.
+      cancelled = context->IsCancelled();
+    }
+    if (cancelled) {  // The caller gave up while the job waited in the queue.
       if (AdminWorker::Claim(*claim)) {
         reactor->Finish(grpc::Status(grpc::StatusCode::CANCELLED, "the call was cancelled"));
       }
@@ -140,7 +153,11 @@ void AdminService::Run(grpc::CallbackServerContext* context, grpc::ServerUnaryRe
     work([&claim] { return AdminWorker::Claim(*claim); });
   };
   const double timeout_s = std::chrono::duration<double>(load_timeout_).count();
-  job.abandon = [this, reactor, what, timeout_s](bool shutting_down) {
+  job.abandon = [this, reactor, what, timeout_s, guard](bool shutting_down) {
+    {
+      absl::MutexLock lock(&guard->mu);
+      guard->answered = true;
+    }
     if (shutting_down) {
       reactor->Finish(grpc::Status(grpc::StatusCode::UNAVAILABLE, "the server is shutting down"));
       return;

@@ -258,7 +258,8 @@ TEST_F(E2eAdapterFilesTest, LoadsPastTheirTimeoutAreAbandonedAndLeaveTheTableAlo
     grpc::Status s = Load(server, name, "good");
     grpc::ClientContext ctx;
     v1::ListAdaptersResponse list;
-    ASSERT_TRUE(server.Admin()->ListAdapters(&ctx, v1::ListAdaptersRequest(), &list).ok());
+    grpc::Status listed_status = server.Admin()->ListAdapters(&ctx, v1::ListAdaptersRequest(), &list);
+    ASSERT_TRUE(listed_status.ok()) << listed_status.error_message() << "\n" << server.log();
     bool listed = false;
     for (const auto& a : list.adapters()) listed |= a.name() == name;
     if (s.ok()) {
