@@ -28,8 +28,8 @@ packages=(
 )
 if (( ! server_only )); then
   packages+=(ccache git curl libgtest-dev libgmock-dev libbenchmark-dev
-             python3-torch python3-numpy python3-grpcio python3-yaml python3-jinja2 grpc-proto prometheus
-             openssl)
+             python3-torch python3-numpy python3-grpcio python3-yaml python3-jinja2 python3-matplotlib grpc-proto prometheus
+             openssl chromium)
   # node and npm fetch the real tokenizer files for the tests; keep whatever node is installed.
   command -v npm >/dev/null || packages+=(nodejs npm)
 fi

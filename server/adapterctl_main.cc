@@ -5,6 +5,8 @@
 //   adapterctl [--addr H:P] health
 // --json prints the response as JSON. The admin token comes from --admin_token_file or the
 // environment variable ADAPTERD_ADMIN_TOKEN.
+#include <unistd.h>
+
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
@@ -14,6 +16,7 @@
 #include <vector>
 
 #include "absl/flags/flag.h"
+#include "server/bench.h"
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
 #include "absl/strings/numbers.h"
@@ -268,7 +271,11 @@ int main(int argc, char** argv) {
       "adapterctl COMMAND [flags]\n"
       "  generate --prompt TEXT | --prompt_ids 1,2,3 [--adapter NAME] [--max_new_tokens N]\n"
       "  load NAME PATH [--validate_only] [--replace]\n"
-      "  unload NAME\n  list\n  state\n  health");
+      "  unload NAME\n  list\n  state\n  health\n"
+      "  bench [--scenario F | --mode closed --concurrency 1,2,4 | --mode open --rates 1,2]\n"
+      "        [--requests N] [--duration_s S] [--prompt_tokens 64] [--output_tokens 32]\n"
+      "        [--adapters a,b --adapter_choice uniform|zipf] [--http URL] [--metrics_url URL] --out F\n"
+      "  bench report RESULTS.json --out DIR");
   std::vector<char*> args = absl::ParseCommandLine(argc, argv);
   if (args.size() < 2) {
     std::cerr << absl::ProgramUsageMessage() << "\n";
@@ -278,6 +285,19 @@ int main(int argc, char** argv) {
   std::vector<std::string> rest(args.begin() + 2, args.end());
   if (command == "generate") return Generate();
   if (command == "health") return Health();
+  if (command == "bench") {
+    if (!rest.empty() && rest[0] == "report") {
+      char self[4096];
+      const ssize_t n = ::readlink("/proc/self/exe", self, sizeof(self) - 1);
+      return adapterd::bench::RunReport(std::vector<std::string>(rest.begin() + 1, rest.end()),
+                                        n > 0 ? std::string(self, static_cast<size_t>(n)) : std::string(argv[0]));
+    }
+    if (!rest.empty()) {
+      std::cerr << "bench takes flags only (or: bench report RESULTS.json --out DIR)\n";
+      return 2;
+    }
+    return adapterd::bench::RunBench(Channel(absl::GetFlag(FLAGS_addr)));
+  }
   if (command == "load" || command == "unload" || command == "list" || command == "state") {
     return Admin(command, rest);
   }
