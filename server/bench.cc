@@ -345,6 +345,7 @@ struct Record {
   bool warmup = false;
   std::string adapter;
   double start = 0, ttft = -1, end = 0;  // Seconds since the run began.
+  double queue = -1;                     // The server's queue time (gRPC), seconds.
   std::vector<double> itl;
   std::string status = "OK";
   std::string message;
@@ -431,6 +432,7 @@ class GrpcTarget final : public Target {
       if (chunk.has_stats()) {
         r->prompt_tokens = chunk.stats().prompt_tokens();
         r->completion_tokens = chunk.stats().completion_tokens();
+        r->queue = chunk.stats().queue_seconds();
       }
     }
     const grpc::Status s = reader->Finish();
@@ -759,7 +761,8 @@ void RunLevel(const Scenario& s, int level, Target& target, Chooser& chooser, Cl
 
 Json RecordJson(const Record& r) {
   Json j{{"level", r.level},       {"index", r.index}, {"warmup", r.warmup}, {"adapter", r.adapter},
-         {"start_s", r.start},     {"ttft_s", r.ttft < 0 ? Json(nullptr) : Json(r.ttft)},
+         {"start_s", r.start},     {"queue_s", r.queue < 0 ? Json(nullptr) : Json(r.queue)},
+         {"ttft_s", r.ttft < 0 ? Json(nullptr) : Json(r.ttft)},
          {"end_s", r.end},         {"itl_s", r.itl},   {"status", r.status},
          {"prompt_tokens", r.prompt_tokens}, {"completion_tokens", r.completion_tokens}};
   if (!r.message.empty()) j["message"] = r.message;

@@ -96,7 +96,7 @@ Metrics::Metrics()
                                  .Register(*registry_)),
       model_info_(BuildGauge()
                       .Name("adapterd_model_info")
-                      .Help("The base model served (value 1).")
+                      .Help("The base model served and adapterd's version (value 1).")
                       .Register(*registry_)),
       lora_info_(BuildGauge()
                      .Name("adapterd_lora_requests_info")
@@ -260,7 +260,7 @@ void Metrics::SetRetainedUnloaded(size_t n) {
 void Metrics::SetModelInfo(const std::string& architecture, const std::string& name,
                            int64_t parameters) {
   model_info_.Add({{"architecture", architecture}, {"model", name},
-                   {"parameters", absl::StrCat(parameters)}})
+                   {"parameters", absl::StrCat(parameters)}, {"version", ADAPTERD_VERSION}})
       .Set(1);
 }
 

@@ -46,13 +46,14 @@ def main():
     check("grpc.sent_equals_server_counter", res["sent"] == 12 and after - before == 12, (res["sent"], after - before))
     check("grpc.sent_equals_answered", res["answered"] == res["sent"] == len(res["requests"]))
     check("grpc.all_ok", all(q["status"] == "OK" for q in res["requests"]), [q for q in res["requests"] if q["status"] != "OK"])
-    check("grpc.timings", all(q["ttft_s"] is not None and q["ttft_s"] >= 0 and len(q["itl_s"]) == q["completion_tokens"] - 1
+    check("grpc.timings", all(q["ttft_s"] is not None and q["ttft_s"] >= 0 and 0 <= q["queue_s"] <= q["ttft_s"] and len(q["itl_s"]) == q["completion_tokens"] - 1
                               and q["completion_tokens"] == 5 and q["end_s"] >= q["start_s"] for q in res["requests"]))
     check("grpc.levels", [l["level"] for l in res["levels"]] == [1, 3] and all(l["sent"] == 5 for l in res["levels"]))
     check("grpc.per_adapter", set(res["overall"]["per_adapter"]) <= {"qv", "px"} and
           sum(v["sent"] for v in res["overall"]["per_adapter"].values()) == 10)
     check("grpc.server_metrics_scraped", isinstance(res["metrics"]["before"], dict) and
           any(k.startswith("adapterd_requests_total") for k in res["metrics"]["after"]))
+    check("grpc.server_info", any("version=" in k for k in res["server_info"]), res["server_info"])
     check("grpc.client_overhead_printed", "client:" in r.stdout and "ms CPU per request" in r.stdout, r.stdout)
 
     # Open loop over HTTP from a scenario file, Zipf over the adapters.
