@@ -285,9 +285,21 @@ def main():
     # Queue full answers 429; draining answers 503 while in-flight streams finish.
     # One row per step and 15 choices of 250 tokens: the first request runs for seconds and
     # leaves at most four queue slots; a second request with n=5 cannot fit.
+    admin_file = os.path.join(work, "admin")
+    with open(admin_file, "w") as f:
+        f.write("admin-secret-1")
+    os.chmod(admin_file, 0o600)
     small = Adapterd(binary, fixtures, ["--http_listen=127.0.0.1:0", "--max_queue=16", "--max_batch_rows=1",
-                                        "--grace_period_s=120"])
+                                        "--grace_period_s=120", "--http_admin", "--admin_token_file=" + admin_file])
     sport = small.ports["http"]
+    # With an admin token, the adapter endpoints take it (and nothing else) as Bearer.
+    st, _, _ = call(sport, "POST", "/v1/load_lora_adapter", {"lora_name": "t", "lora_path": "lora_qv"}, key=None)
+    check("admin_token.required", st == 401, st)
+    st, _, _ = call(sport, "POST", "/v1/load_lora_adapter", {"lora_name": "t", "lora_path": "lora_qv"}, key="wrong")
+    check("admin_token.wrong", st == 401, st)
+    st, text, _ = call(sport, "POST", "/v1/load_lora_adapter", {"lora_name": "t", "lora_path": "lora_qv"},
+                       key="admin-secret-1")
+    check("admin_token.loads", st == 200 and "added successfully" in text, (st, text))
     long_req = {"prompt": "long", "max_tokens": 250, "ignore_eos": True, "temperature": 0, "stream": True, "n": 15,
                 "logprobs": 20}
     streams = []
