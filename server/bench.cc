@@ -200,9 +200,10 @@ std::optional<ScenarioError> ScenarioFromFile(const std::string& path, Scenario*
   text << in.rdbuf();
   const Json j = Json::parse(text.str(), nullptr, false);
   if (j.is_discarded() || !j.is_object()) return ScenarioError{absl::StrCat("scenario ", path, " is not a JSON object")};
-  for (const auto& [k, v] : j.items()) {
+  for (const auto& item : j.items()) {
     static const char* kKeys[] = {"mode", "concurrency", "rates", "requests", "duration_s", "warmup", "prompt_tokens",
                                   "output_tokens", "prompts_file", "adapters", "sampling", "model"};
+    const std::string k = item.key();
     if (std::find_if(std::begin(kKeys), std::end(kKeys), [&](const char* x) { return k == x; }) == std::end(kKeys)) {
       return ScenarioError{absl::StrCat("scenario: unknown key \"", k, "\"")};
     }
