@@ -10,6 +10,7 @@ COPY CMakeLists.txt ./
 COPY proto proto
 COPY core core
 COPY adapters adapters
+COPY jinja jinja
 COPY server server
 COPY deploy/setup.sh deploy/setup.sh
 RUN deploy/setup.sh --server-only /build \
@@ -24,7 +25,7 @@ RUN apt-get update \
     && useradd --system --uid 10001 --home-dir /nonexistent --shell /usr/sbin/nologin adapterd
 COPY --from=build /build/server/adapterd /build/server/adapterctl /usr/local/bin/
 USER 10001
-# Generation (gRPC), admin (gRPC), metrics (HTTP).
+# Generation (gRPC), admin (gRPC), metrics (HTTP), the OpenAI-compatible API (HTTP).
 EXPOSE 50051 50052 9400 8000
 VOLUME ["/models", "/adapters"]
 HEALTHCHECK --interval=10s --timeout=5s --start-period=60s --retries=3 CMD ["adapterctl", "health"]

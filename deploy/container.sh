@@ -62,7 +62,8 @@ $P rm -f adapterd-smoke >/dev/null 2>&1 || true
 $P run -d --name adapterd-smoke --network host \
   -v "$models/llama_tok:/models/base:ro" -v "$models/adapters:/adapters:ro" \
   localhost/adapterd:dev serve --model_dir=/models/base --adapter_root=/adapters \
-  --listen=127.0.0.1:51051 --admin_listen=127.0.0.1:51052 --metrics_listen=127.0.0.1:51400 >/dev/null
+  --listen=127.0.0.1:51051 --admin_listen=127.0.0.1:51052 --metrics_listen=127.0.0.1:51400 \
+  --http_listen=127.0.0.1:51800 >/dev/null
 ok=0
 for _ in $(seq 300); do
   if "$ctl" --addr 127.0.0.1:51051 health >/dev/null 2>&1; then ok=1; break; fi
@@ -72,6 +73,9 @@ done
 $P exec adapterd-smoke adapterctl --addr 127.0.0.1:51051 health
 "$ctl" --admin_addr 127.0.0.1:51052 load qv lora_qv
 "$ctl" --addr 127.0.0.1:51051 generate --prompt "Hello from a container" --adapter qv --max_new_tokens 8
+curl -sf 127.0.0.1:51800/v1/chat/completions -H 'Content-Type: application/json' \
+  -d '{"model": "qv", "messages": [{"role": "user", "content": "Hello over HTTP"}], "max_tokens": 8}'
+echo
 "$ctl" --admin_addr 127.0.0.1:51052 unload qv
 curl -sf 127.0.0.1:51400/metrics | grep -E '^adapterd_requests_total|^adapterd_adapter_loads_total'
 $P stop -t 30 adapterd-smoke >/dev/null
@@ -92,6 +96,7 @@ k8s, models, work = sys.argv[1:4]
 docs = [yaml.safe_load(open(f"{k8s}/configmap.yaml")), yaml.safe_load(open(f"{k8s}/deployment.yaml"))]
 flags = docs[0]["data"]["adapterd.flags"].replace("0.0.0.0:50051", "127.0.0.1:52051") \
     .replace("127.0.0.1:50052", "127.0.0.1:52052").replace("0.0.0.0:9400", "127.0.0.1:52400") \
+    .replace("0.0.0.0:8000", "127.0.0.1:52800") \
     .replace("--model_dir=/models/base", "--model_dir=/models/llama_tok")
 docs[0]["data"]["adapterd.flags"] = flags
 spec = docs[1]["spec"]
@@ -117,6 +122,7 @@ for _ in $(seq 300); do
   sleep 0.2
 done
 (( ok )) && "$ctl" --addr 127.0.0.1:52051 generate --prompt "Hello from kube play" --max_new_tokens 4
+(( ok )) && curl -sf 127.0.0.1:52800/v1/models && echo
 ADAPTERD_ADMIN_TOKEN=kube-play-token "$ctl" --admin_addr 127.0.0.1:52052 list
 $P kube down "$work/play.yaml" >/dev/null
 (( ok )) || { echo "kube play: adapterd did not become healthy"; exit 1; }
