@@ -139,7 +139,7 @@ absl::StatusOr<int> Metrics::Serve(const std::string& address, const TlsFiles& t
   http_->Get("/", [](const httplib::Request&, httplib::Response& res) {
     res.set_content("<a href=\"/metrics\">/metrics</a>\n", "text/html");
   });
-  const int bound = port == 0 ? http_->bind_to_any_port(host) : (http_->bind_to_port(host, port) ? port : -1);
+  const int bound = BindHttpServer(*http_, host, port);
   if (bound < 0) {
     return absl::UnavailableError(absl::StrCat("metrics listener ", address, ": cannot bind"));
   }

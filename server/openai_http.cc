@@ -1048,7 +1048,7 @@ absl::StatusOr<int> OpenAiServer::Start(const std::string& address, const TlsFil
     http_->Post("/v1/load_lora_adapter", [impl](const httplib::Request& q, httplib::Response& r) { impl->LoadLora(q, r); });
     http_->Post("/v1/unload_lora_adapter", [impl](const httplib::Request& q, httplib::Response& r) { impl->UnloadLora(q, r); });
   }
-  const int bound = port == 0 ? http_->bind_to_any_port(host) : (http_->bind_to_port(host, port) ? port : -1);
+  const int bound = BindHttpServer(*http_, host, port);
   if (bound < 0) return absl::UnavailableError(absl::StrCat("HTTP listener ", address, ": cannot bind"));
   thread_ = std::thread([this] { http_->listen_after_bind(); });
   return bound;

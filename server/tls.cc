@@ -1,5 +1,6 @@
 #include "server/tls.h"
 
+#include <sys/socket.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -89,6 +90,17 @@ absl::StatusOr<std::unique_ptr<httplib::Server>> NewHttpServer(const TlsFiles& t
   server->set_keep_alive_timeout(5);
   server->set_payload_max_length(1 << 20);
   return server;
+}
+
+int BindHttpServer(httplib::Server& server, const std::string& host, int port) {
+  auto fd = std::make_shared<int>(-1);
+  server.set_socket_options([fd](socket_t sock) {
+    httplib::default_socket_options(sock);
+    *fd = sock;
+  });
+  const int bound = port == 0 ? server.bind_to_any_port(host) : (server.bind_to_port(host, port) ? port : -1);
+  if (bound >= 0 && *fd >= 0) ::listen(*fd, 1024);  // On a listening socket: a new backlog.
+  return bound;
 }
 
 absl::StatusOr<std::string> ReadAdminToken(const std::string& path) {

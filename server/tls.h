@@ -38,6 +38,11 @@ bool IsLoopbackAddress(const std::string& address);
 absl::StatusOr<std::unique_ptr<httplib::Server>> NewHttpServer(const TlsFiles& tls,
                                                                const std::string& what);
 
+// Binds `server` to `host`:`port` (port 0: any free port) and returns the port, or -1. The
+// listen backlog is raised to 1024: Debian's cpp-httplib library listens with 5, which a burst
+// of clients connecting at once (64 streams) overflows.
+int BindHttpServer(httplib::Server& server, const std::string& host, int port);
+
 // Reads the admin token from `path`: refused when the file is not a regular file, when others
 // (not owner or group) may read it, or when the token is empty after trimming or holds
 // characters that gRPC metadata cannot carry.
