@@ -33,6 +33,32 @@ struct ApiError {
   std::string code;
 };
 
+constexpr int kMaxJsonDepth = 64;
+
+// The deepest nesting of arrays and objects in JSON text (brackets inside strings do not count).
+int JsonDepth(const std::string& text) {
+  int depth = 0, deepest = 0;
+  bool in_string = false, escaped = false;
+  for (char c : text) {
+    if (in_string) {
+      if (escaped) {
+        escaped = false;
+      } else if (c == '\\') {
+        escaped = true;
+      } else if (c == '"') {
+        in_string = false;
+      }
+    } else if (c == '"') {
+      in_string = true;
+    } else if (c == '[' || c == '{') {
+      deepest = std::max(deepest, ++depth);
+    } else if (c == ']' || c == '}') {
+      --depth;
+    }
+  }
+  return deepest;
+}
+
 ApiError BadRequest(std::string message, std::string param = "") {
   return ApiError{400, std::move(message), "invalid_request_error", std::move(param), ""};
 }
@@ -289,6 +315,11 @@ struct OpenAiServer::Impl {
 
   // Parses the body as a JSON object.
   std::optional<ApiError> ParseBody(const httplib::Request& req, Json* body) const {
+    // nlohmann parses without recursion, but copying a value and turning it into template
+    // variables recurse: a body of nested brackets would overflow the handler's stack.
+    if (JsonDepth(req.body) > kMaxJsonDepth) {
+      return BadRequest(absl::StrCat("the request body nests deeper than ", kMaxJsonDepth, " levels"));
+    }
     *body = Json::parse(req.body, nullptr, false);
     if (body->is_discarded()) return BadRequest("the request body is not valid JSON");
     if (!body->is_object()) return BadRequest("the request body must be a JSON object");

@@ -202,6 +202,11 @@ def main():
         {"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]})
     err("huge_body", 413, "POST", "/v1/completions", raw='{"prompt": "' + "x" * (9 << 20) + '"}')
     err("no_endpoint", 404, "GET", "/v1/nothing")
+    # Deep nesting is refused before anything recurses over it (it used to overflow the stack).
+    deep = '{"messages": [{"role": "user", "content": "hi", "x": ' + "[" * 200000 + "]" * 200000 + '}]}'
+    err("deep_json", 400, "POST", "/v1/chat/completions", raw=deep)
+    st, b, _ = call(port, "POST", "/v1/completions", {"prompt": "[" * 100 + "{" * 100, "max_tokens": 1})
+    check("deep_json.brackets_in_strings_pass", st == 200, (st, b))
     st, _, _ = call(port, "GET", "/health", key=None)
     check("health.open", st == 200)
     st, metrics, _ = call(port, "GET", "/metrics", key=None)
