@@ -124,12 +124,31 @@ AdminService::AdminService(ServingContext& context,
 
 AdminService::~AdminService() = default;
 
-void AdminService::Run(grpc::CallbackServerContext* context, grpc::ServerUnaryReactor* reactor,
-                       const char* what,
-                       std::function<void(const std::function<bool()>& may_answer)> work) {
+void AdminService::SubmitJob(const char* what,
+                             std::function<void(const std::function<bool()>& may_answer)> work,
+                             std::function<void(const absl::Status&)> abandoned) {
   AdminWorker::Job job;
   job.timeout = load_timeout_;
   std::shared_ptr<std::atomic<bool>> claim = job.claim;
+  job.run = [claim, work = std::move(work)] { work([&claim] { return AdminWorker::Claim(*claim); }); };
+  const double timeout_s = std::chrono::duration<double>(load_timeout_).count();
+  job.abandon = [this, what, timeout_s, abandoned = std::move(abandoned)](bool shutting_down) {
+    if (shutting_down) {
+      abandoned(absl::UnavailableError("the server is shutting down"));
+      return;
+    }
+    spdlog::error("{} did not finish within {} s (--adapter_load_timeout_s); abandoned", what,
+                  timeout_s);
+    ctx_.metrics.AdapterLoad("timeout", timeout_s);
+    abandoned(absl::DeadlineExceededError(absl::StrCat(
+        what, " did not finish within ", timeout_s, " s and was abandoned; the adapter table is unchanged")));
+  };
+  worker_.Submit(std::move(job));
+}
+
+void AdminService::Run(grpc::CallbackServerContext* context, grpc::ServerUnaryReactor* reactor,
+                       const char* what,
+                       std::function<void(const std::function<bool()>& may_answer)> work) {
   // Once an abandoned call is answered gRPC may free its context at any time: the job looks at
   // the context only under this lock and only while the call is not answered.
   struct CallGuard {
@@ -137,40 +156,41 @@ void AdminService::Run(grpc::CallbackServerContext* context, grpc::ServerUnaryRe
     bool answered ABSL_GUARDED_BY(mu) = false;
   };
   auto guard = std::make_shared<CallGuard>();
-  job.run = [context, reactor, claim, guard, work = std::move(work)] {
-    bool cancelled = false;
-    {
-      absl::MutexLock lock(&guard->mu);
-      if (guard->answered) return;  // Abandoned (timed out) while it waited in the queue.
-      cancelled = context->IsCancelled();
-    }
-    if (cancelled) {  // The caller gave up while the job waited in the queue.
-      if (AdminWorker::Claim(*claim)) {
-        reactor->Finish(grpc::Status(grpc::StatusCode::CANCELLED, "the call was cancelled"));
-      }
-      return;
-    }
-    work([&claim] { return AdminWorker::Claim(*claim); });
-  };
-  const double timeout_s = std::chrono::duration<double>(load_timeout_).count();
-  job.abandon = [this, reactor, what, timeout_s, guard](bool shutting_down) {
-    {
-      absl::MutexLock lock(&guard->mu);
-      guard->answered = true;
-    }
-    if (shutting_down) {
-      reactor->Finish(grpc::Status(grpc::StatusCode::UNAVAILABLE, "the server is shutting down"));
-      return;
-    }
-    spdlog::error("{} did not finish within {} s (--adapter_load_timeout_s); abandoned", what,
-                  timeout_s);
-    ctx_.metrics.AdapterLoad("timeout", timeout_s);
-    reactor->Finish(grpc::Status(
-        grpc::StatusCode::DEADLINE_EXCEEDED,
-        absl::StrCat(what, " did not finish within ", timeout_s,
-                     " s and was abandoned; the adapter table is unchanged")));
-  };
-  worker_.Submit(std::move(job));
+  SubmitJob(
+      what,
+      [context, reactor, guard, work = std::move(work)](const std::function<bool()>& may_answer) {
+        bool cancelled = false;
+        {
+          absl::MutexLock lock(&guard->mu);
+          if (guard->answered) return;  // Abandoned (timed out) while it waited in the queue.
+          cancelled = context->IsCancelled();
+        }
+        if (cancelled) {  // The caller gave up while the job waited in the queue.
+          if (may_answer()) {
+            reactor->Finish(grpc::Status(grpc::StatusCode::CANCELLED, "the call was cancelled"));
+          }
+          return;
+        }
+        work(may_answer);
+      },
+      [reactor, guard](const absl::Status& status) {
+        {
+          absl::MutexLock lock(&guard->mu);
+          guard->answered = true;
+        }
+        reactor->Finish(ToGrpc(status));
+      });
+}
+
+void AdminService::LoadJob(const std::function<bool()>& may_answer, const std::string& name,
+                           const std::string& path, bool validate_only, bool replace,
+                           const std::function<void(const absl::Status&, v1::LoadAdapterResponse)>& answer) {
+  bool answered = false;
+  auto gate = [&] { return answered = may_answer(); };
+  v1::LoadAdapterResponse result;
+  absl::Status s = Load(name, path, validate_only, replace, &result, gate);
+  if (!answered && !may_answer()) return;
+  answer(s, std::move(result));
 }
 
 grpc::Status AdminService::Authorize(grpc::CallbackServerContext* context) const {
@@ -264,14 +284,11 @@ grpc::ServerUnaryReactor* AdminService::LoadAdapter(grpc::CallbackServerContext*
   // works on copies and touches `response` only once it is the one answering.
   Run(context, reactor, "loading an adapter",
       [this, reactor, request = *request, response](const std::function<bool()>& may_answer) {
-        bool answered = false;
-        auto gate = [&] { return answered = may_answer(); };
-        v1::LoadAdapterResponse result;
-        absl::Status s = Load(request.name(), request.path(), request.validate_only(),
-                              request.replace(), &result, gate);
-        if (!answered && !may_answer()) return;
-        *response = std::move(result);
-        reactor->Finish(ToGrpc(s));
+        LoadJob(may_answer, request.name(), request.path(), request.validate_only(), request.replace(),
+                [reactor, response](const absl::Status& s, v1::LoadAdapterResponse result) {
+                  *response = std::move(result);
+                  reactor->Finish(ToGrpc(s));
+                });
       });
   return reactor;
 }
@@ -292,48 +309,25 @@ absl::StatusOr<int64_t> AdminService::Unload(const std::string& name) {
 void AdminService::LoadAsync(
     const std::string& name, const std::string& path,
     std::function<void(const absl::Status&, const v1::LoadAdapterResponse&)> done) {
-  AdminWorker::Job job;
-  job.timeout = load_timeout_;
-  auto shared_done = std::make_shared<decltype(done)>(std::move(done));
-  std::shared_ptr<std::atomic<bool>> claim = job.claim;
-  job.run = [this, name, path, claim, shared_done] {
-    bool answered = false;
-    auto gate = [&] { return answered = AdminWorker::Claim(*claim); };
-    v1::LoadAdapterResponse result;
-    absl::Status s = Load(name, path, false, false, &result, gate);
-    if (!answered && !AdminWorker::Claim(*claim)) return;
-    (*shared_done)(s, result);
-  };
-  const double timeout_s = std::chrono::duration<double>(load_timeout_).count();
-  job.abandon = [this, shared_done, timeout_s](bool shutting_down) {
-    if (shutting_down) {
-      (*shared_done)(absl::UnavailableError("the server is shutting down"), v1::LoadAdapterResponse());
-      return;
-    }
-    ctx_.metrics.AdapterLoad("timeout", timeout_s);
-    (*shared_done)(absl::DeadlineExceededError(absl::StrCat(
-                       "loading an adapter did not finish within ", timeout_s,
-                       " s and was abandoned; the adapter table is unchanged")),
-                   v1::LoadAdapterResponse());
-  };
-  worker_.Submit(std::move(job));
+  auto answer = std::make_shared<decltype(done)>(std::move(done));
+  SubmitJob(
+      "loading an adapter",
+      [this, name, path, answer](const std::function<bool()>& may_answer) {
+        LoadJob(may_answer, name, path, false, false,
+                [answer](const absl::Status& s, v1::LoadAdapterResponse result) { (*answer)(s, result); });
+      },
+      [answer](const absl::Status& s) { (*answer)(s, v1::LoadAdapterResponse()); });
 }
 
 void AdminService::UnloadAsync(const std::string& name,
                                std::function<void(const absl::StatusOr<int64_t>&)> done) {
-  AdminWorker::Job job;
-  job.timeout = load_timeout_;
-  auto shared_done = std::make_shared<decltype(done)>(std::move(done));
-  std::shared_ptr<std::atomic<bool>> claim = job.claim;
-  job.run = [this, name, claim, shared_done] {
-    if (!AdminWorker::Claim(*claim)) return;
-    (*shared_done)(Unload(name));
-  };
-  job.abandon = [shared_done](bool shutting_down) {
-    (*shared_done)(shutting_down ? absl::UnavailableError("the server is shutting down")
-                                 : absl::DeadlineExceededError("unloading an adapter timed out"));
-  };
-  worker_.Submit(std::move(job));
+  auto answer = std::make_shared<decltype(done)>(std::move(done));
+  SubmitJob(
+      "unloading an adapter",
+      [this, name, answer](const std::function<bool()>& may_answer) {
+        if (may_answer()) (*answer)(Unload(name));
+      },
+      [answer](const absl::Status& s) { (*answer)(s); });
 }
 
 grpc::ServerUnaryReactor* AdminService::UnloadAdapter(grpc::CallbackServerContext* context,

@@ -69,6 +69,15 @@ class AdminService final : public adapterd::v1::Admin::CallbackService {
   void Run(grpc::CallbackServerContext* context, grpc::ServerUnaryReactor* reactor,
            const char* what, std::function<void(const std::function<bool()>& may_answer)> work);
   void PublishAdapterMetrics();
+  // Queues `work(may_answer)` on the admin worker with the load timeout. `abandoned` answers
+  // instead (DeadlineExceeded after the timeout, Unavailable at shutdown) when the worker gives
+  // up first; `may_answer()` is true for whichever of the two answers.
+  void SubmitJob(const char* what, std::function<void(const std::function<bool()>& may_answer)> work,
+                 std::function<void(const absl::Status&)> abandoned);
+  // Loads on the worker and hands the outcome to `answer`, unless the job was abandoned first.
+  void LoadJob(const std::function<bool()>& may_answer, const std::string& name, const std::string& path,
+               bool validate_only, bool replace,
+               const std::function<void(const absl::Status&, adapterd::v1::LoadAdapterResponse)>& answer);
 
   ServingContext& ctx_;
   const std::chrono::steady_clock::duration load_timeout_;
