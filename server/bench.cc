@@ -583,14 +583,15 @@ class Chooser {
   std::mutex mu_;
 };
 
-double Percentile(std::vector<double> v, double p) {
+// Nearest-rank percentile of sorted values.
+double Percentile(const std::vector<double>& v, double p) {
   if (v.empty()) return 0;
-  std::sort(v.begin(), v.end());
   const size_t rank = static_cast<size_t>(std::ceil(p / 100.0 * static_cast<double>(v.size())));
   return v[std::min(v.size() - 1, rank == 0 ? 0 : rank - 1)];
 }
 
-Json Stats(const std::vector<double>& v) {
+Json Stats(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
   double sum = 0;
   for (double x : v) sum += x;
   return Json{{"count", v.size()},

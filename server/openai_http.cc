@@ -262,10 +262,12 @@ struct Choice {
   bool role_sent = false;
 };
 
-// Where the first stop string starts in `text`, or npos.
-size_t StopAt(const std::string& text, const std::vector<std::string>& stop) {
+// Where the first stop string starts in `text` at or after `from`, or npos. Nothing before
+// what was sent can start one (Sendable never sends past a possible start), so each step
+// searches only the unsent tail, not the whole text again.
+size_t StopAt(const std::string& text, const std::vector<std::string>& stop, size_t from) {
   size_t at = std::string::npos;
-  for (const std::string& s : stop) at = std::min(at, text.find(s));
+  for (const std::string& s : stop) at = std::min(at, text.find(s, from));
   return at;
 }
 
@@ -273,11 +275,11 @@ size_t StopAt(const std::string& text, const std::vector<std::string>& stop) {
 // before that, everything that cannot be the start of a stop string, at a UTF-8 boundary.
 size_t Sendable(const Choice& c, const std::vector<std::string>& stop) {
   if (c.done) {
-    const size_t at = c.reason == core::FinishReason::kStop ? StopAt(c.text, stop) : std::string::npos;
+    const size_t at = c.reason == core::FinishReason::kStop ? StopAt(c.text, stop, c.sent) : std::string::npos;
     return std::min(c.text.size(), at);
   }
   // A stop string already in the text (its done event not yet seen) ends what may be sent.
-  const size_t at = StopAt(c.text, stop);
+  const size_t at = StopAt(c.text, stop, c.sent);
   if (at != std::string::npos) return std::max(c.sent, at);
   size_t hold = 0;
   for (const std::string& s : stop) hold = std::max(hold, s.size() - 1);
@@ -989,18 +991,25 @@ struct OpenAiServer::Impl {
                     "", "invalid_api_key"};
   }
 
-  void LoadLora(const httplib::Request& req, httplib::Response& res) {
-    if (auto e = CheckAdmin(req)) return SendError(res, *e);
-    if (auto e = Ready()) return SendError(res, *e);
-    Json body;
-    if (auto e = ParseBody(req, &body)) return SendError(res, *e);
-    if (!body.contains("lora_name") || !body["lora_name"].is_string()) {
-      return SendError(res, BadRequest("lora_name must be a string", "lora_name"));
+  // The checks both adapter endpoints start with: admin token, readiness, body, lora_name.
+  std::optional<ApiError> AdminCall(const httplib::Request& req, Json* body, std::string* name) const {
+    API_TRY(CheckAdmin(req));
+    API_TRY(Ready());
+    API_TRY(ParseBody(req, body));
+    if (!body->contains("lora_name") || !(*body)["lora_name"].is_string()) {
+      return BadRequest("lora_name must be a string", "lora_name");
     }
+    *name = (*body)["lora_name"].get<std::string>();
+    return std::nullopt;
+  }
+
+  void LoadLora(const httplib::Request& req, httplib::Response& res) {
+    Json body;
+    std::string name;
+    if (auto e = AdminCall(req, &body, &name)) return SendError(res, *e);
     if (!body.contains("lora_path") || !body["lora_path"].is_string()) {
       return SendError(res, BadRequest("lora_path must be a string", "lora_path"));
     }
-    const std::string name = body["lora_name"].get<std::string>();
     if (name == options.model_id) {
       return SendError(res, BadRequest("lora_name must differ from the base model's id", "lora_name"));
     }
@@ -1018,14 +1027,9 @@ struct OpenAiServer::Impl {
   }
 
   void UnloadLora(const httplib::Request& req, httplib::Response& res) {
-    if (auto e = CheckAdmin(req)) return SendError(res, *e);
-    if (auto e = Ready()) return SendError(res, *e);
     Json body;
-    if (auto e = ParseBody(req, &body)) return SendError(res, *e);
-    if (!body.contains("lora_name") || !body["lora_name"].is_string()) {
-      return SendError(res, BadRequest("lora_name must be a string", "lora_name"));
-    }
-    const std::string name = body["lora_name"].get<std::string>();
+    std::string name;
+    if (auto e = AdminCall(req, &body, &name)) return SendError(res, *e);
     auto result = std::make_shared<std::promise<absl::StatusOr<int64_t>>>();
     std::future<absl::StatusOr<int64_t>> done = result->get_future();
     admin->UnloadAsync(name, [result](const absl::StatusOr<int64_t>& r) { result->set_value(r); });
