@@ -124,9 +124,9 @@ int RunServe() {
   }
   std::string api_key;
   if (const std::string file = absl::GetFlag(FLAGS_api_key_file); !file.empty()) {
-    auto key = ReadAdminToken(file);  // Same file rules as the admin token.
+    auto key = ReadAdminToken(file, "--api_key_file");  // Same file rules as the admin token.
     if (!key.ok()) {
-      spdlog::error("serve: --api_key_file: {}", std::string(key.status().message()));
+      spdlog::error("serve: {}", std::string(key.status().message()));
       return 2;
     }
     api_key = *std::move(key);

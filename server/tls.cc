@@ -103,34 +103,34 @@ int BindHttpServer(httplib::Server& server, const std::string& host, int port) {
   return bound;
 }
 
-absl::StatusOr<std::string> ReadAdminToken(const std::string& path) {
+absl::StatusOr<std::string> ReadAdminToken(const std::string& path, const std::string& flag) {
   struct stat st {};
   if (::stat(path.c_str(), &st) != 0 || !S_ISREG(st.st_mode)) {
     return absl::InvalidArgumentError(
-        absl::StrCat("--admin_token_file ", path, " is not a regular file"));
+        absl::StrCat(flag, " ", path, " is not a regular file"));
   }
   if (st.st_mode & S_IROTH) {
     return absl::PermissionDeniedError(absl::StrCat(
-        "--admin_token_file ", path, " is readable by every user (mode ",
+        flag, " ", path, " is readable by every user (mode ",
         absl::StrFormat("%03o", st.st_mode & 0777),
         "); restrict it, e.g. chmod 600 (or 640 for a group such as Kubernetes' fsGroup)"));
   }
   std::ifstream in(path, std::ios::binary);
   std::ostringstream text;
   if (!in || !(text << in.rdbuf())) {
-    return absl::InvalidArgumentError(absl::StrCat("--admin_token_file ", path, " cannot be read"));
+    return absl::InvalidArgumentError(absl::StrCat(flag, " ", path, " cannot be read"));
   }
   const std::string token(absl::StripAsciiWhitespace(text.str()));
   if (token.empty()) {
     return absl::InvalidArgumentError(absl::StrCat(
-        "--admin_token_file ", path,
-        " holds no token (it is empty or only whitespace); an empty token would turn admin "
+        flag, " ", path,
+        " holds no token (it is empty or only whitespace); an empty token would turn "
         "authentication off"));
   }
   for (unsigned char c : token) {
     if (c < 0x21 || c > 0x7e) {
       return absl::InvalidArgumentError(absl::StrCat(
-          "--admin_token_file ", path,
+          flag, " ", path,
           ": the token must be one line of printable ASCII without spaces"));
     }
   }

@@ -43,9 +43,11 @@ absl::StatusOr<std::unique_ptr<httplib::Server>> NewHttpServer(const TlsFiles& t
 // of clients connecting at once (64 streams) overflows.
 int BindHttpServer(httplib::Server& server, const std::string& host, int port);
 
-// Reads the admin token from `path`: refused when the file is not a regular file, when others
-// (not owner or group) may read it, or when the token is empty after trimming or holds
-// characters that gRPC metadata cannot carry.
-absl::StatusOr<std::string> ReadAdminToken(const std::string& path);
+// Reads a bearer token (the admin token, or the HTTP API key) from `path`: refused when the
+// file is not a regular file, when others (not owner or group) may read it, or when the token
+// is empty after trimming or holds characters that gRPC metadata cannot carry. `flag` names
+// the file in messages.
+absl::StatusOr<std::string> ReadAdminToken(const std::string& path,
+                                           const std::string& flag = "--admin_token_file");
 
 }  // namespace adapterd::server
