@@ -3,6 +3,7 @@
 #include <urcu/urcu-bp.h>
 
 #include <algorithm>
+#include <chrono>
 
 #include "absl/strings/str_cat.h"
 #include "adapters/adapter.h"
@@ -36,26 +37,58 @@ AdapterTable::AdapterTable(Limits limits) : limits_(limits), current_(new Snapsh
 
 AdapterTable::~AdapterTable() { delete current_.load(std::memory_order_acquire); }
 
+namespace {
+
+int64_t NowNs() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(
+             std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
+}  // namespace
+
 AdapterRef AdapterTable::Acquire(absl::string_view name) const {
   AdapterRef ref;
   ReadSection section;
   const Snapshot* s = current_.load(std::memory_order_acquire);
   auto it = s->adapters.find(name);
-  if (it != s->adapters.end()) ref = it->second;
+  if (it != s->adapters.end()) {
+    ref = it->second.adapter;
+    Usage& usage = *it->second.usage;
+    usage.hits.fetch_add(1, std::memory_order_relaxed);
+    usage.last_use_ns.store(NowNs(), std::memory_order_relaxed);
+  }
   ADAPTERD_RCU_READER_DONE(s);
   return ref;
 }
 
+bool AdapterTable::Contains(absl::string_view name) const {
+  ReadSection section;
+  const Snapshot* s = current_.load(std::memory_order_acquire);
+  const bool found = s->adapters.contains(name);
+  ADAPTERD_RCU_READER_DONE(s);
+  return found;
+}
+
 std::vector<AdapterRef> AdapterTable::List() const {
   std::vector<AdapterRef> out;
+  for (Entry& e : Entries()) out.push_back(std::move(e.adapter));
+  return out;
+}
+
+std::vector<AdapterTable::Entry> AdapterTable::Entries() const {
+  std::vector<Entry> out;
   {
     ReadSection section;
     const Snapshot* s = current_.load(std::memory_order_acquire);
-    for (const auto& [name, ref] : s->adapters) out.push_back(ref);
+    for (const auto& [name, slot] : s->adapters) {
+      out.push_back(Entry{slot.adapter, slot.pinned, slot.usage->hits.load(std::memory_order_relaxed),
+                          slot.usage->last_use_ns.load(std::memory_order_relaxed), slot.usage->inserted_ns});
+    }
     ADAPTERD_RCU_READER_DONE(s);
   }
   std::sort(out.begin(), out.end(),
-            [](const AdapterRef& a, const AdapterRef& b) { return a->name() < b->name(); });
+            [](const Entry& a, const Entry& b) { return a.adapter->name() < b.adapter->name(); });
   return out;
 }
 
@@ -76,31 +109,70 @@ int64_t AdapterTable::bytes() const {
 }
 
 absl::Status AdapterTable::Insert(AdapterRef adapter, bool replace) {
+  InsertOptions options;
+  options.replace = replace;
+  return Insert(std::move(adapter), options).status();
+}
+
+absl::StatusOr<std::vector<AdapterRef>> AdapterTable::Insert(AdapterRef adapter,
+                                                             const InsertOptions& options) {
   absl::MutexLock lock(&write_mu_);
   const Snapshot* old = current_.load(std::memory_order_relaxed);
-  const std::string& name = adapter->name();
+  const std::string name = adapter->name();
   auto existing = old->adapters.find(name);
   const bool exists = existing != old->adapters.end();
-  if (exists && !replace) {
+  if (exists && !options.replace) {
     return absl::AlreadyExistsError(absl::StrCat("adapter \"", name, "\" is already loaded"));
   }
-  const int64_t count = static_cast<int64_t>(old->adapters.size()) + (exists ? 0 : 1);
-  const int64_t bytes = old->bytes + adapter->bytes() - (exists ? existing->second->bytes() : 0);
+  int64_t count = static_cast<int64_t>(old->adapters.size()) + (exists ? 0 : 1);
+  int64_t bytes = old->bytes + adapter->bytes() - (exists ? existing->second.adapter->bytes() : 0);
+  std::vector<AdapterRef> evicted;
+  int64_t held = 0;  // Entries that may not be evicted.
+  if (options.evict_idle && (count > limits_.max_adapters || bytes > limits_.max_bytes)) {
+    // Candidates: not pinned, not the one replaced, and held only by this snapshot (old
+    // snapshots are freed before a writer returns, so one reference means nobody else's).
+    std::vector<std::pair<int64_t, const Slot*>> idle;
+    for (const auto& [n, slot] : old->adapters) {
+      if (n == name) continue;
+      if (slot.pinned || slot.adapter.use_count() > 1) {
+        ++held;
+        continue;
+      }
+      idle.emplace_back(slot.usage->last_use_ns.load(std::memory_order_relaxed), &slot);
+    }
+    std::sort(idle.begin(), idle.end(), [](const auto& a, const auto& b) {
+      return a.first != b.first ? a.first < b.first : a.second->adapter->name() < b.second->adapter->name();
+    });
+    for (const auto& [last_use, slot] : idle) {
+      if (count <= limits_.max_adapters && bytes <= limits_.max_bytes) break;
+      evicted.push_back(slot->adapter);
+      --count;
+      bytes -= slot->adapter->bytes();
+    }
+  }
+  const std::string why =
+      options.evict_idle ? absl::StrCat("; ", held, " of them are pinned or in use") : std::string();
   if (count > limits_.max_adapters) {
     return absl::ResourceExhaustedError(
         absl::StrCat("cannot load adapter \"", name, "\": ", old->adapters.size(),
-                     " adapters are loaded and the limit is ", limits_.max_adapters));
+                     " adapters are loaded and the limit is ", limits_.max_adapters, why));
   }
   if (bytes > limits_.max_bytes) {
     return absl::ResourceExhaustedError(absl::StrCat(
         "cannot load adapter \"", name, "\" (", adapter->bytes(), " bytes): adapters would hold ",
-        bytes, " bytes and the limit is ", limits_.max_bytes));
+        bytes, " bytes and the limit is ", limits_.max_bytes, why));
   }
   auto next = std::make_unique<Snapshot>(*old);
-  next->adapters[name] = std::move(adapter);
+  for (const AdapterRef& e : evicted) next->adapters.erase(e->name());
+  Slot& slot = next->adapters[name];
+  slot.adapter = std::move(adapter);
+  slot.pinned = options.pinned;
+  slot.usage = std::make_shared<Usage>();
+  slot.usage->inserted_ns = NowNs();
+  slot.usage->last_use_ns.store(slot.usage->inserted_ns, std::memory_order_relaxed);
   next->bytes = bytes;
   Publish(std::move(next));
-  return absl::OkStatus();
+  return evicted;
 }
 
 absl::StatusOr<AdapterRef> AdapterTable::Remove(absl::string_view name) {
@@ -110,7 +182,7 @@ absl::StatusOr<AdapterRef> AdapterTable::Remove(absl::string_view name) {
   if (it == old->adapters.end()) {
     return absl::NotFoundError(absl::StrCat("adapter \"", name, "\" is not loaded"));
   }
-  AdapterRef removed = it->second;
+  AdapterRef removed = it->second.adapter;
   auto next = std::make_unique<Snapshot>(*old);
   next->adapters.erase(std::string(name));
   next->bytes -= removed->bytes();

@@ -1,17 +1,19 @@
 // adapterctl: the command-line client of adapterd.
 //   adapterctl [--addr H:P] generate --prompt TEXT | --prompt_ids 1,2 [--adapter NAME] ...
-//   adapterctl [--admin_addr H:P] load NAME PATH [--validate_only] [--replace]
-//   adapterctl [--admin_addr H:P] unload NAME | list | state
+//   adapterctl [--admin_addr H:P] load NAME PATH [--validate_only] [--replace] [--pin]
+//   adapterctl [--admin_addr H:P] unload NAME | list [--on_disk] | state
 //   adapterctl [--addr H:P] health
 // --json prints the response as JSON. The admin token comes from --admin_token_file or the
 // environment variable ADAPTERD_ADMIN_TOKEN.
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
 #include <sstream>
 #include <iostream>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -43,6 +45,8 @@ ABSL_FLAG(uint64_t, seed, 0, "Sampling seed.");
 ABSL_FLAG(bool, ignore_eos, false, "Generate past end-of-sequence.");
 ABSL_FLAG(bool, validate_only, false, "load: validate without publishing.");
 ABSL_FLAG(bool, replace, false, "load: replace an adapter of the same name.");
+ABSL_FLAG(bool, pin, false, "load: never evict the adapter (with adapterd --load_on_demand).");
+ABSL_FLAG(bool, on_disk, false, "list: also list adapter folders that are not resident.");
 ABSL_FLAG(double, timeout_s, 60, "Deadline of each call in seconds.");
 ABSL_FLAG(std::string, tls_ca, "",
           "PEM CA bundle: connect over TLS, trusting it (the server's --tls_cert issuer).");
@@ -166,6 +170,7 @@ int Admin(const std::string& command, const std::vector<std::string>& args) {
     req.set_path(args[1]);
     req.set_validate_only(absl::GetFlag(FLAGS_validate_only));
     req.set_replace(absl::GetFlag(FLAGS_replace));
+    req.set_pin(absl::GetFlag(FLAGS_pin));
     v1::LoadAdapterResponse resp;
     s = stub->LoadAdapter(&ctx, req, &resp);
     if (s.ok()) {
@@ -192,15 +197,27 @@ int Admin(const std::string& command, const std::vector<std::string>& args) {
       std::cout << (absl::GetFlag(FLAGS_json) ? Json(resp) : "unloaded " + args[0]) << "\n";
     }
   } else if (command == "list") {
+    v1::ListAdaptersRequest req;
+    req.set_include_on_disk(absl::GetFlag(FLAGS_on_disk));
     v1::ListAdaptersResponse resp;
-    s = stub->ListAdapters(&ctx, v1::ListAdaptersRequest(), &resp);
+    s = stub->ListAdapters(&ctx, req, &resp);
     if (s.ok()) {
       if (absl::GetFlag(FLAGS_json)) {
         std::cout << Json(resp) << "\n";
       } else {
-        for (const auto& r : resp.adapters()) {
-          std::cout << r.name() << "\t" << r.type() << "\t" << r.path() << "\t" << r.bytes()
-                    << " bytes\n";
+        std::map<std::string, const v1::AdapterReport*> reports;
+        for (const auto& r : resp.adapters()) reports[r.name()] = &r;
+        // name, state, type, path, bytes, hits, pinned / the error of a failed load.
+        for (const auto& st : resp.states()) {
+          std::string state = v1::AdapterState::State_Name(st.state());
+          std::transform(state.begin(), state.end(), state.begin(), ::tolower);
+          std::cout << st.name() << "\t" << state;
+          if (auto it = reports.find(st.name()); it != reports.end()) {
+            std::cout << "\t" << it->second->type() << "\t" << it->second->path() << "\t" << st.bytes()
+                      << " bytes\t" << st.hits() << " hits" << (st.pinned() ? "\tpinned" : "");
+          }
+          if (!st.error().empty()) std::cout << "\t" << st.error();
+          std::cout << "\n";
         }
       }
     }
@@ -270,8 +287,8 @@ int main(int argc, char** argv) {
   absl::SetProgramUsageMessage(
       "adapterctl COMMAND [flags]\n"
       "  generate --prompt TEXT | --prompt_ids 1,2,3 [--adapter NAME] [--max_new_tokens N]\n"
-      "  load NAME PATH [--validate_only] [--replace]\n"
-      "  unload NAME\n  list\n  state\n  health\n"
+      "  load NAME PATH [--validate_only] [--replace] [--pin]\n"
+      "  unload NAME\n  list [--on_disk]\n  state\n  health\n"
       "  bench [--scenario F | --mode closed --concurrency 1,2,4 | --mode open --rates 1,2]\n"
       "        [--requests N] [--duration_s S] [--prompt_tokens 64] [--output_tokens 32]\n"
       "        [--adapters a,b --adapter_choice uniform|zipf] [--http URL] [--metrics_url URL] --out F\n"

@@ -1,16 +1,12 @@
 #include "server/admin_service.h"
 
-#include <sched.h>
-#include <sys/resource.h>
-#include <sys/syscall.h>
-#include <unistd.h>
 
 #include <chrono>
 #include <map>
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
-#include "server/adapter_paths.h"
+#include "server/adapter_residency.h"
 #include "spdlog/spdlog.h"
 
 namespace adapterd::server {
@@ -86,41 +82,10 @@ void ToProto(const core::LoadReport& r, v1::ModelLoadReport* out) {
   out->set_load_seconds(r.load_seconds);
 }
 
-namespace {
-// The kernel's struct sched_attr (SCHED_ATTR_SIZE_VER1), which glibc does not declare.
-struct SchedAttr {
-  uint32_t size;
-  uint32_t sched_policy;
-  uint64_t sched_flags;
-  int32_t sched_nice;
-  uint32_t sched_priority;
-  uint64_t sched_runtime;
-  uint64_t sched_deadline;
-  uint64_t sched_period;
-  uint32_t sched_util_min;
-  uint32_t sched_util_max;
-};
-
-// Loading reads, checks and copies files: a few ms of CPU that must not stall the model's
-// steps (a parallel step waits for its slowest thread). At nice 19 the thread takes little CPU
-// while the cores are busy, and with a 100 µs slice (Linux >= 6.12 EEVDF; older kernels ignore
-// it) a waking step thread preempts it at once instead of after a full 3 ms slice.
-// (SCHED_IDLE would protect the steps too, but starves loads for seconds.)
-void LowerAdminThreadPriority() {
-  ::setpriority(PRIO_PROCESS, static_cast<id_t>(::syscall(SYS_gettid)), 19);
-  SchedAttr attr{};
-  attr.size = sizeof(attr);
-  attr.sched_policy = SCHED_OTHER;
-  attr.sched_nice = 19;
-  attr.sched_runtime = 100 * 1000;  // ns
-  (void)::syscall(SYS_sched_setattr, 0, &attr, 0);
-}
-
-}  // namespace
 
 AdminService::AdminService(ServingContext& context,
                            std::chrono::steady_clock::duration load_timeout)
-    : ctx_(context), load_timeout_(load_timeout), worker_(LowerAdminThreadPriority) {}
+    : ctx_(context), load_timeout_(load_timeout), worker_(LowerThreadPriority) {}
 
 AdminService::~AdminService() = default;
 
@@ -139,7 +104,7 @@ void AdminService::SubmitJob(const char* what,
     }
     spdlog::error("{} did not finish within {} s (--adapter_load_timeout_s); abandoned", what,
                   timeout_s);
-    ctx_.metrics.AdapterLoad("timeout", timeout_s);
+    ctx_.metrics.AdapterLoad("admin", "timeout", timeout_s);
     abandoned(absl::DeadlineExceededError(absl::StrCat(
         what, " did not finish within ", timeout_s, " s and was abandoned; the adapter table is unchanged")));
   };
@@ -182,13 +147,12 @@ void AdminService::Run(grpc::CallbackServerContext* context, grpc::ServerUnaryRe
       });
 }
 
-void AdminService::LoadJob(const std::function<bool()>& may_answer, const std::string& name,
-                           const std::string& path, bool validate_only, bool replace,
+void AdminService::LoadJob(const std::function<bool()>& may_answer, const LoadSpec& spec,
                            const std::function<void(const absl::Status&, v1::LoadAdapterResponse)>& answer) {
   bool answered = false;
   auto gate = [&] { return answered = may_answer(); };
   v1::LoadAdapterResponse result;
-  absl::Status s = Load(name, path, validate_only, replace, &result, gate);
+  absl::Status s = Load(spec, &result, gate);
   if (!answered && !may_answer()) return;
   answer(s, std::move(result));
 }
@@ -208,58 +172,9 @@ grpc::Status AdminService::Authorize(grpc::CallbackServerContext* context) const
   return grpc::Status::OK;
 }
 
-void AdminService::PublishAdapterMetrics() {
-  std::map<std::string, int64_t> bytes;
-  for (const auto& a : ctx_.table->List()) bytes[adapters::ReportOf(a).name] = adapters::ReportOf(a).bytes;
-  ctx_.metrics.SetAdapters(bytes);
-}
-
-absl::Status AdminService::Load(const std::string& name, const std::string& path,
-                                bool validate_only, bool replace, v1::LoadAdapterResponse* response,
+absl::Status AdminService::Load(const LoadSpec& spec, v1::LoadAdapterResponse* response,
                                 const std::function<bool()>& may_publish) {
-  const auto start = std::chrono::steady_clock::now();
-  auto seconds = [&] {
-    return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-  };
-  if (!IsValidAdapterName(name)) {
-    ctx_.metrics.AdapterLoad("refused", seconds());
-    return absl::InvalidArgumentError(absl::StrCat(
-        "adapter name \"", name, "\" must be 1-64 characters of letters, digits, '.', '_', '-'"));
-  }
-  auto dir = ResolveAdapterPath(ctx_.adapter_root, path);
-  if (!dir.ok()) {
-    ctx_.metrics.AdapterLoad("refused", seconds());
-    return dir.status();
-  }
-  adapters::AdapterReport report;
-  const adapters::AdapterFileRules rules{
-      ctx_.adapter_root, static_cast<uint64_t>(ctx_.table->limits().max_bytes)};
-  auto adapter = adapters::LoadAdapterFor(*ctx_.engine, *dir, name, &report, rules);
-  report.path = path;
-  ToProto(report, response->mutable_report());
-  if (!adapter.ok()) {
-    ctx_.metrics.AdapterLoad("refused", seconds());
-    spdlog::warn("adapter {} from {} refused: {}", name, path, std::string(adapter.status().message()));
-    return adapter.status();
-  }
-  if (validate_only) {
-    ctx_.metrics.AdapterLoad("validated", seconds());
-    return absl::OkStatus();
-  }
-  if (may_publish && !may_publish()) {
-    return absl::DeadlineExceededError("the load was abandoned before it could be published");
-  }
-  absl::Status inserted = ctx_.table->Insert(*adapter, replace);
-  if (!inserted.ok()) {
-    ctx_.metrics.AdapterLoad("refused", seconds());
-    return inserted;
-  }
-  response->set_loaded(true);
-  ctx_.metrics.AdapterLoad("loaded", seconds());
-  PublishAdapterMetrics();
-  spdlog::info("adapter {} ({}) loaded from {} in {:.3f} s, {} bytes", name, report.type, path,
-               report.load_seconds, report.bytes);
-  return absl::OkStatus();
+  return ctx_.residency->Load(spec, response, may_publish).status();
 }
 
 bool AdminService::Precheck(grpc::CallbackServerContext* context,
@@ -284,8 +199,13 @@ grpc::ServerUnaryReactor* AdminService::LoadAdapter(grpc::CallbackServerContext*
   // works on copies and touches `response` only once it is the one answering.
   Run(context, reactor, "loading an adapter",
       [this, reactor, request = *request, response](const std::function<bool()>& may_answer) {
-        LoadJob(may_answer, request.name(), request.path(), request.validate_only(), request.replace(),
-                [reactor, response](const absl::Status& s, v1::LoadAdapterResponse result) {
+        LoadSpec spec;
+        spec.name = request.name();
+        spec.path = request.path();
+        spec.validate_only = request.validate_only();
+        spec.replace = request.replace();
+        spec.pin = request.pin();
+        LoadJob(may_answer, spec, [reactor, response](const absl::Status& s, v1::LoadAdapterResponse result) {
                   *response = std::move(result);
                   reactor->Finish(ToGrpc(s));
                 });
@@ -294,16 +214,7 @@ grpc::ServerUnaryReactor* AdminService::LoadAdapter(grpc::CallbackServerContext*
 }
 
 absl::StatusOr<int64_t> AdminService::Unload(const std::string& name) {
-  auto removed = ctx_.table->Remove(name);
-  if (!removed.ok()) {
-    ctx_.metrics.AdapterUnload("not_found");
-    return removed.status();
-  }
-  const int64_t in_flight = removed->use_count() - 1;
-  ctx_.metrics.AdapterUnload("unloaded");
-  PublishAdapterMetrics();
-  spdlog::info("adapter {} unloaded ({} in-flight references)", name, in_flight);
-  return in_flight;
+  return ctx_.residency->Unload(name);
 }
 
 void AdminService::LoadAsync(
@@ -313,8 +224,10 @@ void AdminService::LoadAsync(
   SubmitJob(
       "loading an adapter",
       [this, name, path, answer](const std::function<bool()>& may_answer) {
-        LoadJob(may_answer, name, path, false, false,
-                [answer](const absl::Status& s, v1::LoadAdapterResponse result) { (*answer)(s, result); });
+        LoadSpec spec;
+        spec.name = name;
+        spec.path = path;
+        LoadJob(may_answer, spec, [answer](const absl::Status& s, v1::LoadAdapterResponse result) { (*answer)(s, result); });
       },
       [answer](const absl::Status& s) { (*answer)(s, v1::LoadAdapterResponse()); });
 }
@@ -350,12 +263,13 @@ grpc::ServerUnaryReactor* AdminService::UnloadAdapter(grpc::CallbackServerContex
 }
 
 grpc::ServerUnaryReactor* AdminService::ListAdapters(grpc::CallbackServerContext* context,
-                                                     const v1::ListAdaptersRequest*,
+                                                     const v1::ListAdaptersRequest* request,
                                                      v1::ListAdaptersResponse* response) {
   auto* reactor = context->DefaultReactor();
   if (!Precheck(context, reactor, /*needs_model=*/false)) return reactor;
   if (ctx_.ready.load()) {
     for (const auto& a : ctx_.table->List()) ToProto(adapters::ReportOf(a), response->add_adapters());
+    for (auto& s : ctx_.residency->States(request->include_on_disk())) *response->add_states() = std::move(s);
   }
   reactor->Finish(grpc::Status::OK);
   return reactor;
@@ -379,6 +293,9 @@ grpc::ServerUnaryReactor* AdminService::GetModelState(grpc::CallbackServerContex
   response->mutable_build()->set_cpu_kernels(core::Engine::cpu_kernels());
   response->set_max_adapters(static_cast<uint32_t>(ctx_.table->limits().max_adapters));
   response->set_max_adapter_bytes(static_cast<uint64_t>(ctx_.table->limits().max_bytes));
+  response->set_adapter_bytes(static_cast<uint64_t>(ctx_.table->bytes()));
+  response->set_load_on_demand(ctx_.residency->load_on_demand());
+  for (auto& s : ctx_.residency->States(false)) *response->add_adapter_states() = std::move(s);
   reactor->Finish(grpc::Status::OK);
   return reactor;
 }

@@ -12,6 +12,7 @@
 #include <memory>
 
 #include "adapterd/v1/admin.grpc.pb.h"
+#include "server/adapter_residency.h"
 #include "server/admin_worker.h"
 #include "server/serving_context.h"
 
@@ -36,11 +37,10 @@ class AdminService final : public adapterd::v1::Admin::CallbackService {
                                           const adapterd::v1::GetModelStateRequest* request,
                                           adapterd::v1::ModelState* response) override;
 
-  // Loads an adapter synchronously (used for --preload and by the worker). When given,
-  // `may_publish` is asked right before the adapter enters the table; false (the load was
-  // abandoned meanwhile) leaves the table untouched.
-  absl::Status Load(const std::string& name, const std::string& path, bool validate_only,
-                    bool replace, adapterd::v1::LoadAdapterResponse* response,
+  // Loads an adapter synchronously (used for --preload and by the worker) through the
+  // residency (AdapterResidency::Load). When given, `may_publish` is asked right before the
+  // adapter enters the table; false (the load was abandoned meanwhile) leaves it untouched.
+  absl::Status Load(const LoadSpec& spec, adapterd::v1::LoadAdapterResponse* response,
                     const std::function<bool()>& may_publish = nullptr);
 
   // Unloads `name` (NotFound when it is not loaded); returns the references requests in flight
@@ -68,15 +68,13 @@ class AdminService final : public adapterd::v1::Admin::CallbackService {
   // of the work and the abandonment (timeout, shutdown, cancelled call) answers `reactor`.
   void Run(grpc::CallbackServerContext* context, grpc::ServerUnaryReactor* reactor,
            const char* what, std::function<void(const std::function<bool()>& may_answer)> work);
-  void PublishAdapterMetrics();
   // Queues `work(may_answer)` on the admin worker with the load timeout. `abandoned` answers
   // instead (DeadlineExceeded after the timeout, Unavailable at shutdown) when the worker gives
   // up first; `may_answer()` is true for whichever of the two answers.
   void SubmitJob(const char* what, std::function<void(const std::function<bool()>& may_answer)> work,
                  std::function<void(const absl::Status&)> abandoned);
   // Loads on the worker and hands the outcome to `answer`, unless the job was abandoned first.
-  void LoadJob(const std::function<bool()>& may_answer, const std::string& name, const std::string& path,
-               bool validate_only, bool replace,
+  void LoadJob(const std::function<bool()>& may_answer, const LoadSpec& spec,
                const std::function<void(const absl::Status&, adapterd::v1::LoadAdapterResponse)>& answer);
 
   ServingContext& ctx_;

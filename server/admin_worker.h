@@ -22,6 +22,10 @@
 
 namespace adapterd::server {
 
+// Lowers the calling thread's priority so that the file reading and copying of adapter loads
+// never stalls the model's steps (see admin_worker.cc).
+void LowerThreadPriority();
+
 class AdminWorker {
  public:
   struct Job {

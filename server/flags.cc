@@ -45,12 +45,20 @@ ABSL_FLAG(std::string, port_file, "",
           "Once serving, write the bound ports as JSON {listen, admin, metrics} here.");
 ABSL_FLAG(std::vector<std::string>, preload, {},
           "Adapters to load at start: name=relative/path, comma-separated.");
+ABSL_FLAG(bool, pin_preloaded, true, "Pin --preload adapters: never evict them (see --load_on_demand).");
+ABSL_FLAG(bool, load_on_demand, false,
+          "A request naming an adapter that is not loaded loads the folder of that name under "
+          "--adapter_root (waiting requests share one load) and, when the resident set is full, "
+          "evicts the least recently used idle unpinned adapter.");
+ABSL_FLAG(double, adapter_failure_ttl_s, 10.0,
+          "With --load_on_demand, how long a failed load answers requests with its error before "
+          "a request may retry it.");
 ABSL_FLAG(int64_t, max_batch_rows, 32, "Most sequences in one model step.");
 ABSL_FLAG(int64_t, max_tokens_per_step, 2048, "Most prompt tokens admitted into one step.");
 ABSL_FLAG(int64_t, max_queue, 256, "Waiting requests before RESOURCE_EXHAUSTED.");
 ABSL_FLAG(int64_t, max_kv_bytes, int64_t{4} << 30, "KV cache budget over running requests.");
-ABSL_FLAG(int64_t, max_adapters, 64, "Most adapters loaded at once.");
-ABSL_FLAG(int64_t, max_adapter_bytes, int64_t{8} << 30, "Most bytes held by loaded adapters.");
+ABSL_FLAG(int64_t, max_adapters, 64, "Most adapters resident at once.");
+ABSL_FLAG(int64_t, max_adapter_bytes, int64_t{8} << 30, "Most bytes held by resident adapters.");
 ABSL_FLAG(int64_t, default_max_new_tokens, 256, "max_new_tokens when a request leaves it 0.");
 ABSL_FLAG(int64_t, max_new_tokens_limit, 4096, "Largest max_new_tokens a request may ask for.");
 ABSL_FLAG(double, grace_period_s, 20.0,

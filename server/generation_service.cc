@@ -4,6 +4,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "core/prompt_rules.h"
+#include "server/adapter_residency.h"
 #include "server/generate_request.h"
 #include "spdlog/spdlog.h"
 
@@ -213,16 +214,17 @@ absl::StatusOr<std::unique_ptr<GenerationRequest>> BuildRequest(
     return s;
   }
   if (!request.adapter().empty()) {
-    r->adapter = ctx.table->Acquire(request.adapter());
-    if (r->adapter == nullptr) {
-      return absl::NotFoundError(absl::StrCat("adapter \"", request.adapter(), "\" is not loaded"));
-    }
+    auto resolved = ctx.residency->Resolve(request.adapter());
+    if (!resolved.ok()) return resolved.status();
     r->adapter_name = request.adapter();
-    const int64_t virtual_tokens = adapters::ReportOf(r->adapter).num_virtual_tokens;
-    if (absl::Status s = core::ValidatePrompt(r->prompt, rules.vocab_size, rules.context_length,
-                                              virtual_tokens);
-        !s.ok()) {
-      return s;
+    r->adapter = std::move(resolved->adapter);
+    r->adapter_wait = std::move(resolved->wait);  // The scheduler checks the prompt once loaded.
+    if (r->adapter != nullptr) {
+      const int64_t virtual_tokens = adapters::ReportOf(r->adapter).num_virtual_tokens;
+      if (absl::Status s = core::ValidatePrompt(r->prompt, rules.vocab_size, rules.context_length, virtual_tokens);
+          !s.ok()) {
+        return s;
+      }
     }
   }
   if (deadline != std::chrono::system_clock::time_point::max()) {

@@ -84,7 +84,8 @@ Metrics::Metrics()
                          .Register(*registry_)),
       adapter_loads_(BuildCounter()
                          .Name("adapterd_adapter_loads_total")
-                         .Help("Adapter load calls, by result (loaded, validated, refused).")
+                         .Help("Adapter loads, by trigger (admin, preload, on_demand) and result "
+                               "(loaded, validated, refused, timeout).")
                          .Register(*registry_)),
       adapter_unloads_(BuildCounter()
                            .Name("adapterd_adapter_unloads_total")
@@ -94,6 +95,22 @@ Metrics::Metrics()
                                  .Name("adapterd_adapter_load_duration_seconds")
                                  .Help("Seconds spent reading and validating an adapter.")
                                  .Register(*registry_)),
+      adapter_evictions_(BuildCounter()
+                             .Name("adapterd_adapter_evictions_total")
+                             .Help("Idle adapters evicted (least recently used) to make room for a load.")
+                             .Register(*registry_)),
+      adapter_wait_(BuildHistogram()
+                        .Name("adapterd_adapter_wait_seconds")
+                        .Help("Seconds a request waited for its adapter to load on demand.")
+                        .Register(*registry_)),
+      adapter_waiting_(BuildGauge()
+                           .Name("adapterd_adapter_waiting_requests")
+                           .Help("Requests waiting for their adapter to load on demand.")
+                           .Register(*registry_)),
+      adapter_resident_bytes_(BuildGauge()
+                                  .Name("adapterd_adapter_resident_bytes")
+                                  .Help("Bytes held by the resident adapters together.")
+                                  .Register(*registry_)),
       model_info_(BuildGauge()
                       .Name("adapterd_model_info")
                       .Help("The base model served and adapterd's version (value 1).")
@@ -115,7 +132,11 @@ Metrics::Metrics()
       kv_usage_all_(kv_usage_.Add({})),
       adapters_loaded_all_(adapters_loaded_.Add({})),
       adapter_load_duration_all_(adapter_load_duration_.Add(
-          {}, Histogram::BucketBoundaries{0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30})) {}
+          {}, Histogram::BucketBoundaries{0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30})),
+      adapter_evictions_all_(adapter_evictions_.Add({})),
+      adapter_wait_all_(adapter_wait_.Add({}, LatencyBuckets())),
+      adapter_waiting_all_(adapter_waiting_.Add({})),
+      adapter_resident_bytes_all_(adapter_resident_bytes_.Add({})) {}
 
 Metrics::~Metrics() {
   if (http_ != nullptr) http_->stop();
@@ -216,10 +237,16 @@ void Metrics::SetLoraInfo(const std::vector<std::string>& running,
   g.Set(std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch()).count());
 }
 
-void Metrics::AdapterLoad(const std::string& result, double seconds) {
-  adapter_loads_.Add({{"result", result}}).Increment();
+void Metrics::AdapterLoad(const std::string& trigger, const std::string& result, double seconds) {
+  adapter_loads_.Add({{"trigger", trigger}, {"result", result}}).Increment();
   adapter_load_duration_all_.Observe(seconds);
 }
+
+void Metrics::AdapterEvicted() { adapter_evictions_all_.Increment(); }
+
+void Metrics::AdapterWaited(double seconds) { adapter_wait_all_.Observe(seconds); }
+
+void Metrics::SetAdapterWaiting(int64_t requests) { adapter_waiting_all_.Set(static_cast<double>(requests)); }
 
 void Metrics::AdapterUnload(const std::string& result) {
   adapter_unloads_.Add({{"result", result}}).Increment();
@@ -238,7 +265,9 @@ void Metrics::SetAdapters(const std::map<std::string, int64_t>& bytes_by_adapter
     unloaded_.push_back(name);
   }
   loaded_.clear();
+  int64_t total = 0;
   for (const auto& [name, bytes] : bytes_by_adapter) {
+    total += bytes;
     loaded_.insert(name);
     unloaded_.erase(std::remove(unloaded_.begin(), unloaded_.end(), name), unloaded_.end());
     PerAdapter& s = Series(name);
@@ -250,6 +279,7 @@ void Metrics::SetAdapters(const std::map<std::string, int64_t>& bytes_by_adapter
     unloaded_.pop_front();
   }
   adapters_loaded_all_.Set(static_cast<double>(bytes_by_adapter.size()));
+  adapter_resident_bytes_all_.Set(static_cast<double>(total));
 }
 
 void Metrics::SetRetainedUnloaded(size_t n) {

@@ -59,7 +59,12 @@ class Metrics {
   void SetLoraInfo(const std::vector<std::string>& running, const std::vector<std::string>& waiting,
                    int64_t max_lora);
   // Adapters.
-  void AdapterLoad(const std::string& result, double seconds);
+  // `trigger`: admin, preload or on_demand; `result`: loaded, validated, refused, timeout.
+  void AdapterLoad(const std::string& trigger, const std::string& result, double seconds);
+  void AdapterEvicted();
+  // A request that waited `seconds` for an on-demand load (whatever its outcome).
+  void AdapterWaited(double seconds);
+  void SetAdapterWaiting(int64_t requests);
   void AdapterUnload(const std::string& result);
   // The adapters loaded now, with their bytes; adapters missing from it count as unloaded.
   void SetAdapters(const std::map<std::string, int64_t>& bytes_by_adapter);
@@ -101,6 +106,10 @@ class Metrics {
   prometheus::Family<prometheus::Counter>& adapter_loads_;
   prometheus::Family<prometheus::Counter>& adapter_unloads_;
   prometheus::Family<prometheus::Histogram>& adapter_load_duration_;
+  prometheus::Family<prometheus::Counter>& adapter_evictions_;
+  prometheus::Family<prometheus::Histogram>& adapter_wait_;
+  prometheus::Family<prometheus::Gauge>& adapter_waiting_;
+  prometheus::Family<prometheus::Gauge>& adapter_resident_bytes_;
   prometheus::Family<prometheus::Gauge>& model_info_;
   prometheus::Family<prometheus::Gauge>& lora_info_;
 
@@ -113,6 +122,10 @@ class Metrics {
   prometheus::Gauge& kv_usage_all_;
   prometheus::Gauge& adapters_loaded_all_;
   prometheus::Histogram& adapter_load_duration_all_;
+  prometheus::Counter& adapter_evictions_all_;
+  prometheus::Histogram& adapter_wait_all_;
+  prometheus::Gauge& adapter_waiting_all_;
+  prometheus::Gauge& adapter_resident_bytes_all_;
 
   absl::Mutex mu_;
   std::map<std::string, PerAdapter> per_adapter_ ABSL_GUARDED_BY(mu_);

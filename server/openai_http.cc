@@ -9,12 +9,14 @@
 #include <future>
 #include <mutex>
 #include <random>
+#include <thread>
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "adapters/adapter_ref.h"
 #include "jinja/chat_template.h"
 #include "nlohmann/json.hpp"
+#include "server/adapter_residency.h"
 #include "server/generation_service.h"
 #include "spdlog/spdlog.h"
 
@@ -328,7 +330,8 @@ struct OpenAiServer::Impl {
     return std::nullopt;
   }
 
-  // `model`: the base model's id, or a loaded adapter's name. Empty or absent: the base.
+  // `model`: the base model's id, or a loaded adapter's name (with --load_on_demand, any
+  // name: BuildRequest answers for one that cannot be loaded). Empty or absent: the base.
   std::optional<ApiError> ResolveModel(const Json& body, std::string* model, std::string* adapter) const {
     *adapter = "";
     *model = options.model_id;
@@ -336,7 +339,7 @@ struct OpenAiServer::Impl {
     if (!body["model"].is_string()) return BadRequest("model must be a string", "model");
     *model = body["model"].get<std::string>();
     if (model->empty() || *model == options.model_id) return std::nullopt;
-    if (ctx.table->Acquire(*model) == nullptr) {
+    if (!ctx.residency->load_on_demand() && !ctx.table->Contains(*model)) {
       return ApiError{404, absl::StrCat("The model `", *model, "` does not exist."), "invalid_request_error",
                       "model", "model_not_found"};
     }
@@ -626,6 +629,7 @@ struct OpenAiServer::Impl {
     std::vector<std::shared_ptr<std::atomic<bool>>> cancelled;
     std::vector<Choice> choices;
     std::vector<PromptIds> prompts;
+    std::shared_ptr<AdapterWait> adapter_wait;  // The on-demand load its requests wait for.
     Ask ask;
     std::string id;
     std::time_t created = std::time(nullptr);
@@ -665,7 +669,10 @@ struct OpenAiServer::Impl {
         if (!built.ok()) {
           ctx.metrics.RequestDone(run.ask.adapter, absl::StatusCodeToString(built.status().code()), 0, 0, 0, 0, 0);
           ApiError e = FromStatus(built.status());
-          if (absl::IsNotFound(built.status())) e.param = "model";
+          if (absl::IsNotFound(built.status())) {
+            e.param = "model";
+            e.code = "model_not_found";
+          }
           return e;
         }
         const int index = static_cast<int>(run.choices.size());
@@ -673,6 +680,7 @@ struct OpenAiServer::Impl {
         c.prompt = static_cast<int>(p);
         run.choices.push_back(c);
         run.cancelled.push_back((*built)->cancelled);
+        if ((*built)->adapter_wait != nullptr) run.adapter_wait = (*built)->adapter_wait;
         absl::Status s = ctx.scheduler->Submit(*std::move(built), std::make_shared<ChannelSink>(run.channel, index));
         if (!s.ok()) {
           ctx.metrics.RequestDone(run.ask.adapter, absl::StatusCodeToString(s.code()), 0, 0, 0, 0, 0);
@@ -911,6 +919,14 @@ struct OpenAiServer::Impl {
       return SendError(res, *e);
     }
     if (run->ask.stream) {
+      // A stream commits to 200 with its first byte: wait for an adapter loading on demand
+      // first, so that a failed load is answered with its own status.
+      if (run->adapter_wait != nullptr) {
+        absl::Status loaded;
+        adapters::AdapterRef adapter;
+        while (!run->adapter_wait->Poll(&loaded, &adapter)) std::this_thread::sleep_for(std::chrono::milliseconds(5));
+        if (!loaded.ok()) return SendError(res, FromStatus(loaded));  // Its requests end with it.
+      }
       Stream(run, res);
     } else {
       Respond(*run, res);

@@ -4,6 +4,7 @@
 #include <set>
 
 #include "absl/strings/str_cat.h"
+#include "core/prompt_rules.h"
 #include "core/stop_criteria.h"
 #include "server/metrics.h"
 #include "spdlog/spdlog.h"
@@ -71,7 +72,7 @@ absl::Status Scheduler::Submit(std::unique_ptr<GenerationRequest> request,
                                std::shared_ptr<RequestSink> sink) {
   absl::MutexLock lock(&mu_);
   if (!admitting_) return absl::UnavailableError("the server is shutting down");
-  if (static_cast<int64_t>(queue_.size()) >= options_.max_queue) {
+  if (Waiting() >= options_.max_queue) {
     return absl::ResourceExhaustedError(absl::StrCat(
         "the admission queue is full (", options_.max_queue, " waiting requests); retry later"));
   }
@@ -83,8 +84,13 @@ absl::Status Scheduler::Submit(std::unique_ptr<GenerationRequest> request,
   auto a = std::make_unique<Active>();
   a->request = std::move(request);
   a->sink = std::move(sink);
-  queue_.push_back(std::move(a));
-  queue_depth_.store(static_cast<int64_t>(queue_.size()), std::memory_order_relaxed);
+  if (a->request->adapter_wait != nullptr) {
+    parked_.push_back(std::move(a));
+    if (metrics_) metrics_->SetAdapterWaiting(static_cast<int64_t>(parked_.size()));
+  } else {
+    queue_.push_back(std::move(a));
+  }
+  queue_depth_.store(Waiting(), std::memory_order_relaxed);
   idle_ = false;
   return absl::OkStatus();
 }
@@ -109,6 +115,11 @@ void Scheduler::CancelAll() {
   cancel_all_ = true;
 }
 
+void Scheduler::Wake() {
+  absl::MutexLock lock(&mu_);
+  wake_ = true;
+}
+
 std::vector<std::string> Scheduler::RunningAdapters() const {
   absl::MutexLock lock(&mu_);
   return running_adapters_;
@@ -117,8 +128,10 @@ std::vector<std::string> Scheduler::RunningAdapters() const {
 std::vector<std::string> Scheduler::WaitingAdapters() const {
   absl::MutexLock lock(&mu_);
   std::set<std::string> names;
-  for (const auto& a : queue_) {
-    if (!a->request->adapter_name.empty()) names.insert(a->request->adapter_name);
+  for (const auto* q : {&queue_, &parked_}) {
+    for (const auto& a : *q) {
+      if (!a->request->adapter_name.empty()) names.insert(a->request->adapter_name);
+    }
   }
   return {names.begin(), names.end()};
 }
@@ -175,7 +188,39 @@ void Scheduler::Admit(std::vector<std::unique_ptr<Active>>& admitted) {
     admitted.push_back(std::move(*it));
     it = queue_.erase(it);
   }
-  queue_depth_.store(static_cast<int64_t>(queue_.size()), std::memory_order_relaxed);
+  queue_depth_.store(Waiting(), std::memory_order_relaxed);
+}
+
+void Scheduler::Unpark(bool cancel_all, std::vector<std::pair<std::unique_ptr<Active>, absl::Status>>& ended) {
+  absl::MutexLock lock(&mu_);
+  const auto now = Clock::now();
+  for (auto it = parked_.begin(); it != parked_.end();) {
+    GenerationRequest& r = *(*it)->request;
+    absl::Status loaded;
+    adapters::AdapterRef adapter;
+    const bool settled = r.adapter_wait->Poll(&loaded, &adapter);
+    absl::Status end = EndReason(**it, cancel_all, now);
+    if (end.ok() && !settled) {
+      ++it;
+      continue;
+    }
+    if (settled && metrics_) metrics_->AdapterWaited(Seconds(r.arrival, now));
+    if (end.ok()) end = loaded;
+    if (end.ok()) {
+      end = core::ValidatePrompt(r.prompt, engine_.config().vocab_size, engine_.context_length(),
+                                 adapters::ReportOf(adapter).num_virtual_tokens);
+    }
+    r.adapter_wait.reset();
+    if (end.ok()) {
+      r.adapter = std::move(adapter);
+      queue_.push_back(std::move(*it));
+    } else {
+      ended.emplace_back(std::move(*it), end);
+    }
+    it = parked_.erase(it);
+  }
+  queue_depth_.store(Waiting(), std::memory_order_relaxed);
+  if (metrics_) metrics_->SetAdapterWaiting(static_cast<int64_t>(parked_.size()));
 }
 
 absl::Status Scheduler::EndReason(const Active& a, bool cancel_all, Clock::time_point now) {
@@ -302,17 +347,25 @@ void Scheduler::Loop() {
     {
       absl::MutexLock lock(&mu_);
       auto has_work = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-        return shutdown_ || !queue_.empty() || !running_set_.empty();
+        return shutdown_ || wake_ || !queue_.empty() || !running_set_.empty();
       };
-      if (running_set_.empty() && queue_.empty()) {
+      if (running_set_.empty() && queue_.empty() && parked_.empty()) {
         idle_ = true;
         running_adapters_.clear();
       }
-      mu_.Await(absl::Condition(&has_work));
-      if (shutdown_ && queue_.empty() && running_set_.empty()) return;
+      if (parked_.empty()) {
+        mu_.Await(absl::Condition(&has_work));
+      } else {  // Parked requests are looked at now and then for cancellation and deadlines.
+        mu_.AwaitWithTimeout(absl::Condition(&has_work), absl::FromChrono(kParkedPoll));
+      }
+      wake_ = false;
+      if (shutdown_ && queue_.empty() && running_set_.empty() && parked_.empty()) return;
       idle_ = false;
       cancel_all = cancel_all_;
     }
+    std::vector<std::pair<std::unique_ptr<Active>, absl::Status>> ended;
+    Unpark(cancel_all, ended);
+    for (auto& [a, status] : ended) Finish(*a, status, core::FinishReason::kCancelled);
     std::vector<std::unique_ptr<Active>> admitted;
     Admit(admitted);
     const auto now = Clock::now();

@@ -24,6 +24,7 @@
 #include "adapters/adapter_ref.h"
 #include "core/engine.h"
 #include "core/tokenizer.h"
+#include "server/adapter_wait.h"
 
 namespace adapterd::server {
 
@@ -57,6 +58,9 @@ struct GenerationRequest {
   core::SamplingParams params;
   adapters::AdapterRef adapter;  // Null: the base model. Held until the request ends.
   std::string adapter_name;
+  // Set (with `adapter` null) while the adapter loads on demand: the request is parked until
+  // the load settles, then runs with the adapter or ends with the load's error.
+  std::shared_ptr<AdapterWait> adapter_wait;
   int64_t max_new_tokens = 0;
   std::vector<std::string> stop;
   std::vector<int64_t> stop_token_ids;
@@ -84,7 +88,9 @@ class Scheduler {
   ~Scheduler();
 
   // Queues a request. ResourceExhausted when the queue is full, Unavailable once admission
-  // has stopped. On OK the sink will receive OnDone exactly once.
+  // has stopped. On OK the sink will receive OnDone exactly once. A request with an
+  // `adapter_wait` is parked (it counts as queued) until the wait settles; cancellation,
+  // deadlines and shutdown end parked requests too.
   absl::Status Submit(std::unique_ptr<GenerationRequest> request, std::shared_ptr<RequestSink> sink)
       ABSL_LOCKS_EXCLUDED(mu_);
   // Refuses new requests from now on (shutdown's first step).
@@ -93,6 +99,9 @@ class Scheduler {
   bool WaitIdle(Clock::time_point deadline) ABSL_LOCKS_EXCLUDED(mu_);
   // Ends every queued and running request with CANCELLED / Unavailable.
   void CancelAll() ABSL_LOCKS_EXCLUDED(mu_);
+  // Looks at the parked requests at once (an adapter load settled). Parked requests are also
+  // looked at every kParkedPoll.
+  void Wake() ABSL_LOCKS_EXCLUDED(mu_);
 
   int64_t queue_depth() const { return queue_depth_.load(std::memory_order_relaxed); }
   int64_t running() const { return running_.load(std::memory_order_relaxed); }
@@ -108,9 +117,18 @@ class Scheduler {
   // How much earlier than its deadline a request that gRPC cancelled counts as expired: the
   // deadline was converted between clocks.
   static constexpr std::chrono::milliseconds kDeadlineSlack{20};
+  // How often parked requests are checked for cancellation and deadlines.
+  static constexpr std::chrono::milliseconds kParkedPoll{20};
 
   void Loop();
   void Admit(std::vector<std::unique_ptr<Active>>& admitted) ABSL_LOCKS_EXCLUDED(mu_);
+  // Moves parked requests whose adapter settled into the queue; those that must end (load
+  // failed, cancelled, expired, shutdown) go to `ended` with their status.
+  void Unpark(bool cancel_all, std::vector<std::pair<std::unique_ptr<Active>, absl::Status>>& ended)
+      ABSL_LOCKS_EXCLUDED(mu_);
+  int64_t Waiting() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    return static_cast<int64_t>(queue_.size() + parked_.size());
+  }
   int64_t KvEstimate(const GenerationRequest& r) const;
   // Why `a` must end now (Unavailable at the end of the grace period, DeadlineExceeded,
   // Cancelled), or OK. Scheduler thread only, as are the functions below.
@@ -134,6 +152,8 @@ class Scheduler {
 
   mutable absl::Mutex mu_;
   std::deque<std::unique_ptr<Active>> queue_ ABSL_GUARDED_BY(mu_);
+  std::deque<std::unique_ptr<Active>> parked_ ABSL_GUARDED_BY(mu_);  // Waiting for an adapter.
+  bool wake_ ABSL_GUARDED_BY(mu_) = false;
   std::vector<std::string> running_adapters_ ABSL_GUARDED_BY(mu_);
   bool admitting_ ABSL_GUARDED_BY(mu_) = true;
   bool shutdown_ ABSL_GUARDED_BY(mu_) = false;

@@ -16,6 +16,7 @@
 #include "nlohmann/json.hpp"
 #include "core/mapped_file_guard.h"
 #include "core/stop_criteria.h"
+#include "server/adapter_residency.h"
 #include "server/admin_service.h"
 #include "server/commands.h"
 #include "server/openai_http.h"
@@ -144,8 +145,19 @@ int RunServe() {
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   GenerationService generation(*ctx);
-  AdminService admin(*ctx, std::chrono::milliseconds(static_cast<int64_t>(
-                               1000 * absl::GetFlag(FLAGS_adapter_load_timeout_s))));
+  const auto load_timeout =
+      std::chrono::milliseconds(static_cast<int64_t>(1000 * absl::GetFlag(FLAGS_adapter_load_timeout_s)));
+  ResidencyOptions residency;
+  residency.load_on_demand = absl::GetFlag(FLAGS_load_on_demand);
+  residency.load_timeout = load_timeout;
+  residency.failure_ttl =
+      std::chrono::milliseconds(static_cast<int64_t>(1000 * absl::GetFlag(FLAGS_adapter_failure_ttl_s)));
+  if (residency.load_on_demand && ctx->adapter_root.empty()) {
+    spdlog::error("serve: --load_on_demand needs --adapter_root");
+    return 2;
+  }
+  ctx->residency = std::make_unique<AdapterResidency>(*ctx, residency);
+  AdminService admin(*ctx, load_timeout);
   OpenAiOptions http_options;
   http_options.model_id = absl::GetFlag(FLAGS_served_model_name);
   if (http_options.model_id.empty()) http_options.model_id = AdapterNameOf(model_dir);
@@ -221,6 +233,7 @@ int RunServe() {
   sched.max_kv_bytes = absl::GetFlag(FLAGS_max_kv_bytes);
   sched.eos_token_ids = core::EosTokenIds(ctx->engine->config(), ctx->tokenizer.get());
   ctx->scheduler = std::make_unique<Scheduler>(*ctx->engine, ctx->tokenizer.get(), &ctx->metrics, sched);
+  ctx->residency->SetSettledHook([scheduler = ctx->scheduler.get()] { scheduler->Wake(); });
   ctx->metrics.SetModelInfo(report.architecture,
                             report.name_or_path.empty() ? model_dir : report.name_or_path,
                             report.parameter_count);
@@ -235,7 +248,12 @@ int RunServe() {
       return 2;
     }
     adapterd::v1::LoadAdapterResponse response;
-    if (absl::Status s = admin.Load(parts[0], parts[1], false, false, &response); !s.ok()) {
+    LoadSpec load;
+    load.name = parts[0];
+    load.path = parts[1];
+    load.pin = absl::GetFlag(FLAGS_pin_preloaded);
+    load.trigger = LoadTrigger::kPreload;
+    if (absl::Status s = admin.Load(load, &response); !s.ok()) {
       spdlog::error("serve: preloading {} failed: {}", spec, std::string(s.message()));
       return 1;
     }
@@ -286,7 +304,8 @@ int RunServe() {
   http.Stop();
   stopping.store(true);
   lora_info.join();
-  if (admin.StopWorker()) {
+  const bool loader_stuck = ctx->residency->Shutdown();
+  if (admin.StopWorker() || loader_stuck) {
     // A thread is still inside an abandoned adapter load and may touch the model: leave
     // without destroying anything (there is nothing left to save).
     spdlog::warn("an abandoned adapter load is still running; exiting without waiting for it");

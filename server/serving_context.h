@@ -22,6 +22,8 @@
 
 namespace adapterd::server {
 
+class AdapterResidency;
+
 struct ServingContext {
   std::atomic<bool> ready{false};
   std::atomic<bool> draining{false};  // Set once shutdown begins.
@@ -31,6 +33,8 @@ struct ServingContext {
   std::unique_ptr<jinja::ChatTemplate> chat_template;
   std::string chat_template_error;
   std::unique_ptr<adapters::AdapterTable> table;
+  // Every load, on-demand loading and eviction go through it (server/adapter_residency.h).
+  std::unique_ptr<AdapterResidency> residency;
   std::unique_ptr<Scheduler> scheduler;
   Metrics metrics;
   RequestRules limits;  // vocab_size and context_length are the engine's, set per request.

@@ -161,5 +161,138 @@ TEST(AdapterTableTest, ConcurrentReadersSeeOldOrNewNeverTorn) {
   EXPECT_EQ(table.Acquire("hot")->report().path, std::to_string(v - 1));
 }
 
+AdapterTable::InsertOptions Evicting(bool pinned = false) {
+  AdapterTable::InsertOptions o;
+  o.evict_idle = true;
+  o.pinned = pinned;
+  return o;
+}
+
+std::vector<std::string> Names(const std::vector<AdapterRef>& refs) {
+  std::vector<std::string> out;
+  for (const auto& r : refs) out.push_back(r->name());
+  return out;
+}
+
+TEST(AdapterTableTest, AcquireCountsUsesAndContainsDoesNot) {
+  AdapterTable table({4, 1 << 20});
+  ASSERT_TRUE(table.Insert(MakeAdapter("a", 1), false).ok());
+  const int64_t inserted = table.Entries()[0].last_use_ns;
+  EXPECT_EQ(table.Entries()[0].hits, 0);
+  EXPECT_TRUE(table.Contains("a"));
+  EXPECT_FALSE(table.Contains("b"));
+  EXPECT_EQ(table.Entries()[0].hits, 0);
+  table.Acquire("a");
+  table.Acquire("a");
+  const auto entries = table.Entries();
+  ASSERT_EQ(entries.size(), 1u);
+  EXPECT_EQ(entries[0].hits, 2);
+  EXPECT_GE(entries[0].last_use_ns, inserted);
+  EXPECT_EQ(entries[0].inserted_ns, inserted);
+  EXPECT_FALSE(entries[0].pinned);
+}
+
+TEST(AdapterTableTest, EvictsTheLeastRecentlyUsedIdleAdaptersFirst) {
+  AdapterTable table({3, 1 << 20});
+  for (const char* n : {"a", "b", "c"}) ASSERT_TRUE(table.Insert(MakeAdapter(n, 1), false).ok());
+  table.Acquire("a");  // Order of last use now: b, c, a.
+  auto evicted = table.Insert(MakeAdapter("d", 1), Evicting());
+  ASSERT_TRUE(evicted.ok()) << evicted.status();
+  EXPECT_EQ(Names(*evicted), std::vector<std::string>{"b"});
+  EXPECT_FALSE(table.Contains("b"));
+  EXPECT_TRUE(table.Contains("a"));
+  EXPECT_EQ(table.size(), 3);
+  // Without evict_idle a full table still refuses.
+  EXPECT_EQ(table.Insert(MakeAdapter("e", 1), false).code(), absl::StatusCode::kResourceExhausted);
+}
+
+TEST(AdapterTableTest, EvictsAsManyAsTheBytesNeed) {
+  AdapterTable table({8, 1000});  // Each small adapter holds 256 bytes.
+  for (const char* n : {"a", "b", "c"}) ASSERT_TRUE(table.Insert(MakeAdapter(n, 1), false).ok());
+  table.Acquire("c");
+  table.Acquire("a");  // LRU order: b, c, a.
+  auto evicted = table.Insert(MakeAdapter("big", 1, 160), Evicting());  // 640 bytes.
+  ASSERT_TRUE(evicted.ok()) << evicted.status();
+  EXPECT_EQ(Names(*evicted), (std::vector<std::string>{"b", "c"}));
+  EXPECT_EQ(table.bytes(), 256 + 640);
+}
+
+TEST(AdapterTableTest, NeverEvictsPinnedOrHeldAdapters) {
+  AdapterTable table({3, 1 << 20});
+  ASSERT_TRUE(table.Insert(MakeAdapter("pinned", 1), Evicting(/*pinned=*/true)).ok());
+  ASSERT_TRUE(table.Insert(MakeAdapter("held", 1), false).ok());
+  ASSERT_TRUE(table.Insert(MakeAdapter("idle", 1), false).ok());
+  AdapterRef in_flight = table.Acquire("held");
+  table.Acquire("idle");  // Most recently used, but the only one that may go.
+  auto evicted = table.Insert(MakeAdapter("new", 1), Evicting());
+  ASSERT_TRUE(evicted.ok()) << evicted.status();
+  EXPECT_EQ(Names(*evicted), std::vector<std::string>{"idle"});
+  // Now nothing may go: the table is unchanged and says why.
+  AdapterRef new_in_flight = table.Acquire("new");
+  auto refused = table.Insert(MakeAdapter("newer", 1), Evicting());
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_THAT(std::string(refused.status().message()), HasSubstr("3 of them are pinned or in use"));
+  EXPECT_TRUE(table.Contains("pinned"));
+  EXPECT_TRUE(table.Contains("held"));
+  EXPECT_TRUE(table.Contains("new"));
+  EXPECT_FALSE(table.Contains("newer"));
+  EXPECT_TRUE(table.Entries()[2].pinned);  // Sorted: held, new, pinned.
+  // Once its request ends, "held" is idle and goes first (least recently used).
+  in_flight.reset();
+  new_in_flight.reset();
+  evicted = table.Insert(MakeAdapter("newer", 1), Evicting());
+  ASSERT_TRUE(evicted.ok()) << evicted.status();
+  EXPECT_EQ(Names(*evicted), std::vector<std::string>{"held"});
+}
+
+TEST(AdapterTableTest, ReplacingNeverEvictsTheReplacedEntryAsARoomMaker) {
+  AdapterTable table({2, 1000});
+  ASSERT_TRUE(table.Insert(MakeAdapter("a", 1), false).ok());
+  ASSERT_TRUE(table.Insert(MakeAdapter("b", 1), false).ok());
+  table.Acquire("a");
+  AdapterTable::InsertOptions o = Evicting();
+  o.replace = true;
+  auto evicted = table.Insert(MakeAdapter("a", 2, 200), o);  // 800 + 256 > 1000: "b" must go.
+  ASSERT_TRUE(evicted.ok()) << evicted.status();
+  EXPECT_EQ(Names(*evicted), std::vector<std::string>{"b"});
+  EXPECT_EQ(table.Acquire("a")->report().path, "2");
+  EXPECT_EQ(table.bytes(), 800);
+}
+
+// Readers acquiring and dropping adapters while a writer evicts: every reader's adapter stays
+// whole, and an adapter held across the writer's inserts is never evicted.
+TEST(AdapterTableTest, ConcurrentEvictionNeverTakesAHeldAdapter) {
+  AdapterTable table({4, 1 << 24});
+  ASSERT_TRUE(table.Insert(MakeAdapter("kept", 7), false).ok());
+  AdapterRef kept = table.Acquire("kept");
+  std::atomic<bool> stop{false};
+  std::atomic<int64_t> torn{0};
+  std::vector<std::thread> readers;
+  for (int t = 0; t < 3; ++t) {
+    readers.emplace_back([&, t] {
+      int64_t i = t;
+      while (!stop.load(std::memory_order_relaxed)) {
+        AdapterRef a = table.Acquire("n" + std::to_string(i++ % 16));
+        if (a != nullptr && !Whole(a)) torn.fetch_add(1);
+      }
+    });
+  }
+  AdapterTable::InsertOptions o = Evicting();
+  o.replace = true;
+  for (int v = 0; v < 2000; ++v) {
+    auto evicted = table.Insert(MakeAdapter("n" + std::to_string(v % 16), v), o);
+    if (!evicted.ok()) {  // Everything else in use at that instant: allowed, table unchanged.
+      ASSERT_EQ(evicted.status().code(), absl::StatusCode::kResourceExhausted);
+      continue;
+    }
+    for (const auto& e : *evicted) ASSERT_NE(e->name(), "kept");
+    ASSERT_TRUE(table.Contains("kept"));
+  }
+  stop = true;
+  for (auto& r : readers) r.join();
+  EXPECT_EQ(torn.load(), 0);
+  EXPECT_TRUE(Whole(kept));
+}
+
 }  // namespace
 }  // namespace adapterd::adapters

@@ -1,0 +1,206 @@
+#!/usr/bin/python3
+"""Adapters loaded on demand, against the real adapterd binary and a real gRPC client.
+
+A reference server loads each adapter explicitly and answers every prompt alone; the server
+under test (--load_on_demand, a resident set of 2 with one pinned adapter) must give exactly
+the same answers when requests name adapters that are only folders on disk: 16 concurrent
+first requests share one load; a broken adapter answers all its waiters with its own error
+(remembered, not re-read) while base requests carry on; churn over more adapters than fit
+evicts only idle, unpinned adapters and changes no answer. Prints 'N passed, N failed'.
+
+Usage: on_demand_test.py ADAPTERD_BINARY FIXTURES_DIR PROTO_DIR
+"""
+import os
+import sys
+import threading
+import urllib.request
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from adapterd_process import Adapterd, Checks, load_stubs  # noqa: E402
+
+ADAPTERS = ["lora_qv", "lora_all_rslora", "prefix_llama"]  # Folders under FIXTURES/adapters.
+PROMPTS = ["The first prompt", "Another one, longer than the first", "x"]
+
+
+def metric(port, name, labels=""):
+    """Sum of the samples of `name` whose labels include every `k="v"` in `labels`."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    total = 0.0
+    for line in text.splitlines():
+        if not (line.startswith(name + "{") or line.startswith(name + " ")):
+            continue
+        if labels and not all(part in line for part in labels.split(",")):
+            continue
+        total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def main():
+    binary, fixtures, proto_dir = sys.argv[1:4]
+    stubs = load_stubs(proto_dir)
+    grpc = stubs.grpc
+    g, admin_pb2 = stubs.generation_pb2, stubs.admin_pb2
+    check = Checks()
+
+    def request(prompt, adapter, seed=0):
+        # Greedy and seeded sampling both must match the reference.
+        if seed:
+            return g.GenerateRequest(text=prompt, adapter=adapter, max_new_tokens=6, ignore_eos=True,
+                                     temperature=0.8, top_k=20, seed=seed)
+        return g.GenerateRequest(text=prompt, adapter=adapter, max_new_tokens=6, ignore_eos=True)
+
+    # Reference: every adapter loaded by hand, each request alone.
+    ref_server = Adapterd(binary, fixtures, [f"--preload={','.join(a + '=' + a for a in ADAPTERS)}"])
+    reference = {}
+    try:
+        stub = stubs.generation_pb2_grpc.GenerationStub(grpc.insecure_channel(ref_server.addr))
+        for a in ADAPTERS:
+            for i, p in enumerate(PROMPTS):
+                for seed in (0, 7 + i):
+                    reference[(a, p, seed)] = list(stub.Generate(request(p, a, seed), timeout=60).token_ids)
+    finally:
+        ref_server.stop()
+
+    server = Adapterd(binary, fixtures, ["--load_on_demand", "--max_adapters=2", "--adapter_failure_ttl_s=60",
+                                         "--preload=pinned=lora_regex", "--max_batch_rows=8"])
+    try:
+        channel = grpc.insecure_channel(server.addr)
+        stub = stubs.generation_pb2_grpc.GenerationStub(channel)
+        admin = stubs.admin_pb2_grpc.AdminStub(grpc.insecure_channel(server.admin_addr))
+        port = server.metrics_port
+
+        # 16 concurrent first requests for one adapter: one load, every answer equal.
+        results = [None] * 16
+        def first(i):
+            p = PROMPTS[i % len(PROMPTS)]
+            seed = 0 if i % 2 == 0 else 7 + i % len(PROMPTS)
+            try:
+                results[i] = (p, seed, list(stub.Generate(request(p, "lora_qv", seed), timeout=60).token_ids))
+            except grpc.RpcError as e:
+                results[i] = (p, seed, e)
+        threads = [threading.Thread(target=first, args=(i,)) for i in range(16)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        same = all(not isinstance(r[2], Exception) and r[2] == reference[("lora_qv", r[0], r[1])] for r in results)
+        check("16 first requests equal the explicit load's answers", same, str(results))
+        loads = metric(port, "adapterd_adapter_loads_total", 'trigger="on_demand",result="loaded"')
+        check("16 first requests cause one load", loads == 1, str(loads))
+        check("waits were measured", metric(port, "adapterd_adapter_wait_seconds_count") >= 1)
+
+        # The first stream for an adapter on disk works too (and matches).
+        chunks = list(stub.GenerateStream(request(PROMPTS[1], "prefix_llama"), timeout=60))
+        ids = [i for c in chunks for i in c.token_ids]
+        check("stream on demand", ids == reference[("prefix_llama", PROMPTS[1], 0)], str(ids))
+
+        # A broken adapter: every waiter gets its error; base requests are unaffected.
+        errors, base = [], []
+        def bad():
+            try:
+                stub.Generate(request("x", "bad_rank"), timeout=60)
+                errors.append(None)
+            except grpc.RpcError as e:
+                errors.append((e.code(), e.details()))
+        def plain():
+            base.append(len(stub.Generate(request(PROMPTS[0], ""), timeout=60).token_ids))
+        threads = [threading.Thread(target=bad) for _ in range(8)] + [threading.Thread(target=plain) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        codes = {e[0] if e else None for e in errors}
+        details = {e[1] if e else None for e in errors}
+        check("failed load answers every waiter with its code", codes == {grpc.StatusCode.FAILED_PRECONDITION},
+              str(errors))
+        check("failed load answers every waiter with its message",
+              len(details) == 1 and "rank" in next(iter(details)), str(details))
+        check("base requests unaffected", base == [6, 6, 6, 6], str(base))
+        refused = metric(port, "adapterd_adapter_loads_total", 'trigger="on_demand",result="refused"')
+        try:
+            stub.Generate(request("x", "bad_rank"), timeout=10)
+            check("failure remembered", False, "no error")
+        except grpc.RpcError as e:
+            check("failure remembered", e.details() in details and e.code() == grpc.StatusCode.FAILED_PRECONDITION,
+                  e.details())
+        check("failure not re-read", metric(port, "adapterd_adapter_loads_total",
+                                             'trigger="on_demand",result="refused"') == refused)
+        states = {s.name: s for s in admin.ListAdapters(admin_pb2.ListAdaptersRequest(include_on_disk=True),
+                                                         timeout=10).states}
+        st = states.get("bad_rank")
+        check("failed state listed", st is not None and st.state == admin_pb2.AdapterState.FAILED
+              and "FAILED_PRECONDITION" in st.error and 0 < st.retry_after_seconds <= 60, str(st))
+        check("on-disk folders listed", "lora_all_rslora" in states
+              and states["lora_all_rslora"].state == admin_pb2.AdapterState.ON_DISK, str(list(states)))
+
+        # Names that are not folders, or not plain names: NOT_FOUND, nothing read.
+        for name in ("no_such_adapter", "..", ".hidden", "a/b"):
+            try:
+                stub.Generate(request("x", name), timeout=10)
+                check(f"unknown {name!r}", False, "no error")
+            except grpc.RpcError as e:
+                check(f"unknown {name!r}", e.code() == grpc.StatusCode.NOT_FOUND, f"{e.code()} {e.details()}")
+
+        # Churn: 3 adapters through 1 free slot (2 resident, 1 pinned), concurrently, twice over.
+        # Every answer equals the reference; the pinned adapter stays resident.
+        churn = []
+        def worker(k):
+            for j in range(6):
+                a = ADAPTERS[(k + j) % len(ADAPTERS)]
+                p = PROMPTS[(k * 7 + j) % len(PROMPTS)]
+                seed = 0 if (k + j) % 2 == 0 else 7 + (k * 7 + j) % len(PROMPTS)
+                try:
+                    churn.append((a, p, seed, list(stub.Generate(request(p, a, seed), timeout=120).token_ids)))
+                except grpc.RpcError as e:
+                    churn.append((a, p, seed, e))
+        threads = [threading.Thread(target=worker, args=(k,)) for k in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        wrong = [c for c in churn if isinstance(c[3], Exception) or c[3] != reference[(c[0], c[1], c[2])]]
+        check("churn: every answer equals the one computed alone", not wrong and len(churn) == 36, str(wrong[:3]))
+        evictions = metric(port, "adapterd_adapter_evictions_total")
+        check("churn evicted idle adapters", evictions >= 2, str(evictions))
+        listed = admin.ListAdapters(admin_pb2.ListAdaptersRequest(), timeout=10)
+        states = {s.name: s for s in listed.states}
+        check("pinned adapter survives", "pinned" in states and states["pinned"].pinned
+              and states["pinned"].state == admin_pb2.AdapterState.RESIDENT, str(states.get("pinned")))
+        resident = [s for s in listed.states if s.state == admin_pb2.AdapterState.RESIDENT]
+        check("resident set within --max_adapters", len(resident) <= 2, str(resident))
+        hot = [s for s in resident if s.name != "pinned"]
+        if hot:  # A request for a resident adapter counts a hit (waiters of its load do not).
+            stub.Generate(request("x", hot[0].name), timeout=60)
+            after = {s.name: s for s in admin.ListAdapters(admin_pb2.ListAdaptersRequest(), timeout=10).states}
+            check("hits counted", after[hot[0].name].hits == hot[0].hits + 1
+                  and after[hot[0].name].last_used_unix_seconds > hot[0].last_used_unix_seconds, str(after))
+        else:
+            check("hits counted", False, str(resident))
+        model = admin.GetModelState(admin_pb2.GetModelStateRequest(), timeout=10)
+        check("model state says on demand", model.load_on_demand and model.adapter_bytes > 0
+              and len(model.adapter_states) >= 2, str(model.adapter_states))
+        check("loads by trigger", metric(port, "adapterd_adapter_loads_total", 'trigger="preload",result="loaded"') == 1)
+        check("no request waits now", metric(port, "adapterd_adapter_waiting_requests") == 0)
+        check("successful requests counted",
+              metric(port, "adapterd_requests_total", 'code="OK"') >= 16 + 1 + 4 + 36)
+
+        # An admin load may pin; the pinned adapter is never evicted by later churn.
+        admin.UnloadAdapter(admin_pb2.UnloadAdapterRequest(name="pinned"), timeout=10)
+        admin.LoadAdapter(admin_pb2.LoadAdapterRequest(name="lora_all_rslora", path="lora_all_rslora", pin=True,
+                                                       replace=True), timeout=30)
+        for a in ADAPTERS:
+            out = list(stub.Generate(request(PROMPTS[2], a), timeout=60).token_ids)
+            check(f"after pin: {a}", out == reference[(a, PROMPTS[2], 0)], str(out))
+        states = {s.name: s for s in admin.ListAdapters(admin_pb2.ListAdaptersRequest(), timeout=10).states}
+        check("admin pin survives churn", states.get("lora_all_rslora") is not None
+              and states["lora_all_rslora"].pinned, str(states))
+        check("server exits cleanly", server.stop() == 0)
+        server = None
+    finally:
+        if server is not None:
+            server.stop()
+    return check.summary()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
