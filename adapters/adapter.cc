@@ -46,4 +46,14 @@ at::Tensor Adapter::Delta(int64_t layer, core::Projection p, const at::Tensor& x
   return core::LinearForward(core::LinearForward(x, m.a, at::Tensor()), m.b, at::Tensor());
 }
 
+bool Adapter::LoraFactors(int64_t layer, core::Projection p, const at::Tensor** a,
+                          const at::Tensor** b) const {
+  const int64_t i = layer * kProjections + static_cast<int64_t>(p);
+  const LoraModule* m = i < static_cast<int64_t>(lookup_.size()) ? lookup_[i] : nullptr;
+  if (m == nullptr) return false;
+  *a = &m->a;
+  *b = &m->b;
+  return true;
+}
+
 }  // namespace adapterd::adapters

@@ -56,6 +56,8 @@ class Adapter final : public core::SequenceAdapter {
   int64_t SeedCache(core::KvCache& cache) const override;
   bool Adapts(int64_t layer, core::Projection p) const override;
   at::Tensor Delta(int64_t layer, core::Projection p, const at::Tensor& x) const override;
+  bool LoraFactors(int64_t layer, core::Projection p, const at::Tensor** a,
+                   const at::Tensor** b) const override;
 
  private:
   AdapterReport report_;

@@ -54,15 +54,27 @@ AdapterBatch::AdapterBatch(std::vector<Range> ranges) {
 
 void AdapterBatch::AddDelta(int64_t layer, Projection p, const at::Tensor& x,
                             at::Tensor& y) const {
-  for (const Range& r : ranges_) {
-    if (!r.adapter->Adapts(layer, p)) continue;
+  auto add_alone = [&](const Range& r) {
     if (r.offset == 0 && r.length == x.size(0)) {
       y.add_(r.adapter->Delta(layer, p, x));
     } else {
-      y.narrow(0, r.offset, r.length)
-          .add_(r.adapter->Delta(layer, p, x.narrow(0, r.offset, r.length)));
+      y.narrow(0, r.offset, r.length).add_(r.adapter->Delta(layer, p, x.narrow(0, r.offset, r.length)));
     }
+  };
+  std::vector<cpu::LoraSegment> segments;
+  std::vector<const Range*> segment_ranges;
+  for (const Range& r : ranges_) {
+    if (!r.adapter->Adapts(layer, p)) continue;
+    cpu::LoraSegment s{r.offset, r.length, nullptr, nullptr};
+    if (r.length <= cpu::kLinearMaxRows && r.adapter->LoraFactors(layer, p, &s.a, &s.b)) {
+      segments.push_back(s);
+      segment_ranges.push_back(&r);
+      continue;
+    }
+    add_alone(r);
   }
+  if (segments.empty() || cpu::LoraSegments(x, y, segments)) return;
+  for (const Range* r : segment_ranges) add_alone(*r);
 }
 
 void AdapterBatch::WriteSoftPrompts(at::Tensor& embeddings) const {

@@ -46,6 +46,13 @@ class SequenceAdapter {
   virtual at::Tensor Delta(int64_t /*layer*/, Projection /*p*/, const at::Tensor& /*x*/) const {
     return at::Tensor();
   }
+  // For a plain LoRA projection, its factors: Delta(x) = (x·aᵀ)·bᵀ with a [r, in] and b
+  // [out, r]. Lets core run the rows of many adapters in one segmented kernel; false (the
+  // default) means core calls Delta() instead.
+  virtual bool LoraFactors(int64_t /*layer*/, Projection /*p*/, const at::Tensor** /*a*/,
+                           const at::Tensor** /*b*/) const {
+    return false;
+  }
 };
 
 // The adapters of one packed batch: contiguous token ranges, each with the adapter of its
@@ -61,7 +68,9 @@ class AdapterBatch {
   explicit AdapterBatch(std::vector<Range> ranges);
 
   bool empty() const { return ranges_.empty(); }
-  // Adds every adapter's delta for projection `p` of `layer` to its rows of `y`.
+  // Adds every adapter's delta for projection `p` of `layer` to its rows of `y`: the few-row
+  // ranges of LoRA adapters together in one segmented kernel (cpu::LoraSegments), the rest
+  // range by range.
   void AddDelta(int64_t layer, Projection p, const at::Tensor& x, at::Tensor& y) const;
   // Overwrites the token embeddings of soft-prompt rows with the adapters' soft prompts.
   void WriteSoftPrompts(at::Tensor& embeddings) const;

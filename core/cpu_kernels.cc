@@ -106,6 +106,79 @@ at::Tensor Linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b)
   return y;
 }
 
+bool LoraSegments(const at::Tensor& x, at::Tensor& y, const std::vector<LoraSegment>& segments) {
+  const Isa isa = SelectedIsa();
+  if (isa == Isa::kNone || !IsCpuFloat(x) || !IsCpuFloat(y) || x.dim() != 2 || y.dim() != 2 ||
+      x.stride(1) != 1 || y.stride(1) != 1 || x.size(0) != y.size(0)) {
+    return false;
+  }
+  const int64_t in = x.size(1), out = y.size(1);
+  // Scratch offsets of each segment's x·aᵀ ([length, rank]).
+  std::vector<int64_t> t_offset(segments.size() + 1, 0);
+  int64_t shrink_work = 0, expand_work = 0;
+  for (size_t i = 0; i < segments.size(); ++i) {
+    const LoraSegment& s = segments[i];
+    const at::Tensor& a = *s.a;
+    const at::Tensor& b = *s.b;
+    if (!IsCpuFloat(a) || !IsCpuFloat(b) || a.dim() != 2 || b.dim() != 2 || a.size(1) != in ||
+        b.size(0) != out || b.size(1) != a.size(0) || a.stride(1) != 1 || b.stride(1) != 1 ||
+        s.length < 1 || s.length > kLinearMaxRows || s.offset < 0 || s.offset + s.length > x.size(0)) {
+      return false;
+    }
+    t_offset[i + 1] = t_offset[i] + s.length * a.size(0);
+    shrink_work += s.length * a.size(0) * in;
+    expand_work += s.length * a.size(0) * out;
+  }
+  auto* kernel = isa == Isa::kAvx512 ? &LinearAvx512 : &LinearAvx2;
+  constexpr int64_t kBlock = 48;  // As in Linear(): a multiple of both ISAs' tile widths.
+  // Tasks: (segment, block of kBlock outputs) of one pass.
+  std::vector<std::pair<int64_t, int64_t>> tasks;
+  auto make_tasks = [&](bool shrink) {
+    tasks.clear();
+    for (size_t i = 0; i < segments.size(); ++i) {
+      const int64_t n = shrink ? segments[i].a->size(0) : out;
+      for (int64_t n0 = 0; n0 < n; n0 += kBlock) tasks.emplace_back(static_cast<int64_t>(i), n0);
+    }
+  };
+  std::vector<float> t(static_cast<size_t>(t_offset.back()));
+  float* const xp = x.data_ptr<float>();
+  float* const yp = y.data_ptr<float>();
+  // A thread takes a few consecutive tasks at a time, so that each prefetches the factors of
+  // the next (they are small: rows of a few KB, too short for the hardware to run ahead).
+  auto chunk = [&] { return std::max<int64_t>(1, static_cast<int64_t>(tasks.size()) / (4 * at::get_num_threads())); };
+  make_tasks(/*shrink=*/true);
+  const int64_t shrink_chunk = chunk();
+  ForChunks(static_cast<int64_t>(tasks.size()), shrink_chunk, shrink_work >= 2 * kParallelWork,
+            [&](int64_t begin, int64_t end) {
+    for (int64_t k = begin; k < end; ++k) {
+      const auto [i, n0] = tasks[static_cast<size_t>(k)];
+      const LoraSegment& s = segments[static_cast<size_t>(i)];
+      const int64_t rank = s.a->size(0);
+      LinearArgs args{xp + s.offset * x.stride(0), x.stride(0), s.a->data_ptr<float>(), s.a->stride(0),
+                      nullptr, t.data() + t_offset[static_cast<size_t>(i)], rank, s.length, in};
+      if (k + 1 < end) {
+        const auto [ni, nn0] = tasks[static_cast<size_t>(k + 1)];
+        const at::Tensor& na = *segments[static_cast<size_t>(ni)].a;
+        if (na.stride(0) == s.a->stride(0)) args.w_next = na.data_ptr<float>() + nn0 * na.stride(0);
+      }
+      kernel(args, n0, std::min(rank, n0 + kBlock));
+    }
+  });
+  make_tasks(/*shrink=*/false);
+  ForChunks(static_cast<int64_t>(tasks.size()), chunk(), expand_work >= 2 * kParallelWork, [&](int64_t begin, int64_t end) {
+    for (int64_t k = begin; k < end; ++k) {
+      const auto [i, n0] = tasks[static_cast<size_t>(k)];
+      const LoraSegment& s = segments[static_cast<size_t>(i)];
+      const int64_t rank = s.a->size(0);
+      LinearArgs args{t.data() + t_offset[static_cast<size_t>(i)], rank, s.b->data_ptr<float>(), s.b->stride(0),
+                      nullptr, yp + s.offset * y.stride(0), y.stride(0), s.length, rank};
+      args.accumulate = true;
+      kernel(args, n0, std::min(out, n0 + kBlock));
+    }
+  });
+  return true;
+}
+
 bool DecodeAttentionApplies(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                             const at::Tensor& out) {
   return SelectedIsa() != Isa::kNone && IsCpuFloat(q) && IsCpuFloat(k) && IsCpuFloat(v) &&

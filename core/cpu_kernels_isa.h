@@ -8,7 +8,8 @@
 
 namespace adapterd::core::cpu {
 
-// y[i, n] = sum_k x[i, k]·w[n, k] (+ b[n]) for rows i < m and outputs n in [n0, n1).
+// y[i, n] = sum_k x[i, k]·w[n, k] (+ b[n]) for rows i < m and outputs n in [n0, n1); with
+// `accumulate`, that sum is added to y[i, n] instead (one rounding, as y + (x·wᵀ) would do).
 struct LinearArgs {
   const float* x;
   int64_t ldx;
@@ -19,6 +20,10 @@ struct LinearArgs {
   int64_t ldy;
   int64_t m;
   int64_t k;
+  bool accumulate = false;
+  // Rows (ldw apart, k long) that come next after outputs [n0, n1), e.g. the next adapter's
+  // factors: the last tile prefetches them as it prefetches its successor within the range.
+  const float* w_next = nullptr;
 };
 
 // One decode row's attention for one kv head: its key and value are stored at `position` of

@@ -1,7 +1,8 @@
 // Benchmark (not a test) for adapters on a model with r=16 LoRA adapters on q, k, v, o:
 // load time per adapter, decode throughput of 16 rows spread over 8 adapters relative to 16
-// rows on the base, Acquire latency while a writer churns the table, and memory held per
-// adapter relative to its tensor bytes.
+// rows on the base, of 32 rows over 32 distinct adapters of ranks 8-64 relative to 32 base
+// rows (the segmented kernel, and the per-adapter path it replaced), Acquire latency while a
+// writer churns the table, and memory held per adapter relative to its tensor bytes.
 // Usage: adapter_bench MODEL_DIR ADAPTER_DIR_PREFIX [THREADS]   (adapters PREFIX0..PREFIX7)
 #include <unistd.h>
 
@@ -12,6 +13,7 @@
 #include <cstdlib>
 #include <fstream>
 #include <thread>
+#include <tuple>
 #include <vector>
 
 #include "adapters/adapter.h"
@@ -33,12 +35,12 @@ int64_t RssBytes() {
   return resident * sysconf(_SC_PAGESIZE);
 }
 
-// Decode tokens/s of 16 sequences, sequence i on adapters[i % adapters.size()].
+// Decode tokens/s of `rows` sequences, sequence i on adapters[i % adapters.size()].
 double Throughput(const adapterd::core::Engine& engine,
                   const std::vector<std::shared_ptr<const adapterd::core::SequenceAdapter>>& adapters,
-                  int steps) {
+                  int steps, int rows = 16) {
   std::vector<std::unique_ptr<adapterd::core::Sequence>> seqs;
-  for (int i = 0; i < 16; ++i) {
+  for (int i = 0; i < rows; ++i) {
     std::vector<int32_t> prompt;
     for (int t = 0; t < 16; ++t) prompt.push_back(100 + 31 * i + 7 * t);
     seqs.push_back(*engine.NewSequence(prompt, adapterd::core::SamplingParams(),
@@ -52,7 +54,42 @@ double Throughput(const adapterd::core::Engine& engine,
   for (int i = 0; i < steps; ++i) {
     if (!engine.Step(batch).ok()) std::abort();
   }
-  return 16.0 * steps / Seconds(t0, Clock::now());
+  return static_cast<double>(rows) * steps / Seconds(t0, Clock::now());
+}
+
+// A LoRA adapter as core saw them before the segmented kernel: Delta() per adapter only.
+class PerAdapterPath final : public adapterd::core::SequenceAdapter {
+ public:
+  explicit PerAdapterPath(adapterd::adapters::AdapterRef a) : a_(std::move(a)) {}
+  bool Adapts(int64_t layer, adapterd::core::Projection p) const override { return a_->Adapts(layer, p); }
+  at::Tensor Delta(int64_t layer, adapterd::core::Projection p, const at::Tensor& x) const override {
+    return a_->Delta(layer, p, x);
+  }
+
+ private:
+  adapterd::adapters::AdapterRef a_;
+};
+
+// `count` seeded LoRA adapters on q, k, v, o of every layer, ranks cycling 8, 16, 32, 64.
+std::vector<adapterd::adapters::AdapterRef> DistinctAdapters(const adapterd::core::ModelConfig& c, int count) {
+  using adapterd::core::Projection;
+  at::manual_seed(5);
+  std::vector<adapterd::adapters::AdapterRef> out;
+  const int64_t q = c.num_heads * c.head_dim, kv = c.num_kv_heads * c.head_dim;
+  for (int i = 0; i < count; ++i) {
+    const int64_t rank = int64_t{8} << (i % 4);
+    adapterd::adapters::AdapterWeights w;
+    for (int64_t layer = 0; layer < c.num_layers; ++layer) {
+      for (auto [p, in, o] : {std::tuple{Projection::kQ, c.hidden_size, q}, std::tuple{Projection::kK, c.hidden_size, kv},
+                              std::tuple{Projection::kV, c.hidden_size, kv}, std::tuple{Projection::kO, q, c.hidden_size}}) {
+        w.lora[{layer, p}] = {at::randn({rank, in}) * 0.02, at::randn({o, rank}) * 0.02};
+      }
+    }
+    adapterd::adapters::AdapterReport r;
+    r.name = "distinct" + std::to_string(i);
+    out.push_back(std::make_shared<const adapterd::adapters::Adapter>(r, std::move(w)));
+  }
+  return out;
 }
 
 }  // namespace
@@ -107,6 +144,19 @@ int main(int argc, char** argv) {
   std::printf("base 16 rows     %.1f tokens/s\n", base_tps);
   std::printf("8 adapters x 2   %.1f tokens/s\n", mixed_tps);
   std::printf("ratio            %.3f (target >= 0.85)\n", mixed_tps / base_tps);
+
+  // Throughput: 32 rows over 32 distinct adapters (ranks 8/16/32/64) vs 32 rows on the base.
+  const auto distinct = DistinctAdapters((*engine)->config(), 32);
+  std::vector<std::shared_ptr<const adapterd::core::SequenceAdapter>> segmented(distinct.begin(), distinct.end());
+  std::vector<std::shared_ptr<const adapterd::core::SequenceAdapter>> per_adapter;
+  for (const auto& a : distinct) per_adapter.push_back(std::make_shared<PerAdapterPath>(a));
+  const double base32 = Throughput(**engine, none, steps, 32);
+  const double seg32 = Throughput(**engine, segmented, steps, 32);
+  const double per32 = Throughput(**engine, per_adapter, steps, 32);
+  std::printf("base 32 rows     %.1f tokens/s\n", base32);
+  std::printf("32 distinct      %.1f tokens/s segmented (ratio %.3f, target >= 0.85); "
+              "%.1f tokens/s per adapter (ratio %.3f)\n",
+              seg32, seg32 / base32, per32, per32 / base32);
 
   // Acquire latency while a writer replaces adapters: at 1 kHz (far above any operator's
   // load/unload rate), then back to back. Each publish ends in a grace period whose

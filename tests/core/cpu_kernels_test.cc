@@ -168,6 +168,66 @@ TEST_P(DecodeAttentionTest, MatchesTheFormulaWithGroupedHeadsWindowsAndOddHeadSi
 INSTANTIATE_TEST_SUITE_P(Isas, DecodeAttentionTest, ::testing::Values(Isa::kAvx2, Isa::kAvx512),
                          IsaParamName);
 
+class LoraSegmentsTest : public IsaTest {};
+
+// Segments of mixed ranks and lengths over a batch, some rows with no adapter: every row
+// equals (bit for bit) the per-adapter path, Linear(Linear(x_s, a_s), b_s) added to y_s, and
+// both agree with a double-precision product.
+TEST_P(LoraSegmentsTest, EqualsThePerAdapterProductBitForBit) {
+  at::manual_seed(11);
+  const int64_t in = 96, out = 130;
+  at::Tensor wide = at::randn({40, in + 5});
+  at::Tensor x = wide.narrow(1, 2, in);  // Row-strided, as a narrowed batch is.
+  at::Tensor base = at::randn({40, out});
+  std::vector<at::Tensor> as, bs;
+  std::vector<LoraSegment> segments;
+  const int64_t ranks[] = {8, 16, 64, 1, 256, 32, 50};
+  const int64_t lengths[] = {1, 3, 1, 5, 2, 1, 4};
+  int64_t offset = 1;  // Row 0 and the gaps have no adapter.
+  for (int i = 0; i < 7; ++i) {
+    as.push_back(at::randn({ranks[i], in}));
+    bs.push_back(at::randn({out, ranks[i]}) * 0.1);
+  }
+  for (int i = 0; i < 7; ++i) {
+    segments.push_back(LoraSegment{offset, lengths[i], &as[static_cast<size_t>(i)], &bs[static_cast<size_t>(i)]});
+    offset += lengths[i] + (i % 2);
+  }
+  at::Tensor y = base.clone();
+  ASSERT_TRUE(LoraSegments(x, y, segments));
+  at::Tensor want = base.clone();
+  at::Tensor want_double = base.to(at::kDouble);
+  for (const LoraSegment& s : segments) {
+    at::Tensor xs = x.narrow(0, s.offset, s.length);
+    at::Tensor t = Linear(xs, *s.a, at::Tensor());
+    ASSERT_TRUE(t.defined());
+    want.narrow(0, s.offset, s.length).add_(Linear(t, *s.b, at::Tensor()));
+    want_double.narrow(0, s.offset, s.length)
+        .add_(at::matmul(at::matmul(xs.to(at::kDouble), s.a->to(at::kDouble).t()), s.b->to(at::kDouble).t()));
+  }
+  EXPECT_TRUE(at::equal(y, want)) << (y - want).abs().max().item<float>();
+  EXPECT_LT((y.to(at::kDouble) - want_double).abs().max().item<double>(), 1e-3);
+  // Rows outside every segment are untouched.
+  EXPECT_TRUE(at::equal(y[0], base[0]));
+}
+
+TEST_P(LoraSegmentsTest, DeclinesWhatItCannotTakeAndTouchesNothing) {
+  at::Tensor x = at::randn({8, 16}), y = at::randn({8, 24});
+  at::Tensor a = at::randn({4, 16}), b = at::randn({24, 4});
+  const at::Tensor before = y.clone();
+  at::Tensor a_double = a.to(at::kDouble), wrong_in = at::randn({4, 15}), wrong_rank = at::randn({24, 5});
+  at::Tensor x_long = at::randn({kLinearMaxRows + 1, 16}), y_long = at::randn({kLinearMaxRows + 1, 24});
+  const at::Tensor* ok_b = &b;
+  for (auto bad : std::vector<LoraSegment>{{0, 2, &a_double, ok_b}, {0, 2, &wrong_in, ok_b},
+                                          {0, 2, &a, &wrong_rank}, {7, 2, &a, ok_b}, {-1, 1, &a, ok_b}}) {
+    EXPECT_FALSE(LoraSegments(x, y, {LoraSegment{0, 1, &a, &b}, bad}));
+    EXPECT_TRUE(at::equal(y, before));
+  }
+  EXPECT_FALSE(LoraSegments(x_long, y_long, {LoraSegment{0, kLinearMaxRows + 1, &a, &b}}));
+  EXPECT_FALSE(LoraSegments(x.to(at::kDouble), y, {LoraSegment{0, 1, &a, &b}}));
+}
+
+INSTANTIATE_TEST_SUITE_P(Isas, LoraSegmentsTest, ::testing::Values(Isa::kAvx2, Isa::kAvx512), IsaParamName);
+
 TEST(CpuKernelsTest, NoneTurnsTheKernelsOff) {
   ASSERT_TRUE(SelectIsa(Isa::kNone));
   at::Tensor x = at::randn({2, 16}), w = at::randn({4, 16});
