@@ -1,6 +1,7 @@
 #include "server/adapter_residency.h"
 
 #include <dirent.h>
+#include <malloc.h>
 
 #include <algorithm>
 #include <thread>
@@ -119,10 +120,16 @@ absl::StatusOr<adapters::AdapterRef> AdapterResidency::Load(const LoadSpec& spec
   }
   response->set_loaded(true);
   count("loaded");
-  for (const adapters::AdapterRef& e : *evicted) {
-    ctx_.metrics.AdapterEvicted();
-    spdlog::info("adapter {} evicted (least recently used) to make room for {}", adapters::ReportOf(e).name,
-                 spec.name);
+  if (!evicted->empty()) {
+    for (const adapters::AdapterRef& e : *evicted) {
+      ctx_.metrics.AdapterEvicted();
+      spdlog::info("adapter {} evicted (least recently used) to make room for {}", adapters::ReportOf(e).name,
+                   spec.name);
+    }
+    // Nobody else held them: this frees their weights. Under churn malloc keeps freed blocks
+    // in its arenas (RSS above the resident set); hand them back to the system.
+    evicted->clear();
+    ::malloc_trim(0);
   }
   PublishMetrics();
   {

@@ -347,6 +347,7 @@ struct Record {
   std::string adapter;
   double start = 0, ttft = -1, end = 0;  // Seconds since the run began.
   double queue = -1;                     // The server's queue time (gRPC), seconds.
+  double adapter_wait = 0;               // Waited for an on-demand adapter load (gRPC), seconds.
   std::vector<double> itl;
   std::string status = "OK";
   std::string message;
@@ -434,6 +435,7 @@ class GrpcTarget final : public Target {
         r->prompt_tokens = chunk.stats().prompt_tokens();
         r->completion_tokens = chunk.stats().completion_tokens();
         r->queue = chunk.stats().queue_seconds();
+        r->adapter_wait = chunk.stats().adapter_load_wait_seconds();
       }
     }
     const grpc::Status s = reader->Finish();
@@ -604,7 +606,7 @@ Json Stats(std::vector<double> v) {
 // Summary of the records that count (not warm-up) among `records`.
 Json Summarize(const std::vector<const Record*>& records) {
   std::map<std::string, int64_t> by_status;
-  std::vector<double> ttft, itl, latency;
+  std::vector<double> ttft, itl, latency, ttft_resident, ttft_loaded;
   int64_t tokens = 0, ok = 0;
   double first = 1e300, last = 0;
   for (const Record* r : records) {
@@ -614,7 +616,10 @@ Json Summarize(const std::vector<const Record*>& records) {
     if (r->status != "OK") continue;
     ++ok;
     tokens += r->completion_tokens;
-    if (r->ttft >= 0) ttft.push_back(r->ttft);
+    if (r->ttft >= 0) {
+      ttft.push_back(r->ttft);
+      if (!r->adapter.empty()) (r->adapter_wait > 0 ? ttft_loaded : ttft_resident).push_back(r->ttft);
+    }
     itl.insert(itl.end(), r->itl.begin(), r->itl.end());
     latency.push_back(r->end - r->start);
   }
@@ -628,6 +633,10 @@ Json Summarize(const std::vector<const Record*>& records) {
               {"output_tokens", tokens},
               {"output_tokens_per_s", records.empty() ? 0.0 : static_cast<double>(tokens) / wall},
               {"ttft_s", Stats(ttft)},
+              // Requests naming an adapter that was resident, and ones that waited for it to
+              // load on demand (adapterd --load_on_demand; gRPC only).
+              {"ttft_adapter_resident_s", Stats(ttft_resident)},
+              {"ttft_adapter_loaded_s", Stats(ttft_loaded)},
               {"itl_s", Stats(itl)},
               {"latency_s", Stats(latency)}};
 }
@@ -764,6 +773,7 @@ void RunLevel(const Scenario& s, int level, Target& target, Chooser& chooser, Cl
 Json RecordJson(const Record& r) {
   Json j{{"level", r.level},       {"index", r.index}, {"warmup", r.warmup}, {"adapter", r.adapter},
          {"start_s", r.start},     {"queue_s", r.queue < 0 ? Json(nullptr) : Json(r.queue)},
+         {"adapter_load_wait_s", r.adapter_wait},
          {"ttft_s", r.ttft < 0 ? Json(nullptr) : Json(r.ttft)},
          {"end_s", r.end},         {"itl_s", r.itl},   {"status", r.status},
          {"prompt_tokens", r.prompt_tokens}, {"completion_tokens", r.completion_tokens}};

@@ -39,6 +39,7 @@ void FillStats(const GenerationStats& s, v1::GenerationStats* out) {
   out->set_queue_seconds(s.queue_seconds);
   out->set_time_to_first_token_seconds(s.time_to_first_token_seconds);
   out->set_total_seconds(s.total_seconds);
+  out->set_adapter_load_wait_seconds(s.adapter_load_wait_seconds);
 }
 
 // Unary Generate: the sink accumulates the response; OnDone finishes the call.

@@ -145,6 +145,7 @@ void Scheduler::Finish(Active& a, const absl::Status& status, core::FinishReason
   stats.total_seconds = Seconds(a.request->arrival, now);
   stats.queue_seconds = Seconds(a.request->arrival, a.started ? a.first_step : now);
   stats.time_to_first_token_seconds = a.generated ? Seconds(a.request->arrival, a.first_token) : 0;
+  stats.adapter_load_wait_seconds = a.request->adapter_load_wait_seconds;
   std::string tail;
   if (a.stream && status.ok()) {
     auto rest = a.stream->Finish();
@@ -204,7 +205,8 @@ void Scheduler::Unpark(bool cancel_all, std::vector<std::pair<std::unique_ptr<Ac
       ++it;
       continue;
     }
-    if (settled && metrics_) metrics_->AdapterWaited(Seconds(r.arrival, now));
+    r.adapter_load_wait_seconds = Seconds(r.arrival, now);
+    if (settled && metrics_) metrics_->AdapterWaited(r.adapter_load_wait_seconds);
     if (end.ok()) end = loaded;
     if (end.ok()) {
       end = core::ValidatePrompt(r.prompt, engine_.config().vocab_size, engine_.context_length(),

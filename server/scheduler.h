@@ -38,6 +38,7 @@ struct GenerationStats {
   double queue_seconds = 0;
   double time_to_first_token_seconds = 0;
   double total_seconds = 0;
+  double adapter_load_wait_seconds = 0;
 };
 
 // Receives one request's output, on the scheduler thread.
@@ -61,6 +62,7 @@ struct GenerationRequest {
   // Set (with `adapter` null) while the adapter loads on demand: the request is parked until
   // the load settles, then runs with the adapter or ends with the load's error.
   std::shared_ptr<AdapterWait> adapter_wait;
+  double adapter_load_wait_seconds = 0;  // How long it was parked for its adapter.
   int64_t max_new_tokens = 0;
   std::vector<std::string> stop;
   std::vector<int64_t> stop_token_ids;
