@@ -1,5 +1,7 @@
 #include "adapters/adapter.h"
 
+#include "core/cpu_kernels.h"
+
 
 namespace adapterd::adapters {
 namespace {
@@ -42,17 +44,26 @@ bool Adapter::Adapts(int64_t layer, core::Projection p) const {
 
 at::Tensor Adapter::Delta(int64_t layer, core::Projection p, const at::Tensor& x) const {
   const LoraModule& m = *lookup_[layer * kProjections + static_cast<int64_t>(p)];
-  // (x·Aᵀ)·Bᵀ with B pre-scaled; LinearForward takes the few-row CPU kernel when it applies.
-  return core::LinearForward(core::LinearForward(x, m.a, at::Tensor()), m.b, at::Tensor());
+  // scale·(x·Aᵀ)·Bᵀ; the few-row CPU kernel reads bfloat16 factors as they are, ATen gets
+  // them widened.
+  auto project = [&x](const at::Tensor& in, const at::Tensor& w) {
+    at::Tensor y = core::cpu::Linear(in, w, at::Tensor());
+    if (y.defined()) return y;
+    return core::LinearForward(in, w.scalar_type() == x.scalar_type() ? w : w.to(x.scalar_type()), at::Tensor());
+  };
+  at::Tensor delta = project(project(x, m.a), m.b);
+  if (m.scale != 1.0f) delta.mul_(m.scale);
+  return delta;
 }
 
-bool Adapter::LoraFactors(int64_t layer, core::Projection p, const at::Tensor** a,
-                          const at::Tensor** b) const {
+bool Adapter::LoraFactors(int64_t layer, core::Projection p, const at::Tensor** a, const at::Tensor** b,
+                          float* scale) const {
   const int64_t i = layer * kProjections + static_cast<int64_t>(p);
   const LoraModule* m = i < static_cast<int64_t>(lookup_.size()) ? lookup_[i] : nullptr;
   if (m == nullptr) return false;
   *a = &m->a;
   *b = &m->b;
+  *scale = m->scale;
   return true;
 }
 

@@ -22,11 +22,14 @@
 
 namespace adapterd::adapters {
 
-// One adapted projection: y += (x · Aᵀ) · Bᵀ, with the scaling folded into B. Kept in PEFT's
-// layout (BLAS reads the transposes in place), so the memory held is the tensors' own.
+// One adapted projection: y += scale · (x · Aᵀ) · Bᵀ. Kept in PEFT's layout (BLAS reads the
+// transposes in place), so the memory held is the tensors' own. Factors in the compute dtype
+// have the scaling folded into B (scale 1); bfloat16 factors of a float32 model stay as the
+// file holds them (the CPU kernels widen them exactly) and carry their scaling apart.
 struct LoraModule {
   at::Tensor a;  // [r, in]
-  at::Tensor b;  // [out, r], already multiplied by the scaling.
+  at::Tensor b;  // [out, r]
+  float scale = 1.0f;
 };
 
 // The tensors of one adapter; exactly one part is set.
@@ -56,8 +59,8 @@ class Adapter final : public core::SequenceAdapter {
   int64_t SeedCache(core::KvCache& cache) const override;
   bool Adapts(int64_t layer, core::Projection p) const override;
   at::Tensor Delta(int64_t layer, core::Projection p, const at::Tensor& x) const override;
-  bool LoraFactors(int64_t layer, core::Projection p, const at::Tensor** a,
-                   const at::Tensor** b) const override;
+  bool LoraFactors(int64_t layer, core::Projection p, const at::Tensor** a, const at::Tensor** b,
+                   float* scale) const override;
 
  private:
   AdapterReport report_;

@@ -31,6 +31,7 @@ struct AdapterReport {
   std::map<std::string, int64_t> file_bytes_by_dtype;
   int64_t bytes = 0;  // Held in memory after conversion.
   std::string compute_dtype;
+  int64_t bf16_modules = 0;  // LoRA modules whose factors are held in bfloat16 (see LoraModule).
   double load_seconds = 0;
   std::vector<std::string> warnings;
 

@@ -65,8 +65,8 @@ void AdapterBatch::AddDelta(int64_t layer, Projection p, const at::Tensor& x,
   std::vector<const Range*> segment_ranges;
   for (const Range& r : ranges_) {
     if (!r.adapter->Adapts(layer, p)) continue;
-    cpu::LoraSegment s{r.offset, r.length, nullptr, nullptr};
-    if (r.length <= cpu::kLinearMaxRows && r.adapter->LoraFactors(layer, p, &s.a, &s.b)) {
+    cpu::LoraSegment s{r.offset, r.length, nullptr, nullptr, 1.0f};
+    if (r.length <= cpu::kLinearMaxRows && r.adapter->LoraFactors(layer, p, &s.a, &s.b, &s.scale)) {
       segments.push_back(s);
       segment_ranges.push_back(&r);
       continue;

@@ -50,6 +50,15 @@ bool IsCpuFloat(const at::Tensor& t) {
   return t.defined() && t.device().is_cpu() && t.scalar_type() == at::kFloat;
 }
 
+// Weights the kernels read: float32, or bfloat16 widened as they are loaded.
+bool IsCpuWeight(const at::Tensor& t) {
+  return t.defined() && t.device().is_cpu() && (t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16);
+}
+
+WeightType WeightTypeOf(const at::Tensor& w) {
+  return w.scalar_type() == at::kBFloat16 ? WeightType::kBf16 : WeightType::kF32;
+}
+
 }  // namespace
 
 Isa SupportedIsa() { return Detect(); }
@@ -82,7 +91,7 @@ bool IsaFromName(const std::string& name, Isa* isa) {
 
 at::Tensor Linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b) {
   const Isa isa = SelectedIsa();
-  if (isa == Isa::kNone || !IsCpuFloat(x) || !IsCpuFloat(w) || x.dim() != 2 || w.dim() != 2 ||
+  if (isa == Isa::kNone || !IsCpuFloat(x) || !IsCpuWeight(w) || x.dim() != 2 || w.dim() != 2 ||
       x.size(0) > kLinearMaxRows || x.size(1) != w.size(1) || x.stride(1) != 1 ||
       w.stride(1) != 1 || (b.defined() && (!IsCpuFloat(b) || !b.is_contiguous() ||
                                            b.dim() != 1 || b.size(0) != w.size(0)))) {
@@ -91,10 +100,11 @@ at::Tensor Linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b)
   const int64_t m = x.size(0), n = w.size(0), k = x.size(1);
   at::Tensor y = at::empty({m, n}, x.options());
   if (m == 0 || n == 0) return y;
-  const LinearArgs args{x.data_ptr<float>(), x.stride(0),
-                        w.data_ptr<float>(), w.stride(0),
-                        b.defined() ? b.data_ptr<float>() : nullptr,
-                        y.data_ptr<float>(), n, m, k};
+  LinearArgs args{x.data_ptr<float>(), x.stride(0),
+                  w.data_ptr(), w.stride(0),
+                  b.defined() ? b.data_ptr<float>() : nullptr,
+                  y.data_ptr<float>(), n, m, k};
+  args.w_type = WeightTypeOf(w);
   auto* kernel = isa == Isa::kAvx512 ? &LinearAvx512 : &LinearAvx2;
   // Split the outputs into blocks of 48 (a multiple of both ISAs' tile widths).
   constexpr int64_t kBlock = 48;
@@ -120,7 +130,7 @@ bool LoraSegments(const at::Tensor& x, at::Tensor& y, const std::vector<LoraSegm
     const LoraSegment& s = segments[i];
     const at::Tensor& a = *s.a;
     const at::Tensor& b = *s.b;
-    if (!IsCpuFloat(a) || !IsCpuFloat(b) || a.dim() != 2 || b.dim() != 2 || a.size(1) != in ||
+    if (!IsCpuWeight(a) || !IsCpuWeight(b) || a.dim() != 2 || b.dim() != 2 || a.size(1) != in ||
         b.size(0) != out || b.size(1) != a.size(0) || a.stride(1) != 1 || b.stride(1) != 1 ||
         s.length < 1 || s.length > kLinearMaxRows || s.offset < 0 || s.offset + s.length > x.size(0)) {
       return false;
@@ -154,12 +164,15 @@ bool LoraSegments(const at::Tensor& x, at::Tensor& y, const std::vector<LoraSegm
       const auto [i, n0] = tasks[static_cast<size_t>(k)];
       const LoraSegment& s = segments[static_cast<size_t>(i)];
       const int64_t rank = s.a->size(0);
-      LinearArgs args{xp + s.offset * x.stride(0), x.stride(0), s.a->data_ptr<float>(), s.a->stride(0),
+      LinearArgs args{xp + s.offset * x.stride(0), x.stride(0), s.a->data_ptr(), s.a->stride(0),
                       nullptr, t.data() + t_offset[static_cast<size_t>(i)], rank, s.length, in};
+      args.w_type = WeightTypeOf(*s.a);
       if (k + 1 < end) {
         const auto [ni, nn0] = tasks[static_cast<size_t>(k + 1)];
         const at::Tensor& na = *segments[static_cast<size_t>(ni)].a;
-        if (na.stride(0) == s.a->stride(0)) args.w_next = na.data_ptr<float>() + nn0 * na.stride(0);
+        if (na.stride(0) == s.a->stride(0) && na.scalar_type() == s.a->scalar_type()) {
+          args.w_next = static_cast<const char*>(na.data_ptr()) + nn0 * na.stride(0) * na.element_size();
+        }
       }
       kernel(args, n0, std::min(rank, n0 + kBlock));
     }
@@ -170,9 +183,11 @@ bool LoraSegments(const at::Tensor& x, at::Tensor& y, const std::vector<LoraSegm
       const auto [i, n0] = tasks[static_cast<size_t>(k)];
       const LoraSegment& s = segments[static_cast<size_t>(i)];
       const int64_t rank = s.a->size(0);
-      LinearArgs args{t.data() + t_offset[static_cast<size_t>(i)], rank, s.b->data_ptr<float>(), s.b->stride(0),
+      LinearArgs args{t.data() + t_offset[static_cast<size_t>(i)], rank, s.b->data_ptr(), s.b->stride(0),
                       nullptr, yp + s.offset * y.stride(0), y.stride(0), s.length, rank};
       args.accumulate = true;
+      args.w_type = WeightTypeOf(*s.b);
+      args.scale = s.scale;
       kernel(args, n0, std::min(out, n0 + kBlock));
     }
   });

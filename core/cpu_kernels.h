@@ -41,26 +41,29 @@ const char* IsaName(Isa isa);
 bool IsaFromName(const std::string& name, Isa* isa);
 
 // Returns y = x·wᵀ + b (b may be undefined) when a kernel applies: x [M, K] with
-// M <= kLinearMaxRows, w [N, K], both CPU float32 with unit stride along K, b contiguous [N].
-// Returns an undefined tensor otherwise.
+// M <= kLinearMaxRows, w [N, K], both on the CPU with unit stride along K, x float32, w float32
+// or bfloat16 (widened exactly: the result equals the float32 copy's), b float32 contiguous
+// [N]. Returns an undefined tensor otherwise.
 at::Tensor Linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b);
 
 // The rows [offset, offset + length) of a packed batch that one LoRA adapter applies to, with
-// its factors: a [rank, in] and b [out, rank] (the scaling folded into b).
+// its factors: a [rank, in] and b [out, rank], float32 or bfloat16, and the scaling applied
+// to x·aᵀ·bᵀ (1 when folded into b).
 struct LoraSegment {
   int64_t offset = 0;
   int64_t length = 0;
   const at::Tensor* a = nullptr;
   const at::Tensor* b = nullptr;
+  float scale = 1.0f;
 };
 
-// y[rows of s] += (x[rows of s]·a_sᵀ)·b_sᵀ for every segment s, in two parallel passes (all
-// the shrinks, then all the expands) whatever the number of segments: Punica's SGMV on CPU,
-// so a step over many distinct adapters pays no per-adapter dispatch. Each row's result is
-// bit-identical to Linear(Linear(x_s, a_s), b_s) added to y_s. Returns false, touching
-// nothing, when it does not apply: x [M, in] and y [M, out] CPU float32 with unit stride along
-// the features, factors CPU float32 with unit inner stride, segments of at most
-// kLinearMaxRows rows within [0, M).
+// y[rows of s] += scale_s·(x[rows of s]·a_sᵀ)·b_sᵀ for every segment s, in two parallel
+// passes (all the shrinks, then all the expands) whatever the number of segments: Punica's
+// SGMV on CPU, so a step over many distinct adapters pays no per-adapter dispatch. Each row's
+// result is bit-identical to scale_s·Linear(Linear(x_s, a_s), b_s) added to y_s. Returns
+// false, touching nothing, when it does not apply: x [M, in] and y [M, out] CPU float32 with
+// unit stride along the features, factors CPU float32 or bfloat16 with unit inner stride,
+// segments of at most kLinearMaxRows rows within [0, M).
 bool LoraSegments(const at::Tensor& x, at::Tensor& y, const std::vector<LoraSegment>& segments);
 
 // One decode row of a packed batch: token `index` of q/k/v continues the sequence in `cache`.

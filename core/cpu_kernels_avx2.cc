@@ -14,6 +14,11 @@ struct Vec {
   static T Zero() { return _mm256_setzero_ps(); }
   static T Set1(float v) { return _mm256_set1_ps(v); }
   static T Load(const float* p) { return _mm256_loadu_ps(p); }
+  // Eight bfloat16 values widened to float32 (the bits move to the high half).
+  static T LoadBf16(const uint16_t* p) {
+    const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+  }
   static void Store(float* p, T v) { _mm256_storeu_ps(p, v); }
   static T Fma(T a, T b, T c) { return _mm256_fmadd_ps(a, b, c); }
   static float Sum(T v) {

@@ -14,6 +14,13 @@ struct Vec {
   static T Zero() { return _mm512_setzero_ps(); }
   static T Set1(float v) { return _mm512_set1_ps(v); }
   static T Load(const float* p) { return _mm512_loadu_ps(p); }
+  // Sixteen bfloat16 values widened to float32 (the bits move to the high half). All-ones
+  // masked forms, for the reason given at Sum().
+  static T LoadBf16(const uint16_t* p) {
+    const __m512i wide =
+        _mm512_maskz_cvtepu16_epi32(0xffff, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    return _mm512_castsi512_ps(_mm512_maskz_slli_epi32(0xffff, wide, 16));
+  }
   static void Store(float* p, T v) { _mm512_storeu_ps(p, v); }
   static T Fma(T a, T b, T c) { return _mm512_fmadd_ps(a, b, c); }
   // (_mm512_reduce_add_ps and the unmasked shuffles trip GCC 12's -Wuninitialized through

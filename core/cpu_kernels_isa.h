@@ -8,12 +8,16 @@
 
 namespace adapterd::core::cpu {
 
-// y[i, n] = sum_k x[i, k]·w[n, k] (+ b[n]) for rows i < m and outputs n in [n0, n1); with
-// `accumulate`, that sum is added to y[i, n] instead (one rounding, as y + (x·wᵀ) would do).
+// How the weights of a LinearArgs are stored; bfloat16 is widened to float32 exactly as it is
+// loaded, so the sums are those of the float32 copy.
+enum class WeightType : int32_t { kF32, kBf16 };
+
+// y[i, n] = scale·(sum_k x[i, k]·w[n, k] (+ b[n])) for rows i < m and outputs n in [n0, n1);
+// with `accumulate`, that is added to y[i, n] instead (as y + scale·(x·wᵀ) would do).
 struct LinearArgs {
   const float* x;
   int64_t ldx;
-  const float* w;
+  const void* w;  // float, or uint16_t bfloat16 bits (w_type).
   int64_t ldw;
   const float* b;  // Null: no bias.
   float* y;
@@ -21,9 +25,11 @@ struct LinearArgs {
   int64_t m;
   int64_t k;
   bool accumulate = false;
-  // Rows (ldw apart, k long) that come next after outputs [n0, n1), e.g. the next adapter's
-  // factors: the last tile prefetches them as it prefetches its successor within the range.
-  const float* w_next = nullptr;
+  // Rows (ldw apart, k long, of w_type) that come next after outputs [n0, n1), e.g. the next
+  // adapter's factors: the last tile prefetches them as it prefetches its successor.
+  const void* w_next = nullptr;
+  WeightType w_type = WeightType::kF32;
+  float scale = 1.0f;
 };
 
 // One decode row's attention for one kv head: its key and value are stored at `position` of

@@ -210,6 +210,43 @@ TEST_P(LoraSegmentsTest, EqualsThePerAdapterProductBitForBit) {
   EXPECT_TRUE(at::equal(y[0], base[0]));
 }
 
+// bfloat16 factors (as adapters trained in bf16 are saved) with their scaling apart: the
+// result is bit-identical to the float32 copies' (widening is exact), and Linear() reads
+// bfloat16 weights the same way.
+TEST_P(LoraSegmentsTest, Bfloat16FactorsEqualTheirFloat32CopiesBitForBit) {
+  at::manual_seed(12);
+  const int64_t in = 200, out = 72;
+  at::Tensor x = at::randn({9, in});
+  at::Tensor base = at::randn({9, out});
+  std::vector<at::Tensor> a16, b16, a32, b32;
+  std::vector<LoraSegment> segments;
+  const float scales[] = {2.0f, 0.125f, 1.0f, 0.7071f};
+  for (int i = 0; i < 4; ++i) {
+    const int64_t rank = int64_t{4} << i;
+    a16.push_back(at::randn({rank, in}).to(at::kBFloat16));
+    b16.push_back(at::randn({out, rank}).to(at::kBFloat16));
+    a32.push_back(a16.back().to(at::kFloat));
+    b32.push_back(b16.back().to(at::kFloat));
+  }
+  for (int i = 0; i < 4; ++i) {
+    segments.push_back(LoraSegment{2 * i, 2, &a16[static_cast<size_t>(i)], &b16[static_cast<size_t>(i)], scales[i]});
+  }
+  at::Tensor y = base.clone();
+  ASSERT_TRUE(LoraSegments(x, y, segments));
+  at::Tensor want = base.clone();
+  for (int i = 0; i < 4; ++i) {
+    at::Tensor xs = x.narrow(0, 2 * i, 2);
+    at::Tensor t32 = Linear(xs, a32[static_cast<size_t>(i)], at::Tensor());
+    at::Tensor t16 = Linear(xs, a16[static_cast<size_t>(i)], at::Tensor());
+    ASSERT_TRUE(t16.defined());
+    ASSERT_TRUE(at::equal(t16, t32));
+    want.narrow(0, 2 * i, 2).add_(Linear(t32, b32[static_cast<size_t>(i)], at::Tensor()).mul_(scales[i]));
+  }
+  EXPECT_TRUE(at::equal(y, want)) << (y - want).abs().max().item<float>();
+  EXPECT_FALSE(at::equal(y.narrow(0, 0, 8), base.narrow(0, 0, 8)));
+  EXPECT_TRUE(at::equal(y[8], base[8]));
+}
+
 TEST_P(LoraSegmentsTest, DeclinesWhatItCannotTakeAndTouchesNothing) {
   at::Tensor x = at::randn({8, 16}), y = at::randn({8, 24});
   at::Tensor a = at::randn({4, 16}), b = at::randn({24, 4});
