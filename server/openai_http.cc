@@ -77,7 +77,8 @@ ApiError FromStatus(const absl::Status& s) {
       e = ApiError{401, e.message, "authentication_error", "", "invalid_api_key"};
       break;
     case absl::StatusCode::kPermissionDenied: e = ApiError{403, e.message, "permission_error", "", ""}; break;
-    case absl::StatusCode::kNotFound: e = ApiError{404, e.message, "not_found_error", "", ""}; break;
+    // Only models are looked up by name here (the base, a loaded adapter, one on disk).
+    case absl::StatusCode::kNotFound: e = ApiError{404, e.message, "not_found_error", "model", "model_not_found"}; break;
     case absl::StatusCode::kResourceExhausted:
       e = ApiError{429, e.message, "rate_limit_error", "", "rate_limit_exceeded"};
       break;
@@ -669,10 +670,7 @@ struct OpenAiServer::Impl {
         if (!built.ok()) {
           ctx.metrics.RequestDone(run.ask.adapter, absl::StatusCodeToString(built.status().code()), 0, 0, 0, 0, 0);
           ApiError e = FromStatus(built.status());
-          if (absl::IsNotFound(built.status())) {
-            e.param = "model";
-            e.code = "model_not_found";
-          }
+
           return e;
         }
         const int index = static_cast<int>(run.choices.size());

@@ -10,6 +10,8 @@ evicts only idle, unpinned adapters and changes no answer. Prints 'N passed, N f
 
 Usage: on_demand_test.py ADAPTERD_BINARY FIXTURES_DIR PROTO_DIR
 """
+import http.client
+import json
 import os
 import sys
 import threading
@@ -35,6 +37,19 @@ def metric(port, name, labels=""):
     return total
 
 
+def post(port, path, body):
+    """An OpenAI-front call; returns (status, parsed body or the raw text)."""
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+    c.request("POST", path, body=json.dumps(body), headers={"Content-Type": "application/json"})
+    r = c.getresponse()
+    text = r.read().decode("utf-8")
+    c.close()
+    try:
+        return r.status, json.loads(text)
+    except json.JSONDecodeError:
+        return r.status, text
+
+
 def main():
     binary, fixtures, proto_dir = sys.argv[1:4]
     stubs = load_stubs(proto_dir)
@@ -57,12 +72,15 @@ def main():
         for a in ADAPTERS:
             for i, p in enumerate(PROMPTS):
                 for seed in (0, 7 + i):
-                    reference[(a, p, seed)] = list(stub.Generate(request(p, a, seed), timeout=60).token_ids)
+                    out = stub.Generate(request(p, a, seed), timeout=60)
+                    reference[(a, p, seed)] = list(out.token_ids)
+                    reference[(a, p, seed, "text")] = out.text
     finally:
         ref_server.stop()
 
     server = Adapterd(binary, fixtures, ["--load_on_demand", "--max_adapters=2", "--adapter_failure_ttl_s=60",
-                                         "--preload=pinned=lora_regex", "--max_batch_rows=8"])
+                                         "--preload=pinned=lora_regex", "--max_batch_rows=8",
+                                         "--http_listen=127.0.0.1:0"])
     try:
         channel = grpc.insecure_channel(server.addr)
         stub = stubs.generation_pb2_grpc.GenerationStub(channel)
@@ -88,6 +106,20 @@ def main():
         loads = metric(port, "adapterd_adapter_loads_total", 'trigger="on_demand",result="loaded"')
         check("16 first requests cause one load", loads == 1, str(loads))
         check("waits were measured", metric(port, "adapterd_adapter_wait_seconds_count") >= 1)
+
+        # The OpenAI front: `model` may name an adapter folder that is not loaded yet.
+        http_port = server.ports["http"]
+        completion = {"model": "lora_all_rslora", "prompt": PROMPTS[0], "max_tokens": 6, "temperature": 0,
+                      "ignore_eos": True}
+        st, body = post(http_port, "/v1/completions", completion)
+        check("http first request on demand", st == 200 and body["choices"][0]["text"]
+              == reference[("lora_all_rslora", PROMPTS[0], 0, "text")], f"{st} {body}")
+        st, body = post(http_port, "/v1/completions", dict(completion, model="no_such_adapter"))
+        check("http unknown folder is 404 model_not_found", st == 404 and body["error"]["code"] == "model_not_found"
+              and body["error"]["param"] == "model", f"{st} {body}")
+        st, body = post(http_port, "/v1/completions", dict(completion, model="bad_missing_b", stream=True))
+        check("http stream for a broken adapter answers its error before streaming",
+              st == 400 and "lora_B" in body["error"]["message"], f"{st} {body}")
 
         # The first stream for an adapter on disk works too (and matches).
         chunks = list(stub.GenerateStream(request(PROMPTS[1], "prefix_llama"), timeout=60))
