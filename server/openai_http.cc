@@ -669,9 +669,7 @@ struct OpenAiServer::Impl {
         auto built = BuildRequest(ctx, g, std::chrono::system_clock::time_point::max());
         if (!built.ok()) {
           ctx.metrics.RequestDone(run.ask.adapter, absl::StatusCodeToString(built.status().code()), 0, 0, 0, 0, 0);
-          ApiError e = FromStatus(built.status());
-
-          return e;
+          return FromStatus(built.status());
         }
         const int index = static_cast<int>(run.choices.size());
         Choice c;
