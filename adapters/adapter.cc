@@ -44,25 +44,25 @@ bool Adapter::Adapts(int64_t layer, core::Projection p) const {
 
 at::Tensor Adapter::Delta(int64_t layer, core::Projection p, const at::Tensor& x) const {
   const LoraModule& m = *lookup_[layer * kProjections + static_cast<int64_t>(p)];
-  // scale·(x·Aᵀ)·Bᵀ; the few-row CPU kernel reads bfloat16 factors as they are, ATen gets
-  // them widened.
-  auto project = [&x](const at::Tensor& in, const at::Tensor& w) {
-    at::Tensor y = core::cpu::Linear(in, w, at::Tensor());
-    if (y.defined()) return y;
-    return core::LinearForward(in, w.scalar_type() == x.scalar_type() ? w : w.to(x.scalar_type()), at::Tensor());
-  };
-  at::Tensor delta = project(project(x, m.a), m.b);
+  // scale·(x·Aᵀ)·Bᵀ. The CPU kernels read bfloat16 factors as they are and sum the expand as
+  // the segmented kernel does; ATen gets the factors widened.
+  auto widened = [&x](const at::Tensor& w) { return w.scalar_type() == x.scalar_type() ? w : w.to(x.scalar_type()); };
+  at::Tensor t = core::cpu::Linear(x, m.a, at::Tensor());
+  if (!t.defined()) t = core::LinearForward(x, widened(m.a), at::Tensor());
+  at::Tensor delta = core::cpu::LoraExpand(t, m.bt, m.scale);
+  if (delta.defined()) return delta;
+  delta = at::matmul(t, widened(m.bt));
   if (m.scale != 1.0f) delta.mul_(m.scale);
   return delta;
 }
 
-bool Adapter::LoraFactors(int64_t layer, core::Projection p, const at::Tensor** a, const at::Tensor** b,
+bool Adapter::LoraFactors(int64_t layer, core::Projection p, const at::Tensor** a, const at::Tensor** bt,
                           float* scale) const {
   const int64_t i = layer * kProjections + static_cast<int64_t>(p);
   const LoraModule* m = i < static_cast<int64_t>(lookup_.size()) ? lookup_[i] : nullptr;
   if (m == nullptr) return false;
   *a = &m->a;
-  *b = &m->b;
+  *bt = &m->bt;
   *scale = m->scale;
   return true;
 }

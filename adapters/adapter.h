@@ -22,13 +22,14 @@
 
 namespace adapterd::adapters {
 
-// One adapted projection: y += scale · (x · Aᵀ) · Bᵀ. Kept in PEFT's layout (BLAS reads the
-// transposes in place), so the memory held is the tensors' own. Factors in the compute dtype
-// have the scaling folded into B (scale 1); bfloat16 factors of a float32 model stay as the
-// file holds them (the CPU kernels widen them exactly) and carry their scaling apart.
+// One adapted projection: y += scale · (x · Aᵀ) · Bᵀ. A keeps PEFT's layout; B is held
+// transposed, Bᵀ [r, out], so that the expand is one contiguous axpy per rank (see
+// cpu::LoraSegments); the memory held is the tensors' own. Factors in the compute dtype have
+// the scaling folded into Bᵀ (scale 1); bfloat16 factors of a float32 model stay as the file
+// holds them (the CPU kernels widen them exactly) and carry their scaling apart.
 struct LoraModule {
-  at::Tensor a;  // [r, in]
-  at::Tensor b;  // [out, r]
+  at::Tensor a;   // [r, in]
+  at::Tensor bt;  // [r, out], contiguous.
   float scale = 1.0f;
 };
 
@@ -59,7 +60,7 @@ class Adapter final : public core::SequenceAdapter {
   int64_t SeedCache(core::KvCache& cache) const override;
   bool Adapts(int64_t layer, core::Projection p) const override;
   at::Tensor Delta(int64_t layer, core::Projection p, const at::Tensor& x) const override;
-  bool LoraFactors(int64_t layer, core::Projection p, const at::Tensor** a, const at::Tensor** b,
+  bool LoraFactors(int64_t layer, core::Projection p, const at::Tensor** a, const at::Tensor** bt,
                    float* scale) const override;
 
  private:

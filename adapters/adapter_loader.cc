@@ -215,19 +215,19 @@ absl::StatusOr<AdapterWeights> LoadLora(
     LoraModule lm;
     lm.a = std::move(a);
     if (keep_bf16) {
-      lm.b = std::move(b);
       lm.scale = static_cast<float>(scaling);
       ++report.bf16_modules;
     } else {
-      lm.b = b.mul_(scaling);  // `b` is this loader's own copy.
+      b.mul_(scaling);  // `b` is this loader's own copy.
     }
+    lm.bt = b.t().contiguous();
     if (!std::isfinite(scaling) || !std::isfinite(lm.scale) ||
-        !at::isfinite(lm.b.to(at::kFloat).mul_(lm.scale)).all().item<bool>()) {
+        !at::isfinite(lm.bt.to(at::kFloat).mul_(lm.scale)).all().item<bool>()) {
       return absl::InvalidArgumentError(absl::StrCat(
           label, ": lora_B for ", mname, " times its scaling ", scaling, " (lora_alpha ", alpha,
           ", r ", r, ") is not finite in ", c10::toString(options.dtype().toScalarType())));
     }
-    report.bytes += lm.a.nbytes() + lm.b.nbytes();
+    report.bytes += lm.a.nbytes() + lm.bt.nbytes();
     weights.lora[{m.layer, m.projection}] = std::move(lm);
     ranks.insert(r);
     alphas.insert(alpha);

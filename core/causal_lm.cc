@@ -66,7 +66,7 @@ void AdapterBatch::AddDelta(int64_t layer, Projection p, const at::Tensor& x,
   for (const Range& r : ranges_) {
     if (!r.adapter->Adapts(layer, p)) continue;
     cpu::LoraSegment s{r.offset, r.length, nullptr, nullptr, 1.0f};
-    if (r.length <= cpu::kLinearMaxRows && r.adapter->LoraFactors(layer, p, &s.a, &s.b, &s.scale)) {
+    if (r.length <= cpu::kLinearMaxRows && r.adapter->LoraFactors(layer, p, &s.a, &s.bt, &s.scale)) {
       segments.push_back(s);
       segment_ranges.push_back(&r);
       continue;

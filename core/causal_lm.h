@@ -46,11 +46,11 @@ class SequenceAdapter {
   virtual at::Tensor Delta(int64_t /*layer*/, Projection /*p*/, const at::Tensor& /*x*/) const {
     return at::Tensor();
   }
-  // For a plain LoRA projection, its factors: Delta(x) = scale·(x·aᵀ)·bᵀ with a [r, in] and
-  // b [out, r]. Lets core run the rows of many adapters in one segmented kernel; false (the
-  // default) means core calls Delta() instead.
+  // For a plain LoRA projection, its factors: Delta(x) = scale·(x·aᵀ)·bt with a [r, in] and
+  // bt = Bᵀ [r, out]. Lets core run the rows of many adapters in one segmented kernel; false
+  // (the default) means core calls Delta() instead.
   virtual bool LoraFactors(int64_t /*layer*/, Projection /*p*/, const at::Tensor** /*a*/,
-                           const at::Tensor** /*b*/, float* /*scale*/) const {
+                           const at::Tensor** /*bt*/, float* /*scale*/) const {
     return false;
   }
 };

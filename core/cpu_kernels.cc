@@ -24,6 +24,9 @@ std::atomic<Isa>& Selected() {
   return isa;
 }
 
+// Outputs per task of a LoRA expand: a multiple of both ISAs' four-vector step (64 and 32).
+constexpr int64_t kExpandBlock = 128;
+
 // Work (multiply-adds) below which a parallel region costs more than it saves.
 constexpr int64_t kParallelWork = 1 << 15;
 
@@ -129,9 +132,9 @@ bool LoraSegments(const at::Tensor& x, at::Tensor& y, const std::vector<LoraSegm
   for (size_t i = 0; i < segments.size(); ++i) {
     const LoraSegment& s = segments[i];
     const at::Tensor& a = *s.a;
-    const at::Tensor& b = *s.b;
-    if (!IsCpuWeight(a) || !IsCpuWeight(b) || a.dim() != 2 || b.dim() != 2 || a.size(1) != in ||
-        b.size(0) != out || b.size(1) != a.size(0) || a.stride(1) != 1 || b.stride(1) != 1 ||
+    const at::Tensor& bt = *s.bt;
+    if (!IsCpuWeight(a) || !IsCpuWeight(bt) || a.dim() != 2 || bt.dim() != 2 || a.size(1) != in ||
+        bt.size(1) != out || bt.size(0) != a.size(0) || a.stride(1) != 1 || bt.stride(1) != 1 ||
         s.length < 1 || s.length > kLinearMaxRows || s.offset < 0 || s.offset + s.length > x.size(0)) {
       return false;
     }
@@ -147,7 +150,8 @@ bool LoraSegments(const at::Tensor& x, at::Tensor& y, const std::vector<LoraSegm
     tasks.clear();
     for (size_t i = 0; i < segments.size(); ++i) {
       const int64_t n = shrink ? segments[i].a->size(0) : out;
-      for (int64_t n0 = 0; n0 < n; n0 += kBlock) tasks.emplace_back(static_cast<int64_t>(i), n0);
+      const int64_t block = shrink ? kBlock : kExpandBlock;
+      for (int64_t n0 = 0; n0 < n; n0 += block) tasks.emplace_back(static_cast<int64_t>(i), n0);
     }
   };
   std::vector<float> t(static_cast<size_t>(t_offset.back()));
@@ -178,20 +182,40 @@ bool LoraSegments(const at::Tensor& x, at::Tensor& y, const std::vector<LoraSegm
     }
   });
   make_tasks(/*shrink=*/false);
+  auto* expand = isa == Isa::kAvx512 ? &ExpandAvx512 : &ExpandAvx2;
   ForChunks(static_cast<int64_t>(tasks.size()), chunk(), expand_work >= 2 * kParallelWork, [&](int64_t begin, int64_t end) {
     for (int64_t k = begin; k < end; ++k) {
       const auto [i, n0] = tasks[static_cast<size_t>(k)];
       const LoraSegment& s = segments[static_cast<size_t>(i)];
       const int64_t rank = s.a->size(0);
-      LinearArgs args{t.data() + t_offset[static_cast<size_t>(i)], rank, s.b->data_ptr(), s.b->stride(0),
-                      nullptr, yp + s.offset * y.stride(0), y.stride(0), s.length, rank};
-      args.accumulate = true;
-      args.w_type = WeightTypeOf(*s.b);
+      ExpandArgs args{t.data() + t_offset[static_cast<size_t>(i)], rank, s.bt->data_ptr(), s.bt->stride(0),
+                      yp + s.offset * y.stride(0), y.stride(0), s.length, rank};
+      args.w_type = WeightTypeOf(*s.bt);
       args.scale = s.scale;
-      kernel(args, n0, std::min(out, n0 + kBlock));
+      expand(args, n0, std::min(out, n0 + kExpandBlock));
     }
   });
   return true;
+}
+
+at::Tensor LoraExpand(const at::Tensor& t, const at::Tensor& bt, float scale) {
+  const Isa isa = SelectedIsa();
+  if (isa == Isa::kNone || !IsCpuFloat(t) || !IsCpuWeight(bt) || t.dim() != 2 || bt.dim() != 2 ||
+      t.size(1) != bt.size(0) || t.stride(1) != 1 || bt.stride(1) != 1) {
+    return at::Tensor();
+  }
+  const int64_t m = t.size(0), out = bt.size(1), rank = bt.size(0);
+  at::Tensor y = at::zeros({m, out}, t.options());
+  if (m == 0 || out == 0) return y;
+  ExpandArgs args{t.data_ptr<float>(), t.stride(0), bt.data_ptr(), bt.stride(0), y.data_ptr<float>(), out, m, rank};
+  args.w_type = WeightTypeOf(bt);
+  args.scale = scale;
+  auto* expand = isa == Isa::kAvx512 ? &ExpandAvx512 : &ExpandAvx2;
+  const int64_t blocks = (out + kExpandBlock - 1) / kExpandBlock;
+  ForChunks(blocks, 1, m * rank * out >= 2 * kParallelWork, [&](int64_t begin, int64_t end) {
+    expand(args, begin * kExpandBlock, std::min(out, end * kExpandBlock));
+  });
+  return y;
 }
 
 bool DecodeAttentionApplies(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,

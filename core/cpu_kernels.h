@@ -47,24 +47,31 @@ bool IsaFromName(const std::string& name, Isa* isa);
 at::Tensor Linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b);
 
 // The rows [offset, offset + length) of a packed batch that one LoRA adapter applies to, with
-// its factors: a [rank, in] and b [out, rank], float32 or bfloat16, and the scaling applied
-// to x·aᵀ·bᵀ (1 when folded into b).
+// its factors: a [rank, in] and bt = Bᵀ [rank, out], float32 or bfloat16, and the scaling
+// applied to x·aᵀ·bt (1 when folded into bt).
 struct LoraSegment {
   int64_t offset = 0;
   int64_t length = 0;
   const at::Tensor* a = nullptr;
-  const at::Tensor* b = nullptr;
+  const at::Tensor* bt = nullptr;
   float scale = 1.0f;
 };
 
-// y[rows of s] += scale_s·(x[rows of s]·a_sᵀ)·b_sᵀ for every segment s, in two parallel
+// y[rows of s] += scale_s·(x[rows of s]·a_sᵀ)·bt_s for every segment s, in two parallel
 // passes (all the shrinks, then all the expands) whatever the number of segments: Punica's
-// SGMV on CPU, so a step over many distinct adapters pays no per-adapter dispatch. Each row's
-// result is bit-identical to scale_s·Linear(Linear(x_s, a_s), b_s) added to y_s. Returns
-// false, touching nothing, when it does not apply: x [M, in] and y [M, out] CPU float32 with
-// unit stride along the features, factors CPU float32 or bfloat16 with unit inner stride,
-// segments of at most kLinearMaxRows rows within [0, M).
+// SGMV on CPU, so a step over many distinct adapters pays no per-adapter dispatch. The shrink
+// is Linear(x_s, a_s); the expand is one axpy per rank over the rows of bt (no horizontal
+// sums, however short the rank), summed in rank order with fused multiply-adds, then scaled
+// and added: LoraExpand() computes the same values. A row's result depends only on its own
+// input. Returns false, touching nothing, when it does not apply: x [M, in] and y [M, out]
+// CPU float32 with unit stride along the features, factors CPU float32 or bfloat16 with unit
+// inner stride, segments of at most kLinearMaxRows rows within [0, M).
 bool LoraSegments(const at::Tensor& x, at::Tensor& y, const std::vector<LoraSegment>& segments);
+
+// Returns scale·(t·bt) ([M, out]) for t [M, rank] float32 (unit inner stride) and bt [rank,
+// out] float32 or bfloat16 on the CPU, summed as LoraSegments() sums it; undefined when no
+// kernel applies.
+at::Tensor LoraExpand(const at::Tensor& t, const at::Tensor& bt, float scale);
 
 // One decode row of a packed batch: token `index` of q/k/v continues the sequence in `cache`.
 struct DecodeRow {

@@ -21,6 +21,14 @@ struct Vec {
   }
   static void Store(float* p, T v) { _mm256_storeu_ps(p, v); }
   static T Fma(T a, T b, T c) { return _mm256_fmadd_ps(a, b, c); }
+  static T Mul(T a, T b) { return _mm256_mul_ps(a, b); }
+  // `v` as it is now, rounded: GCC contracts a product and a later sum into one FMA
+  // (-ffp-contract=fast) unless the product has to be materialised first.
+  static T Materialize(T v) {
+    asm("" : "+v"(v));
+    return v;
+  }
+  static T Add(T a, T b) { return _mm256_add_ps(a, b); }
   static float Sum(T v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -35,5 +43,6 @@ struct Vec {
 
 void LinearAvx2(const LinearArgs& args, int64_t n0, int64_t n1) { LinearTiles(args, n0, n1); }
 void AttendAvx2(const AttendArgs& args) { AttendHead(args); }
+void ExpandAvx2(const ExpandArgs& args, int64_t o0, int64_t o1) { Expand(args, o0, o1); }
 
 }  // namespace adapterd::core::cpu

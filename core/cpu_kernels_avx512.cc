@@ -23,6 +23,14 @@ struct Vec {
   }
   static void Store(float* p, T v) { _mm512_storeu_ps(p, v); }
   static T Fma(T a, T b, T c) { return _mm512_fmadd_ps(a, b, c); }
+  static T Mul(T a, T b) { return _mm512_mul_ps(a, b); }
+  // `v` as it is now, rounded: GCC contracts a product and a later sum into one FMA
+  // (-ffp-contract=fast) unless the product has to be materialised first.
+  static T Materialize(T v) {
+    asm("" : "+v"(v));
+    return v;
+  }
+  static T Add(T a, T b) { return _mm512_add_ps(a, b); }
   // (_mm512_reduce_add_ps and the unmasked shuffles trip GCC 12's -Wuninitialized through
   // _mm512_undefined_ps; the all-ones masked forms do not.)
   static float Sum(T v) {
@@ -41,5 +49,6 @@ struct Vec {
 
 void LinearAvx512(const LinearArgs& args, int64_t n0, int64_t n1) { LinearTiles(args, n0, n1); }
 void AttendAvx512(const AttendArgs& args) { AttendHead(args); }
+void ExpandAvx512(const ExpandArgs& args, int64_t o0, int64_t o1) { Expand(args, o0, o1); }
 
 }  // namespace adapterd::core::cpu

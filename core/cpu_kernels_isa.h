@@ -32,6 +32,23 @@ struct LinearArgs {
   float scale = 1.0f;
 };
 
+// y[i, o] += scale·(sum_r t[i, r]·wt[r, o]) for rows i < m and outputs o in [o0, o1): a LoRA
+// expand over Bᵀ (wt [k, n] row-major, float or bfloat16), one axpy per rank so there are no
+// horizontal sums however short the rank. The sum over r runs in order with fused
+// multiply-adds from zero, then is scaled and added (two roundings).
+struct ExpandArgs {
+  const float* t;
+  int64_t ldt;
+  const void* wt;
+  int64_t ldw;
+  float* y;
+  int64_t ldy;
+  int64_t m;
+  int64_t k;
+  WeightType w_type = WeightType::kF32;
+  float scale = 1.0f;
+};
+
 // One decode row's attention for one kv head: its key and value are stored at `position` of
 // the head's cache, then each of the `group` query heads attends over positions
 // [first, position].
@@ -54,5 +71,7 @@ void LinearAvx512(const LinearArgs& args, int64_t n0, int64_t n1);
 void LinearAvx2(const LinearArgs& args, int64_t n0, int64_t n1);
 void AttendAvx512(const AttendArgs& args);
 void AttendAvx2(const AttendArgs& args);
+void ExpandAvx512(const ExpandArgs& args, int64_t o0, int64_t o1);
+void ExpandAvx2(const ExpandArgs& args, int64_t o0, int64_t o1);
 
 }  // namespace adapterd::core::cpu

@@ -85,7 +85,7 @@ std::vector<adapterd::adapters::AdapterRef> DistinctAdapters(const adapterd::cor
       for (auto [p, in, o] : {std::tuple{Projection::kQ, c.hidden_size, q}, std::tuple{Projection::kK, c.hidden_size, kv},
                               std::tuple{Projection::kV, c.hidden_size, kv}, std::tuple{Projection::kO, q, c.hidden_size}}) {
         const at::ScalarType dtype = bf16 ? at::kBFloat16 : at::kFloat;
-        w.lora[{layer, p}] = {(at::randn({rank, in}) * 0.02).to(dtype), (at::randn({o, rank}) * 0.02).to(dtype),
+        w.lora[{layer, p}] = {(at::randn({rank, in}) * 0.02).to(dtype), (at::randn({rank, o}) * 0.02).to(dtype),
                               bf16 ? 0.5f : 1.0f};
       }
     }

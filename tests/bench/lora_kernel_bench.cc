@@ -49,7 +49,7 @@ int main(int argc, char** argv) {
     for (int64_t i = 0; i < adapters; ++i) {
       const int64_t rank = int64_t{8} << (i % 4);
       as[s].push_back(at::randn({rank, width}));
-      bs[s].push_back(at::randn({width, rank}));
+      bs[s].push_back(at::randn({rank, width}));  // Bᵀ.
       bytes += 2 * rank * width * 4;
     }
     for (int64_t i = 0; i < adapters; ++i) {

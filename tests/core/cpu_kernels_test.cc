@@ -171,8 +171,8 @@ INSTANTIATE_TEST_SUITE_P(Isas, DecodeAttentionTest, ::testing::Values(Isa::kAvx2
 class LoraSegmentsTest : public IsaTest {};
 
 // Segments of mixed ranks and lengths over a batch, some rows with no adapter: every row
-// equals (bit for bit) the per-adapter path, Linear(Linear(x_s, a_s), b_s) added to y_s, and
-// both agree with a double-precision product.
+// equals (bit for bit) the per-adapter path, LoraExpand(Linear(x_s, a_s), bt_s) added to y_s,
+// and both agree with a double-precision product.
 TEST_P(LoraSegmentsTest, EqualsThePerAdapterProductBitForBit) {
   at::manual_seed(11);
   const int64_t in = 96, out = 130;
@@ -186,7 +186,7 @@ TEST_P(LoraSegmentsTest, EqualsThePerAdapterProductBitForBit) {
   int64_t offset = 1;  // Row 0 and the gaps have no adapter.
   for (int i = 0; i < 7; ++i) {
     as.push_back(at::randn({ranks[i], in}));
-    bs.push_back(at::randn({out, ranks[i]}) * 0.1);
+    bs.push_back(at::randn({ranks[i], out}) * 0.1);  // Bᵀ.
   }
   for (int i = 0; i < 7; ++i) {
     segments.push_back(LoraSegment{offset, lengths[i], &as[static_cast<size_t>(i)], &bs[static_cast<size_t>(i)]});
@@ -200,9 +200,11 @@ TEST_P(LoraSegmentsTest, EqualsThePerAdapterProductBitForBit) {
     at::Tensor xs = x.narrow(0, s.offset, s.length);
     at::Tensor t = Linear(xs, *s.a, at::Tensor());
     ASSERT_TRUE(t.defined());
-    want.narrow(0, s.offset, s.length).add_(Linear(t, *s.b, at::Tensor()));
+    at::Tensor delta = LoraExpand(t, *s.bt, 1.0f);
+    ASSERT_TRUE(delta.defined());
+    want.narrow(0, s.offset, s.length).add_(delta);
     want_double.narrow(0, s.offset, s.length)
-        .add_(at::matmul(at::matmul(xs.to(at::kDouble), s.a->to(at::kDouble).t()), s.b->to(at::kDouble).t()));
+        .add_(at::matmul(at::matmul(xs.to(at::kDouble), s.a->to(at::kDouble).t()), s.bt->to(at::kDouble)));
   }
   EXPECT_TRUE(at::equal(y, want)) << (y - want).abs().max().item<float>();
   EXPECT_LT((y.to(at::kDouble) - want_double).abs().max().item<double>(), 1e-3);
@@ -224,7 +226,7 @@ TEST_P(LoraSegmentsTest, Bfloat16FactorsEqualTheirFloat32CopiesBitForBit) {
   for (int i = 0; i < 4; ++i) {
     const int64_t rank = int64_t{4} << i;
     a16.push_back(at::randn({rank, in}).to(at::kBFloat16));
-    b16.push_back(at::randn({out, rank}).to(at::kBFloat16));
+    b16.push_back(at::randn({rank, out}).to(at::kBFloat16));  // Bᵀ.
     a32.push_back(a16.back().to(at::kFloat));
     b32.push_back(b16.back().to(at::kFloat));
   }
@@ -240,7 +242,13 @@ TEST_P(LoraSegmentsTest, Bfloat16FactorsEqualTheirFloat32CopiesBitForBit) {
     at::Tensor t16 = Linear(xs, a16[static_cast<size_t>(i)], at::Tensor());
     ASSERT_TRUE(t16.defined());
     ASSERT_TRUE(at::equal(t16, t32));
-    want.narrow(0, 2 * i, 2).add_(Linear(t32, b32[static_cast<size_t>(i)], at::Tensor()).mul_(scales[i]));
+    at::Tensor d32 = LoraExpand(t32, b32[static_cast<size_t>(i)], scales[i]);
+    at::Tensor d16 = LoraExpand(t32, b16[static_cast<size_t>(i)], scales[i]);
+    ASSERT_TRUE(at::equal(d16, d32));
+    // The scaling is applied to the finished sum, as ATen's (t·bt)·scale.
+    EXPECT_LT((d32 - at::matmul(t32.to(at::kDouble), b32[static_cast<size_t>(i)].to(at::kDouble)).mul(scales[i]))
+                  .abs().max().item<double>(), 1e-3);
+    want.narrow(0, 2 * i, 2).add_(d32);
   }
   EXPECT_TRUE(at::equal(y, want)) << (y - want).abs().max().item<float>();
   EXPECT_FALSE(at::equal(y.narrow(0, 0, 8), base.narrow(0, 0, 8)));
@@ -249,9 +257,9 @@ TEST_P(LoraSegmentsTest, Bfloat16FactorsEqualTheirFloat32CopiesBitForBit) {
 
 TEST_P(LoraSegmentsTest, DeclinesWhatItCannotTakeAndTouchesNothing) {
   at::Tensor x = at::randn({8, 16}), y = at::randn({8, 24});
-  at::Tensor a = at::randn({4, 16}), b = at::randn({24, 4});
+  at::Tensor a = at::randn({4, 16}), b = at::randn({4, 24});
   const at::Tensor before = y.clone();
-  at::Tensor a_double = a.to(at::kDouble), wrong_in = at::randn({4, 15}), wrong_rank = at::randn({24, 5});
+  at::Tensor a_double = a.to(at::kDouble), wrong_in = at::randn({4, 15}), wrong_rank = at::randn({5, 24});
   at::Tensor x_long = at::randn({kLinearMaxRows + 1, 16}), y_long = at::randn({kLinearMaxRows + 1, 24});
   const at::Tensor* ok_b = &b;
   for (auto bad : std::vector<LoraSegment>{{0, 2, &a_double, ok_b}, {0, 2, &wrong_in, ok_b},

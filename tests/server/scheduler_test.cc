@@ -161,7 +161,7 @@ adapters::AdapterRef BrokenAdapter(const core::Engine& engine) {
   report.name = "broken";
   adapters::AdapterWeights weights;
   const int64_t hidden = engine.config().hidden_size;
-  weights.lora[{0, core::Projection::kQ}] = {at::zeros({4, hidden + 3}), at::zeros({hidden, 4})};
+  weights.lora[{0, core::Projection::kQ}] = {at::zeros({4, hidden + 3}), at::zeros({4, hidden})};
   return std::make_shared<const adapters::Adapter>(report, std::move(weights));
 }
 
