@@ -222,7 +222,7 @@ absl::StatusOr<AdapterWeights> LoadLora(
     }
     lm.bt = b.t().contiguous();
     if (!std::isfinite(scaling) || !std::isfinite(lm.scale) ||
-        !at::isfinite(lm.bt.to(at::kFloat).mul_(lm.scale)).all().item<bool>()) {
+        !at::isfinite(lm.scale == 1.0f ? lm.bt : lm.bt.to(at::kFloat).mul_(lm.scale)).all().item<bool>()) {
       return absl::InvalidArgumentError(absl::StrCat(
           label, ": lora_B for ", mname, " times its scaling ", scaling, " (lora_alpha ", alpha,
           ", r ", r, ") is not finite in ", c10::toString(options.dtype().toScalarType())));

@@ -31,6 +31,14 @@ class AdapterWait {
     status_ = status;
     adapter_ = std::move(adapter);
   }
+  // Blocks until the load settles, then gives its outcome. Every load settles: it finishes, is
+  // abandoned at its timeout, or is answered at shutdown.
+  void Await(absl::Status* status, adapters::AdapterRef* adapter) const ABSL_LOCKS_EXCLUDED(mu_) {
+    absl::MutexLock lock(&mu_);
+    mu_.Await(absl::Condition(&done_));
+    *status = status_;
+    *adapter = adapter_;
+  }
   // False while the load runs; then true with its outcome.
   bool Poll(absl::Status* status, adapters::AdapterRef* adapter) const ABSL_LOCKS_EXCLUDED(mu_) {
     absl::MutexLock lock(&mu_);

@@ -9,7 +9,6 @@
 #include <future>
 #include <mutex>
 #include <random>
-#include <thread>
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
@@ -920,7 +919,7 @@ struct OpenAiServer::Impl {
       if (run->adapter_wait != nullptr) {
         absl::Status loaded;
         adapters::AdapterRef adapter;
-        while (!run->adapter_wait->Poll(&loaded, &adapter)) std::this_thread::sleep_for(std::chrono::milliseconds(5));
+        run->adapter_wait->Await(&loaded, &adapter);
         if (!loaded.ok()) return SendError(res, FromStatus(loaded));  // Its requests end with it.
       }
       Stream(run, res);

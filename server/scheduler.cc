@@ -194,6 +194,7 @@ void Scheduler::Admit(std::vector<std::unique_ptr<Active>>& admitted) {
 
 void Scheduler::Unpark(bool cancel_all, std::vector<std::pair<std::unique_ptr<Active>, absl::Status>>& ended) {
   absl::MutexLock lock(&mu_);
+  if (parked_.empty()) return;  // The common case: nothing to do on this step.
   const auto now = Clock::now();
   for (auto it = parked_.begin(); it != parked_.end();) {
     GenerationRequest& r = *(*it)->request;
