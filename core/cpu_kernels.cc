@@ -146,17 +146,63 @@ bool LoraSegments(const at::Tensor& x, at::Tensor& y, const std::vector<LoraSegm
   constexpr int64_t kBlock = 48;  // As in Linear(): a multiple of both ISAs' tile widths.
   // Tasks: (segment, block of kBlock outputs) of one pass.
   std::vector<std::pair<int64_t, int64_t>> tasks;
+  // With segments enough to share among the threads, an expand task covers as many outputs as
+  // its rows' accumulators fit in L1 (whole rows of bt for a decode row: one stream each),
+  // else blocks of kExpandBlock so that a few segments still spread over every thread.
+  const bool many = static_cast<int64_t>(segments.size()) >= 4 * at::get_num_threads();
+  auto expand_block = [&](const LoraSegment& s) {
+    if (!many) return kExpandBlock;
+    return std::max(kExpandBlock, kExpandRankOuterFloats / s.length / kExpandBlock * kExpandBlock);
+  };
   auto make_tasks = [&](bool shrink) {
     tasks.clear();
     for (size_t i = 0; i < segments.size(); ++i) {
       const int64_t n = shrink ? segments[i].a->size(0) : out;
-      const int64_t block = shrink ? kBlock : kExpandBlock;
+      const int64_t block = shrink ? kBlock : expand_block(segments[i]);
       for (int64_t n0 = 0; n0 < n; n0 += block) tasks.emplace_back(static_cast<int64_t>(i), n0);
     }
   };
   std::vector<float> t(static_cast<size_t>(t_offset.back()));
   float* const xp = x.data_ptr<float>();
   float* const yp = y.data_ptr<float>();
+  auto* expand = isa == Isa::kAvx512 ? &ExpandAvx512 : &ExpandAvx2;
+  auto shrink_args = [&](size_t i) {
+    const LoraSegment& s = segments[i];
+    LinearArgs args{xp + s.offset * x.stride(0), x.stride(0), s.a->data_ptr(), s.a->stride(0),
+                    nullptr, t.data() + t_offset[i], s.a->size(0), s.length, in};
+    args.w_type = WeightTypeOf(*s.a);
+    return args;
+  };
+  auto expand_args = [&](size_t i) {
+    const LoraSegment& s = segments[i];
+    const int64_t rank = s.a->size(0);
+    ExpandArgs args{t.data() + t_offset[i], rank, s.bt->data_ptr(), s.bt->stride(0),
+                    yp + s.offset * y.stride(0), y.stride(0), s.length, rank};
+    args.w_type = WeightTypeOf(*s.bt);
+    args.scale = s.scale;
+    return args;
+  };
+  // Many segments whose rows' accumulators fit in L1 (decode rows over many adapters): one
+  // pass, a task per segment doing its shrink then its expand (its x·aᵀ still in L1), the
+  // largest first and taken one at a time, so the threads finish together and meet once.
+  bool fused = many;
+  for (const LoraSegment& s : segments) fused = fused && s.length * out <= kExpandRankOuterFloats;
+  if (fused) {
+    std::vector<size_t> order(segments.size());
+    for (size_t i = 0; i < order.size(); ++i) order[i] = i;
+    std::stable_sort(order.begin(), order.end(), [&](size_t p, size_t q) {
+      return segments[p].length * segments[p].a->size(0) > segments[q].length * segments[q].a->size(0);
+    });
+    ForChunks(static_cast<int64_t>(order.size()), 1, shrink_work + expand_work >= 2 * kParallelWork,
+              [&](int64_t begin, int64_t end) {
+      for (int64_t k = begin; k < end; ++k) {
+        const size_t i = order[static_cast<size_t>(k)];
+        kernel(shrink_args(i), 0, segments[i].a->size(0));
+        expand(expand_args(i), 0, out);
+      }
+    });
+    return true;
+  }
   // A thread takes a few consecutive tasks at a time, so that each prefetches the factors of
   // the next (they are small: rows of a few KB, too short for the hardware to run ahead).
   auto chunk = [&] { return std::max<int64_t>(1, static_cast<int64_t>(tasks.size()) / (4 * at::get_num_threads())); };
@@ -168,9 +214,7 @@ bool LoraSegments(const at::Tensor& x, at::Tensor& y, const std::vector<LoraSegm
       const auto [i, n0] = tasks[static_cast<size_t>(k)];
       const LoraSegment& s = segments[static_cast<size_t>(i)];
       const int64_t rank = s.a->size(0);
-      LinearArgs args{xp + s.offset * x.stride(0), x.stride(0), s.a->data_ptr(), s.a->stride(0),
-                      nullptr, t.data() + t_offset[static_cast<size_t>(i)], rank, s.length, in};
-      args.w_type = WeightTypeOf(*s.a);
+      LinearArgs args = shrink_args(static_cast<size_t>(i));
       if (k + 1 < end) {
         const auto [ni, nn0] = tasks[static_cast<size_t>(k + 1)];
         const at::Tensor& na = *segments[static_cast<size_t>(ni)].a;
@@ -182,17 +226,11 @@ bool LoraSegments(const at::Tensor& x, at::Tensor& y, const std::vector<LoraSegm
     }
   });
   make_tasks(/*shrink=*/false);
-  auto* expand = isa == Isa::kAvx512 ? &ExpandAvx512 : &ExpandAvx2;
   ForChunks(static_cast<int64_t>(tasks.size()), chunk(), expand_work >= 2 * kParallelWork, [&](int64_t begin, int64_t end) {
     for (int64_t k = begin; k < end; ++k) {
       const auto [i, n0] = tasks[static_cast<size_t>(k)];
-      const LoraSegment& s = segments[static_cast<size_t>(i)];
-      const int64_t rank = s.a->size(0);
-      ExpandArgs args{t.data() + t_offset[static_cast<size_t>(i)], rank, s.bt->data_ptr(), s.bt->stride(0),
-                      yp + s.offset * y.stride(0), y.stride(0), s.length, rank};
-      args.w_type = WeightTypeOf(*s.bt);
-      args.scale = s.scale;
-      expand(args, n0, std::min(out, n0 + kExpandBlock));
+      const size_t i_s = static_cast<size_t>(i);
+      expand(expand_args(i_s), n0, std::min(out, n0 + expand_block(segments[i_s])));
     }
   });
   return true;

@@ -57,9 +57,10 @@ struct LoraSegment {
   float scale = 1.0f;
 };
 
-// y[rows of s] += scale_s·(x[rows of s]·a_sᵀ)·bt_s for every segment s, in two parallel
-// passes (all the shrinks, then all the expands) whatever the number of segments: Punica's
-// SGMV on CPU, so a step over many distinct adapters pays no per-adapter dispatch. The shrink
+// y[rows of s] += scale_s·(x[rows of s]·a_sᵀ)·bt_s for every segment s, in one parallel pass
+// of a task per segment when there are many of few rows (each its shrink then its expand), else
+// in two over blocks (all the shrinks, then all the expands), whatever the number of segments:
+// Punica's SGMV on CPU, so a step over many distinct adapters pays no per-adapter dispatch. The shrink
 // is Linear(x_s, a_s); the expand is one axpy per rank over the rows of bt (no horizontal
 // sums, however short the rank), summed in rank order with fused multiply-adds, then scaled
 // and added: LoraExpand() computes the same values. A row's result depends only on its own

@@ -36,6 +36,10 @@ struct LinearArgs {
 // expand over Bᵀ (wt [k, n] row-major, float or bfloat16), one axpy per rank so there are no
 // horizontal sums however short the rank. The sum over r runs in order with fused
 // multiply-adds from zero, then is scaled and added (two roundings).
+// Outputs (rows × outputs of the call) up to which an expand accumulates rank by rank in a
+// buffer that stays in L1, reading each rank's run of wt contiguously.
+inline constexpr int64_t kExpandRankOuterFloats = 4096;
+
 struct ExpandArgs {
   const float* t;
   int64_t ldt;

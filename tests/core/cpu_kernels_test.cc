@@ -255,6 +255,64 @@ TEST_P(LoraSegmentsTest, Bfloat16FactorsEqualTheirFloat32CopiesBitForBit) {
   EXPECT_TRUE(at::equal(y[8], base[8]));
 }
 
+// Enough segments to share among the threads: each expand task takes whole rows of bt (its
+// rank-by-rank form), still bit-identical to the per-adapter path and near the double product.
+TEST_P(LoraSegmentsTest, ManySegmentsTakeWholeRowsBitForBit) {
+  at::manual_seed(13);
+  const int64_t in = 64, out = 700;
+  at::Tensor x = at::randn({30, in});
+  at::Tensor base = at::randn({30, out});
+  std::vector<at::Tensor> as, bs;
+  std::vector<LoraSegment> segments;
+  int64_t offset = 0;
+  for (int i = 0; i < 12; ++i) {
+    const int64_t rank = int64_t{4} << (i % 4), length = 1 + i % 3;
+    as.push_back(at::randn({rank, in}));
+    bs.push_back((at::randn({rank, out}) * 0.1).to(i % 2 ? at::kBFloat16 : at::kFloat));  // Bᵀ.
+    segments.push_back(LoraSegment{offset, length, &as.back(), &bs.back(), i % 3 ? 1.0f : 0.5f});
+    offset += length;
+  }
+  for (size_t i = 0; i < segments.size(); ++i) {  // The vectors grew: point at their final homes.
+    segments[i].a = &as[i];
+    segments[i].bt = &bs[i];
+  }
+  at::Tensor y = base.clone();
+  ASSERT_TRUE(LoraSegments(x, y, segments));
+  at::Tensor want = base.clone();
+  at::Tensor want_double = base.to(at::kDouble);
+  for (const LoraSegment& s : segments) {
+    at::Tensor xs = x.narrow(0, s.offset, s.length);
+    at::Tensor t = Linear(xs, *s.a, at::Tensor());
+    at::Tensor delta = LoraExpand(t, *s.bt, s.scale);
+    ASSERT_TRUE(t.defined() && delta.defined());
+    want.narrow(0, s.offset, s.length).add_(delta);
+    want_double.narrow(0, s.offset, s.length)
+        .add_(at::matmul(at::matmul(xs.to(at::kDouble), s.a->to(at::kDouble).t()), s.bt->to(at::kDouble)) * s.scale);
+  }
+  EXPECT_TRUE(at::equal(y, want)) << (y - want).abs().max().item<float>();
+  EXPECT_LT((y.to(at::kDouble) - want_double).abs().max().item<double>(), 1e-3);
+  EXPECT_TRUE(at::equal(y.narrow(0, offset, 30 - offset), base.narrow(0, offset, 30 - offset)));
+}
+
+// The expand's two forms (accumulators in registers per block of outputs for many rows, in an
+// L1 buffer rank by rank for few) sum alike: 40 rows at once equal each row alone.
+TEST_P(LoraSegmentsTest, ExpandFormsSumAlikeBitForBit) {
+  at::manual_seed(14);
+  for (const at::ScalarType dtype : {at::kFloat, at::kBFloat16}) {
+    at::Tensor t = at::randn({40, 37});
+    at::Tensor bt = at::randn({37, 203}).to(dtype);
+    at::Tensor all = LoraExpand(t, bt, 0.25f);
+    ASSERT_TRUE(all.defined());
+    for (int64_t i = 0; i < 40; ++i) {
+      at::Tensor one = LoraExpand(t.narrow(0, i, 1), bt, 0.25f);
+      ASSERT_TRUE(one.defined());
+      EXPECT_TRUE(at::equal(one[0], all[i])) << c10::toString(dtype) << " row " << i;
+    }
+    EXPECT_LT((all.to(at::kDouble) - at::matmul(t.to(at::kDouble), bt.to(at::kDouble)) * 0.25)
+                  .abs().max().item<double>(), 1e-3);
+  }
+}
+
 TEST_P(LoraSegmentsTest, DeclinesWhatItCannotTakeAndTouchesNothing) {
   at::Tensor x = at::randn({8, 16}), y = at::randn({8, 24});
   at::Tensor a = at::randn({4, 16}), b = at::randn({4, 24});
