@@ -97,7 +97,7 @@ struct LoraPair {
 
 absl::StatusOr<AdapterWeights> LoadLora(
     const AdapterConfig& cfg, const core::SafetensorsFile& file, const core::CausalLm& base,
-    const std::string& name, AdapterReport& report) {
+    const std::string& name, bool bf16_factors, AdapterReport& report) {
   const core::ModelConfig& bc = base.config();
   const std::string label = absl::StrCat("adapter \"", name, "\"");
   std::map<std::string, BaseModule> modules;
@@ -207,8 +207,10 @@ absl::StatusOr<AdapterWeights> LoadLora(
     // bfloat16 factors of a float32 CPU model stay bfloat16 (half the memory and the bytes a
     // step reads; the CPU kernels widen them exactly, so the sums are those of the float32
     // copy PEFT would make); their scaling is applied after B, which rounding them would alter.
-    const bool keep_bf16 = pair.a->dtype == core::DType::kBF16 && pair.b->dtype == core::DType::kBF16 &&
-                           options.dtype().toScalarType() == at::kFloat && options.device().is_cpu();
+    // With bf16_factors, other factors are rounded to bfloat16 (once, at load) and held so too.
+    const bool file_bf16 = pair.a->dtype == core::DType::kBF16 && pair.b->dtype == core::DType::kBF16;
+    const bool keep_bf16 = (file_bf16 || bf16_factors) && options.dtype().toScalarType() == at::kFloat &&
+                           options.device().is_cpu();
     const at::TensorOptions held = keep_bf16 ? options.dtype(at::kBFloat16) : options;
     ASSIGN_OR_RETURN(at::Tensor a, ToTensor(file, *pair.a, held));
     ASSIGN_OR_RETURN(at::Tensor b, ToTensor(file, *pair.b, held));
@@ -217,6 +219,7 @@ absl::StatusOr<AdapterWeights> LoadLora(
     if (keep_bf16) {
       lm.scale = static_cast<float>(scaling);
       ++report.bf16_modules;
+      if (!file_bf16) ++report.bf16_rounded_modules;
     } else {
       b.mul_(scaling);  // `b` is this loader's own copy.
     }
@@ -387,7 +390,13 @@ absl::StatusOr<std::shared_ptr<const Adapter>> LoadAdapter(const std::string& di
     report->load_seconds =
         std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
     if (report->bf16_modules > 0) {
-      report->compute_dtype += absl::StrCat(" (LoRA factors of ", report->bf16_modules, " modules held in BFloat16)");
+      absl::StrAppend(&report->compute_dtype, " (LoRA factors of ", report->bf16_modules,
+                      " modules held in BFloat16");
+      if (report->bf16_rounded_modules > 0) {
+        absl::StrAppend(&report->compute_dtype, ", ", report->bf16_rounded_modules,
+                        " of them rounded from their file's dtype by --adapter_dtype bfloat16");
+      }
+      report->compute_dtype += ")";
     }
   };
   const std::string config_path = dir + "/adapter_config.json";
@@ -421,7 +430,7 @@ absl::StatusOr<std::shared_ptr<const Adapter>> LoadAdapter(const std::string& di
   }
   absl::StatusOr<AdapterWeights> weights;
   try {
-    weights = cfg.type == AdapterType::kLora ? LoadLora(cfg, *file, base, name, *report)
+    weights = cfg.type == AdapterType::kLora ? LoadLora(cfg, *file, base, name, rules.bf16_factors, *report)
                                              : LoadPromptLearning(cfg, *file, base, name, *report);
   } catch (const std::exception& e) {
     weights = absl::InternalError(

@@ -32,6 +32,7 @@ struct AdapterReport {
   int64_t bytes = 0;  // Held in memory after conversion.
   std::string compute_dtype;
   int64_t bf16_modules = 0;  // LoRA modules whose factors are held in bfloat16 (see LoraModule).
+  int64_t bf16_rounded_modules = 0;  // Of those, the ones rounded at load (AdapterFileRules).
   double load_seconds = 0;
   std::vector<std::string> warnings;
 

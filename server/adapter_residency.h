@@ -45,6 +45,8 @@ struct ResidencyOptions {
   std::chrono::steady_clock::duration load_timeout = std::chrono::seconds(30);
   // Failures remembered at most (the oldest go first).
   size_t max_remembered_failures = 4096;
+  // --adapter_dtype bfloat16: LoRA factors of every file are held in bfloat16.
+  bool bf16_factors = false;
 };
 
 // What made a load happen (the `trigger` label of adapterd_adapter_loads_total).

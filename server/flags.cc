@@ -53,6 +53,10 @@ ABSL_FLAG(bool, load_on_demand, false,
 ABSL_FLAG(double, adapter_failure_ttl_s, 10.0,
           "With --load_on_demand, how long a failed load answers requests with its error before "
           "a request may retry it.");
+ABSL_FLAG(std::string, adapter_dtype, "auto",
+          "How a float32 CPU model holds LoRA factors: auto (bfloat16 files in bfloat16, others "
+          "in the model's dtype) or bfloat16 (all in bfloat16: half the memory and the bytes a "
+          "step over many adapters reads; float32 and float16 factors are rounded once at load).");
 ABSL_FLAG(int64_t, max_batch_rows, 32, "Most sequences in one model step.");
 ABSL_FLAG(int64_t, max_tokens_per_step, 2048, "Most prompt tokens admitted into one step.");
 ABSL_FLAG(int64_t, max_queue, 256, "Waiting requests before RESOURCE_EXHAUSTED.");

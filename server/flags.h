@@ -40,6 +40,7 @@ ABSL_DECLARE_FLAG(std::vector<std::string>, preload);
 ABSL_DECLARE_FLAG(bool, pin_preloaded);
 ABSL_DECLARE_FLAG(bool, load_on_demand);
 ABSL_DECLARE_FLAG(double, adapter_failure_ttl_s);
+ABSL_DECLARE_FLAG(std::string, adapter_dtype);
 ABSL_DECLARE_FLAG(int64_t, max_batch_rows);
 ABSL_DECLARE_FLAG(int64_t, max_tokens_per_step);
 ABSL_DECLARE_FLAG(int64_t, max_queue);

@@ -123,6 +123,11 @@ int RunServe() {
                   http_listen);
     return 2;
   }
+  const std::string adapter_dtype = absl::GetFlag(FLAGS_adapter_dtype);
+  if (adapter_dtype != "auto" && adapter_dtype != "bfloat16") {
+    spdlog::error("serve: --adapter_dtype must be auto or bfloat16, not \"{}\"", adapter_dtype);
+    return 2;
+  }
   std::string api_key;
   if (const std::string file = absl::GetFlag(FLAGS_api_key_file); !file.empty()) {
     auto key = ReadAdminToken(file, "--api_key_file");  // Same file rules as the admin token.
@@ -152,6 +157,7 @@ int RunServe() {
   residency.load_timeout = load_timeout;
   residency.failure_ttl =
       std::chrono::milliseconds(static_cast<int64_t>(1000 * absl::GetFlag(FLAGS_adapter_failure_ttl_s)));
+  residency.bf16_factors = adapter_dtype == "bfloat16";
   if (residency.load_on_demand && ctx->adapter_root.empty()) {
     spdlog::error("serve: --load_on_demand needs --adapter_root");
     return 2;

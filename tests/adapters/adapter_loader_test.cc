@@ -3,9 +3,11 @@
 // PyTorch reference extended with PEFT's get_prompt; every refusal names its cause.
 #include "adapters/adapter_loader.h"
 
+#include <algorithm>
 #include <cmath>
 
 #include "core/engine.h"
+#include "core/safetensors.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "tests/test_util.h"
@@ -131,6 +133,77 @@ INSTANTIATE_TEST_SUITE_P(
                       LoraCase{"prompt_llama", "llama_untied"}, LoraCase{"prompt_gpt2", "gpt2"},
                       LoraCase{"ptuning_mistral", "mistral_window"}),
     [](const auto& info) { return std::string(info.param.adapter); });
+
+// --adapter_dtype bfloat16: the float32 factors of a file are rounded to bfloat16 once, as
+// torch rounds them (nearest even), and held so; the scaling stays apart in float32.
+TEST(AdapterLoaderTest, Bf16FactorsAreTheFileRoundedOnce) {
+  auto base = LoadEngine(testing::Fixture("llama_tied"));
+  ASSERT_NE(base, nullptr);
+  const std::string dir = testing::Fixture("adapters/lora_all_rslora");
+  AdapterFileRules rules;
+  rules.bf16_factors = true;
+  AdapterReport report;
+  auto adapter = LoadAdapter(dir, "rounded", base->model(), &report, rules);
+  ASSERT_TRUE(adapter.ok()) << adapter.status();
+  EXPECT_GT(report.bf16_modules, 0);
+  EXPECT_EQ(report.bf16_rounded_modules, report.bf16_modules);
+  EXPECT_THAT(report.compute_dtype, HasSubstr("rounded from their file's dtype"));
+  AdapterReport exact_report;
+  auto exact = Load(*base, "lora_all_rslora", &exact_report);
+  ASSERT_TRUE(exact.ok()) << exact.status();
+  EXPECT_EQ(exact_report.bf16_modules, 0);
+  EXPECT_EQ(report.bytes * 2, exact_report.bytes);
+
+  auto file = core::SafetensorsFile::Open(dir + "/adapter_model.safetensors");
+  ASSERT_TRUE(file.ok()) << file.status();
+  auto tensor = [&](const std::string& name) {
+    for (const core::TensorInfo& t : (*file)->tensors()) {
+      if (t.name == name) {
+        EXPECT_EQ(t.dtype, core::DType::kF32) << name;
+        return at::from_blob(const_cast<uint8_t*>((*file)->Data(t)), t.shape, at::kFloat).clone();
+      }
+    }
+    ADD_FAILURE() << name << " is not in the file";
+    return at::Tensor();
+  };
+  AdapterWeights widened_weights;
+  int checked = 0;
+  for (const BaseModule& m : BaseModules(base->config())) {
+    const at::Tensor *a = nullptr, *bt = nullptr;
+    float scale = 0;
+    if (!m.supported || !(*adapter)->Adapts(m.layer, m.projection)) continue;
+    ASSERT_TRUE((*adapter)->LoraFactors(m.layer, m.projection, &a, &bt, &scale)) << m.name;
+    const std::string prefix = "base_model.model." + m.name;
+    const at::Tensor file_a = tensor(prefix + ".lora_A.weight"), file_b = tensor(prefix + ".lora_B.weight");
+    ASSERT_TRUE(file_a.defined() && file_b.defined());
+    EXPECT_EQ(a->scalar_type(), at::kBFloat16);
+    EXPECT_TRUE(at::equal(*a, file_a.to(at::kBFloat16))) << m.name;
+    EXPECT_TRUE(at::equal(*bt, file_b.t().to(at::kBFloat16))) << m.name;
+    EXPECT_TRUE(std::any_of(report.scalings.begin(), report.scalings.end(),
+                            [&](double s) { return static_cast<float>(s) == scale; }))
+        << m.name << " scale " << scale;
+    widened_weights.lora[{m.layer, m.projection}] = {a->to(at::kFloat), bt->to(at::kFloat), scale};
+    ++checked;
+  }
+  EXPECT_EQ(checked, report.bf16_modules);
+  const auto widened = std::make_shared<const Adapter>(report, std::move(widened_weights));
+
+  // The rounding is all that changes: logits equal those of float32 factors holding the
+  // rounded values, and differ from the exact adapter's by a small fraction of what the
+  // adapter changes (bfloat16 keeps 8 significant bits: ~0.4% per factor).
+  const std::vector<int32_t> prompt = {5, 17, 42, 9, 77, 3, 120, 64};
+  auto rounded_logits = base->PromptLogits(prompt, *adapter);
+  auto widened_logits = base->PromptLogits(prompt, widened);
+  auto exact_logits = base->PromptLogits(prompt, *exact);
+  auto base_logits = base->PromptLogits(prompt);
+  ASSERT_TRUE(rounded_logits.ok() && widened_logits.ok() && exact_logits.ok() && base_logits.ok());
+  EXPECT_LT(MaxDiff(*rounded_logits, *widened_logits), 1e-5);
+  const double delta = MaxDiff(*exact_logits, *base_logits);
+  const double error = MaxDiff(*rounded_logits, *exact_logits);
+  EXPECT_GT(delta, 1e-1);
+  EXPECT_GT(error, 0.0);  // Really rounded.
+  EXPECT_LT(error, 2e-2 * delta) << "error " << error << " of a delta of " << delta;
+}
 
 TEST(AdapterLoaderTest, ReportCarriesRanksScalingsAndMatchedModules) {
   auto base = LoadEngine(testing::Fixture("llama_tied"));

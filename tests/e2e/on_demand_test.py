@@ -13,6 +13,7 @@ Usage: on_demand_test.py ADAPTERD_BINARY FIXTURES_DIR PROTO_DIR
 import http.client
 import json
 import os
+import subprocess
 import sys
 import threading
 import urllib.request
@@ -231,6 +232,32 @@ def main():
     finally:
         if server is not None:
             server.stop()
+
+    # --adapter_dtype bfloat16: float32 factors are rounded once at load (half the bytes), and
+    # the load report says so; an unknown value is refused before anything loads.
+    bad = subprocess.run([binary, "serve", "--model_dir=" + os.path.join(fixtures, "llama_tok"),
+                          "--adapter_dtype=float8"], capture_output=True, text=True, timeout=60)
+    check("unknown --adapter_dtype refused", bad.returncode == 2 and "--adapter_dtype must be auto or bfloat16"
+          in bad.stderr, (bad.returncode, bad.stderr[-300:]))
+    sizes = {}
+    for dtype in ("auto", "bfloat16"):
+        server = Adapterd(binary, fixtures, [f"--adapter_dtype={dtype}", "--load_on_demand"])
+        try:
+            admin = stubs.admin_pb2_grpc.AdminStub(grpc.insecure_channel(server.admin_addr))
+            stub = stubs.generation_pb2_grpc.GenerationStub(grpc.insecure_channel(server.addr))
+            r = admin.LoadAdapter(admin_pb2.LoadAdapterRequest(name="q", path="lora_qv"), timeout=30)
+            sizes[dtype] = r.report.bytes
+            check(f"{dtype}: report says how factors are held",
+                  ("rounded from their file's dtype" in r.report.compute_dtype) == (dtype == "bfloat16"),
+                  r.report.compute_dtype)
+            out = stub.Generate(request(PROMPTS[0], "lora_all_rslora"), timeout=60)  # On demand too.
+            check(f"{dtype}: on-demand load generates", len(out.token_ids) == 6, str(out))
+            states = {s.name: s for s in admin.ListAdapters(admin_pb2.ListAdaptersRequest(), timeout=10).states}
+            sizes[dtype + " on demand"] = states["lora_all_rslora"].bytes
+        finally:
+            server.stop()
+    check("bfloat16 factors take half the bytes", sizes["auto"] == 2 * sizes["bfloat16"]
+          and sizes["auto on demand"] == 2 * sizes["bfloat16 on demand"], str(sizes))
     return check.summary()
 
 
