@@ -13,6 +13,7 @@ constexpr int64_t kProjections = static_cast<int64_t>(core::Projection::kMlpOut)
 Adapter::Adapter(AdapterReport report, AdapterWeights weights)
     : report_(std::move(report)),
       lora_(std::move(weights.lora)),
+      ia3_(std::move(weights.ia3)),
       prefix_(std::move(weights.prefix)),
       soft_prompt_(std::move(weights.soft_prompt)) {
   int64_t layers = 0;
@@ -21,6 +22,19 @@ Adapter::Adapter(AdapterReport report, AdapterWeights weights)
   for (const auto& [key, m] : lora_) {
     lookup_[key.first * kProjections + static_cast<int64_t>(key.second)] = &m;
   }
+  int64_t ia3_layers = 0;
+  for (const auto& [key, m] : ia3_) ia3_layers = std::max(ia3_layers, key.first + 1);
+  ia3_lookup_.assign(ia3_layers * kProjections, nullptr);
+  for (const auto& [key, m] : ia3_) {
+    ia3_lookup_[key.first * kProjections + static_cast<int64_t>(key.second)] = &m;
+  }
+}
+
+const at::Tensor* Adapter::Ia3Scale(int64_t layer, core::Projection p, bool* input) const {
+  const int64_t i = layer * kProjections + static_cast<int64_t>(p);
+  if (i >= static_cast<int64_t>(ia3_lookup_.size()) || ia3_lookup_[i] == nullptr) return nullptr;
+  *input = ia3_lookup_[i]->input;
+  return &ia3_lookup_[i]->l;
 }
 
 int64_t Adapter::virtual_tokens() const {

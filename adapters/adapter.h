@@ -33,10 +33,18 @@ struct LoraModule {
   float scale = 1.0f;
 };
 
+// One IA3-scaled projection: its output (or, for feed-forward modules, its input) times `l`.
+struct Ia3Module {
+  at::Tensor l;  // [out] or, with `input`, [in]; compute dtype.
+  bool input = false;
+};
+
 // The tensors of one adapter; exactly one part is set.
 struct AdapterWeights {
   // LoRA: modules keyed by (layer, projection).
   std::map<std::pair<int64_t, core::Projection>, LoraModule> lora;
+  // IA3: modules keyed by (layer, projection).
+  std::map<std::pair<int64_t, core::Projection>, Ia3Module> ia3;
   // Prefix tuning: per-layer keys and values [kv_heads, virtual_tokens, head_dim].
   std::vector<std::pair<at::Tensor, at::Tensor>> prefix;
   // Prompt tuning / P-tuning: soft prompt [virtual_tokens, hidden].
@@ -62,12 +70,15 @@ class Adapter final : public core::SequenceAdapter {
   at::Tensor Delta(int64_t layer, core::Projection p, const at::Tensor& x) const override;
   bool LoraFactors(int64_t layer, core::Projection p, const at::Tensor** a, const at::Tensor** bt,
                    float* scale) const override;
+  const at::Tensor* Ia3Scale(int64_t layer, core::Projection p, bool* input) const override;
 
  private:
   AdapterReport report_;
   std::map<std::pair<int64_t, core::Projection>, LoraModule> lora_;
   // Dense lookup for the hot path: index layer * kProjections + projection, -1 when absent.
   std::vector<const LoraModule*> lookup_;
+  std::map<std::pair<int64_t, core::Projection>, Ia3Module> ia3_;
+  std::vector<const Ia3Module*> ia3_lookup_;  // As lookup_.
   std::vector<std::pair<at::Tensor, at::Tensor>> prefix_;
   at::Tensor soft_prompt_;
 };

@@ -1,5 +1,7 @@
 #include "adapters/adapter_config.h"
 
+#include <algorithm>
+
 #include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
@@ -53,6 +55,57 @@ absl::StatusOr<int64_t> Int(const Json& j, const char* key, int64_t def, absl::s
   return it->get<int64_t>();
 }
 
+// target_modules and exclude_modules, as LoRA and IA3 configs spell them.
+absl::Status ParseTargets(const Json& j, absl::string_view label, AdapterConfig& c) {
+  if (auto it = j.find("target_modules"); it != j.end() && !it->is_null()) {
+    if (it->is_string()) {
+      if (absl::AsciiStrToLower(it->get<std::string>()) == "all-linear") {
+        c.target_all_linear = true;
+      } else {
+        c.target_regex = it->get<std::string>();
+      }
+    } else {
+      ASSIGN_OR_RETURN(auto list, StringOrList(*it, label, "target_modules"));
+      c.target_list = std::move(list);
+    }
+  }
+  if (auto it = j.find("exclude_modules"); it != j.end() && !it->is_null()) {
+    if (it->is_string()) {
+      c.exclude_regex = it->get<std::string>();
+    } else {
+      ASSIGN_OR_RETURN(c.exclude_list, StringOrList(*it, label, "exclude_modules"));
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::Status ParseIa3(const Json& j, absl::string_view label, AdapterConfig& c) {
+  c.fan_in_fan_out = j.value("fan_in_fan_out", false);
+  if (IsSet(j, "modules_to_save")) {
+    return Refuse(label, absl::StrCat("modules_to_save ", j["modules_to_save"].dump(),
+                                      " is not supported: it replaces base modules"));
+  }
+  RETURN_IF_ERROR(ParseTargets(j, label, c));
+  if (auto it = j.find("feedforward_modules"); it != j.end() && !it->is_null()) {
+    if (it->is_string()) {
+      c.feedforward_regex = it->get<std::string>();
+    } else {
+      ASSIGN_OR_RETURN(auto list, StringOrList(*it, label, "feedforward_modules"));
+      c.feedforward_list = std::move(list);
+    }
+  }
+  // PEFT's IA3Config check: listed feed-forward modules must be listed targets too.
+  if (c.feedforward_list && c.target_list) {
+    for (const std::string& f : *c.feedforward_list) {
+      if (std::find(c.target_list->begin(), c.target_list->end(), f) == c.target_list->end()) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            label, ": feedforward_modules must be a subset of target_modules; \"", f, "\" is not"));
+      }
+    }
+  }
+  return absl::OkStatus();
+}
+
 absl::Status ParseLora(const Json& j, absl::string_view label, AdapterConfig& c) {
   ASSIGN_OR_RETURN(c.r, Int(j, "r", 8, label));
   if (c.r <= 0) return absl::InvalidArgumentError(absl::StrCat(label, ": r must be > 0"));
@@ -89,25 +142,7 @@ absl::Status ParseLora(const Json& j, absl::string_view label, AdapterConfig& c)
     }
   }
 
-  if (auto it = j.find("target_modules"); it != j.end() && !it->is_null()) {
-    if (it->is_string()) {
-      if (absl::AsciiStrToLower(it->get<std::string>()) == "all-linear") {
-        c.target_all_linear = true;
-      } else {
-        c.target_regex = it->get<std::string>();
-      }
-    } else {
-      ASSIGN_OR_RETURN(auto list, StringOrList(*it, label, "target_modules"));
-      c.target_list = std::move(list);
-    }
-  }
-  if (auto it = j.find("exclude_modules"); it != j.end() && !it->is_null()) {
-    if (it->is_string()) {
-      c.exclude_regex = it->get<std::string>();
-    } else {
-      ASSIGN_OR_RETURN(c.exclude_list, StringOrList(*it, label, "exclude_modules"));
-    }
-  }
+  RETURN_IF_ERROR(ParseTargets(j, label, c));
   if (auto it = j.find("layers_to_transform"); it != j.end() && !it->is_null()) {
     if (c.target_regex) {
       return absl::InvalidArgumentError(absl::StrCat(
@@ -179,6 +214,7 @@ const char* AdapterTypeName(AdapterType type) {
     case AdapterType::kPrefixTuning: return "PREFIX_TUNING";
     case AdapterType::kPromptTuning: return "PROMPT_TUNING";
     case AdapterType::kPTuning: return "P_TUNING";
+    case AdapterType::kIa3: return "IA3";
   }
   return "?";
 }
@@ -203,9 +239,11 @@ absl::StatusOr<AdapterConfig> AdapterConfig::FromJson(absl::string_view text,
     c.type = AdapterType::kPromptTuning;
   } else if (t == "P_TUNING") {
     c.type = AdapterType::kPTuning;
+  } else if (t == "IA3") {
+    c.type = AdapterType::kIa3;
   } else {
     return Refuse(label, absl::StrCat("peft_type \"", t,
-                                      "\" is not supported (supported: LORA, PREFIX_TUNING, "
+                                      "\" is not supported (supported: LORA, IA3, PREFIX_TUNING, "
                                       "PROMPT_TUNING, P_TUNING)"));
   }
   if (auto it = j.find("base_model_name_or_path"); it != j.end() && it->is_string()) {
@@ -221,6 +259,8 @@ absl::StatusOr<AdapterConfig> AdapterConfig::FromJson(absl::string_view text,
   try {
     if (c.type == AdapterType::kLora) {
       RETURN_IF_ERROR(ParseLora(j, label, c));
+    } else if (c.type == AdapterType::kIa3) {
+      RETURN_IF_ERROR(ParseIa3(j, label, c));
     } else {
       RETURN_IF_ERROR(ParsePromptLearning(j, label, c));
     }

@@ -1,5 +1,5 @@
-// adapter_config.json as Hugging Face PEFT writes it (LoraConfig, PrefixTuningConfig,
-// PromptTuningConfig, PromptEncoderConfig). Every field that changes the math and that
+// adapter_config.json as Hugging Face PEFT writes it (LoraConfig, IA3Config,
+// PrefixTuningConfig, PromptTuningConfig, PromptEncoderConfig). Every field that changes the math and that
 // adapterd does not implement is refused by name; a config is never partially honoured.
 //
 // Thread-safety: a plain value.
@@ -17,7 +17,7 @@
 
 namespace adapterd::adapters {
 
-enum class AdapterType { kLora, kPrefixTuning, kPromptTuning, kPTuning };
+enum class AdapterType { kLora, kPrefixTuning, kPromptTuning, kPTuning, kIa3 };
 
 // Returns PEFT's peft_type string ("LORA", "PREFIX_TUNING", ...).
 const char* AdapterTypeName(AdapterType type);
@@ -44,6 +44,11 @@ struct AdapterConfig {
   // In file order: PEFT applies the first pattern that matches.
   std::vector<std::pair<std::string, int64_t>> rank_pattern;
   std::vector<std::pair<std::string, double>> alpha_pattern;
+
+  // IA3 (targets and fan_in_fan_out as above): the modules whose input, not output, is scaled;
+  // a list of names or one regex (full match); unset → the architecture's PEFT default.
+  std::optional<std::vector<std::string>> feedforward_list;
+  std::optional<std::string> feedforward_regex;
 
   // Prompt learning.
   int64_t num_virtual_tokens = 0;

@@ -248,6 +248,99 @@ absl::StatusOr<AdapterWeights> LoadLora(
   return weights;
 }
 
+// IA3 (PEFT's IA3Layer): a vector per targeted module, `ia3_l`, shaped [out, 1] to scale the
+// module's output or, for feed-forward modules, [1, in] to scale its input.
+absl::StatusOr<AdapterWeights> LoadIa3(AdapterConfig cfg, const core::SafetensorsFile& file,
+                                       const core::CausalLm& base, const std::string& name,
+                                       AdapterReport& report) {
+  const core::ModelConfig& bc = base.config();
+  const std::string label = absl::StrCat("adapter \"", name, "\"");
+  const bool conv1d = bc.architecture == core::Architecture::kGpt2;
+  // PEFT's per-architecture defaults (TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING and
+  // ..._FEEDFORWARD_MODULES_MAPPING) when the config leaves them unset.
+  if (!cfg.target_list && !cfg.target_regex && !cfg.target_all_linear) {
+    cfg.target_list = conv1d ? std::vector<std::string>{"c_attn", "mlp.c_proj"}
+                             : std::vector<std::string>{"k_proj", "v_proj", "down_proj"};
+  }
+  AdapterConfig feedforward;  // The feed-forward selection, matched as targets are.
+  if (cfg.feedforward_regex) {
+    feedforward.target_regex = cfg.feedforward_regex;
+  } else {
+    feedforward.target_list = cfg.feedforward_list.value_or(
+        conv1d ? std::vector<std::string>{"mlp.c_proj"} : std::vector<std::string>{"down_proj"});
+  }
+  std::map<std::string, BaseModule> modules;
+  for (BaseModule& m : BaseModules(bc)) modules[m.name] = m;
+  std::map<std::string, const core::TensorInfo*> vectors;
+  for (const core::TensorInfo& t : file.tensors()) {
+    std::string key = t.name;
+    if (absl::StartsWith(key, kPeftPrefix)) key = key.substr(kPeftPrefix.size());
+    if (!absl::EndsWith(key, ".ia3_l")) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          label, ": tensor ", t.name, " is not an IA3 vector (ia3_l); full weights such as "
+          "modules_to_save are not supported"));
+    }
+    const std::string module = key.substr(0, key.size() - std::string(".ia3_l").size());
+    auto it = modules.find(module);
+    if (it == modules.end() || !it->second.supported) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          label, ": tensor ", t.name, " targets \"", module, "\", which is not a projection of the base ",
+          bc.architecture_name, " that adapterd adapts"));
+    }
+    vectors[module] = &t;
+  }
+  std::set<std::string> targeted;
+  for (const auto& [mname, m] : modules) {
+    ASSIGN_OR_RETURN(bool hit, IsTargeted(cfg, bc, m));
+    if (!hit) continue;
+    if (!m.supported) {
+      return absl::FailedPreconditionError(
+          absl::StrCat(label, ": target_modules selects ", mname, ", which adapterd does not adapt"));
+    }
+    if (!vectors.count(mname)) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          label, ": the config targets ", mname, " but ", file.path(), " holds no ia3_l for it"));
+    }
+    targeted.insert(mname);
+  }
+  if (targeted.empty()) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        label, ": target_modules matches no module of the base ", bc.architecture_name));
+  }
+  AdapterWeights weights;
+  std::set<int64_t> adapted_layers;
+  for (const auto& [mname, info] : vectors) {
+    if (!targeted.count(mname)) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          label, ": ", file.path(), " holds ia3_l for ", mname, ", which the config's target_modules do not select"));
+    }
+    const BaseModule& m = modules.at(mname);
+    ASSIGN_OR_RETURN(bool input, IsTargeted(feedforward, bc, m));
+    const at::Tensor& w = base.weights().at(mname + ".weight");
+    const int64_t in = conv1d ? w.size(0) : w.size(1);
+    const int64_t out = conv1d ? w.size(1) : w.size(0);
+    const std::vector<int64_t> want = input ? std::vector<int64_t>{1, in} : std::vector<int64_t>{out, 1};
+    if (info->shape != want) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          label, ": ia3_l for ", mname, " has shape ", Shape(info->shape), ", base expects ", Shape(want),
+          input ? " (a feed-forward module: its input is scaled)" : " (its output is scaled)"));
+    }
+    ASSIGN_OR_RETURN(at::Tensor l, ToTensor(file, *info, base.options()));
+    Ia3Module module;
+    module.l = l.reshape({input ? in : out}).contiguous();
+    module.input = input;
+    report.bytes += module.l.nbytes();
+    weights.ia3[{m.layer, m.projection}] = std::move(module);
+    adapted_layers.insert(m.layer);
+    report.matched_modules.push_back(mname);
+    if (input) report.ia3_input_modules.push_back(mname);
+  }
+  for (int64_t l = 0; l < bc.num_layers; ++l) {
+    if (!adapted_layers.count(l)) report.skipped_layers.push_back(l);
+  }
+  return weights;
+}
+
 absl::StatusOr<AdapterWeights> LoadPromptLearning(
     const AdapterConfig& cfg, const core::SafetensorsFile& file, const core::CausalLm& base,
     const std::string& name, AdapterReport& report) {
@@ -430,7 +523,8 @@ absl::StatusOr<std::shared_ptr<const Adapter>> LoadAdapter(const std::string& di
   }
   absl::StatusOr<AdapterWeights> weights;
   try {
-    weights = cfg.type == AdapterType::kLora ? LoadLora(cfg, *file, base, name, rules.bf16_factors, *report)
+    weights = cfg.type == AdapterType::kLora  ? LoadLora(cfg, *file, base, name, rules.bf16_factors, *report)
+              : cfg.type == AdapterType::kIa3 ? LoadIa3(cfg, *file, base, name, *report)
                                              : LoadPromptLearning(cfg, *file, base, name, *report);
   } catch (const std::exception& e) {
     weights = absl::InternalError(

@@ -1,5 +1,7 @@
 #include "adapters/adapter_report.h"
 
+#include <algorithm>
+
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
@@ -20,6 +22,7 @@ nlohmann::json AdapterReport::ToJson() const {
   j["matched_modules"] = matched_modules;
   j["matched_module_count"] = matched_modules.size();
   j["skipped_layers"] = skipped_layers;
+  j["ia3_input_modules"] = ia3_input_modules;
   j["num_virtual_tokens"] = num_virtual_tokens;
   j["file_bytes_by_dtype"] = file_bytes_by_dtype;
   j["bytes"] = bytes;
@@ -44,6 +47,13 @@ std::string AdapterReport::ToText() const {
     for (const std::string& m : matched_modules) absl::StrAppend(&out, "  ", m, "\n");
     if (!skipped_layers.empty()) {
       absl::StrAppend(&out, "skipped      layers ", absl::StrJoin(skipped_layers, ","), "\n");
+    }
+  }
+  if (ranks.empty() && !matched_modules.empty()) {  // IA3.
+    absl::StrAppend(&out, "modules      ", matched_modules.size(), " scaled\n");
+    for (const std::string& m : matched_modules) {
+      const bool input = std::count(ia3_input_modules.begin(), ia3_input_modules.end(), m) > 0;
+      absl::StrAppend(&out, "  ", m, input ? " (input)" : " (output)", "\n");
     }
   }
   if (num_virtual_tokens > 0) {

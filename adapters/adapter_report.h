@@ -25,6 +25,8 @@ struct AdapterReport {
   bool use_rslora = false;
   std::vector<std::string> matched_modules;  // Base module names the adapter modifies.
   std::vector<int64_t> skipped_layers;       // Layers with no adapted module.
+  // IA3: the matched modules whose input is scaled (feed-forward); the others' output is.
+  std::vector<std::string> ia3_input_modules;
   // Prompt learning.
   int64_t num_virtual_tokens = 0;
   // Both.

@@ -64,6 +64,11 @@ void AdapterBatch::AddDelta(int64_t layer, Projection p, const at::Tensor& x,
   std::vector<cpu::LoraSegment> segments;
   std::vector<const Range*> segment_ranges;
   for (const Range& r : ranges_) {
+    bool input = false;
+    if (const at::Tensor* l = r.adapter->Ia3Scale(layer, p, &input)) {
+      if (!input) y.narrow(0, r.offset, r.length).mul_(*l);
+      continue;
+    }
     if (!r.adapter->Adapts(layer, p)) continue;
     cpu::LoraSegment s{r.offset, r.length, nullptr, nullptr, 1.0f};
     if (r.length <= cpu::kLinearMaxRows && r.adapter->LoraFactors(layer, p, &s.a, &s.bt, &s.scale)) {
@@ -75,6 +80,18 @@ void AdapterBatch::AddDelta(int64_t layer, Projection p, const at::Tensor& x,
   }
   if (segments.empty() || cpu::LoraSegments(x, y, segments)) return;
   for (const Range* r : segment_ranges) add_alone(*r);
+}
+
+at::Tensor AdapterBatch::ScaleInputs(int64_t layer, Projection p, const at::Tensor& x) const {
+  at::Tensor scaled;
+  for (const Range& r : ranges_) {
+    bool input = false;
+    const at::Tensor* l = r.adapter->Ia3Scale(layer, p, &input);
+    if (l == nullptr || !input) continue;
+    if (!scaled.defined()) scaled = x.clone();
+    scaled.narrow(0, r.offset, r.length).mul_(*l);
+  }
+  return scaled.defined() ? scaled : x;
 }
 
 void AdapterBatch::WriteSoftPrompts(at::Tensor& embeddings) const {

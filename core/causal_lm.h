@@ -53,6 +53,12 @@ class SequenceAdapter {
                            const at::Tensor** /*bt*/, float* /*scale*/) const {
     return false;
   }
+  // IA3: the vector ([n], compute dtype) that scales projection `p` of `layer` element-wise,
+  // its input when `*input` is set to true (feed-forward modules), else its output (bias
+  // included); null when the adapter scales nothing there.
+  virtual const at::Tensor* Ia3Scale(int64_t /*layer*/, Projection /*p*/, bool* /*input*/) const {
+    return nullptr;
+  }
 };
 
 // The adapters of one packed batch: contiguous token ranges, each with the adapter of its
@@ -71,7 +77,11 @@ class AdapterBatch {
   // Adds every adapter's delta for projection `p` of `layer` to its rows of `y`: the few-row
   // ranges of LoRA adapters together in one segmented kernel (cpu::LoraSegments), the rest
   // range by range.
+  // Rows of IA3 adapters that scale the output are scaled here.
   void AddDelta(int64_t layer, Projection p, const at::Tensor& x, at::Tensor& y) const;
+  // Returns the input of projection `p` of `layer` for the base weights: `x` with the rows of
+  // IA3 adapters that scale this projection's input scaled (a copy), or `x` itself when none do.
+  at::Tensor ScaleInputs(int64_t layer, Projection p, const at::Tensor& x) const;
   // Overwrites the token embeddings of soft-prompt rows with the adapters' soft prompts.
   void WriteSoftPrompts(at::Tensor& embeddings) const;
 

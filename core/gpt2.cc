@@ -84,8 +84,9 @@ class Gpt2 final : public CausalLm {
   // Conv1D: y = b + x·W with W [in, out].
   static at::Tensor Project(int64_t layer, Projection p, const at::Tensor& x, const at::Tensor& w,
                             const at::Tensor& b, const AdapterBatch* adapters) {
-    at::Tensor y = Conv1dForward(x, w, b);
-    if (adapters != nullptr) adapters->AddDelta(layer, p, x, y);
+    if (adapters == nullptr) return Conv1dForward(x, w, b);
+    at::Tensor y = Conv1dForward(adapters->ScaleInputs(layer, p, x), w, b);
+    adapters->AddDelta(layer, p, x, y);
     return y;
   }
 

@@ -125,8 +125,9 @@ class Llama final : public CausalLm {
 
   static at::Tensor Project(int64_t layer, Projection p, const at::Tensor& x, const at::Tensor& w,
                             const at::Tensor& b, const AdapterBatch* adapters) {
-    at::Tensor y = LinearForward(x, w, b);
-    if (adapters != nullptr) adapters->AddDelta(layer, p, x, y);
+    if (adapters == nullptr) return LinearForward(x, w, b);
+    at::Tensor y = LinearForward(adapters->ScaleInputs(layer, p, x), w, b);
+    adapters->AddDelta(layer, p, x, y);
     return y;
   }
 

@@ -96,7 +96,9 @@ INSTANTIATE_TEST_SUITE_P(
     ::testing::Values(LoraCase{"lora_qv", "llama_tied"}, LoraCase{"lora_all_rslora", "llama_tied"},
                       LoraCase{"lora_regex", "llama_tied"}, LoraCase{"lora_layers", "llama_untied"},
                       LoraCase{"lora_exclude", "llama_untied"},
-                      LoraCase{"lora_qwen_bf16", "qwen2_bias"}, LoraCase{"lora_gpt2", "gpt2"}),
+                      LoraCase{"lora_qwen_bf16", "qwen2_bias"}, LoraCase{"lora_gpt2", "gpt2"},
+                      LoraCase{"ia3_llama", "llama_tied"}, LoraCase{"ia3_qwen", "qwen2_bias"},
+                      LoraCase{"ia3_gpt2", "gpt2"}),
     [](const auto& info) { return std::string(info.param.adapter); });
 
 class PromptLearningTest : public ::testing::TestWithParam<LoraCase> {};
@@ -205,6 +207,26 @@ TEST(AdapterLoaderTest, Bf16FactorsAreTheFileRoundedOnce) {
   EXPECT_LT(error, 2e-2 * delta) << "error " << error << " of a delta of " << delta;
 }
 
+// IA3 with PEFT's defaults on a Llama base: keys, values and down_proj of every layer, the
+// last scaling its input; the report says which.
+TEST(AdapterLoaderTest, Ia3ReportSaysWhatIsScaled) {
+  auto base = LoadEngine(testing::Fixture("llama_tied"));
+  ASSERT_NE(base, nullptr);
+  AdapterReport r;
+  auto adapter = Load(*base, "ia3_llama", &r);
+  ASSERT_TRUE(adapter.ok()) << adapter.status();
+  const int64_t layers = base->config().num_layers;
+  EXPECT_EQ(r.type, "IA3");
+  EXPECT_EQ(static_cast<int64_t>(r.matched_modules.size()), 3 * layers);
+  ASSERT_EQ(static_cast<int64_t>(r.ia3_input_modules.size()), layers);
+  EXPECT_EQ(r.ia3_input_modules[0], "model.layers.0.mlp.down_proj");
+  EXPECT_THAT(r.ToText(), HasSubstr("model.layers.0.self_attn.k_proj (output)"));
+  EXPECT_THAT(r.ToText(), HasSubstr("model.layers.0.mlp.down_proj (input)"));
+  const int64_t kv = base->config().num_kv_heads * base->config().head_dim;
+  EXPECT_EQ(r.bytes, layers * 4 * (2 * kv + base->config().intermediate_size));
+  EXPECT_TRUE(r.skipped_layers.empty());
+}
+
 TEST(AdapterLoaderTest, ReportCarriesRanksScalingsAndMatchedModules) {
   auto base = LoadEngine(testing::Fixture("llama_tied"));
   ASSERT_NE(base, nullptr);
@@ -294,7 +316,12 @@ INSTANTIATE_TEST_SUITE_P(
         Refusal{"bad_modules_to_save", absl::StatusCode::kFailedPrecondition,
                 "modules_to_save [\"lm_head\"] is not supported"},
         Refusal{"bad_bias", absl::StatusCode::kFailedPrecondition, "bias \"all\" is not supported"},
-        Refusal{"bad_ia3", absl::StatusCode::kFailedPrecondition, "peft_type \"IA3\""},
+        Refusal{"bad_ia3", absl::StatusCode::kFailedPrecondition, "is not an IA3 vector (ia3_l)"},
+        Refusal{"bad_ia3_shape", absl::StatusCode::kFailedPrecondition,
+                "ia3_l for model.layers.0.mlp.down_proj has shape [1,128], base expects [64,1] (its output is "
+                "scaled)"},
+        Refusal{"bad_ia3_subset", absl::StatusCode::kInvalidArgument,
+                "feedforward_modules must be a subset of target_modules; \"up_proj\" is not"},
         Refusal{"bad_no_match", absl::StatusCode::kFailedPrecondition,
                 "target_modules matches no module of the base LlamaForCausalLM"},
         Refusal{"bad_extra_module", absl::StatusCode::kFailedPrecondition,
@@ -324,9 +351,11 @@ TEST(AdapterBatchTest, MixedAdapterBatchEqualsEachRowAlone) {
   ASSERT_NE(base, nullptr);
   std::vector<std::shared_ptr<const core::SequenceAdapter>> adapters = {
       *Load(*base, "lora_qv"), nullptr, *Load(*base, "prefix_llama"),
-      *Load(*base, "lora_all_rslora"), *Load(*base, "lora_qv")};
+      *Load(*base, "lora_all_rslora"), *Load(*base, "lora_qv"), *Load(*base, "ia3_llama"),
+      *Load(*base, "ia3_llama")};
   std::vector<std::vector<int32_t>> prompts = {
-      {5, 9, 22, 31}, {7, 7, 7}, {100, 3, 44, 19, 2}, {250, 11}, {61, 62, 63, 64, 65, 66}};
+      {5, 9, 22, 31}, {7, 7, 7}, {100, 3, 44, 19, 2}, {250, 11}, {61, 62, 63, 64, 65, 66},
+      {12, 13}, {90, 91, 92}};
   core::SamplingParams params;
   params.top_logprobs = 3;
   const int steps = 6;
@@ -343,7 +372,7 @@ TEST(AdapterBatchTest, MixedAdapterBatchEqualsEachRowAlone) {
     }
     return out;
   };
-  auto together = run({0, 1, 2, 3, 4});
+  auto together = run({0, 1, 2, 3, 4, 5, 6});
   for (size_t i = 0; i < prompts.size(); ++i) {
     auto alone = run({i})[0];
     for (int s = 0; s < steps; ++s) {
