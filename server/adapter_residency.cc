@@ -123,15 +123,23 @@ absl::StatusOr<adapters::AdapterRef> AdapterResidency::Load(const LoadSpec& spec
   response->set_loaded(true);
   count("loaded");
   if (!evicted->empty()) {
+    int64_t freed = 0;
     for (const adapters::AdapterRef& e : *evicted) {
       ctx_.metrics.AdapterEvicted();
       spdlog::info("adapter {} evicted (least recently used) to make room for {}", adapters::ReportOf(e).name,
                    spec.name);
+      freed += adapters::ReportOf(e).bytes;
     }
     // Nobody else held them: this frees their weights. Under churn malloc keeps freed blocks
-    // in its arenas (RSS above the resident set); hand them back to the system.
+    // in its arenas (RSS above the resident set), so they are handed back to the system, but
+    // only once a quarter of the resident set's bytes (at least 16 MB) has been freed:
+    // malloc_trim walks every arena under its lock, stalling the steps' allocations, and
+    // after every eviction it ran hundreds of times per minute of churn.
     evicted->clear();
-    ::malloc_trim(0);
+    const int64_t threshold = std::max<int64_t>(ctx_.table->bytes() / 4, int64_t{16} << 20);
+    if (freed_since_trim_.fetch_add(freed) + freed >= threshold && freed_since_trim_.exchange(0) >= threshold) {
+      ::malloc_trim(0);
+    }
   }
   PublishMetrics();
   {

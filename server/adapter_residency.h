@@ -17,6 +17,7 @@
 // `mu_` guards the loading and failure maps only and is never held while loading.
 #pragma once
 
+#include <atomic>
 #include <chrono>
 #include <cstdint>
 #include <functional>
@@ -117,6 +118,7 @@ class AdapterResidency {
 
   ServingContext& ctx_;
   const ResidencyOptions options_;
+  std::atomic<int64_t> freed_since_trim_{0};  // Evicted bytes not yet handed back (malloc_trim).
   mutable absl::Mutex mu_;
   std::map<std::string, std::shared_ptr<AdapterWait>> loading_ ABSL_GUARDED_BY(mu_);
   std::map<std::string, Failure> failures_ ABSL_GUARDED_BY(mu_);
