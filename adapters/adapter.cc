@@ -30,6 +30,16 @@ Adapter::Adapter(AdapterReport report, AdapterWeights weights)
   }
 }
 
+bool Adapter::OutputAffine(int64_t layer, core::Projection p, const at::Tensor** scale,
+                           const at::Tensor** shift) const {
+  const int64_t i = layer * kProjections + static_cast<int64_t>(p);
+  const LoraModule* m = i < static_cast<int64_t>(lookup_.size()) ? lookup_[i] : nullptr;
+  if (m == nullptr || !m->dora_scale.defined()) return false;
+  *scale = &m->dora_scale;
+  *shift = m->dora_shift.defined() ? &m->dora_shift : nullptr;
+  return true;
+}
+
 const at::Tensor* Adapter::Ia3Scale(int64_t layer, core::Projection p, bool* input) const {
   const int64_t i = layer * kProjections + static_cast<int64_t>(p);
   if (i >= static_cast<int64_t>(ia3_lookup_.size()) || ia3_lookup_[i] == nullptr) return nullptr;

@@ -31,6 +31,12 @@ struct LoraModule {
   at::Tensor a;   // [r, in]
   at::Tensor bt;  // [r, out], contiguous.
   float scale = 1.0f;
+  // DoRA (PEFT's DoraLinearLayer at inference): with g = magnitude / ‖W + scaling·B·A‖ per
+  // output row, y = g·(x·Wᵀ + scaling·x·Aᵀ·Bᵀ) + b, i.e. after the LoRA delta the rows become
+  // y·dora_scale + dora_shift, dora_shift = (1 - g)·b (undefined without a bias). Both [out],
+  // float32 or the compute dtype, computed once at load.
+  at::Tensor dora_scale{};
+  at::Tensor dora_shift{};
 };
 
 // One IA3-scaled projection: its output (or, for feed-forward modules, its input) times `l`.
@@ -71,6 +77,8 @@ class Adapter final : public core::SequenceAdapter {
   bool LoraFactors(int64_t layer, core::Projection p, const at::Tensor** a, const at::Tensor** bt,
                    float* scale) const override;
   const at::Tensor* Ia3Scale(int64_t layer, core::Projection p, bool* input) const override;
+  bool OutputAffine(int64_t layer, core::Projection p, const at::Tensor** scale,
+                    const at::Tensor** shift) const override;
 
  private:
   AdapterReport report_;

@@ -119,7 +119,7 @@ absl::Status ParseLora(const Json& j, absl::string_view label, AdapterConfig& c)
   c.fan_in_fan_out = j.value("fan_in_fan_out", false);
 
   // Options that change the math and are not implemented: refused, by name.
-  if (IsSet(j, "use_dora")) return Refuse(label, "use_dora (DoRA) is not supported");
+  c.use_dora = j.value("use_dora", false);
   if (IsSet(j, "modules_to_save")) {
     return Refuse(label, absl::StrCat("modules_to_save ", j["modules_to_save"].dump(),
                                       " is not supported: it replaces base modules"));

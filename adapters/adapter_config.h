@@ -31,6 +31,7 @@ struct AdapterConfig {
   int64_t r = 8;
   double lora_alpha = 8;
   bool use_rslora = false;
+  bool use_dora = false;  // DoRA: each module also has a magnitude vector.
   bool fan_in_fan_out = false;
   // target_modules: a list of names, one regex (full match), or "all-linear"; unset → the
   // architecture's PEFT default.

@@ -93,7 +93,42 @@ absl::StatusOr<at::Tensor> ToTensor(const core::SafetensorsFile& file, const cor
 struct LoraPair {
   const core::TensorInfo* a = nullptr;
   const core::TensorInfo* b = nullptr;
+  const core::TensorInfo* magnitude = nullptr;  // DoRA.
 };
+
+// DoRA at inference, as PEFT's DoraLinearLayer computes it: g = magnitude / ‖W + scaling·B·A‖
+// (the 2-norm of each output row of the combined weight, W as [out, in]), then
+// y = g·(x·Wᵀ + scaling·x·Aᵀ·Bᵀ) + b. Fills lm.dora_scale (g) and lm.dora_shift ((1 - g)·b)
+// from the factors as held (so the step and the norm see the same numbers).
+absl::Status AddDora(const core::SafetensorsFile& file, const core::TensorInfo& info, const core::CausalLm& base,
+                     const std::string& module, bool conv1d, int64_t out, const std::string& label,
+                     LoraModule& lm) {
+  if (info.shape != std::vector<int64_t>{out}) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        label, ": lora_magnitude_vector for ", module, " has shape ", Shape(info.shape), ", base expects [", out,
+        "]"));
+  }
+  ASSIGN_OR_RETURN(at::Tensor magnitude, ToTensor(file, info, base.options().dtype(at::kFloat)));
+  const at::Tensor& w = base.weights().at(module + ".weight");
+  // A copy (never the base's own weights, which may be mapped read-only).
+  at::Tensor combined = (conv1d ? w.t() : w).to(at::kFloat, /*non_blocking=*/false, /*copy=*/true);
+  combined.add_(at::matmul(lm.bt.to(at::kFloat).t(), lm.a.to(at::kFloat)), lm.scale);
+  const at::Tensor norm = combined.mul(combined).sum(1).sqrt();
+  at::Tensor g = magnitude.cpu().div(norm.cpu());
+  if (!at::isfinite(g).all().item<bool>()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        label, ": DoRA scale magnitude / ||W + scaling*B*A|| for ", module,
+        " is not finite (a row of the combined weight has norm 0)"));
+  }
+  const at::TensorOptions options = base.options();
+  const at::ScalarType dtype = options.dtype().toScalarType();
+  lm.dora_scale = g.to(options.device(), dtype);
+  auto bias = base.weights().find(module + ".bias");
+  if (bias != base.weights().end() && bias->second.defined()) {
+    lm.dora_shift = (1.0 - g).mul(bias->second.to(at::kFloat).cpu()).to(options.device(), dtype);
+  }
+  return absl::OkStatus();
+}
 
 absl::StatusOr<AdapterWeights> LoadLora(
     const AdapterConfig& cfg, const core::SafetensorsFile& file, const core::CausalLm& base,
@@ -109,14 +144,26 @@ absl::StatusOr<AdapterWeights> LoadLora(
     if (absl::StartsWith(key, kPeftPrefix)) key = key.substr(kPeftPrefix.size());
     std::string module;
     bool is_a = false;
+    if (absl::EndsWith(key, ".lora_magnitude_vector")) {
+      if (!cfg.use_dora) {
+        return absl::FailedPreconditionError(absl::StrCat(
+            label, ": tensor ", t.name, " is a DoRA magnitude vector but the config does not set use_dora"));
+      }
+      module = key.substr(0, key.size() - std::string(".lora_magnitude_vector").size());
+      auto it = modules.find(module);
+      if (it == modules.end() || !it->second.supported) {
+        return absl::FailedPreconditionError(absl::StrCat(
+            label, ": tensor ", t.name, " targets \"", module, "\", which is not a projection of the base ",
+            bc.architecture_name, " that adapterd adapts"));
+      }
+      pairs[module].magnitude = &t;
+      continue;
+    }
     if (absl::EndsWith(key, ".lora_A.weight")) {
       module = key.substr(0, key.size() - std::string(".lora_A.weight").size());
       is_a = true;
     } else if (absl::EndsWith(key, ".lora_B.weight")) {
       module = key.substr(0, key.size() - std::string(".lora_B.weight").size());
-    } else if (absl::StrContains(key, "lora_magnitude_vector")) {
-      return absl::FailedPreconditionError(absl::StrCat(
-          label, ": tensor ", t.name, " is a DoRA magnitude vector; DoRA is not supported"));
     } else if (absl::StrContains(key, "lora_embedding_")) {
       return absl::FailedPreconditionError(absl::StrCat(
           label, ": tensor ", t.name, " adapts an embedding, which adapterd does not support"));
@@ -169,9 +216,17 @@ absl::StatusOr<AdapterWeights> LoadLora(
           ", which the config's target_modules / layers_to_transform do not select"));
     }
     if (pair.a == nullptr || pair.b == nullptr) {
+      if (pair.a == nullptr && pair.b == nullptr) {
+        return absl::FailedPreconditionError(
+            absl::StrCat(label, ": ", m, " has a DoRA magnitude vector but no lora_A or lora_B"));
+      }
       return absl::FailedPreconditionError(absl::StrCat(label, ": ", m, " has lora_",
                                                         pair.a ? "A" : "B", " but no lora_",
                                                         pair.a ? "B" : "A"));
+    }
+    if (cfg.use_dora && pair.magnitude == nullptr) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          label, ": the config sets use_dora but ", file.path(), " holds no lora_magnitude_vector for ", m));
     }
   }
 
@@ -229,6 +284,11 @@ absl::StatusOr<AdapterWeights> LoadLora(
       return absl::InvalidArgumentError(absl::StrCat(
           label, ": lora_B for ", mname, " times its scaling ", scaling, " (lora_alpha ", alpha,
           ", r ", r, ") is not finite in ", c10::toString(options.dtype().toScalarType())));
+    }
+    if (pair.magnitude != nullptr) {
+      RETURN_IF_ERROR(AddDora(file, *pair.magnitude, base, mname, conv1d, out, label, lm));
+      report.bytes += lm.dora_scale.nbytes() + (lm.dora_shift.defined() ? lm.dora_shift.nbytes() : 0);
+      ++report.dora_modules;
     }
     report.bytes += lm.a.nbytes() + lm.bt.nbytes();
     weights.lora[{m.layer, m.projection}] = std::move(lm);

@@ -22,6 +22,7 @@ nlohmann::json AdapterReport::ToJson() const {
   j["matched_modules"] = matched_modules;
   j["matched_module_count"] = matched_modules.size();
   j["skipped_layers"] = skipped_layers;
+  j["dora_modules"] = dora_modules;
   j["ia3_input_modules"] = ia3_input_modules;
   j["num_virtual_tokens"] = num_virtual_tokens;
   j["file_bytes_by_dtype"] = file_bytes_by_dtype;
@@ -43,7 +44,8 @@ std::string AdapterReport::ToText() const {
     absl::StrAppend(&out, "alpha        ", absl::StrJoin(alphas, ","),
                     use_rslora ? " (rsLoRA: alpha/sqrt(r))" : " (alpha/r)", "\n");
     absl::StrAppend(&out, "scaling      ", absl::StrJoin(scalings, ","), "\n");
-    absl::StrAppend(&out, "modules      ", matched_modules.size(), " matched\n");
+    absl::StrAppend(&out, "modules      ", matched_modules.size(), " matched",
+                    dora_modules > 0 ? absl::StrCat(", ", dora_modules, " with DoRA magnitudes") : "", "\n");
     for (const std::string& m : matched_modules) absl::StrAppend(&out, "  ", m, "\n");
     if (!skipped_layers.empty()) {
       absl::StrAppend(&out, "skipped      layers ", absl::StrJoin(skipped_layers, ","), "\n");

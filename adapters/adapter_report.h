@@ -35,6 +35,7 @@ struct AdapterReport {
   std::string compute_dtype;
   int64_t bf16_modules = 0;  // LoRA modules whose factors are held in bfloat16 (see LoraModule).
   int64_t bf16_rounded_modules = 0;  // Of those, the ones rounded at load (AdapterFileRules).
+  int64_t dora_modules = 0;  // LoRA modules with a DoRA magnitude vector.
   double load_seconds = 0;
   std::vector<std::string> warnings;
 

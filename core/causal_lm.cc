@@ -78,8 +78,16 @@ void AdapterBatch::AddDelta(int64_t layer, Projection p, const at::Tensor& x,
     }
     add_alone(r);
   }
-  if (segments.empty() || cpu::LoraSegments(x, y, segments)) return;
-  for (const Range* r : segment_ranges) add_alone(*r);
+  if (!segments.empty() && !cpu::LoraSegments(x, y, segments)) {
+    for (const Range* r : segment_ranges) add_alone(*r);
+  }
+  for (const Range& r : ranges_) {
+    const at::Tensor *scale = nullptr, *shift = nullptr;
+    if (!r.adapter->OutputAffine(layer, p, &scale, &shift)) continue;
+    at::Tensor rows = y.narrow(0, r.offset, r.length);
+    rows.mul_(*scale);
+    if (shift != nullptr) rows.add_(*shift);
+  }
 }
 
 at::Tensor AdapterBatch::ScaleInputs(int64_t layer, Projection p, const at::Tensor& x) const {

@@ -53,6 +53,12 @@ class SequenceAdapter {
                            const at::Tensor** /*bt*/, float* /*scale*/) const {
     return false;
   }
+  // DoRA: after its LoRA delta, the adapter's rows of projection `p` of `layer` become
+  // y·scale + shift (shift may be null); false when it has no such step there.
+  virtual bool OutputAffine(int64_t /*layer*/, Projection /*p*/, const at::Tensor** /*scale*/,
+                            const at::Tensor** /*shift*/) const {
+    return false;
+  }
   // IA3: the vector ([n], compute dtype) that scales projection `p` of `layer` element-wise,
   // its input when `*input` is set to true (feed-forward modules), else its output (bias
   // included); null when the adapter scales nothing there.

@@ -132,11 +132,11 @@ absl::StatusOr<adapters::AdapterRef> AdapterResidency::Load(const LoadSpec& spec
     }
     // Nobody else held them: this frees their weights. Under churn malloc keeps freed blocks
     // in its arenas (RSS above the resident set), so they are handed back to the system, but
-    // only once a quarter of the resident set's bytes (at least 16 MB) has been freed:
+    // only once an eighth of the resident set's bytes (at least 16 MB) has been freed:
     // malloc_trim walks every arena under its lock, stalling the steps' allocations, and
     // after every eviction it ran hundreds of times per minute of churn.
     evicted->clear();
-    const int64_t threshold = std::max<int64_t>(ctx_.table->bytes() / 4, int64_t{16} << 20);
+    const int64_t threshold = std::max<int64_t>(ctx_.table->bytes() / 8, int64_t{16} << 20);
     if (freed_since_trim_.fetch_add(freed) + freed >= threshold && freed_since_trim_.exchange(0) >= threshold) {
       ::malloc_trim(0);
     }

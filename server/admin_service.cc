@@ -38,6 +38,7 @@ void ToProto(const adapters::AdapterReport& r, v1::AdapterReport* out) {
   out->set_use_rslora(r.use_rslora);
   for (const auto& m : r.matched_modules) out->add_matched_modules(m);
   for (const auto& m : r.ia3_input_modules) out->add_ia3_input_modules(m);
+  out->set_dora_modules(r.dora_modules);
   for (int64_t l : r.skipped_layers) out->add_skipped_layers(l);
   out->set_num_virtual_tokens(r.num_virtual_tokens);
   out->set_bytes(r.bytes);

@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cmath>
 
+#include "absl/strings/str_cat.h"
 #include "core/engine.h"
 #include "core/safetensors.h"
 #include "gmock/gmock.h"
@@ -98,7 +99,8 @@ INSTANTIATE_TEST_SUITE_P(
                       LoraCase{"lora_exclude", "llama_untied"},
                       LoraCase{"lora_qwen_bf16", "qwen2_bias"}, LoraCase{"lora_gpt2", "gpt2"},
                       LoraCase{"ia3_llama", "llama_tied"}, LoraCase{"ia3_qwen", "qwen2_bias"},
-                      LoraCase{"ia3_gpt2", "gpt2"}),
+                      LoraCase{"ia3_gpt2", "gpt2"}, LoraCase{"dora_llama", "llama_tied"},
+                      LoraCase{"dora_qwen", "qwen2_bias"}, LoraCase{"dora_gpt2", "gpt2"}),
     [](const auto& info) { return std::string(info.param.adapter); });
 
 class PromptLearningTest : public ::testing::TestWithParam<LoraCase> {};
@@ -227,6 +229,23 @@ TEST(AdapterLoaderTest, Ia3ReportSaysWhatIsScaled) {
   EXPECT_TRUE(r.skipped_layers.empty());
 }
 
+// DoRA: every module carries its magnitude; the report counts them and the bytes include the
+// per-row scales (and shifts, for modules with a bias).
+TEST(AdapterLoaderTest, DoraReportCountsMagnitudes) {
+  auto base = LoadEngine(testing::Fixture("llama_tied"));
+  ASSERT_NE(base, nullptr);
+  AdapterReport r;
+  auto adapter = Load(*base, "dora_llama", &r);
+  ASSERT_TRUE(adapter.ok()) << adapter.status();
+  const int64_t layers = base->config().num_layers;
+  EXPECT_EQ(r.dora_modules, 4 * layers);
+  EXPECT_EQ(static_cast<int64_t>(r.matched_modules.size()), 4 * layers);
+  EXPECT_THAT(r.ToText(), HasSubstr(absl::StrCat(4 * layers, " with DoRA magnitudes")));
+  AdapterReport plain;
+  ASSERT_TRUE(Load(*base, "lora_qv", &plain).ok());
+  EXPECT_EQ(plain.dora_modules, 0);
+}
+
 TEST(AdapterLoaderTest, ReportCarriesRanksScalingsAndMatchedModules) {
   auto base = LoadEngine(testing::Fixture("llama_tied"));
   ASSERT_NE(base, nullptr);
@@ -312,7 +331,7 @@ INSTANTIATE_TEST_SUITE_P(
                 "[64,3], base expects [64,4] (r=4)"},
         Refusal{"bad_missing_b", absl::StatusCode::kFailedPrecondition,
                 "model.layers.1.self_attn.v_proj has lora_A but no lora_B"},
-        Refusal{"bad_dora", absl::StatusCode::kFailedPrecondition, "use_dora (DoRA)"},
+        Refusal{"bad_dora", absl::StatusCode::kFailedPrecondition, "the config sets use_dora but"},
         Refusal{"bad_modules_to_save", absl::StatusCode::kFailedPrecondition,
                 "modules_to_save [\"lm_head\"] is not supported"},
         Refusal{"bad_bias", absl::StatusCode::kFailedPrecondition, "bias \"all\" is not supported"},
@@ -352,10 +371,10 @@ TEST(AdapterBatchTest, MixedAdapterBatchEqualsEachRowAlone) {
   std::vector<std::shared_ptr<const core::SequenceAdapter>> adapters = {
       *Load(*base, "lora_qv"), nullptr, *Load(*base, "prefix_llama"),
       *Load(*base, "lora_all_rslora"), *Load(*base, "lora_qv"), *Load(*base, "ia3_llama"),
-      *Load(*base, "ia3_llama")};
+      *Load(*base, "ia3_llama"), *Load(*base, "dora_llama"), *Load(*base, "dora_llama")};
   std::vector<std::vector<int32_t>> prompts = {
       {5, 9, 22, 31}, {7, 7, 7}, {100, 3, 44, 19, 2}, {250, 11}, {61, 62, 63, 64, 65, 66},
-      {12, 13}, {90, 91, 92}};
+      {12, 13}, {90, 91, 92}, {40, 41, 42, 43}, {8}};
   core::SamplingParams params;
   params.top_logprobs = 3;
   const int steps = 6;
@@ -372,7 +391,7 @@ TEST(AdapterBatchTest, MixedAdapterBatchEqualsEachRowAlone) {
     }
     return out;
   };
-  auto together = run({0, 1, 2, 3, 4, 5, 6});
+  auto together = run({0, 1, 2, 3, 4, 5, 6, 7, 8});
   for (size_t i = 0; i < prompts.size(); ++i) {
     auto alone = run({i})[0];
     for (int s = 0; s < steps; ++s) {
