@@ -90,6 +90,27 @@ absl::StatusOr<at::Tensor> ToTensor(const core::SafetensorsFile& file, const cor
   return t.to(options.device(), options.dtype().toScalarType());
 }
 
+// The base modules `cfg` targets; an error when it selects one adapterd does not adapt, or none.
+absl::StatusOr<std::set<std::string>> TargetedModules(const AdapterConfig& cfg, const core::ModelConfig& bc,
+                                                      const std::map<std::string, BaseModule>& modules,
+                                                      const std::string& label) {
+  std::set<std::string> targeted;
+  for (const auto& [mname, m] : modules) {
+    ASSIGN_OR_RETURN(bool hit, IsTargeted(cfg, bc, m));
+    if (!hit) continue;
+    if (!m.supported) {
+      return absl::FailedPreconditionError(
+          absl::StrCat(label, ": target_modules selects ", mname, ", which adapterd does not adapt"));
+    }
+    targeted.insert(mname);
+  }
+  if (targeted.empty()) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        label, ": target_modules matches no module of the base ", bc.architecture_name));
+  }
+  return targeted;
+}
+
 struct LoraPair {
   const core::TensorInfo* a = nullptr;
   const core::TensorInfo* b = nullptr;
@@ -188,20 +209,7 @@ absl::StatusOr<AdapterWeights> LoadLora(
     (is_a ? pairs[module].a : pairs[module].b) = &t;
   }
 
-  std::set<std::string> targeted;
-  for (const auto& [mname, m] : modules) {
-    ASSIGN_OR_RETURN(bool hit, IsTargeted(cfg, bc, m));
-    if (!hit) continue;
-    if (!m.supported) {
-      return absl::FailedPreconditionError(
-          absl::StrCat(label, ": target_modules selects ", mname, ", which adapterd does not adapt"));
-    }
-    targeted.insert(mname);
-  }
-  if (targeted.empty()) {
-    return absl::FailedPreconditionError(absl::StrCat(
-        label, ": target_modules matches no module of the base ", bc.architecture_name));
-  }
+  ASSIGN_OR_RETURN(const std::set<std::string> targeted, TargetedModules(cfg, bc, modules, label));
   for (const std::string& m : targeted) {
     auto it = pairs.find(m);
     if (it == pairs.end()) {
@@ -349,23 +357,12 @@ absl::StatusOr<AdapterWeights> LoadIa3(AdapterConfig cfg, const core::Safetensor
     }
     vectors[module] = &t;
   }
-  std::set<std::string> targeted;
-  for (const auto& [mname, m] : modules) {
-    ASSIGN_OR_RETURN(bool hit, IsTargeted(cfg, bc, m));
-    if (!hit) continue;
-    if (!m.supported) {
-      return absl::FailedPreconditionError(
-          absl::StrCat(label, ": target_modules selects ", mname, ", which adapterd does not adapt"));
-    }
+  ASSIGN_OR_RETURN(const std::set<std::string> targeted, TargetedModules(cfg, bc, modules, label));
+  for (const std::string& mname : targeted) {
     if (!vectors.count(mname)) {
       return absl::FailedPreconditionError(absl::StrCat(
           label, ": the config targets ", mname, " but ", file.path(), " holds no ia3_l for it"));
     }
-    targeted.insert(mname);
-  }
-  if (targeted.empty()) {
-    return absl::FailedPreconditionError(absl::StrCat(
-        label, ": target_modules matches no module of the base ", bc.architecture_name));
   }
   AdapterWeights weights;
   std::set<int64_t> adapted_layers;
