@@ -120,6 +120,33 @@ std::vector<adapterd::adapters::AdapterRef> DistinctAdapters(const adapterd::cor
   return out;
 }
 
+// One seeded adapter over q, k, v, o of every layer (r=16) as plain LoRA, as DoRA (the same
+// factors plus a per-output scale), or as IA3 on PEFT's default modules (k, v, down_proj's
+// input): the formats whose decode cost the benchmark compares.
+adapterd::adapters::AdapterRef FormatAdapter(const adapterd::core::ModelConfig& c, const std::string& format) {
+  using adapterd::core::Projection;
+  at::manual_seed(9);
+  adapterd::adapters::AdapterWeights w;
+  const int64_t q = c.num_heads * c.head_dim, kv = c.num_kv_heads * c.head_dim;
+  for (int64_t layer = 0; layer < c.num_layers; ++layer) {
+    if (format == "ia3") {
+      w.ia3[{layer, Projection::kK}] = {1 + 0.1 * at::randn({kv}), false};
+      w.ia3[{layer, Projection::kV}] = {1 + 0.1 * at::randn({kv}), false};
+      w.ia3[{layer, Projection::kDown}] = {1 + 0.1 * at::randn({c.intermediate_size}), true};
+      continue;
+    }
+    for (auto [p, in, o] : {std::tuple{Projection::kQ, c.hidden_size, q}, std::tuple{Projection::kK, c.hidden_size, kv},
+                            std::tuple{Projection::kV, c.hidden_size, kv}, std::tuple{Projection::kO, q, c.hidden_size}}) {
+      adapterd::adapters::LoraModule m{at::randn({16, in}) * 0.02, at::randn({16, o}) * 0.02, 1.0f};
+      if (format == "dora") m.dora_scale = 1 + 0.1 * at::randn({o});
+      w.lora[{layer, p}] = std::move(m);
+    }
+  }
+  adapterd::adapters::AdapterReport r;
+  r.name = format;
+  return std::make_shared<const adapterd::adapters::Adapter>(r, std::move(w));
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -198,6 +225,25 @@ int main(int argc, char** argv) {
     std::printf("32 distinct bf16 %s %.1f ms segmented, factors held in bfloat16: bfloat16 files, or any with "
                 "--adapter_dtype bfloat16 (ratio %.3f, target >= 0.85)\n",
                 label, 1e3 * seg16.Quantile(q), base / seg16.Quantile(q));
+  }
+
+  // Decode cost by format: 16 rows on one adapter of each kind vs on the base.
+  {
+    StepTimes base16, lora16, dora16, ia316;
+    const std::vector<std::shared_ptr<const adapterd::core::SequenceAdapter>> lora = {FormatAdapter((*engine)->config(), "lora")},
+                                                                             dora = {FormatAdapter((*engine)->config(), "dora")},
+                                                                             ia3 = {FormatAdapter((*engine)->config(), "ia3")};
+    for (int rep = 0; rep < 6; ++rep) {
+      base16.Add(StepSeconds(**engine, none, steps, 16));
+      lora16.Add(StepSeconds(**engine, lora, steps, 16));
+      dora16.Add(StepSeconds(**engine, dora, steps, 16));
+      ia316.Add(StepSeconds(**engine, ia3, steps, 16));
+    }
+    const double b = base16.Quantile(0.5), l = lora16.Quantile(0.5);
+    std::printf("formats, 16 rows median step: base %.2f ms; LoRA r=16 q/k/v/o +%.2f ms; DoRA (same factors) +%.2f ms "
+                "(%.2fx LoRA's cost); IA3 k/v/down +%.2f ms (%.2fx)\n",
+                1e3 * b, 1e3 * (l - b), 1e3 * (dora16.Quantile(0.5) - b), (dora16.Quantile(0.5) - b) / (l - b),
+                1e3 * (ia316.Quantile(0.5) - b), (ia316.Quantile(0.5) - b) / (l - b));
   }
 
   // Acquire latency while a writer replaces adapters: at 1 kHz (far above any operator's
