@@ -1,16 +1,23 @@
 // One on-demand adapter load as the requests waiting for it see it: shared by every request
 // that named the adapter while it loaded, settled once with the adapter or with the load's
 // error. The scheduler polls it for the requests it has parked (see Scheduler::Submit).
+// A wait built by AllOf() stands for several (a weighted mix with a part loading): it settles
+// once every part has, with the first failed part's error or what its `combine` makes of the
+// parts' adapters.
 //
-// Thread-safety: Settle() from the loader, Poll() from any thread.
+// Thread-safety: Settle() from the loader, Poll() and Await() from any thread.
 #pragma once
 
 #include <chrono>
+#include <functional>
+#include <memory>
 #include <string>
 #include <utility>
+#include <vector>
 
 #include "absl/base/thread_annotations.h"
 #include "absl/status/status.h"
+#include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
 #include "adapters/adapter_ref.h"
 
@@ -18,7 +25,25 @@ namespace adapterd::server {
 
 class AdapterWait {
  public:
+  using Combine =
+      std::function<absl::StatusOr<adapters::AdapterRef>(const std::vector<adapters::AdapterRef>&)>;
+
   explicit AdapterWait(std::string name) : name_(std::move(name)) {}
+
+  // A wait settled from the start (a resident part of a mix).
+  static std::shared_ptr<AdapterWait> Settled(std::string name, adapters::AdapterRef adapter) {
+    auto w = std::make_shared<AdapterWait>(std::move(name));
+    w->Settle(absl::OkStatus(), std::move(adapter));
+    return w;
+  }
+  // A wait for every one of `parts`; see the class comment.
+  static std::shared_ptr<AdapterWait> AllOf(std::string name, std::vector<std::shared_ptr<AdapterWait>> parts,
+                                            Combine combine) {
+    auto w = std::make_shared<AdapterWait>(std::move(name));
+    w->parts_ = std::move(parts);
+    w->combine_ = std::move(combine);
+    return w;
+  }
 
   const std::string& name() const { return name_; }
   std::chrono::steady_clock::time_point started() const { return started_; }
@@ -34,7 +59,13 @@ class AdapterWait {
   // Blocks until the load settles, then gives its outcome. Every load settles: it finishes, is
   // abandoned at its timeout, or is answered at shutdown.
   void Await(absl::Status* status, adapters::AdapterRef* adapter) const ABSL_LOCKS_EXCLUDED(mu_) {
+    for (const auto& part : parts_) {
+      absl::Status s;
+      adapters::AdapterRef a;
+      part->Await(&s, &a);
+    }
     absl::MutexLock lock(&mu_);
+    if (!parts_.empty()) CombineLocked();
     mu_.Await(absl::Condition(&done_));
     *status = status_;
     *adapter = adapter_;
@@ -42,6 +73,7 @@ class AdapterWait {
   // False while the load runs; then true with its outcome.
   bool Poll(absl::Status* status, adapters::AdapterRef* adapter) const ABSL_LOCKS_EXCLUDED(mu_) {
     absl::MutexLock lock(&mu_);
+    if (!done_ && !parts_.empty()) CombineLocked();
     if (!done_) return false;
     *status = status_;
     *adapter = adapter_;
@@ -49,12 +81,38 @@ class AdapterWait {
   }
 
  private:
+  // Settles a wait of parts once every part has settled (nothing while one still loads).
+  void CombineLocked() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    if (done_) return;
+    std::vector<adapters::AdapterRef> adapters;
+    absl::Status failed;
+    for (const auto& part : parts_) {
+      absl::Status s;
+      adapters::AdapterRef a;
+      if (!part->Poll(&s, &a)) return;
+      if (!s.ok() && failed.ok()) failed = s;
+      adapters.push_back(std::move(a));
+    }
+    done_ = true;
+    if (!failed.ok()) {
+      status_ = failed;
+      return;
+    }
+    absl::StatusOr<adapters::AdapterRef> combined = combine_(adapters);
+    status_ = combined.status();
+    if (combined.ok()) adapter_ = *std::move(combined);
+  }
+
   const std::string name_;
+  // Set by AllOf() only, before the wait is shared.
+  std::vector<std::shared_ptr<AdapterWait>> parts_;
+  Combine combine_;
   const std::chrono::steady_clock::time_point started_ = std::chrono::steady_clock::now();
   mutable absl::Mutex mu_;
-  bool done_ ABSL_GUARDED_BY(mu_) = false;
-  absl::Status status_ ABSL_GUARDED_BY(mu_);
-  adapters::AdapterRef adapter_ ABSL_GUARDED_BY(mu_);
+  // Mutable: a wait of parts settles inside Poll() and Await().
+  mutable bool done_ ABSL_GUARDED_BY(mu_) = false;
+  mutable absl::Status status_ ABSL_GUARDED_BY(mu_);
+  mutable adapters::AdapterRef adapter_ ABSL_GUARDED_BY(mu_);
 };
 
 }  // namespace adapterd::server

@@ -86,6 +86,10 @@ absl::Status Scheduler::Submit(std::unique_ptr<GenerationRequest> request,
   a->sink = std::move(sink);
   if (a->request->adapter_wait != nullptr) {
     parked_.push_back(std::move(a));
+    // The loop may be asleep without a timeout (nothing was parked) and the load may have
+    // settled already (its wake-up came before this request was parked): wake it, so that it
+    // polls the parked requests from now on.
+    wake_ = true;
     if (metrics_) metrics_->SetAdapterWaiting(static_cast<int64_t>(parked_.size()));
   } else {
     queue_.push_back(std::move(a));

@@ -6,7 +6,9 @@
 #include <atomic>
 #include <map>
 #include <set>
+#include <thread>
 
+#include "absl/strings/str_cat.h"
 #include "adapters/adapter.h"
 #include "core/engine.h"
 #include "gmock/gmock.h"
@@ -133,6 +135,50 @@ TEST_F(SchedulerTest, TheEndOfTheGracePeriodIsUnavailableAndDeadlinesAreDeadline
     EXPECT_EQ(Get(id).status.code(), absl::StatusCode::kUnavailable) << id;
     EXPECT_THAT(std::string(Get(id).status.message()), HasSubstr("grace period"));
   }
+}
+
+// An on-demand load may settle, and its wake-up pass, before the request naming it is parked
+// (a folder that does not exist fails at once): the idle scheduler must still look at it.
+TEST_F(SchedulerTest, ARequestParkedOnASettledLoadEndsWithoutAnotherWakeUp) {
+  Scheduler s(*engine_, nullptr, nullptr, SchedulerOptions());
+  ASSERT_TRUE(s.WaitIdle(Clock::now() + std::chrono::seconds(30)));
+  auto failed = std::make_shared<AdapterWait>("gone");
+  failed->Settle(absl::NotFoundError("no such folder"), nullptr);
+  auto r = Request(1, 4);
+  r->adapter_wait = failed;
+  Submit(s, std::move(r));
+  AwaitDone(1);
+  EXPECT_EQ(Get(1).status.code(), absl::StatusCode::kNotFound) << Get(1).status;
+
+  // A wait for several (a weighted mix): it settles once its last part has, with what its
+  // combine makes of them...
+  auto pending = std::make_shared<AdapterWait>("later");
+  std::atomic<int> combined{0};
+  auto combine = [&combined](const std::vector<adapters::AdapterRef>& parts) -> absl::StatusOr<adapters::AdapterRef> {
+    combined.fetch_add(1);
+    return absl::InvalidArgumentError(absl::StrCat("combined ", parts.size()));
+  };
+  auto mix = AdapterWait::AllOf("mix", {AdapterWait::Settled("a", nullptr), pending}, combine);
+  auto r2 = Request(2, 4);
+  r2->adapter_wait = mix;
+  Submit(s, std::move(r2));
+  std::this_thread::sleep_for(std::chrono::milliseconds(60));  // Polled a few times meanwhile.
+  EXPECT_FALSE(Get(2).done);
+  EXPECT_EQ(combined.load(), 0);
+  pending->Settle(absl::OkStatus(), nullptr);
+  s.Wake();
+  AwaitDone(2);
+  EXPECT_EQ(Get(2).status, absl::InvalidArgumentError("combined 2"));
+  EXPECT_EQ(combined.load(), 1);
+  // ...or with its first failed part's error, never combining.
+  auto broken = std::make_shared<AdapterWait>("broken");
+  broken->Settle(absl::FailedPreconditionError("lora_B missing"), nullptr);
+  auto r3 = Request(3, 4);
+  r3->adapter_wait = AdapterWait::AllOf("mix2", {AdapterWait::Settled("a", nullptr), broken}, combine);
+  Submit(s, std::move(r3));
+  AwaitDone(3);
+  EXPECT_EQ(Get(3).status, absl::FailedPreconditionError("lora_B missing"));
+  EXPECT_EQ(combined.load(), 1);
 }
 
 TEST_F(SchedulerTest, TheKvBudgetHoldsFromAnIdleBatchOn) {
