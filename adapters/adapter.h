@@ -67,6 +67,8 @@ class Adapter final : public core::SequenceAdapter {
   const AdapterReport& report() const { return report_; }
   const std::string& name() const { return report_.name; }
   int64_t bytes() const { return report_.bytes; }
+  // LoRA modules by (layer, projection); empty for other kinds.
+  const std::map<std::pair<int64_t, core::Projection>, LoraModule>& lora() const { return lora_; }
 
   // core::SequenceAdapter.
   int64_t virtual_tokens() const override;

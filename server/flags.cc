@@ -63,6 +63,9 @@ ABSL_FLAG(int64_t, max_queue, 256, "Waiting requests before RESOURCE_EXHAUSTED."
 ABSL_FLAG(int64_t, max_kv_bytes, int64_t{4} << 30, "KV cache budget over running requests.");
 ABSL_FLAG(int64_t, max_adapters, 64, "Most adapters resident at once.");
 ABSL_FLAG(int64_t, max_adapter_bytes, int64_t{8} << 30, "Most bytes held by resident adapters.");
+ABSL_FLAG(int64_t, mix_cache_size, 8,
+          "Weighted mixes (GenerateRequest.adapters) kept built for reuse; each holds a copy of its "
+          "parts' factors. 0 builds every mix anew.");
 ABSL_FLAG(int64_t, default_max_new_tokens, 256, "max_new_tokens when a request leaves it 0.");
 ABSL_FLAG(int64_t, max_new_tokens_limit, 4096, "Largest max_new_tokens a request may ask for.");
 ABSL_FLAG(double, grace_period_s, 20.0,

@@ -47,6 +47,7 @@ ABSL_DECLARE_FLAG(int64_t, max_queue);
 ABSL_DECLARE_FLAG(int64_t, max_kv_bytes);
 ABSL_DECLARE_FLAG(int64_t, max_adapters);
 ABSL_DECLARE_FLAG(int64_t, max_adapter_bytes);
+ABSL_DECLARE_FLAG(int64_t, mix_cache_size);
 ABSL_DECLARE_FLAG(int64_t, default_max_new_tokens);
 ABSL_DECLARE_FLAG(int64_t, max_new_tokens_limit);
 ABSL_DECLARE_FLAG(double, grace_period_s);

@@ -1,6 +1,10 @@
 #include "server/generate_request.h"
 
+#include <cmath>
+#include <set>
+
 #include "absl/strings/str_cat.h"
+#include "adapters/adapter_mix.h"
 #include "core/prompt_rules.h"
 
 namespace adapterd::server {
@@ -83,6 +87,27 @@ absl::Status ParseGenerateRequest(const v1::GenerateRequest& request, const Requ
   }
   r->ignore_eos = request.ignore_eos();
   r->skip_special_tokens = request.skip_special_tokens();
+  if (request.adapters_size() > 0) {
+    if (!request.adapter().empty()) {
+      return absl::InvalidArgumentError("set adapter or adapters (a weighted mix), not both");
+    }
+    if (static_cast<size_t>(request.adapters_size()) > adapters::kMaxMixParts) {
+      return absl::InvalidArgumentError(absl::StrCat("adapters: a mix names at most ", adapters::kMaxMixParts,
+                                                     " adapters, got ", request.adapters_size()));
+    }
+    std::set<std::string> names;
+    for (int i = 0; i < request.adapters_size(); ++i) {
+      const v1::WeightedAdapter& part = request.adapters(i);
+      if (part.name().empty()) return absl::InvalidArgumentError(absl::StrCat("adapters[", i, "].name is empty"));
+      if (!std::isfinite(part.weight())) {
+        return absl::InvalidArgumentError(absl::StrCat("adapters[", i, "].weight is not finite"));
+      }
+      if (!names.insert(part.name()).second) {
+        return absl::InvalidArgumentError(absl::StrCat("adapters: '", part.name(), "' is named twice"));
+      }
+      r->mix.emplace_back(part.name(), part.weight());
+    }
+  }
   return absl::OkStatus();
 }
 

@@ -1,9 +1,11 @@
 #include "server/generation_service.h"
 
 #include <deque>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "core/prompt_rules.h"
+#include "core/status_macros.h"
 #include "server/adapter_residency.h"
 #include "server/generate_request.h"
 #include "spdlog/spdlog.h"
@@ -200,6 +202,44 @@ class StreamSink final : public RequestSink {
 
 }  // namespace
 
+// Resolves the parts of `r`'s weighted mix: with every part resident, `r->adapter` is the
+// mix; with some loading on demand, `r->adapter_wait` settles once all have, with the mix or
+// the first failed load's error.
+static absl::Status ResolveMix(ServingContext& ctx, GenerationRequest* r) {
+  r->adapter_name = adapters::MixName(r->mix);
+  std::vector<std::shared_ptr<AdapterWait>> waits;
+  std::vector<adapters::MixPart> parts;
+  bool loading = false;
+  for (const auto& [name, weight] : r->mix) {
+    auto resolved = ctx.residency->Resolve(name);
+    if (!resolved.ok()) return resolved.status();
+    parts.push_back({resolved->adapter, weight});
+    if (resolved->wait != nullptr) {
+      loading = true;
+      waits.push_back(std::move(resolved->wait));
+    } else {
+      waits.push_back(AdapterWait::Settled(name, resolved->adapter));
+    }
+  }
+  const core::Engine* engine = ctx.engine.get();
+  adapters::MixCache* cache = ctx.mixes.get();
+  const std::string name = r->adapter_name;
+  auto combine = [engine, cache, name, mix = r->mix](const std::vector<adapters::AdapterRef>& refs)
+      -> absl::StatusOr<adapters::AdapterRef> {
+    std::vector<adapters::MixPart> parts;
+    for (size_t i = 0; i < refs.size(); ++i) parts.push_back({refs[i], mix[i].second});
+    return cache != nullptr ? cache->Get(*engine, parts, name) : adapters::MixAdapters(*engine, parts, name);
+  };
+  if (loading) {
+    r->adapter_wait = AdapterWait::AllOf(name, std::move(waits), std::move(combine));
+    return absl::OkStatus();
+  }
+  std::vector<adapters::AdapterRef> refs;
+  for (const adapters::MixPart& p : parts) refs.push_back(p.adapter);
+  ASSIGN_OR_RETURN(r->adapter, combine(refs));
+  return absl::OkStatus();
+}
+
 absl::StatusOr<std::unique_ptr<GenerationRequest>> BuildRequest(
     ServingContext& ctx, const v1::GenerateRequest& request,
     std::chrono::system_clock::time_point deadline) {
@@ -214,7 +254,9 @@ absl::StatusOr<std::unique_ptr<GenerationRequest>> BuildRequest(
       !s.ok()) {
     return s;
   }
-  if (!request.adapter().empty()) {
+  if (!r->mix.empty()) {
+    if (absl::Status s = ResolveMix(ctx, r.get()); !s.ok()) return s;
+  } else if (!request.adapter().empty()) {
     auto resolved = ctx.residency->Resolve(request.adapter());
     if (!resolved.ok()) return resolved.status();
     r->adapter_name = request.adapter();

@@ -502,6 +502,28 @@ struct OpenAiServer::Impl {
     }
     g.set_top_logprobs(static_cast<uint32_t>(ask->top_logprobs));
     g.set_adapter(ask->adapter);
+    return ParseMix(body, ask);
+  }
+
+  // adapterd's extension: "adapters": [{"name": "a", "weight": 0.7}, ...], a weighted mix of
+  // LoRA adapters over the base model (GenerateRequest.adapters; BuildRequest validates it).
+  std::optional<ApiError> ParseMix(const Json& body, Ask* ask) const {
+    if (!body.contains("adapters") || body["adapters"].is_null()) return std::nullopt;
+    const Json& list = body["adapters"];
+    if (!list.is_array()) return BadRequest("adapters must be a list of {\"name\", \"weight\"} objects", "adapters");
+    if (!ask->adapter.empty()) {
+      return BadRequest("adapters (a weighted mix) runs over the base model: set model to the base model's id",
+                        "adapters");
+    }
+    for (const Json& part : list) {
+      if (!part.is_object() || !part.contains("name") || !part["name"].is_string() || !part.contains("weight") ||
+          !part["weight"].is_number()) {
+        return BadRequest("each entry of adapters must be {\"name\": string, \"weight\": number}", "adapters");
+      }
+      v1::WeightedAdapter* w = ask->base.add_adapters();
+      w->set_name(part["name"].get<std::string>());
+      w->set_weight(part["weight"].get<float>());
+    }
     return std::nullopt;
   }
 

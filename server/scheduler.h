@@ -59,6 +59,9 @@ struct GenerationRequest {
   core::SamplingParams params;
   adapters::AdapterRef adapter;  // Null: the base model. Held until the request ends.
   std::string adapter_name;
+  // A weighted mix's parts (names and weights) as the request gave them; `adapter` is then the
+  // mix, `adapter_name` its name (adapters::MixName).
+  std::vector<std::pair<std::string, float>> mix;
   // Set (with `adapter` null) while the adapter loads on demand: the request is parked until
   // the load settles, then runs with the adapter or ends with the load's error.
   std::shared_ptr<AdapterWait> adapter_wait;

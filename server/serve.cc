@@ -128,6 +128,10 @@ int RunServe() {
     spdlog::error("serve: --adapter_dtype must be auto or bfloat16, not \"{}\"", adapter_dtype);
     return 2;
   }
+  if (absl::GetFlag(FLAGS_mix_cache_size) < 0) {
+    spdlog::error("serve: --mix_cache_size must be >= 0");
+    return 2;
+  }
   std::string api_key;
   if (const std::string file = absl::GetFlag(FLAGS_api_key_file); !file.empty()) {
     auto key = ReadAdminToken(file, "--api_key_file");  // Same file rules as the admin token.
@@ -232,6 +236,7 @@ int RunServe() {
   }
   ctx->table = std::make_unique<adapters::AdapterTable>(adapters::AdapterTable::Limits{
       absl::GetFlag(FLAGS_max_adapters), absl::GetFlag(FLAGS_max_adapter_bytes)});
+  ctx->mixes = std::make_unique<adapters::MixCache>(static_cast<size_t>(absl::GetFlag(FLAGS_mix_cache_size)));
   SchedulerOptions sched;
   sched.max_batch_rows = absl::GetFlag(FLAGS_max_batch_rows);
   sched.max_tokens_per_step = absl::GetFlag(FLAGS_max_tokens_per_step);

@@ -11,6 +11,7 @@
 #include <memory>
 #include <string>
 
+#include "adapters/adapter_mix.h"
 #include "adapters/adapter_table.h"
 #include "core/engine.h"
 #include "core/tokenizer.h"
@@ -35,6 +36,8 @@ struct ServingContext {
   std::unique_ptr<adapters::AdapterTable> table;
   // Every load, on-demand loading and eviction go through it (server/adapter_residency.h).
   std::unique_ptr<AdapterResidency> residency;
+  // Recent weighted mixes (GenerateRequest.adapters); null builds every mix anew.
+  std::unique_ptr<adapters::MixCache> mixes;
   std::unique_ptr<Scheduler> scheduler;
   Metrics metrics;
   RequestRules limits;  // vocab_size and context_length are the engine's, set per request.

@@ -2,6 +2,7 @@
 // weights (merged in Python from PEFT's semantics); prefix and prompt tuning equal the
 // PyTorch reference extended with PEFT's get_prompt; every refusal names its cause.
 #include "adapters/adapter_loader.h"
+#include "adapters/adapter_mix.h"
 
 #include <algorithm>
 #include <cmath>
@@ -102,6 +103,146 @@ INSTANTIATE_TEST_SUITE_P(
                       LoraCase{"ia3_gpt2", "gpt2"}, LoraCase{"dora_llama", "llama_tied"},
                       LoraCase{"dora_qwen", "qwen2_bias"}, LoraCase{"dora_gpt2", "gpt2"}),
     [](const auto& info) { return std::string(info.param.adapter); });
+
+// A weighted mix served unmerged equals the base with Σ weight·delta merged in Python, and the
+// PyTorch reference's greedy continuation on those merged weights.
+struct MixCase {
+  const char* name;
+  const char* base;
+  std::vector<std::pair<const char*, float>> parts;
+};
+
+void PrintTo(const MixCase& c, std::ostream* os) { *os << c.name; }
+
+class MixMergedTest : public ::testing::TestWithParam<MixCase> {};
+
+TEST_P(MixMergedTest, UnmergedMixEqualsTheMergedWeightedSumTo1e4) {
+  const MixCase& c = GetParam();
+  auto base = LoadEngine(testing::Fixture(c.base));
+  auto merged = LoadEngine(testing::Fixture(std::string("merged/") + c.name));
+  ASSERT_TRUE(base && merged);
+  std::vector<MixPart> parts;
+  for (const auto& [name, weight] : c.parts) {
+    auto a = Load(*base, name);
+    ASSERT_TRUE(a.ok()) << a.status();
+    parts.push_back({*a, weight});
+  }
+  auto mix = MixAdapters(*base, parts, c.name);
+  ASSERT_TRUE(mix.ok()) << mix.status();
+  EXPECT_EQ((*mix)->name(), c.name);
+  EXPECT_GT((*mix)->bytes(), 0);
+  auto ref = testing::ReadJson(testing::Fixture(std::string("merged/") + c.name) + "/reference.json");
+  std::vector<int32_t> prompt = ref["prompt"].get<std::vector<int32_t>>();
+  auto with_mix = base->PromptLogits(prompt, *mix);
+  auto with_merged = merged->PromptLogits(prompt);
+  ASSERT_TRUE(with_mix.ok() && with_merged.ok());
+  EXPECT_LT(MaxDiff(*with_mix, *with_merged), 1e-4);
+  // Every part matters: the mix is neither the base nor any one part at its weight.
+  for (const MixPart& p : parts) {
+    auto alone = base->PromptLogits(prompt, p.adapter);
+    ASSERT_TRUE(alone.ok());
+    EXPECT_GT(MaxDiff(*with_mix, *alone), 1e-2);
+  }
+  // Decode steps (few rows: the segmented kernel) follow the reference greedily.
+  auto steps = GreedyLikeReference(*base, *mix, ref);
+  ASSERT_TRUE(steps.ok()) << steps.status();
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Fixtures, MixMergedTest,
+    ::testing::Values(MixCase{"mix_llama", "llama_tied", {{"lora_qv", 0.7f}, {"lora_all_rslora", -0.4f}}},
+                      // A bfloat16 part (its scaling held apart) with a float32 one.
+                      MixCase{"mix_qwen", "qwen2_bias", {{"lora_qwen_bf16", 0.5f}, {"lora_qwen_attn", 1.5f}}},
+                      MixCase{"mix_gpt2", "gpt2", {{"lora_gpt2", 1.25f}, {"lora_gpt2_mlp", 0.6f}}}),
+    [](const auto& info) { return std::string(info.param.name); });
+
+TEST(AdapterMixTest, OneAdapterAtWeightOneIsThatAdapterBitForBit) {
+  auto base = LoadEngine(testing::Fixture("llama_tied"));
+  ASSERT_NE(base, nullptr);
+  auto qv = Load(*base, "lora_qv");
+  ASSERT_TRUE(qv.ok());
+  auto mix = MixAdapters(*base, {{*qv, 1.0f}}, "m");
+  ASSERT_TRUE(mix.ok()) << mix.status();
+  const std::vector<int32_t> prompt = {3, 17, 99, 4, 250, 8};
+  EXPECT_EQ(*base->PromptLogits(prompt, *mix), *base->PromptLogits(prompt, *qv));
+  core::GenerateRequest req;
+  req.prompt = prompt;
+  req.max_new_tokens = 6;
+  req.ignore_eos = true;
+  req.params.top_logprobs = 3;
+  req.adapter = *mix;
+  auto a = core::Generate(*base, req);
+  req.adapter = *qv;
+  auto b = core::Generate(*base, req);
+  ASSERT_TRUE(a.ok() && b.ok());
+  for (size_t i = 0; i < b->steps.size(); ++i) {
+    EXPECT_EQ(a->steps[i].token, b->steps[i].token);
+    EXPECT_EQ(a->steps[i].logprob, b->steps[i].logprob);
+  }
+}
+
+TEST(AdapterMixTest, OnlyPlainLoraAdaptersMix) {
+  auto base = LoadEngine(testing::Fixture("llama_tied"));
+  ASSERT_NE(base, nullptr);
+  AdapterRef qv = *Load(*base, "lora_qv");
+  auto refused = [&](const std::string& other, float weight = 0.5f) {
+    auto mix = MixAdapters(*base, {{qv, 0.5f}, {*Load(*base, other), weight}}, "m");
+    EXPECT_EQ(mix.status().code(), absl::StatusCode::kInvalidArgument) << other;
+    return std::string(mix.status().message());
+  };
+  EXPECT_THAT(refused("prefix_llama"),
+              HasSubstr("adapter 'prefix_llama' is PREFIX_TUNING; a weighted mix takes LoRA adapters only"));
+  EXPECT_THAT(refused("ia3_llama"), HasSubstr("adapter 'ia3_llama' is IA3"));
+  EXPECT_THAT(refused("dora_llama"), HasSubstr("adapter 'dora_llama' is a DoRA adapter"));
+  EXPECT_THAT(refused("lora_all_rslora", std::nanf("")), HasSubstr("weight of adapter 'lora_all_rslora'"));
+  // An adapter whose config names another base (it loads, with a warning: the shapes fit).
+  std::string dir = testing::TempDir("other_base_lora");
+  ASSERT_EQ(std::system(("cp -r '" + testing::Fixture("adapters/lora_all_rslora") + "/.' '" + dir + "/'").c_str()), 0);
+  auto config = testing::ReadJson(dir + "/adapter_config.json");
+  config["base_model_name_or_path"] = "someone/else";
+  testing::WriteFile(dir + "/adapter_config.json", config.dump());
+  AdapterReport other_report;
+  auto other = LoadAdapter(dir, "other", base->model(), &other_report);
+  ASSERT_TRUE(other.ok()) << other.status();
+  EXPECT_THAT(std::string(MixAdapters(*base, {{qv, 0.5f}, {*other, 0.5f}}, "m").status().message()),
+              HasSubstr("adapters of a mix must share their base model: 'lora_qv' names "
+                        "\"adapterd-fixtures/llama_tied\" and 'other' names \"someone/else\""));
+  auto twice = MixAdapters(*base, {{qv, 0.5f}, {qv, 0.5f}}, "m");
+  EXPECT_THAT(std::string(twice.status().message()), HasSubstr("names adapter 'lora_qv' twice"));
+  std::vector<MixPart> many;
+  for (size_t i = 0; i <= kMaxMixParts; ++i) many.push_back({*Load(*base, "lora_qv"), 1.0f});
+  EXPECT_THAT(std::string(MixAdapters(*base, many, "m").status().message()), HasSubstr("1 to 8 adapters"));
+  EXPECT_EQ(MixAdapters(*base, {}, "m").status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+TEST(AdapterMixTest, CacheReusesAMixUntilAPartIsGone) {
+  auto base = LoadEngine(testing::Fixture("llama_tied"));
+  ASSERT_NE(base, nullptr);
+  AdapterRef qv = *Load(*base, "lora_qv");
+  AdapterRef rs = *Load(*base, "lora_all_rslora");
+  MixCache cache(2);
+  auto a = cache.Get(*base, {{qv, 0.5f}, {rs, 0.5f}}, "a");
+  auto again = cache.Get(*base, {{qv, 0.5f}, {rs, 0.5f}}, "a");
+  ASSERT_TRUE(a.ok() && again.ok());
+  EXPECT_EQ(a->get(), again->get());
+  auto other_weight = cache.Get(*base, {{qv, 0.5f}, {rs, 0.25f}}, "b");
+  ASSERT_TRUE(other_weight.ok());
+  EXPECT_NE(a->get(), other_weight->get());
+  EXPECT_EQ(cache.size(), 2u);
+  // The same name loaded again is another adapter: it never meets the old mix.
+  AdapterRef qv2 = *Load(*base, "lora_qv");
+  auto replaced = cache.Get(*base, {{qv2, 0.5f}, {rs, 0.5f}}, "a");
+  ASSERT_TRUE(replaced.ok());
+  EXPECT_NE(a->get(), replaced->get());
+  EXPECT_EQ(cache.size(), 2u);  // The least recently used mix left.
+  // A part freed (unloaded and its requests done): its mixes leave the cache on the next Get.
+  std::weak_ptr<const Adapter> weak_mix = *replaced;
+  replaced->reset();
+  qv2.reset();
+  ASSERT_TRUE(cache.Get(*base, {{rs, 1.0f}}, "c").ok());
+  EXPECT_TRUE(weak_mix.expired());
+  EXPECT_EQ(cache.size(), 2u);  // The mix with 0.25 and the new one.
+}
 
 class PromptLearningTest : public ::testing::TestWithParam<LoraCase> {};
 
@@ -364,17 +505,19 @@ TEST(AdapterLoaderTest, AdapterOfAnotherArchitectureIsRefused) {
                         "of the base GPT2LMHeadModel"));
 }
 
-// Rows on adapters A, B, C and none in one batch equal each row run alone.
+// Rows of every adapter kind (a weighted mix included) and none in one batch equal each row
+// run alone.
 TEST(AdapterBatchTest, MixedAdapterBatchEqualsEachRowAlone) {
   auto base = LoadEngine(testing::Fixture("llama_tied"));
   ASSERT_NE(base, nullptr);
   std::vector<std::shared_ptr<const core::SequenceAdapter>> adapters = {
       *Load(*base, "lora_qv"), nullptr, *Load(*base, "prefix_llama"),
       *Load(*base, "lora_all_rslora"), *Load(*base, "lora_qv"), *Load(*base, "ia3_llama"),
-      *Load(*base, "ia3_llama"), *Load(*base, "dora_llama"), *Load(*base, "dora_llama")};
+      *Load(*base, "ia3_llama"), *Load(*base, "dora_llama"), *Load(*base, "dora_llama"),
+      *MixAdapters(*base, {{*Load(*base, "lora_qv"), 0.7f}, {*Load(*base, "lora_all_rslora"), -0.4f}}, "mix")};
   std::vector<std::vector<int32_t>> prompts = {
       {5, 9, 22, 31}, {7, 7, 7}, {100, 3, 44, 19, 2}, {250, 11}, {61, 62, 63, 64, 65, 66},
-      {12, 13}, {90, 91, 92}, {40, 41, 42, 43}, {8}};
+      {12, 13}, {90, 91, 92}, {40, 41, 42, 43}, {8}, {30, 31, 32}};
   core::SamplingParams params;
   params.top_logprobs = 3;
   const int steps = 6;
@@ -391,7 +534,7 @@ TEST(AdapterBatchTest, MixedAdapterBatchEqualsEachRowAlone) {
     }
     return out;
   };
-  auto together = run({0, 1, 2, 3, 4, 5, 6, 7, 8});
+  auto together = run({0, 1, 2, 3, 4, 5, 6, 7, 8, 9});
   for (size_t i = 0; i < prompts.size(); ++i) {
     auto alone = run({i})[0];
     for (int s = 0; s < steps; ++s) {

@@ -6,7 +6,9 @@ under test (--load_on_demand, a resident set of 2 with one pinned adapter) must 
 the same answers when requests name adapters that are only folders on disk: 16 concurrent
 first requests share one load; a broken adapter answers all its waiters with its own error
 (remembered, not re-read) while base requests carry on; churn over more adapters than fit
-evicts only idle, unpinned adapters and changes no answer. Prints 'N passed, N failed'.
+evicts only idle, unpinned adapters and changes no answer. A weighted mix with a part on disk
+waits for it and answers as the reference server's mix; mixes that cannot be served are refused
+by name. Prints 'N passed, N failed'.
 
 Usage: on_demand_test.py ADAPTERD_BINARY FIXTURES_DIR PROTO_DIR
 """
@@ -23,6 +25,7 @@ from adapterd_process import Adapterd, Checks, load_stubs  # noqa: E402
 
 ADAPTERS = ["lora_qv", "lora_all_rslora", "prefix_llama"]  # Folders under FIXTURES/adapters.
 PROMPTS = ["The first prompt", "Another one, longer than the first", "x"]
+MIX = [("pinned", 0.5), ("lora_qv", -0.75)]  # A weighted mix: a pinned adapter and one on disk.
 
 
 def metric(port, name, labels=""):
@@ -65,8 +68,12 @@ def main():
                                      temperature=0.8, top_k=20, seed=seed)
         return g.GenerateRequest(text=prompt, adapter=adapter, max_new_tokens=6, ignore_eos=True)
 
+    def mix_request(prompt, parts):
+        return g.GenerateRequest(text=prompt, adapters=[g.WeightedAdapter(name=n, weight=w) for n, w in parts],
+                                 max_new_tokens=6, ignore_eos=True)
+
     # Reference: every adapter loaded by hand, each request alone.
-    ref_server = Adapterd(binary, fixtures, [f"--preload={','.join(a + '=' + a for a in ADAPTERS)}"])
+    ref_server = Adapterd(binary, fixtures, [f"--preload={','.join(a + '=' + a for a in ADAPTERS)},pinned=lora_regex"])
     reference = {}
     try:
         stub = stubs.generation_pb2_grpc.GenerationStub(grpc.insecure_channel(ref_server.addr))
@@ -76,8 +83,20 @@ def main():
                     out = stub.Generate(request(p, a, seed), timeout=60)
                     reference[(a, p, seed)] = list(out.token_ids)
                     reference[(a, p, seed, "text")] = out.text
+        for parts in (MIX, [("lora_qv", 1.0)]):
+            out = stub.Generate(mix_request(PROMPTS[1], parts), timeout=60)
+            reference[("mix", tuple(parts))] = list(out.token_ids)
+            reference[("mix", tuple(parts), "text")] = out.text
+            reference[("mix", tuple(parts), "adapter")] = out.adapter
     finally:
         ref_server.stop()
+    check("a mix of one adapter at weight 1 answers as the adapter",
+          reference[("mix", (("lora_qv", 1.0),))] == reference[("lora_qv", PROMPTS[1], 0)])
+    check("a mix answers otherwise than its parts", all(
+        reference[("mix", tuple(MIX))] != reference[(a, PROMPTS[1], 0)] for a in ("lora_qv",)), str(reference))
+    check("a mix is named by its parts",
+          reference[("mix", tuple(MIX), "adapter")] == "mix(pinned*0.5+lora_qv*-0.75)",
+          reference[("mix", tuple(MIX), "adapter")])
 
     server = Adapterd(binary, fixtures, ["--load_on_demand", "--max_adapters=2", "--adapter_failure_ttl_s=60",
                                          "--preload=pinned=lora_regex", "--max_batch_rows=8",
@@ -126,6 +145,38 @@ def main():
         chunks = list(stub.GenerateStream(request(PROMPTS[1], "prefix_llama"), timeout=60))
         ids = [i for c in chunks for i in c.token_ids]
         check("stream on demand", ids == reference[("prefix_llama", PROMPTS[1], 0)], str(ids))
+
+        # A weighted mix whose parts are one resident adapter and one on disk (evicted by now):
+        # it waits for the load and answers as the reference server with both loaded.
+        out = stub.Generate(mix_request(PROMPTS[1], MIX), timeout=60)
+        check("mix with a part loaded on demand", list(out.token_ids) == reference[("mix", tuple(MIX))]
+              and out.adapter == reference[("mix", tuple(MIX), "adapter")], str(out))
+        st, body = post(http_port, "/v1/completions", {
+            "model": "llama_tok", "prompt": PROMPTS[1], "max_tokens": 6, "temperature": 0, "ignore_eos": True,
+            "adapters": [{"name": n, "weight": w} for n, w in MIX]})
+        check("http mix (the adapters extension)", st == 200 and body["choices"][0]["text"]
+              == reference[("mix", tuple(MIX), "text")], f"{st} {body}")
+        st, body = post(http_port, "/v1/completions", {"model": "lora_qv", "prompt": "x",
+                                                       "adapters": [{"name": "pinned", "weight": 1}]})
+        check("http mix over an adapter is refused", st == 400 and body["error"]["param"] == "adapters", f"{st} {body}")
+        for parts, code, words in [
+                ([("pinned", 1.0), ("prefix_llama", 0.5)], grpc.StatusCode.INVALID_ARGUMENT,
+                 "adapter 'prefix_llama' is PREFIX_TUNING; a weighted mix takes LoRA adapters only"),
+                ([("pinned", 1.0), ("no_such_folder", 0.5)], grpc.StatusCode.NOT_FOUND, "no_such_folder"),
+                ([("pinned", 1.0), ("pinned", 0.5)], grpc.StatusCode.INVALID_ARGUMENT, "'pinned' is named twice"),
+                ([("pinned", float("nan"))], grpc.StatusCode.INVALID_ARGUMENT, "adapters[0].weight is not finite"),
+                ([(f"a{i}", 1.0) for i in range(9)], grpc.StatusCode.INVALID_ARGUMENT, "at most 8 adapters")]:
+            try:
+                stub.Generate(mix_request("x", parts), timeout=60)
+                check(f"mix refused: {words}", False, "no error")
+            except grpc.RpcError as e:
+                check(f"mix refused: {words}", e.code() == code and words in e.details(), f"{e.code()} {e.details()}")
+        both = g.GenerateRequest(text="x", adapter="pinned", adapters=[g.WeightedAdapter(name="pinned", weight=1)])
+        try:
+            stub.Generate(both, timeout=60)
+            check("adapter and adapters together refused", False, "no error")
+        except grpc.RpcError as e:
+            check("adapter and adapters together refused", e.code() == grpc.StatusCode.INVALID_ARGUMENT, e.details())
 
         # A broken adapter: every waiter gets its error; base requests are unaffected.
         errors, base = [], []
@@ -215,7 +266,7 @@ def main():
         check("loads by trigger", metric(port, "adapterd_adapter_loads_total", 'trigger="preload",result="loaded"') == 1)
         check("no request waits now", metric(port, "adapterd_adapter_waiting_requests") == 0)
         check("successful requests counted",
-              metric(port, "adapterd_requests_total", 'code="OK"') >= 16 + 1 + 4 + 36)
+              metric(port, "adapterd_requests_total", 'code="OK"') >= 16 + 1 + 4 + 36 + 2)
 
         # An admin load may pin; the pinned adapter is never evicted by later churn.
         admin.UnloadAdapter(admin_pb2.UnloadAdapterRequest(name="pinned"), timeout=10)
