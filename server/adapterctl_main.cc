@@ -37,6 +37,9 @@ ABSL_FLAG(bool, json, false, "Print responses as JSON.");
 ABSL_FLAG(std::string, prompt, "", "Prompt text (generate).");
 ABSL_FLAG(std::string, prompt_ids, "", "Prompt token ids, comma-separated (generate).");
 ABSL_FLAG(std::string, adapter, "", "Adapter name (generate); empty: the base model.");
+ABSL_FLAG(std::string, mix, "",
+          "A weighted mix of LoRA adapters instead of --adapter (generate): name=weight,... "
+          "e.g. a=0.7,b=-0.4.");
 ABSL_FLAG(uint32_t, max_new_tokens, 64, "Most tokens to generate.");
 ABSL_FLAG(float, temperature, 0.0f, "Sampling temperature; 0 = greedy.");
 ABSL_FLAG(int32_t, top_k, 0, "Top-k; 0 = off.");
@@ -127,6 +130,19 @@ int Generate() {
     req.set_text(absl::GetFlag(FLAGS_prompt));
   }
   req.set_adapter(absl::GetFlag(FLAGS_adapter));
+  if (const std::string mix = absl::GetFlag(FLAGS_mix); !mix.empty()) {
+    for (absl::string_view part : absl::StrSplit(mix, ',')) {
+      std::pair<std::string, std::string> nw = absl::StrSplit(part, absl::MaxSplits('=', 1));
+      float weight = 0;
+      if (nw.first.empty() || !absl::SimpleAtof(nw.second, &weight)) {
+        std::cerr << "--mix must be name=weight,... (e.g. a=0.7,b=-0.4), not \"" << mix << "\"\n";
+        return 2;
+      }
+      v1::WeightedAdapter* w = req.add_adapters();
+      w->set_name(nw.first);
+      w->set_weight(weight);
+    }
+  }
   req.set_max_new_tokens(absl::GetFlag(FLAGS_max_new_tokens));
   req.set_temperature(absl::GetFlag(FLAGS_temperature));
   req.set_top_k(absl::GetFlag(FLAGS_top_k));

@@ -18,6 +18,7 @@
 
 #include "adapters/adapter.h"
 #include "adapters/adapter_loader.h"
+#include "adapters/adapter_mix.h"
 #include "adapters/adapter_table.h"
 #include "core/engine.h"
 
@@ -144,6 +145,7 @@ adapterd::adapters::AdapterRef FormatAdapter(const adapterd::core::ModelConfig& 
   }
   adapterd::adapters::AdapterReport r;
   r.name = format;
+  r.type = format == "ia3" ? "IA3" : "LORA";
   return std::make_shared<const adapterd::adapters::Adapter>(r, std::move(w));
 }
 
@@ -229,21 +231,27 @@ int main(int argc, char** argv) {
 
   // Decode cost by format: 16 rows on one adapter of each kind vs on the base.
   {
-    StepTimes base16, lora16, dora16, ia316;
-    const std::vector<std::shared_ptr<const adapterd::core::SequenceAdapter>> lora = {FormatAdapter((*engine)->config(), "lora")},
+    StepTimes base16, lora16, dora16, ia316, mix16;
+    const auto lora_adapter = FormatAdapter((*engine)->config(), "lora");
+    auto mixed = adapterd::adapters::MixAdapters(**engine, {{lora_adapter, 0.5f}, {loaded[0], 0.5f}}, "mix");
+    if (!mixed.ok()) return 1;
+    const std::vector<std::shared_ptr<const adapterd::core::SequenceAdapter>> lora = {lora_adapter},
                                                                              dora = {FormatAdapter((*engine)->config(), "dora")},
-                                                                             ia3 = {FormatAdapter((*engine)->config(), "ia3")};
+                                                                             ia3 = {FormatAdapter((*engine)->config(), "ia3")},
+                                                                             mix = {*mixed};
     for (int rep = 0; rep < 6; ++rep) {
       base16.Add(StepSeconds(**engine, none, steps, 16));
       lora16.Add(StepSeconds(**engine, lora, steps, 16));
       dora16.Add(StepSeconds(**engine, dora, steps, 16));
       ia316.Add(StepSeconds(**engine, ia3, steps, 16));
+      mix16.Add(StepSeconds(**engine, mix, steps, 16));
     }
     const double b = base16.Quantile(0.5), l = lora16.Quantile(0.5);
     std::printf("formats, 16 rows median step: base %.2f ms; LoRA r=16 q/k/v/o +%.2f ms; DoRA (same factors) +%.2f ms "
-                "(%.2fx LoRA's cost); IA3 k/v/down +%.2f ms (%.2fx)\n",
+                "(%.2fx LoRA's cost); IA3 k/v/down +%.2f ms (%.2fx); weighted mix of two r=16 LoRAs +%.2f ms (%.2fx)\n",
                 1e3 * b, 1e3 * (l - b), 1e3 * (dora16.Quantile(0.5) - b), (dora16.Quantile(0.5) - b) / (l - b),
-                1e3 * (ia316.Quantile(0.5) - b), (ia316.Quantile(0.5) - b) / (l - b));
+                1e3 * (ia316.Quantile(0.5) - b), (ia316.Quantile(0.5) - b) / (l - b), 1e3 * (mix16.Quantile(0.5) - b),
+                (mix16.Quantile(0.5) - b) / (l - b));
   }
 
   // Acquire latency while a writer replaces adapters: at 1 kHz (far above any operator's

@@ -151,6 +151,13 @@ def main():
         out = stub.Generate(mix_request(PROMPTS[1], MIX), timeout=60)
         check("mix with a part loaded on demand", list(out.token_ids) == reference[("mix", tuple(MIX))]
               and out.adapter == reference[("mix", tuple(MIX), "adapter")], str(out))
+        ctl = subprocess.run([os.path.join(os.path.dirname(binary), "adapterctl"), "--addr=" + server.addr, "generate",
+                              "--prompt=" + PROMPTS[1], "--max_new_tokens=6", "--ignore_eos", "--json",
+                              "--mix=" + ",".join(f"{n}={w}" for n, w in MIX)], capture_output=True, text=True,
+                             timeout=60)
+        ids = [i for line in ctl.stdout.splitlines() for i in json.loads(line).get("token_ids", [])]
+        check("adapterctl generate --mix", ctl.returncode == 0 and ids == reference[("mix", tuple(MIX))],
+              ctl.stdout + ctl.stderr)
         st, body = post(http_port, "/v1/completions", {
             "model": "llama_tok", "prompt": PROMPTS[1], "max_tokens": 6, "temperature": 0, "ignore_eos": True,
             "adapters": [{"name": n, "weight": w} for n, w in MIX]})
