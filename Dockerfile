@@ -6,6 +6,9 @@
 #   docker run --network host -v MODEL:/models/base:ro -v ADAPTERS:/adapters:ro adapterd:dev
 FROM debian:bookworm-slim AS build
 WORKDIR /src
+# setup.sh compiles through ccache: mount a cache at /ccache (deploy/container.sh mounts the
+# host's, whose checkout-relative entries a build in /src/build hits) or leave it empty.
+ENV CCACHE_DIR=/ccache
 COPY CMakeLists.txt ./
 COPY proto proto
 COPY core core
@@ -13,8 +16,8 @@ COPY adapters adapters
 COPY jinja jinja
 COPY server server
 COPY deploy/setup.sh deploy/setup.sh
-RUN deploy/setup.sh --server-only /build \
-    && strip /build/server/adapterd /build/server/adapterctl
+RUN deploy/setup.sh --server-only /src/build \
+    && strip /src/build/server/adapterd /src/build/server/adapterctl
 
 FROM debian:bookworm-slim
 RUN apt-get update \
@@ -23,7 +26,7 @@ RUN apt-get update \
        libspdlog1.10 libprometheus-cpp-core1.0 liburcu8 libpcre2-8-0 libutf8proc2 libcpp-httplib0.11 tini \
     && rm -rf /var/lib/apt/lists/* \
     && useradd --system --uid 10001 --home-dir /nonexistent --shell /usr/sbin/nologin adapterd
-COPY --from=build /build/server/adapterd /build/server/adapterctl /usr/local/bin/
+COPY --from=build /src/build/server/adapterd /src/build/server/adapterctl /usr/local/bin/
 USER 10001
 # Generation (gRPC), admin (gRPC), metrics (HTTP), the OpenAI-compatible API (HTTP).
 EXPOSE 50051 50052 9400 8000

@@ -21,13 +21,13 @@ build_dir=${1:-"$root/build"}
 
 packages=(
   build-essential cmake pkg-config ca-certificates
-  libtorch-dev libopenblas0-openmp
+  ccache libtorch-dev libopenblas0-openmp
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
   libabsl-dev libspdlog-dev prometheus-cpp-dev nlohmann-json3-dev
   liburcu-dev libpcre2-dev libutf8proc-dev libcpp-httplib-dev libssl-dev
 )
 if (( ! server_only )); then
-  packages+=(ccache git curl libgtest-dev libgmock-dev libbenchmark-dev
+  packages+=(git curl libgtest-dev libgmock-dev libbenchmark-dev
              python3-torch python3-numpy python3-grpcio python3-yaml python3-jinja2 python3-matplotlib grpc-proto prometheus
              openssl chromium)
   # node and npm fetch the real tokenizer files for the tests; keep whatever node is installed.
@@ -49,8 +49,12 @@ fi
 
 (( build )) || exit 0
 
+# ccache: precompiled headers are cacheable only with this sloppiness (the headers are
+# LibTorch's, which never change under a build), and paths are made relative to the checkout
+# so that clones in other folders share the cache.
 launcher=()
-command -v ccache >/dev/null && launcher=(-DCMAKE_CXX_COMPILER_LAUNCHER=ccache)
+command -v ccache >/dev/null && launcher=(
+  "-DCMAKE_CXX_COMPILER_LAUNCHER=$(command -v cmake);-E;env;CCACHE_SLOPPINESS=pch_defines,time_macros;CCACHE_BASEDIR=$root;ccache")
 extra=()
 (( server_only )) && extra=(-DADAPTERD_BUILD_TESTS=OFF -DADAPTERD_BUILD_BENCHMARKS=OFF)
 cmake -S "$root" -B "$build_dir" -DCMAKE_BUILD_TYPE="${ADAPTERD_BUILD_TYPE:-Release}" \
