@@ -229,29 +229,52 @@ int main(int argc, char** argv) {
                 label, 1e3 * seg16.Quantile(q), base / seg16.Quantile(q));
   }
 
-  // Decode cost by format: 16 rows on one adapter of each kind vs on the base.
+  // Decode cost by format: what one adapter adds to a decode step of 16 rows (every layer's
+  // q, k, v, o, gate, up and down: the base-input scaling and the delta/scale work of
+  // core::AdapterBatch), timed alone because at this size it is a few percent of the step, well
+  // under the jitter of whole steps on a shared machine.
   {
-    StepTimes base16, lora16, dora16, ia316, mix16;
-    const auto lora_adapter = FormatAdapter((*engine)->config(), "lora");
+    const auto& c = (*engine)->config();
+    const auto lora_adapter = FormatAdapter(c, "lora");
     auto mixed = adapterd::adapters::MixAdapters(**engine, {{lora_adapter, 0.5f}, {loaded[0], 0.5f}}, "mix");
     if (!mixed.ok()) return 1;
-    const std::vector<std::shared_ptr<const adapterd::core::SequenceAdapter>> lora = {lora_adapter},
-                                                                             dora = {FormatAdapter((*engine)->config(), "dora")},
-                                                                             ia3 = {FormatAdapter((*engine)->config(), "ia3")},
-                                                                             mix = {*mixed};
-    for (int rep = 0; rep < 6; ++rep) {
-      base16.Add(StepSeconds(**engine, none, steps, 16));
-      lora16.Add(StepSeconds(**engine, lora, steps, 16));
-      dora16.Add(StepSeconds(**engine, dora, steps, 16));
-      ia316.Add(StepSeconds(**engine, ia3, steps, 16));
-      mix16.Add(StepSeconds(**engine, mix, steps, 16));
+    const std::vector<std::pair<const char*, adapterd::adapters::AdapterRef>> formats = {
+        {"LoRA r=16 q/k/v/o", lora_adapter},
+        {"DoRA (same factors)", FormatAdapter(c, "dora")},
+        {"IA3 k/v/down", FormatAdapter(c, "ia3")},
+        {"weighted mix of two r=16 LoRAs", *mixed}};
+    using adapterd::core::Projection;
+    const int64_t q = c.num_heads * c.head_dim, kv = c.num_kv_heads * c.head_dim, rows = 16;
+    const std::vector<std::tuple<Projection, int64_t, int64_t>> projections = {
+        {Projection::kQ, c.hidden_size, q},           {Projection::kK, c.hidden_size, kv},
+        {Projection::kV, c.hidden_size, kv},          {Projection::kO, q, c.hidden_size},
+        {Projection::kGate, c.hidden_size, c.intermediate_size}, {Projection::kUp, c.hidden_size, c.intermediate_size},
+        {Projection::kDown, c.intermediate_size, c.hidden_size}};
+    at::manual_seed(3);
+    std::vector<std::pair<at::Tensor, at::Tensor>> io;
+    for (const auto& [p, in, out] : projections) io.emplace_back(at::randn({rows, in}), at::randn({rows, out}));
+    std::vector<double> fastest;
+    for (const auto& [label, adapter] : formats) {
+      adapterd::core::AdapterBatch batch({{0, rows, adapter.get(), 0}});
+      double best = 1e9;
+      for (int rep = 0; rep < 200; ++rep) {
+        const auto t0 = Clock::now();
+        for (int64_t layer = 0; layer < c.num_layers; ++layer) {
+          for (size_t i = 0; i < projections.size(); ++i) {
+            at::Tensor x = batch.ScaleInputs(layer, std::get<0>(projections[i]), io[i].first);
+            batch.AddDelta(layer, std::get<0>(projections[i]), x, io[i].second);
+          }
+        }
+        best = std::min(best, Seconds(t0, Clock::now()));
+      }
+      fastest.push_back(best);
     }
-    const double b = base16.Quantile(0.5), l = lora16.Quantile(0.5);
-    std::printf("formats, 16 rows median step: base %.2f ms; LoRA r=16 q/k/v/o +%.2f ms; DoRA (same factors) +%.2f ms "
-                "(%.2fx LoRA's cost); IA3 k/v/down +%.2f ms (%.2fx); weighted mix of two r=16 LoRAs +%.2f ms (%.2fx)\n",
-                1e3 * b, 1e3 * (l - b), 1e3 * (dora16.Quantile(0.5) - b), (dora16.Quantile(0.5) - b) / (l - b),
-                1e3 * (ia316.Quantile(0.5) - b), (ia316.Quantile(0.5) - b) / (l - b), 1e3 * (mix16.Quantile(0.5) - b),
-                (mix16.Quantile(0.5) - b) / (l - b));
+    std::printf("formats, adapter work per 16-row decode step (fastest of 200):");
+    for (size_t i = 0; i < formats.size(); ++i) {
+      std::printf("%s %s %.3f ms (%.2fx LoRA's)", i ? ";" : "", formats[i].first, 1e3 * fastest[i],
+                  fastest[i] / fastest[0]);
+    }
+    std::printf("\n");
   }
 
   // Acquire latency while a writer replaces adapters: at 1 kHz (far above any operator's
