@@ -3,7 +3,7 @@
 // error. The scheduler polls it for the requests it has parked (see Scheduler::Submit).
 // A wait built by AllOf() stands for several (a weighted mix with a part loading): it settles
 // once every part has, with the first failed part's error or what its `combine` makes of the
-// parts' adapters.
+// parts' adapters, computed on the thread that settled the last part.
 //
 // Thread-safety: Settle() from the loader, Poll() and Await() from any thread.
 #pragma once
@@ -36,12 +36,19 @@ class AdapterWait {
     w->Settle(absl::OkStatus(), std::move(adapter));
     return w;
   }
-  // A wait for every one of `parts`; see the class comment.
+  // A wait for every one of `parts`; see the class comment. `combine` runs once, on the
+  // thread that settles the last part (the on-demand loader, at low priority), or here when
+  // every part has settled already: never on the scheduler thread, under its lock.
   static std::shared_ptr<AdapterWait> AllOf(std::string name, std::vector<std::shared_ptr<AdapterWait>> parts,
                                             Combine combine) {
     auto w = std::make_shared<AdapterWait>(std::move(name));
     w->parts_ = std::move(parts);
     w->combine_ = std::move(combine);
+    for (const auto& part : w->parts_) {
+      part->OnSettle([weak = std::weak_ptr<AdapterWait>(w)] {
+        if (auto whole = weak.lock()) whole->TryCombine();
+      });
+    }
     return w;
   }
 
@@ -50,11 +57,28 @@ class AdapterWait {
 
   // Settles the wait: `adapter` on success, else the error. Only the first call counts.
   void Settle(const absl::Status& status, adapters::AdapterRef adapter) ABSL_LOCKS_EXCLUDED(mu_) {
-    absl::MutexLock lock(&mu_);
-    if (done_) return;
-    done_ = true;
-    status_ = status;
-    adapter_ = std::move(adapter);
+    std::vector<std::function<void()>> callbacks;
+    {
+      absl::MutexLock lock(&mu_);
+      if (done_) return;
+      done_ = true;
+      status_ = status;
+      adapter_ = std::move(adapter);
+      callbacks.swap(on_settle_);
+    }
+    for (auto& f : callbacks) f();
+  }
+  // Runs `f` once the wait has settled: now (on this thread) if it has, else on the thread that
+  // settles it, after the outcome is set and with no lock held.
+  void OnSettle(std::function<void()> f) ABSL_LOCKS_EXCLUDED(mu_) {
+    {
+      absl::MutexLock lock(&mu_);
+      if (!done_) {
+        on_settle_.push_back(std::move(f));
+        return;
+      }
+    }
+    f();
   }
   // Blocks until the load settles, then gives its outcome. Every load settles: it finishes, is
   // abandoned at its timeout, or is answered at shutdown.
@@ -64,8 +88,8 @@ class AdapterWait {
       adapters::AdapterRef a;
       part->Await(&s, &a);
     }
+    if (!parts_.empty()) TryCombine();
     absl::MutexLock lock(&mu_);
-    if (!parts_.empty()) CombineLocked();
     mu_.Await(absl::Condition(&done_));
     *status = status_;
     *adapter = adapter_;
@@ -73,7 +97,6 @@ class AdapterWait {
   // False while the load runs; then true with its outcome.
   bool Poll(absl::Status* status, adapters::AdapterRef* adapter) const ABSL_LOCKS_EXCLUDED(mu_) {
     absl::MutexLock lock(&mu_);
-    if (!done_ && !parts_.empty()) CombineLocked();
     if (!done_) return false;
     *status = status_;
     *adapter = adapter_;
@@ -81,7 +104,17 @@ class AdapterWait {
   }
 
  private:
-  // Settles a wait of parts once every part has settled (nothing while one still loads).
+  // Settles a wait of parts once every part has (nothing while one still loads), then runs
+  // its own callbacks.
+  void TryCombine() const ABSL_LOCKS_EXCLUDED(mu_) {
+    std::vector<std::function<void()>> callbacks;
+    {
+      absl::MutexLock lock(&mu_);
+      CombineLocked();
+      if (done_) callbacks.swap(on_settle_);
+    }
+    for (auto& f : callbacks) f();
+  }
   void CombineLocked() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     if (done_) return;
     std::vector<adapters::AdapterRef> adapters;
@@ -113,6 +146,7 @@ class AdapterWait {
   mutable bool done_ ABSL_GUARDED_BY(mu_) = false;
   mutable absl::Status status_ ABSL_GUARDED_BY(mu_);
   mutable adapters::AdapterRef adapter_ ABSL_GUARDED_BY(mu_);
+  mutable std::vector<std::function<void()>> on_settle_ ABSL_GUARDED_BY(mu_);
 };
 
 }  // namespace adapterd::server

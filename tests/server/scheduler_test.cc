@@ -154,8 +154,11 @@ TEST_F(SchedulerTest, ARequestParkedOnASettledLoadEndsWithoutAnotherWakeUp) {
   // combine makes of them...
   auto pending = std::make_shared<AdapterWait>("later");
   std::atomic<int> combined{0};
-  auto combine = [&combined](const std::vector<adapters::AdapterRef>& parts) -> absl::StatusOr<adapters::AdapterRef> {
+  std::thread::id combined_on;
+  auto combine = [&combined, &combined_on](const std::vector<adapters::AdapterRef>& parts)
+      -> absl::StatusOr<adapters::AdapterRef> {
     combined.fetch_add(1);
+    combined_on = std::this_thread::get_id();
     return absl::InvalidArgumentError(absl::StrCat("combined ", parts.size()));
   };
   auto mix = AdapterWait::AllOf("mix", {AdapterWait::Settled("a", nullptr), pending}, combine);
@@ -166,6 +169,10 @@ TEST_F(SchedulerTest, ARequestParkedOnASettledLoadEndsWithoutAnotherWakeUp) {
   EXPECT_FALSE(Get(2).done);
   EXPECT_EQ(combined.load(), 0);
   pending->Settle(absl::OkStatus(), nullptr);
+  // Combined by the thread that settled the last part (the loader's), not under the
+  // scheduler's lock.
+  EXPECT_EQ(combined.load(), 1);
+  EXPECT_EQ(combined_on, std::this_thread::get_id());
   s.Wake();
   AwaitDone(2);
   EXPECT_EQ(Get(2).status, absl::InvalidArgumentError("combined 2"));
