@@ -50,11 +50,12 @@ fi
 (( build )) || exit 0
 
 # ccache: precompiled headers are cacheable only with this sloppiness (the headers are
-# LibTorch's, which never change under a build), and paths are made relative to the checkout
-# so that clones in other folders share the cache.
+# LibTorch's, which never change under a build), paths are made relative to the checkout so
+# that clones in other folders share the cache, and the locale variables ccache hashes are
+# fixed, so that the image's build stage (no LANG set) hits what this machine compiled.
 launcher=()
 command -v ccache >/dev/null && launcher=(
-  "-DCMAKE_CXX_COMPILER_LAUNCHER=$(command -v cmake);-E;env;CCACHE_SLOPPINESS=pch_defines,time_macros;CCACHE_BASEDIR=$root;ccache")
+  "-DCMAKE_CXX_COMPILER_LAUNCHER=$(command -v cmake);-E;env;LANG=C.UTF-8;LC_ALL=C.UTF-8;LC_CTYPE=C.UTF-8;LC_MESSAGES=C.UTF-8;CCACHE_SLOPPINESS=pch_defines,time_macros;CCACHE_BASEDIR=$root;ccache")
 extra=()
 (( server_only )) && extra=(-DADAPTERD_BUILD_TESTS=OFF -DADAPTERD_BUILD_BENCHMARKS=OFF)
 cmake -S "$root" -B "$build_dir" -DCMAKE_BUILD_TYPE="${ADAPTERD_BUILD_TYPE:-Release}" \

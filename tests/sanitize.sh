@@ -18,7 +18,7 @@ shift
 build="$root/build-$kind"
 launcher=()
 command -v ccache >/dev/null && launcher=(  # As deploy/setup.sh's.
-  "-DCMAKE_CXX_COMPILER_LAUNCHER=$(command -v cmake);-E;env;CCACHE_SLOPPINESS=pch_defines,time_macros;CCACHE_BASEDIR=$root;ccache")
+  "-DCMAKE_CXX_COMPILER_LAUNCHER=$(command -v cmake);-E;env;LANG=C.UTF-8;LC_ALL=C.UTF-8;LC_CTYPE=C.UTF-8;LC_MESSAGES=C.UTF-8;CCACHE_SLOPPINESS=pch_defines,time_macros;CCACHE_BASEDIR=$root;ccache")
 # -O1 -g1 (line tables): the reports keep their file:line stacks, and a LibTorch-heavy unit
 # compiles in half the time of -O2 -g (the two sanitizer builds were most of CI's time).
 cmake -S "$root" -B "$build" -DCMAKE_BUILD_TYPE=RelWithDebInfo -DCMAKE_CXX_FLAGS_RELWITHDEBINFO="-O1 -g1 -DNDEBUG" \
