@@ -207,19 +207,15 @@ class StreamSink final : public RequestSink {
 // the first failed load's error.
 static absl::Status ResolveMix(ServingContext& ctx, GenerationRequest* r) {
   r->adapter_name = adapters::MixName(r->mix);
+  std::vector<adapters::AdapterRef> refs;  // Null for a part still loading.
   std::vector<std::shared_ptr<AdapterWait>> waits;
-  std::vector<adapters::MixPart> parts;
   bool loading = false;
   for (const auto& [name, weight] : r->mix) {
     auto resolved = ctx.residency->Resolve(name);
     if (!resolved.ok()) return resolved.status();
-    parts.push_back({resolved->adapter, weight});
-    if (resolved->wait != nullptr) {
-      loading = true;
-      waits.push_back(std::move(resolved->wait));
-    } else {
-      waits.push_back(AdapterWait::Settled(name, resolved->adapter));
-    }
+    loading = loading || resolved->wait != nullptr;
+    refs.push_back(std::move(resolved->adapter));
+    waits.push_back(std::move(resolved->wait));
   }
   const core::Engine* engine = ctx.engine.get();
   adapters::MixCache* cache = ctx.mixes.get();
@@ -230,12 +226,13 @@ static absl::Status ResolveMix(ServingContext& ctx, GenerationRequest* r) {
     for (size_t i = 0; i < refs.size(); ++i) parts.push_back({refs[i], mix[i].second});
     return cache != nullptr ? cache->Get(*engine, parts, name) : adapters::MixAdapters(*engine, parts, name);
   };
-  if (loading) {
+  if (loading) {  // Resident parts join the wait as settled ones.
+    for (size_t i = 0; i < waits.size(); ++i) {
+      if (waits[i] == nullptr) waits[i] = AdapterWait::Settled(r->mix[i].first, refs[i]);
+    }
     r->adapter_wait = AdapterWait::AllOf(name, std::move(waits), std::move(combine));
     return absl::OkStatus();
   }
-  std::vector<adapters::AdapterRef> refs;
-  for (const adapters::MixPart& p : parts) refs.push_back(p.adapter);
   ASSIGN_OR_RETURN(r->adapter, combine(refs));
   return absl::OkStatus();
 }
