@@ -833,6 +833,10 @@ absl::StatusOr<std::unique_ptr<Decoder>> ParseDecoder(const Json& j, absl::strin
 
 struct AddedToken {
   std::string content;
+  // What the matcher looks for: the content, or for a normalized token the content passed
+  // through the normalizer (tokenizers' AddedVocabulary::refresh_added_tokens), so that under
+  // a normalizer that prepends "▁" it matches only after a space or at the start.
+  std::string pattern;
   int32_t id = 0;
   bool special = false, lstrip = false, rstrip = false, single_word = false, normalized = false;
 };
@@ -841,13 +845,13 @@ struct AddedToken {
 class AddedTokenMatcher {
  public:
   void Add(const AddedToken* t) {
-    if (t->content.empty()) return;
-    by_first_byte_[static_cast<unsigned char>(t->content[0])].push_back(t);
+    if (t->pattern.empty()) return;
+    by_first_byte_[static_cast<unsigned char>(t->pattern[0])].push_back(t);
   }
   void Finish() {
     for (auto& list : by_first_byte_) {
       std::stable_sort(list.begin(), list.end(), [](const AddedToken* a, const AddedToken* b) {
-        return a->content.size() > b->content.size();
+        return a->pattern.size() > b->pattern.size();
       });
     }
   }
@@ -870,7 +874,7 @@ class AddedTokenMatcher {
     while (i < s.size()) {
       const AddedToken* hit = nullptr;
       for (const AddedToken* t : by_first_byte_[static_cast<unsigned char>(s[i])]) {
-        if (s.compare(i, t->content.size(), t->content) == 0) {
+        if (s.compare(i, t->pattern.size(), t->pattern) == 0) {
           hit = t;
           break;
         }
@@ -879,7 +883,7 @@ class AddedTokenMatcher {
         ++i;
         continue;
       }
-      size_t start = i, stop = i + hit->content.size();
+      size_t start = i, stop = i + hit->pattern.size();
       i = stop;
       if (hit->single_word) {
         const bool start_ok = start == 0 || !IsAlphanumeric(LastCodePoint(s.substr(0, start)));
@@ -1174,18 +1178,19 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromJson(absl::string_view
       max_id = std::max(max_id, a.id);
       impl->added.push_back(std::move(a));
     }
-    for (const AddedToken& a : impl->added) {
+    impl->vocab_size = max_id + 1;
+
+    if (j.contains("normalizer") && !j["normalizer"].is_null()) {
+      ASSIGN_OR_RETURN(impl->normalizer, ParseNormalizer(j["normalizer"], label));
+    }
+    for (AddedToken& a : impl->added) {
+      a.pattern = a.normalized && impl->normalizer ? impl->normalizer->Normalize(a.content) : a.content;
       impl->added_by_id[a.id] = &a;
       if (a.special) impl->special_contents.insert(a.content);
       (a.normalized ? impl->normalized_matcher : impl->raw_matcher).Add(&a);
     }
     impl->raw_matcher.Finish();
     impl->normalized_matcher.Finish();
-    impl->vocab_size = max_id + 1;
-
-    if (j.contains("normalizer") && !j["normalizer"].is_null()) {
-      ASSIGN_OR_RETURN(impl->normalizer, ParseNormalizer(j["normalizer"], label));
-    }
     if (j.contains("pre_tokenizer") && !j["pre_tokenizer"].is_null()) {
       ASSIGN_OR_RETURN(impl->pre_tokenizer, ParsePreTokenizer(j["pre_tokenizer"], label));
     }

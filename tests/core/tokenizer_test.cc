@@ -110,6 +110,31 @@ TEST_P(GoldenTest, StreamedPiecesConcatenateToTheFullDecodeAndAreValidUtf8) {
   }
 }
 
+// Tokens added as transformers' add_tokens adds them (non-special, normalized) are matched
+// after normalization, against their content normalized too: under Llama 2's normalizer (which
+// prepends "▁") such a token matches only at the start or after a space. Golden ids from the
+// tokenizers library with the same tokens added (tests/tokenizer/make_golden.js).
+TEST(TokenizerTest, NormalizedAddedTokensMatchAsHuggingFaceDoes) {
+  auto golden = Golden("llama2_added");
+  auto text = ReadFileToString(std::string(ADAPTERD_NPM_DIR) + "/node_modules/" +
+                                     golden["tokenizer"].get<std::string>());
+  ASSERT_TRUE(text.ok()) << text.status();
+  nlohmann::json j = nlohmann::json::parse(*text);
+  for (const auto& [content, id] : golden["added_tokens"].items()) {
+    j["added_tokens"].push_back({{"id", id}, {"content", content}, {"single_word", false}, {"lstrip", false},
+                                 {"rstrip", false}, {"normalized", true}, {"special", false}});
+  }
+  auto tok = Tokenizer::FromJson(j.dump(), "llama2 with added tokens");
+  ASSERT_TRUE(tok.ok()) << tok.status();
+  EXPECT_EQ((*tok)->vocab_size(), 32003);
+  for (const auto& c : golden["cases"]) {
+    auto ids = (*tok)->Encode(c["text"].get<std::string>(), true);
+    ASSERT_TRUE(ids.ok());
+    EXPECT_EQ(*ids, c["ids"].get<std::vector<int32_t>>()) << c["text"];
+    EXPECT_EQ(*(*tok)->Decode(*ids, false), c["decoded"].get<std::string>());
+  }
+}
+
 TEST(TokenizerTest, StreamsOfByteFallbackTokensEndInValidUtf8) {
   // Found by the server soak: random continuations over llama2's byte tokens (<0x00>..<0xFF>
   // are ids 3..258) made Finish() cut the full decode inside a character, and a client's

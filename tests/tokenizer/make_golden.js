@@ -35,5 +35,28 @@ async function main() {
     fs.writeFileSync(path.join(outDir, `${name}.json`), JSON.stringify({ tokenizer: rel, cases }, null, 1));
     console.log(`golden ${name}: ${cases.length} cases`);
   }
+  // An adapter's added tokens: Llama 2's tokenizer with tokens added as transformers'
+  // add_tokens adds them (non-special, normalized), the ids an adapter's added_tokens.json names.
+  const tok = Tokenizer.fromFile(path.join(nodeModules, files.llama2));
+  const added = ["<|tool|>", "<|end_tool|>", "ünïcorn"];
+  tok.addTokens(added);
+  const texts = [
+    "<|tool|>search(query)<|end_tool|>",
+    "Hello <|tool|> world",
+    "an ünïcorn and a unicorn",
+    "<|tool|><|tool|>x<|end_tool|>\n",
+    "no added tokens here",
+    " leading space<|end_tool|>trailing ",
+  ];
+  const cases = [];
+  for (const text of texts) {
+    const ids = (await tok.encode(text, null, { addSpecialTokens: true })).getIds();
+    cases.push({ text, ids: Array.from(ids), decoded: await tok.decode(Array.from(ids), false) });
+  }
+  const addedIds = {};
+  added.forEach((t, i) => { addedIds[t] = 32000 + i; });
+  fs.writeFileSync(path.join(outDir, "llama2_added.json"),
+                   JSON.stringify({ tokenizer: files.llama2, added_tokens: addedIds, cases }, null, 1));
+  console.log(`golden llama2_added: ${cases.length} cases`);
 }
 main().catch((e) => { console.error(e); process.exit(1); });
