@@ -6,7 +6,12 @@
 namespace adapterd::adapters {
 namespace {
 
-constexpr int64_t kProjections = static_cast<int64_t>(core::Projection::kMlpOut) + 1;
+constexpr int64_t kProjections = static_cast<int64_t>(core::Projection::kLmHead) + 1;
+
+// The dense lookups' index of (layer, p); -1 for a negative layer (no module lives there).
+int64_t Index(int64_t layer, core::Projection p) {
+  return layer < 0 ? -1 : layer * kProjections + static_cast<int64_t>(p);
+}
 
 }  // namespace
 
@@ -15,7 +20,13 @@ Adapter::Adapter(AdapterReport report, AdapterWeights weights)
       lora_(std::move(weights.lora)),
       ia3_(std::move(weights.ia3)),
       prefix_(std::move(weights.prefix)),
-      soft_prompt_(std::move(weights.soft_prompt)) {
+      soft_prompt_(std::move(weights.soft_prompt)),
+      input_embedding_(std::move(weights.input_embedding)),
+      output_embedding_(std::move(weights.output_embedding)),
+      embedding_a_t_(std::move(weights.embedding_a_t)),
+      embedding_bt_(std::move(weights.embedding_bt)),
+      vocab_size_(weights.vocab_size),
+      tokenizer_(std::move(weights.tokenizer)) {
   int64_t layers = 0;
   for (const auto& [key, m] : lora_) layers = std::max(layers, key.first + 1);
   lookup_.assign(layers * kProjections, nullptr);
@@ -32,8 +43,8 @@ Adapter::Adapter(AdapterReport report, AdapterWeights weights)
 
 bool Adapter::OutputAffine(int64_t layer, core::Projection p, const at::Tensor** scale,
                            const at::Tensor** shift) const {
-  const int64_t i = layer * kProjections + static_cast<int64_t>(p);
-  const LoraModule* m = i < static_cast<int64_t>(lookup_.size()) ? lookup_[i] : nullptr;
+  const int64_t i = Index(layer, p);
+  const LoraModule* m = i >= 0 && i < static_cast<int64_t>(lookup_.size()) ? lookup_[i] : nullptr;
   if (m == nullptr || !m->dora_scale.defined()) return false;
   *scale = &m->dora_scale;
   *shift = m->dora_shift.defined() ? &m->dora_shift : nullptr;
@@ -41,10 +52,18 @@ bool Adapter::OutputAffine(int64_t layer, core::Projection p, const at::Tensor**
 }
 
 const at::Tensor* Adapter::Ia3Scale(int64_t layer, core::Projection p, bool* input) const {
-  const int64_t i = layer * kProjections + static_cast<int64_t>(p);
-  if (i >= static_cast<int64_t>(ia3_lookup_.size()) || ia3_lookup_[i] == nullptr) return nullptr;
+  const int64_t i = Index(layer, p);
+  if (i < 0 || i >= static_cast<int64_t>(ia3_lookup_.size()) || ia3_lookup_[i] == nullptr) return nullptr;
   *input = ia3_lookup_[i]->input;
   return &ia3_lookup_[i]->l;
+}
+
+bool Adapter::EmbeddingLora(const at::Tensor** at, const at::Tensor** bt, float* scale) const {
+  if (!embedding_a_t_.defined()) return false;
+  *at = &embedding_a_t_;
+  *bt = &embedding_bt_;
+  *scale = 1.0f;  // Folded into embedding_bt_ at load.
+  return true;
 }
 
 int64_t Adapter::virtual_tokens() const {
@@ -62,8 +81,8 @@ int64_t Adapter::SeedCache(core::KvCache& cache) const {
 }
 
 bool Adapter::Adapts(int64_t layer, core::Projection p) const {
-  const int64_t i = layer * kProjections + static_cast<int64_t>(p);
-  return i < static_cast<int64_t>(lookup_.size()) && lookup_[i] != nullptr;
+  const int64_t i = Index(layer, p);
+  return i >= 0 && i < static_cast<int64_t>(lookup_.size()) && lookup_[i] != nullptr;
 }
 
 at::Tensor Adapter::Delta(int64_t layer, core::Projection p, const at::Tensor& x) const {
@@ -82,8 +101,8 @@ at::Tensor Adapter::Delta(int64_t layer, core::Projection p, const at::Tensor& x
 
 bool Adapter::LoraFactors(int64_t layer, core::Projection p, const at::Tensor** a, const at::Tensor** bt,
                           float* scale) const {
-  const int64_t i = layer * kProjections + static_cast<int64_t>(p);
-  const LoraModule* m = i < static_cast<int64_t>(lookup_.size()) ? lookup_[i] : nullptr;
+  const int64_t i = Index(layer, p);
+  const LoraModule* m = i >= 0 && i < static_cast<int64_t>(lookup_.size()) ? lookup_[i] : nullptr;
   if (m == nullptr) return false;
   *a = &m->a;
   *bt = &m->bt;

@@ -19,6 +19,7 @@
 #include "adapters/adapter_ref.h"
 #include "adapters/adapter_report.h"
 #include "core/causal_lm.h"
+#include "core/tokenizer.h"
 
 namespace adapterd::adapters {
 
@@ -45,7 +46,8 @@ struct Ia3Module {
   bool input = false;
 };
 
-// The tensors of one adapter; exactly one part is set.
+// The tensors of one adapter: one of lora, ia3, prefix and soft_prompt, plus, for LoRA and
+// IA3, the embedding parts.
 struct AdapterWeights {
   // LoRA: modules keyed by (layer, projection).
   std::map<std::pair<int64_t, core::Projection>, LoraModule> lora;
@@ -55,6 +57,20 @@ struct AdapterWeights {
   std::vector<std::pair<at::Tensor, at::Tensor>> prefix;
   // Prompt tuning / P-tuning: soft prompt [virtual_tokens, hidden].
   at::Tensor soft_prompt;
+  // Saved copies (modules_to_save, or the embeddings PEFT saves with a resized vocabulary)
+  // that replace the base's input embedding / lm_head for this adapter's rows: [vocab, hidden]
+  // in the compute dtype; undefined when the adapter keeps the base's (also when the saved
+  // copy equals it).
+  at::Tensor input_embedding;
+  at::Tensor output_embedding;
+  int64_t vocab_size = 0;  // Rows of the saved embeddings when they resize the vocabulary; 0 otherwise.
+  // LoRA on the input embedding: lora_embedding_Aᵀ [vocab, r] and scaling·lora_embedding_Bᵀ
+  // [r, hidden], compute dtype.
+  at::Tensor embedding_a_t;
+  at::Tensor embedding_bt;
+  // The tokenizer of an adapter that adds tokens (its own tokenizer.json, or the base's with
+  // its added_tokens.json); null: the base's.
+  std::shared_ptr<const core::Tokenizer> tokenizer;
 };
 
 class Adapter final : public core::SequenceAdapter {
@@ -79,6 +95,21 @@ class Adapter final : public core::SequenceAdapter {
   bool LoraFactors(int64_t layer, core::Projection p, const at::Tensor** a, const at::Tensor** bt,
                    float* scale) const override;
   const at::Tensor* Ia3Scale(int64_t layer, core::Projection p, bool* input) const override;
+  int64_t vocab_size() const override { return vocab_size_; }
+  const at::Tensor* InputEmbedding() const override {
+    return input_embedding_.defined() ? &input_embedding_ : nullptr;
+  }
+  bool EmbeddingLora(const at::Tensor** at, const at::Tensor** bt, float* scale) const override;
+  const at::Tensor* OutputEmbedding() const override {
+    return output_embedding_.defined() ? &output_embedding_ : nullptr;
+  }
+  // True when the adapter replaces or adapts an embedding or resizes the vocabulary.
+  bool ChangesEmbeddings() const {
+    return input_embedding_.defined() || output_embedding_.defined() || embedding_a_t_.defined() ||
+           vocab_size_ > 0;
+  }
+  // The adapter's own tokenizer (null: the base model's).
+  const core::Tokenizer* tokenizer() const { return tokenizer_.get(); }
   bool OutputAffine(int64_t layer, core::Projection p, const at::Tensor** scale,
                     const at::Tensor** shift) const override;
 
@@ -91,6 +122,9 @@ class Adapter final : public core::SequenceAdapter {
   std::vector<const Ia3Module*> ia3_lookup_;  // As lookup_.
   std::vector<std::pair<at::Tensor, at::Tensor>> prefix_;
   at::Tensor soft_prompt_;
+  at::Tensor input_embedding_, output_embedding_, embedding_a_t_, embedding_bt_;
+  int64_t vocab_size_ = 0;
+  std::shared_ptr<const core::Tokenizer> tokenizer_;
 };
 
 }  // namespace adapterd::adapters

@@ -79,12 +79,26 @@ absl::Status ParseTargets(const Json& j, absl::string_view label, AdapterConfig&
   return absl::OkStatus();
 }
 
+// modules_to_save: whole modules trained alongside the adapter and saved with it. adapterd
+// serves the input embedding and lm_head (typically saved because tokens were added); any other
+// module is refused by name.
+absl::Status ParseModulesToSave(const Json& j, absl::string_view label, AdapterConfig& c) {
+  if (!IsSet(j, "modules_to_save")) return absl::OkStatus();
+  ASSIGN_OR_RETURN(c.modules_to_save, StringOrList(j["modules_to_save"], label, "modules_to_save"));
+  for (const std::string& m : c.modules_to_save) {
+    if (m != "lm_head" && m != "embed_tokens" && m != "wte" && m != "model.embed_tokens" &&
+        m != "transformer.wte") {
+      return Refuse(label, absl::StrCat("modules_to_save \"", m,
+                                        "\" is not supported: adapterd serves saved copies of the input "
+                                        "embedding (embed_tokens, wte) and lm_head only"));
+    }
+  }
+  return absl::OkStatus();
+}
+
 absl::Status ParseIa3(const Json& j, absl::string_view label, AdapterConfig& c) {
   c.fan_in_fan_out = j.value("fan_in_fan_out", false);
-  if (IsSet(j, "modules_to_save")) {
-    return Refuse(label, absl::StrCat("modules_to_save ", j["modules_to_save"].dump(),
-                                      " is not supported: it replaces base modules"));
-  }
+  RETURN_IF_ERROR(ParseModulesToSave(j, label, c));
   RETURN_IF_ERROR(ParseTargets(j, label, c));
   if (auto it = j.find("feedforward_modules"); it != j.end() && !it->is_null()) {
     if (it->is_string()) {
@@ -120,10 +134,7 @@ absl::Status ParseLora(const Json& j, absl::string_view label, AdapterConfig& c)
 
   // Options that change the math and are not implemented: refused, by name.
   c.use_dora = j.value("use_dora", false);
-  if (IsSet(j, "modules_to_save")) {
-    return Refuse(label, absl::StrCat("modules_to_save ", j["modules_to_save"].dump(),
-                                      " is not supported: it replaces base modules"));
-  }
+  RETURN_IF_ERROR(ParseModulesToSave(j, label, c));
   if (auto it = j.find("bias"); it != j.end() && !it->is_null() && *it != "none") {
     return Refuse(label, absl::StrCat("bias \"", it->get<std::string>(),
                                       "\" is not supported (only \"none\")"));

@@ -46,6 +46,10 @@ struct AdapterConfig {
   std::vector<std::pair<std::string, int64_t>> rank_pattern;
   std::vector<std::pair<std::string, double>> alpha_pattern;
 
+  // LoRA and IA3: modules trained in full and saved with the adapter (only the input
+  // embedding and lm_head are accepted), as the config names them.
+  std::vector<std::string> modules_to_save;
+
   // IA3 (targets and fan_in_fan_out as above): the modules whose input, not output, is scaled;
   // a list of names or one regex (full match); unset → the architecture's PEFT default.
   std::optional<std::vector<std::string>> feedforward_list;

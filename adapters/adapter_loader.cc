@@ -15,12 +15,21 @@
 #include "core/model_config.h"
 #include "core/safetensors.h"
 #include "core/status_macros.h"
+#include "core/tokenizer.h"
 #include "core/torch_error.h"
+#include "nlohmann/json.hpp"
 
 namespace adapterd::adapters {
 namespace {
 
 constexpr absl::string_view kPeftPrefix = "base_model.model.";
+constexpr uint64_t kMaxAdapterTokenizerBytes = 64ull << 20;
+
+// The input embedding's module name ("model.embed_tokens", "transformer.wte").
+std::string InputEmbeddingModule(const core::ModelConfig& config) {
+  std::string name = core::InputEmbeddingName(config);
+  return name.substr(0, name.size() - std::string(".weight").size());
+}
 
 bool Exists(const std::string& path) {
   struct stat st {};
@@ -151,9 +160,132 @@ absl::Status AddDora(const core::SafetensorsFile& file, const core::TensorInfo& 
   return absl::OkStatus();
 }
 
+// A module's LoRA rank, alpha and scaling (rank_pattern and alpha_pattern applied).
+struct RankScaling {
+  int64_t r = 0;
+  double alpha = 0;
+  double scaling = 0;
+};
+
+absl::StatusOr<RankScaling> LoraScaling(const AdapterConfig& cfg, const std::string& module) {
+  ASSIGN_OR_RETURN(std::optional<int64_t> rank_override, PatternValue(cfg.rank_pattern, module, "rank_pattern"));
+  ASSIGN_OR_RETURN(std::optional<double> alpha_override, PatternValue(cfg.alpha_pattern, module, "alpha_pattern"));
+  RankScaling rs;
+  rs.r = rank_override.value_or(cfg.r);
+  rs.alpha = alpha_override.value_or(cfg.lora_alpha);
+  rs.scaling = cfg.use_rslora ? rs.alpha / std::sqrt(static_cast<double>(rs.r)) : rs.alpha / rs.r;
+  return rs;
+}
+
+// LoRA on the input embedding (PEFT's lora.Embedding): lora_embedding_A [r, vocab] and
+// lora_embedding_B [hidden, r]; a row gains scaling·(A[:, id]ᵀ·Bᵀ). Held as Aᵀ [vocab, r] (a
+// row lookup per token) and scaling·Bᵀ [r, hidden] in the compute dtype.
+absl::Status LoadEmbeddingLora(const core::SafetensorsFile& file, const core::CausalLm& base,
+                               const std::string& module, const LoraPair& pair, const RankScaling& rs,
+                               int64_t vocab, const std::string& label, AdapterWeights& weights,
+                               AdapterReport& report) {
+  const int64_t hidden = base.config().hidden_size;
+  const std::vector<int64_t> want_a = {rs.r, vocab}, want_b = {hidden, rs.r};
+  if (pair.a->shape != want_a || pair.b->shape != want_b) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        label, ": lora_embedding_A/B for ", module, " have shapes ", Shape(pair.a->shape), " and ",
+        Shape(pair.b->shape), ", the base expects ", Shape(want_a), " and ", Shape(want_b), " (r=", rs.r, ")"));
+  }
+  ASSIGN_OR_RETURN(at::Tensor a, ToTensor(file, *pair.a, base.options()));
+  ASSIGN_OR_RETURN(at::Tensor b, ToTensor(file, *pair.b, base.options()));
+  b.mul_(rs.scaling);  // This loader's own copy.
+  if (!std::isfinite(rs.scaling) || !at::isfinite(b).all().item<bool>()) {
+    return absl::InvalidArgumentError(absl::StrCat(label, ": lora_embedding_B for ", module, " times its scaling ",
+                                                   rs.scaling, " is not finite"));
+  }
+  weights.embedding_a_t = a.t().contiguous();
+  weights.embedding_bt = b.t().contiguous();
+  report.bytes += weights.embedding_a_t.nbytes() + weights.embedding_bt.nbytes();
+  return absl::OkStatus();
+}
+
+// Whole embeddings saved with the adapter: modules_to_save copies ("<module>.weight") and the
+// base layers PEFT saves beside an embedding LoRA or a resized vocabulary
+// ("<module>.base_layer.weight"). A copy equal to the base's is not held. Fills the embedding
+// fields of `weights` and records the tensors it took in `consumed`.
+absl::Status LoadSavedModules(const AdapterConfig& cfg, const core::SafetensorsFile& file,
+                              const core::CausalLm& base, const std::string& label,
+                              AdapterWeights& weights, AdapterReport& report, std::set<std::string>& consumed) {
+  const core::ModelConfig& bc = base.config();
+  const std::string input = InputEmbeddingModule(bc);
+  struct Saved {
+    const core::TensorInfo* info = nullptr;
+    std::string module;
+  };
+  Saved in, out;
+  for (const core::TensorInfo& t : file.tensors()) {
+    std::string key = t.name;
+    if (absl::StartsWith(key, kPeftPrefix)) key = key.substr(kPeftPrefix.size());
+    Saved* slot = nullptr;
+    std::string module;
+    for (const char* suffix : {".weight", ".base_layer.weight"}) {
+      if (key == input + suffix) slot = &in, module = input;
+      if (key == absl::StrCat("lm_head", suffix)) slot = &out, module = "lm_head";
+    }
+    if (slot == nullptr) continue;
+    if (slot->info != nullptr) {
+      return absl::FailedPreconditionError(absl::StrCat(label, ": ", file.path(), " holds two copies of ", module,
+                                                        ": ", slot->info->name, " and ", t.name));
+    }
+    slot->info = &t;
+    slot->module = module;
+    consumed.insert(t.name);
+  }
+  for (const std::string& m : cfg.modules_to_save) {
+    const bool is_output = m == "lm_head";
+    if ((is_output ? out : in).info == nullptr) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          label, ": modules_to_save lists \"", m, "\" but ", file.path(), " holds no ",
+          is_output ? "lm_head" : input, ".weight"));
+    }
+  }
+  const int64_t base_vocab = bc.vocab_size;
+  int64_t rows[2] = {base_vocab, base_vocab};
+  const at::TensorOptions options = base.options();
+  for (int i = 0; i < 2; ++i) {
+    const Saved& saved = i == 0 ? in : out;
+    if (saved.info == nullptr) continue;
+    const std::vector<int64_t>& shape = saved.info->shape;
+    if (shape.size() != 2 || shape[1] != bc.hidden_size || shape[0] < 1) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          label, ": saved ", saved.module, " (", saved.info->name, ") has shape ", Shape(shape),
+          ", expected [vocabulary, ", bc.hidden_size, "]"));
+    }
+    rows[i] = shape[0];
+    ASSIGN_OR_RETURN(at::Tensor t, ToTensor(file, *saved.info, options));
+    const at::Tensor& own = base.weights().at(i == 0 ? core::InputEmbeddingName(bc) : core::kOutputEmbeddingName);
+    if (shape[0] == base_vocab && at::equal(t, own)) {
+      report.saved_modules.push_back(absl::StrCat(saved.module, " ", Shape(shape), ": equal to the base's, not held"));
+      continue;
+    }
+    report.saved_modules.push_back(absl::StrCat(saved.module, " ", Shape(shape), " ",
+                                                c10::toString(t.scalar_type()), ": replaces the base's (",
+                                                t.nbytes(), " bytes)"));
+    report.bytes += t.nbytes();
+    (i == 0 ? weights.input_embedding : weights.output_embedding) = t.contiguous();
+  }
+  if (rows[0] != rows[1]) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        label, ": the adapter's input embedding has ", rows[0], " rows but its lm_head ", rows[1],
+        "; an adapter that resizes the vocabulary must save both (modules_to_save: [\"", input.substr(input.rfind('.') + 1),
+        "\", \"lm_head\"])"));
+  }
+  if (rows[0] != base_vocab) {
+    weights.vocab_size = rows[0];
+    report.vocab_size = rows[0];
+  }
+  return absl::OkStatus();
+}
+
 absl::StatusOr<AdapterWeights> LoadLora(
     const AdapterConfig& cfg, const core::SafetensorsFile& file, const core::CausalLm& base,
-    const std::string& name, bool bf16_factors, AdapterReport& report) {
+    const std::string& name, bool bf16_factors, const std::set<std::string>& consumed, int64_t vocab,
+    AdapterReport& report) {
   const core::ModelConfig& bc = base.config();
   const std::string label = absl::StrCat("adapter \"", name, "\"");
   std::map<std::string, BaseModule> modules;
@@ -161,6 +293,7 @@ absl::StatusOr<AdapterWeights> LoadLora(
 
   std::map<std::string, LoraPair> pairs;
   for (const core::TensorInfo& t : file.tensors()) {
+    if (consumed.count(t.name)) continue;
     std::string key = t.name;
     if (absl::StartsWith(key, kPeftPrefix)) key = key.substr(kPeftPrefix.size());
     std::string module;
@@ -185,16 +318,24 @@ absl::StatusOr<AdapterWeights> LoadLora(
       is_a = true;
     } else if (absl::EndsWith(key, ".lora_B.weight")) {
       module = key.substr(0, key.size() - std::string(".lora_B.weight").size());
-    } else if (absl::StrContains(key, "lora_embedding_")) {
-      return absl::FailedPreconditionError(absl::StrCat(
-          label, ": tensor ", t.name, " adapts an embedding, which adapterd does not support"));
+    } else if (absl::EndsWith(key, ".lora_embedding_A") || absl::EndsWith(key, ".lora_embedding_B")) {
+      module = key.substr(0, key.size() - std::string(".lora_embedding_A").size());
+      is_a = absl::EndsWith(key, "_A");
+      auto it = modules.find(module);
+      if (it == modules.end() || !it->second.embedding) {
+        return absl::FailedPreconditionError(absl::StrCat(
+            label, ": tensor ", t.name, " adapts \"", module, "\", which is not the input embedding of the base ",
+            bc.architecture_name));
+      }
+      (is_a ? pairs[module].a : pairs[module].b) = &t;
+      continue;
     } else if (absl::EndsWith(key, ".lora_B.bias")) {
       return absl::FailedPreconditionError(
           absl::StrCat(label, ": tensor ", t.name, " is a LoRA bias (lora_bias), not supported"));
     } else {
       return absl::FailedPreconditionError(absl::StrCat(
           label, ": tensor ", t.name,
-          " is not a LoRA weight (full weights such as modules_to_save are not supported)"));
+          " is not a LoRA weight (full weights are accepted for the input embedding and lm_head only)"));
     }
     auto it = modules.find(module);
     if (it == modules.end()) {
@@ -245,16 +386,25 @@ absl::StatusOr<AdapterWeights> LoadLora(
   const at::TensorOptions options = base.options();
   for (const auto& [mname, pair] : pairs) {
     const BaseModule& m = modules.at(mname);
+    if ((m.embedding || m.output) && pair.magnitude != nullptr) {
+      return absl::FailedPreconditionError(absl::StrCat(label, ": DoRA on ", mname, " is not supported"));
+    }
+    ASSIGN_OR_RETURN(const RankScaling rs, LoraScaling(cfg, mname));
+    ranks.insert(rs.r);
+    alphas.insert(rs.alpha);
+    scalings.insert(rs.scaling);
+    if (m.embedding) {
+      RETURN_IF_ERROR(LoadEmbeddingLora(file, base, mname, pair, rs, vocab, label, weights, report));
+      report.matched_modules.push_back(mname);
+      continue;
+    }
     const at::Tensor& w = base.weights().at(mname + ".weight");
-    const bool conv1d = bc.architecture == core::Architecture::kGpt2;
+    // GPT-2's lm_head is an nn.Linear, its blocks Conv1D.
+    const bool conv1d = bc.architecture == core::Architecture::kGpt2 && !m.output;
     const int64_t in = conv1d ? w.size(0) : w.size(1);
-    const int64_t out = conv1d ? w.size(1) : w.size(0);
-    ASSIGN_OR_RETURN(std::optional<int64_t> rank_override,
-                     PatternValue(cfg.rank_pattern, mname, "rank_pattern"));
-    ASSIGN_OR_RETURN(std::optional<double> alpha_override,
-                     PatternValue(cfg.alpha_pattern, mname, "alpha_pattern"));
-    const int64_t r = rank_override.value_or(cfg.r);
-    const double alpha = alpha_override.value_or(cfg.lora_alpha);
+    const int64_t out = m.output ? vocab : conv1d ? w.size(1) : w.size(0);
+    const int64_t r = rs.r;
+    const double alpha = rs.alpha;
     const std::vector<int64_t> want_a = {r, in}, want_b = {out, r};
     if (pair.a->shape != want_a) {
       return absl::FailedPreconditionError(absl::StrCat(
@@ -266,7 +416,7 @@ absl::StatusOr<AdapterWeights> LoadLora(
           label, ": lora_B for ", mname, " has shape ", Shape(pair.b->shape), ", base expects ",
           Shape(want_b), " (r=", r, ")"));
     }
-    const double scaling = cfg.use_rslora ? alpha / std::sqrt(static_cast<double>(r)) : alpha / r;
+    const double scaling = rs.scaling;
     // bfloat16 factors of a float32 CPU model stay bfloat16 (half the memory and the bytes a
     // step reads; the CPU kernels widen them exactly, so the sums are those of the float32
     // copy PEFT would make); their scaling is applied after B, which rounding them would alter.
@@ -300,9 +450,6 @@ absl::StatusOr<AdapterWeights> LoadLora(
     }
     report.bytes += lm.a.nbytes() + lm.bt.nbytes();
     weights.lora[{m.layer, m.projection}] = std::move(lm);
-    ranks.insert(r);
-    alphas.insert(alpha);
-    scalings.insert(scaling);
     adapted_layers.insert(m.layer);
     report.matched_modules.push_back(mname);
   }
@@ -320,7 +467,7 @@ absl::StatusOr<AdapterWeights> LoadLora(
 // module's output or, for feed-forward modules, [1, in] to scale its input.
 absl::StatusOr<AdapterWeights> LoadIa3(AdapterConfig cfg, const core::SafetensorsFile& file,
                                        const core::CausalLm& base, const std::string& name,
-                                       AdapterReport& report) {
+                                       const std::set<std::string>& consumed, AdapterReport& report) {
   const core::ModelConfig& bc = base.config();
   const std::string label = absl::StrCat("adapter \"", name, "\"");
   const bool conv1d = bc.architecture == core::Architecture::kGpt2;
@@ -341,16 +488,17 @@ absl::StatusOr<AdapterWeights> LoadIa3(AdapterConfig cfg, const core::Safetensor
   for (BaseModule& m : BaseModules(bc)) modules[m.name] = m;
   std::map<std::string, const core::TensorInfo*> vectors;
   for (const core::TensorInfo& t : file.tensors()) {
+    if (consumed.count(t.name)) continue;
     std::string key = t.name;
     if (absl::StartsWith(key, kPeftPrefix)) key = key.substr(kPeftPrefix.size());
     if (!absl::EndsWith(key, ".ia3_l")) {
       return absl::FailedPreconditionError(absl::StrCat(
-          label, ": tensor ", t.name, " is not an IA3 vector (ia3_l); full weights such as "
-          "modules_to_save are not supported"));
+          label, ": tensor ", t.name, " is not an IA3 vector (ia3_l); full weights are accepted for "
+          "the input embedding and lm_head only"));
     }
     const std::string module = key.substr(0, key.size() - std::string(".ia3_l").size());
     auto it = modules.find(module);
-    if (it == modules.end() || !it->second.supported) {
+    if (it == modules.end() || !it->second.supported || it->second.output || it->second.embedding) {
       return absl::FailedPreconditionError(absl::StrCat(
           label, ": tensor ", t.name, " targets \"", module, "\", which is not a projection of the base ",
           bc.architecture_name, " that adapterd adapts"));
@@ -359,6 +507,9 @@ absl::StatusOr<AdapterWeights> LoadIa3(AdapterConfig cfg, const core::Safetensor
   }
   ASSIGN_OR_RETURN(const std::set<std::string> targeted, TargetedModules(cfg, bc, modules, label));
   for (const std::string& mname : targeted) {
+    if (modules.at(mname).output || modules.at(mname).embedding) {
+      return absl::FailedPreconditionError(absl::StrCat(label, ": IA3 on ", mname, " is not supported"));
+    }
     if (!vectors.count(mname)) {
       return absl::FailedPreconditionError(absl::StrCat(
           label, ": the config targets ", mname, " but ", file.path(), " holds no ia3_l for it"));
@@ -468,6 +619,81 @@ absl::StatusOr<AdapterWeights> LoadPromptLearning(
   return weights;
 }
 
+// The tokenizer of an adapter that resizes the vocabulary: its folder's tokenizer.json (with
+// tokenizer_config.json), or else the base's tokenizer.json with the folder's added_tokens.json
+// ({"content": id}) added as transformers' add_tokens adds them (non-special, normalized).
+// Without either, token ids past the base's vocabulary can only be sent as ids (a warning).
+absl::Status LoadAdapterTokenizer(const std::string& dir, const std::string& label, const core::CausalLm& base,
+                                  const AdapterFileRules& rules, AdapterWeights& weights, AdapterReport& report) {
+  const core::FileRules limits{rules.root, kMaxAdapterTokenizerBytes};
+  std::string json, config;
+  if (Exists(dir + "/tokenizer.json")) {
+    ASSIGN_OR_RETURN(json, core::ReadFileToString(dir + "/tokenizer.json", limits));
+    if (Exists(dir + "/tokenizer_config.json")) {
+      ASSIGN_OR_RETURN(config, core::ReadFileToString(dir + "/tokenizer_config.json", limits));
+    }
+    report.tokenizer = "tokenizer.json";
+  } else if (Exists(dir + "/added_tokens.json")) {
+    const std::string base_json = rules.base_model_dir + "/tokenizer.json";
+    if (rules.base_model_dir.empty() || !Exists(base_json)) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          label, ": added_tokens.json adds to the base's tokenizer.json, and the base model has none"));
+    }
+    ASSIGN_OR_RETURN(std::string added_text, core::ReadFileToString(dir + "/added_tokens.json", limits));
+    ASSIGN_OR_RETURN(std::string base_text, core::ReadFileToString(base_json, {"", kMaxAdapterTokenizerBytes}));
+    if (Exists(rules.base_model_dir + "/tokenizer_config.json")) {
+      ASSIGN_OR_RETURN(config, core::ReadFileToString(rules.base_model_dir + "/tokenizer_config.json",
+                                                      {"", kMaxAdapterTokenizerBytes}));
+    }
+    nlohmann::json added = nlohmann::json::parse(added_text, nullptr, /*allow_exceptions=*/false);
+    nlohmann::json tok = nlohmann::json::parse(base_text, nullptr, false);
+    if (!added.is_object() || tok.is_discarded()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(label, ": added_tokens.json is not a JSON object of token: id"));
+    }
+    ASSIGN_OR_RETURN(auto base_tok, core::Tokenizer::FromJson(base_text, base_json, config));
+    std::map<int64_t, std::string> by_id;
+    for (const auto& [content, id] : added.items()) {
+      if (!id.is_number_integer() || content.empty()) {
+        return absl::InvalidArgumentError(absl::StrCat(label, ": added_tokens.json: \"", content,
+                                                       "\" must map a non-empty token to an integer id"));
+      }
+      const int64_t i = id.get<int64_t>();
+      if (i < base_tok->vocab_size() || !by_id.emplace(i, content).second) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            label, ": added_tokens.json gives \"", content, "\" id ", i, ", which the base's tokenizer (",
+            base_tok->vocab_size(), " ids) or another added token already holds"));
+      }
+    }
+    if (!tok.contains("added_tokens") || !tok["added_tokens"].is_array()) tok["added_tokens"] = nlohmann::json::array();
+    for (const auto& [id, content] : by_id) {
+      tok["added_tokens"].push_back({{"id", id}, {"content", content}, {"single_word", false}, {"lstrip", false},
+                                     {"rstrip", false}, {"normalized", true}, {"special", false}});
+    }
+    json = tok.dump();
+    report.tokenizer = "the base's tokenizer.json with added_tokens.json";
+  } else {
+    report.warnings.push_back(absl::StrCat(
+        "the adapter resizes the vocabulary to ", weights.vocab_size,
+        " ids but its folder has no tokenizer.json or added_tokens.json: text is tokenized with the base's "
+        "tokenizer, which never produces the new ids"));
+    return absl::OkStatus();
+  }
+  ASSIGN_OR_RETURN(std::unique_ptr<core::Tokenizer> tokenizer,
+                   core::Tokenizer::FromJson(json, absl::StrCat(dir, "/tokenizer.json"), config));
+  if (tokenizer->vocab_size() > weights.vocab_size) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        label, ": its tokenizer has ", tokenizer->vocab_size(), " ids but its embeddings only ", weights.vocab_size,
+        " rows"));
+  }
+  for (int32_t id = static_cast<int32_t>(base.config().vocab_size); id < tokenizer->vocab_size(); ++id) {
+    auto text = tokenizer->Decode({id}, /*skip_special_tokens=*/false);
+    if (text.ok() && !text->empty()) report.added_tokens.push_back(*text);
+  }
+  weights.tokenizer = std::move(tokenizer);
+  return absl::OkStatus();
+}
+
 }  // namespace
 
 std::vector<BaseModule> BaseModules(const core::ModelConfig& config) {
@@ -491,7 +717,8 @@ std::vector<BaseModule> BaseModules(const core::ModelConfig& config) {
       out.push_back({pre + "mlp.down_proj", i, Projection::kDown, true});
     }
   }
-  out.push_back({"lm_head", -1, Projection::kQ, false});
+  out.push_back({"lm_head", core::OutputLayer(config), Projection::kLmHead, true, true, false});
+  out.push_back({InputEmbeddingModule(config), -1, Projection::kQ, true, false, true});
   return out;
 }
 
@@ -510,7 +737,7 @@ absl::StatusOr<bool> IsTargeted(const AdapterConfig& c, const core::ModelConfig&
     if (excluded) return false;
   }
   if (c.target_regex) return FullMatch(*c.target_regex, key, "target_modules");
-  if (c.target_all_linear) return m.supported;  // Every Linear/Conv1D but the output layer.
+  if (c.target_all_linear) return m.supported && !m.output && !m.embedding;  // Linear/Conv1D but the output layer.
   std::vector<std::string> targets;
   if (c.target_list) {
     targets = *c.target_list;
@@ -580,9 +807,32 @@ absl::StatusOr<std::shared_ptr<const Adapter>> LoadAdapter(const std::string& di
   }
   absl::StatusOr<AdapterWeights> weights;
   try {
-    weights = cfg.type == AdapterType::kLora  ? LoadLora(cfg, *file, base, name, rules.bf16_factors, *report)
-              : cfg.type == AdapterType::kIa3 ? LoadIa3(cfg, *file, base, name, *report)
-                                             : LoadPromptLearning(cfg, *file, base, name, *report);
+    const std::string label = absl::StrCat("adapter \"", name, "\"");
+    AdapterWeights saved;
+    std::set<std::string> consumed;
+    absl::Status s = absl::OkStatus();
+    if (cfg.type == AdapterType::kLora || cfg.type == AdapterType::kIa3) {
+      s = LoadSavedModules(cfg, *file, base, label, saved, *report, consumed);
+    }
+    const int64_t vocab = saved.vocab_size > 0 ? saved.vocab_size : base.config().vocab_size;
+    if (!s.ok()) {
+      weights = s;
+    } else if (cfg.type == AdapterType::kLora) {
+      weights = LoadLora(cfg, *file, base, name, rules.bf16_factors, consumed, vocab, *report);
+    } else if (cfg.type == AdapterType::kIa3) {
+      weights = LoadIa3(cfg, *file, base, name, consumed, *report);
+    } else {
+      weights = LoadPromptLearning(cfg, *file, base, name, *report);
+    }
+    if (weights.ok()) {
+      weights->input_embedding = std::move(saved.input_embedding);
+      weights->output_embedding = std::move(saved.output_embedding);
+      weights->vocab_size = saved.vocab_size;
+      if (saved.vocab_size > 0) {
+        absl::Status t = LoadAdapterTokenizer(dir, label, base, rules, *weights, *report);
+        if (!t.ok()) weights = t;
+      }
+    }
   } catch (const std::exception& e) {
     weights = absl::InternalError(
         absl::StrCat(dir, ": converting adapter weights failed: ", core::TorchErrorMessage(e)));
@@ -599,6 +849,10 @@ absl::StatusOr<AdapterRef> LoadAdapterFor(const core::Engine& engine, const std:
 }
 
 const AdapterReport& ReportOf(const AdapterRef& adapter) { return adapter->report(); }
+
+const core::Tokenizer* TokenizerOf(const AdapterRef& adapter) {
+  return adapter == nullptr ? nullptr : adapter->tokenizer();
+}
 
 std::shared_ptr<const core::SequenceAdapter> ForSequence(AdapterRef adapter) { return adapter; }
 

@@ -29,10 +29,13 @@ struct BaseModule {
   std::string name;  // e.g. "model.layers.3.self_attn.q_proj"
   int64_t layer = -1;
   core::Projection projection = core::Projection::kQ;
-  bool supported = true;  // lm_head is a candidate name but is not adapted.
+  bool supported = true;
+  bool output = false;     // lm_head (layer = core::OutputLayer, projection kLmHead).
+  bool embedding = false;  // The input embedding (LoRA as lora_embedding_A/B).
 };
 
-// Returns every Linear/Conv1D module name of the base model, in PEFT's naming.
+// Returns every Linear/Conv1D module name of the base model and its input embedding, in PEFT's
+// naming.
 std::vector<BaseModule> BaseModules(const core::ModelConfig& config);
 
 // Returns whether `config` targets `module` under PEFT's rules (exclude_modules,

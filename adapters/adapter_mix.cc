@@ -35,6 +35,11 @@ std::string NotMixable(const Adapter& a) {
                         "' is a DoRA adapter: its magnitude rescales the whole output, so its effect "
                         "is not a delta that can be weighted and summed with others");
   }
+  if (a.ChangesEmbeddings()) {
+    return absl::StrCat("adapter '", r.name,
+                        "' replaces or adapts the embeddings (saved modules, embedding LoRA or added tokens); "
+                        "a weighted mix takes LoRA adapters of linear projections only");
+  }
   return "";
 }
 

@@ -13,6 +13,7 @@
 namespace adapterd::core {
 class Engine;
 class SequenceAdapter;
+class Tokenizer;
 }  // namespace adapterd::core
 
 namespace adapterd::adapters {
@@ -31,6 +32,9 @@ struct AdapterFileRules {
   std::string root;
   uint64_t max_weight_bytes = 0;
   bool bf16_factors = false;
+  // The base model's folder, whose tokenizer.json (and tokenizer_config.json) an adapter
+  // folder's added_tokens.json adds its tokens to; empty: none.
+  std::string base_model_dir;
 };
 inline constexpr uint64_t kMaxAdapterConfigBytes = 1 << 20;
 
@@ -42,6 +46,10 @@ absl::StatusOr<AdapterRef> LoadAdapterFor(const core::Engine& engine, const std:
 
 // Returns the report the adapter was admitted with.
 const AdapterReport& ReportOf(const AdapterRef& adapter);
+
+// Returns the tokenizer of an adapter that adds tokens to the vocabulary; null for the base
+// model's (and for a null adapter).
+const core::Tokenizer* TokenizerOf(const AdapterRef& adapter);
 
 // Returns the adapter as the engine's per-sequence seam (null for null).
 std::shared_ptr<const core::SequenceAdapter> ForSequence(AdapterRef adapter);

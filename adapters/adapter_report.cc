@@ -24,6 +24,10 @@ nlohmann::json AdapterReport::ToJson() const {
   j["skipped_layers"] = skipped_layers;
   j["dora_modules"] = dora_modules;
   j["ia3_input_modules"] = ia3_input_modules;
+  j["saved_modules"] = saved_modules;
+  j["vocab_size"] = vocab_size;
+  j["added_tokens"] = added_tokens;
+  j["tokenizer"] = tokenizer;
   j["num_virtual_tokens"] = num_virtual_tokens;
   j["file_bytes_by_dtype"] = file_bytes_by_dtype;
   j["bytes"] = bytes;
@@ -58,6 +62,12 @@ std::string AdapterReport::ToText() const {
       absl::StrAppend(&out, "  ", m, input ? " (input)" : " (output)", "\n");
     }
   }
+  for (const std::string& m : saved_modules) absl::StrAppend(&out, "saved        ", m, "\n");
+  if (vocab_size > 0) {
+    absl::StrAppend(&out, "vocabulary   ", vocab_size, " ids, ", added_tokens.size(), " added tokens",
+                    added_tokens.empty() ? "" : absl::StrCat(": ", absl::StrJoin(added_tokens, " ")), "\n");
+  }
+  if (!tokenizer.empty()) absl::StrAppend(&out, "tokenizer    ", tokenizer, "\n");
   if (num_virtual_tokens > 0) {
     absl::StrAppend(&out, "virtual      ", num_virtual_tokens, " tokens\n");
   }

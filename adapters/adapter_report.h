@@ -27,6 +27,14 @@ struct AdapterReport {
   std::vector<int64_t> skipped_layers;       // Layers with no adapted module.
   // IA3: the matched modules whose input is scaled (feed-forward); the others' output is.
   std::vector<std::string> ia3_input_modules;
+  // Embeddings (LoRA and IA3): what replaces the base's input embedding / lm_head, one
+  // line per saved module ("lm_head [259,64] float32, replaces the base's"), the vocabulary
+  // when the adapter resizes it (0: the base's), the tokens it adds (ids past the base's
+  // vocabulary) and where its tokenizer comes from ("" for the base's).
+  std::vector<std::string> saved_modules;
+  int64_t vocab_size = 0;
+  std::vector<std::string> added_tokens;
+  std::string tokenizer;
   // Prompt learning.
   int64_t num_virtual_tokens = 0;
   // Both.

@@ -21,6 +21,7 @@ const char* ProjectionName(Projection p) {
     case Projection::kAttnOut: return "c_proj";
     case Projection::kFc: return "c_fc";
     case Projection::kMlpOut: return "c_proj";
+    case Projection::kLmHead: return "lm_head";
   }
   return "?";
 }
@@ -107,6 +108,77 @@ void AdapterBatch::WriteSoftPrompts(at::Tensor& embeddings) const {
     if (r.soft_prompt_rows == 0) continue;
     embeddings.narrow(0, r.offset, r.soft_prompt_rows).copy_(r.adapter->soft_prompt());
   }
+}
+
+at::Tensor AdapterBatch::Embed(const at::Tensor& table, const at::Tensor& tokens) const {
+  bool changed = false;
+  for (const Range& r : ranges_) {
+    const at::Tensor *a = nullptr, *bt = nullptr;
+    float scale = 1.0f;
+    changed = changed || r.adapter->InputEmbedding() != nullptr || r.adapter->EmbeddingLora(&a, &bt, &scale);
+  }
+  if (!changed) return at::embedding(table, tokens);
+  // Ids of a resized vocabulary exist only in their adapter's table: the base lookup of those
+  // rows (overwritten below) reads a valid row instead.
+  at::Tensor x = at::embedding(table, tokens.clamp_max(table.size(0) - 1));
+  for (const Range& r : ranges_) {
+    at::Tensor ids = tokens.narrow(0, r.offset, r.length);
+    at::Tensor rows = x.narrow(0, r.offset, r.length);
+    if (const at::Tensor* own = r.adapter->InputEmbedding()) rows.copy_(at::embedding(*own, ids));
+    const at::Tensor *a = nullptr, *bt = nullptr;
+    float scale = 1.0f;
+    if (r.adapter->EmbeddingLora(&a, &bt, &scale)) {
+      // PEFT: result + (F.embedding(x, Aᵀ) @ Bᵀ)·scaling.
+      at::Tensor delta = at::matmul(at::embedding(*a, ids), *bt);
+      rows.add_(scale == 1.0f ? delta : delta.mul_(scale));
+    }
+  }
+  return x;
+}
+
+at::Tensor AdapterBatch::OutputLogits(const at::Tensor& x, const at::Tensor& lm_head, int64_t output_layer,
+                                      const std::vector<RowSpan>& rows, bool all_positions) const {
+  // The ranges in rows of `x`: each row's last token when not all_positions.
+  std::vector<Range> out;
+  for (const Range& r : ranges_) {
+    if (r.adapter->OutputEmbedding() == nullptr && !r.adapter->Adapts(output_layer, Projection::kLmHead)) continue;
+    if (all_positions) {
+      out.push_back(r);
+      continue;
+    }
+    Range mapped{0, 0, r.adapter, 0};
+    bool first = true;
+    for (size_t i = 0; i < rows.size(); ++i) {
+      if (rows[i].offset < r.offset || rows[i].offset + rows[i].length > r.offset + r.length) continue;
+      if (first) mapped.offset = static_cast<int64_t>(i);
+      first = false;
+      ++mapped.length;
+    }
+    if (mapped.length > 0) out.push_back(mapped);
+  }
+  if (out.empty()) return LinearForward(x, lm_head, at::Tensor()).to(at::kFloat);
+  int64_t width = lm_head.size(0);
+  for (const Range& r : out) {
+    if (const at::Tensor* own = r.adapter->OutputEmbedding()) width = std::max(width, own->size(0));
+  }
+  at::Tensor base = LinearForward(x, lm_head, at::Tensor()).to(at::kFloat);
+  at::Tensor logits = base;
+  if (width != base.size(1)) {
+    logits = at::zeros({x.size(0), width}, base.options());
+    logits.narrow(1, 0, base.size(1)).copy_(base);
+  }
+  for (const Range& r : out) {
+    at::Tensor h = x.narrow(0, r.offset, r.length);
+    at::Tensor rows_out = logits.narrow(0, r.offset, r.length);
+    if (const at::Tensor* own = r.adapter->OutputEmbedding()) {
+      rows_out.narrow(1, 0, own->size(0)).copy_(LinearForward(h, *own, at::Tensor()));
+    }
+    if (r.adapter->Adapts(output_layer, Projection::kLmHead)) {
+      at::Tensor delta = r.adapter->Delta(output_layer, Projection::kLmHead, h);
+      rows_out.narrow(1, 0, delta.size(1)).add_(delta.to(at::kFloat));
+    }
+  }
+  return logits;
 }
 
 std::unique_ptr<KvCache> CausalLm::NewCache(int64_t capacity) const {

@@ -21,7 +21,11 @@
 namespace adapterd::core {
 
 // The projections an adapter can modify.
-enum class Projection { kQ, kK, kV, kO, kGate, kUp, kDown, kCAttn, kAttnOut, kFc, kMlpOut };
+enum class Projection { kQ, kK, kV, kO, kGate, kUp, kDown, kCAttn, kAttnOut, kFc, kMlpOut, kLmHead };
+
+// The output projection (lm_head) goes through the adapter seam as projection kLmHead of the
+// layer after the last one.
+inline int64_t OutputLayer(const ModelConfig& config) { return config.num_layers; }
 
 // Returns the module's short name as PEFT target_modules spell it ("q_proj", "c_attn", ...).
 const char* ProjectionName(Projection p);
@@ -65,6 +69,29 @@ class SequenceAdapter {
   virtual const at::Tensor* Ia3Scale(int64_t /*layer*/, Projection /*p*/, bool* /*input*/) const {
     return nullptr;
   }
+  // Ids the adapter's rows may hold and produce when it resizes the vocabulary (added tokens);
+  // 0 means the base model's.
+  virtual int64_t vocab_size() const { return 0; }
+  // The input embedding table ([vocab, hidden], compute dtype) that replaces the base's for
+  // this adapter's rows (PEFT modules_to_save, or a resized embedding saved with the adapter);
+  // null: the base's.
+  virtual const at::Tensor* InputEmbedding() const { return nullptr; }
+  // LoRA on the input embedding (PEFT's lora.Embedding): the rows gain scale·at[id]·bt, with
+  // at = lora_embedding_Aᵀ [vocab, r] and bt = lora_embedding_Bᵀ [r, hidden]; false when none.
+  virtual bool EmbeddingLora(const at::Tensor** /*at*/, const at::Tensor** /*bt*/, float* /*scale*/) const {
+    return false;
+  }
+  // The output projection ([vocab, hidden]) that replaces lm_head for this adapter's rows;
+  // null: the base's.
+  virtual const at::Tensor* OutputEmbedding() const { return nullptr; }
+};
+
+// One row of a packed batch: tokens [offset, offset + length) of the batch belong to it and
+// continue the sequence held in `cache`.
+struct RowSpan {
+  int64_t offset = 0;
+  int64_t length = 0;
+  KvCache* cache = nullptr;
 };
 
 // The adapters of one packed batch: contiguous token ranges, each with the adapter of its
@@ -90,17 +117,19 @@ class AdapterBatch {
   at::Tensor ScaleInputs(int64_t layer, Projection p, const at::Tensor& x) const;
   // Overwrites the token embeddings of soft-prompt rows with the adapters' soft prompts.
   void WriteSoftPrompts(at::Tensor& embeddings) const;
+  // Returns the input embeddings of `tokens` ([N] ids): the base `table`'s rows, except where
+  // an adapter replaces the table or adds an embedding LoRA.
+  at::Tensor Embed(const at::Tensor& table, const at::Tensor& tokens) const;
+  // Returns float32 logits of hidden states `x` through `lm_head` ([V, hidden]) with every
+  // adapter's output-projection changes: a replaced lm_head (its own, possibly larger,
+  // vocabulary) and LoRA on lm_head. `rows` and `all_positions` are the Forward() call's: x
+  // holds every token, or each row's last. The result is [rows of x, widest vocabulary]; a
+  // row's entries past its own vocabulary are unspecified (Engine cuts each row to its own).
+  at::Tensor OutputLogits(const at::Tensor& x, const at::Tensor& lm_head, int64_t output_layer,
+                          const std::vector<RowSpan>& rows, bool all_positions) const;
 
  private:
   std::vector<Range> ranges_;  // Only ranges with an adapter; adjacent equal ones merged.
-};
-
-// One row of a packed batch: tokens [offset, offset + length) of the batch belong to it and
-// continue the sequence held in `cache`.
-struct RowSpan {
-  int64_t offset = 0;
-  int64_t length = 0;
-  KvCache* cache = nullptr;
 };
 
 class CausalLm {

@@ -5,6 +5,7 @@
 #include <c10/core/InferenceMode.h>
 
 #include <algorithm>
+#include <cmath>
 
 #include "absl/container/flat_hash_map.h"
 #include "absl/strings/str_cat.h"
@@ -28,6 +29,7 @@ struct Sequence::State {
   int64_t virtual_positions = 0;
   bool soft_prompt_pending = false;
   SamplingParams params;
+  int64_t vocab = 0;  // Ids this sequence may hold: the adapter's vocabulary or the base's.
   std::unique_ptr<KvCache> cache;
   at::Generator generator;
   std::vector<int64_t> seen;     // Distinct ids in `tokens`, for the repetition penalty.
@@ -116,11 +118,13 @@ absl::StatusOr<std::unique_ptr<Sequence>> Engine::NewSequence(
   const ModelConfig& c = config();
   const int64_t virtual_tokens = adapter ? adapter->virtual_tokens() : 0;
   int64_t prefix_positions = 0;
-  RETURN_IF_ERROR(ValidatePrompt(prompt, c.vocab_size, context_length(), virtual_tokens));
+  const int64_t vocab = adapter && adapter->vocab_size() > 0 ? adapter->vocab_size() : c.vocab_size;
+  RETURN_IF_ERROR(ValidatePrompt(prompt, vocab, context_length(), virtual_tokens));
   auto state = std::make_unique<Sequence::State>();
   state->prompt_length = static_cast<int64_t>(prompt.size());
   state->params = params;
-  state->is_seen.assign(c.vocab_size, 0);
+  state->vocab = vocab;
+  state->is_seen.assign(vocab, 0);
   for (int32_t id : prompt) state->Remember(id);
   state->tokens = std::move(prompt);
   state->cache = model_->NewCache(
@@ -190,6 +194,14 @@ absl::StatusOr<std::vector<StepOutput>> Engine::Step(const std::vector<Sequence*
     logits =
         model_->Forward(tokens, rows, /*all_positions=*/false, adapters.empty() ? nullptr : &adapters)
             .to(at::kCPU, at::kFloat);
+    // Rows of a batch whose adapters resize the vocabulary differ in width: a row's entries
+    // past its own vocabulary weigh nothing.
+    for (size_t r = 0; r < order.size(); ++r) {
+      const int64_t vocab = batch[order[r]]->state_->vocab;
+      if (vocab < logits.size(1)) {
+        logits[static_cast<int64_t>(r)].narrow(0, vocab, logits.size(1) - vocab).fill_(-INFINITY);
+      }
+    }
     logprobs = at::log_softmax(logits, -1);
   } catch (const std::exception& e) {
     // Nothing was committed: every cache keeps its length, so the rows can be retried.
@@ -207,20 +219,22 @@ absl::StatusOr<std::vector<StepOutput>> Engine::Step(const std::vector<Sequence*
     s.soft_prompt_pending = false;
     StepOutput& o = out[order[r]];
     try {
-      if (!all_finite && !at::isfinite(logits[r]).all().item<bool>()) {
+      at::Tensor row = logits[r].narrow(0, 0, s.vocab);
+      at::Tensor row_logprobs = logprobs[r].narrow(0, 0, s.vocab);
+      if (!all_finite && !at::isfinite(row).all().item<bool>()) {
         o.status = absl::InternalError("the model produced non-finite logits for this sequence");
         continue;
       }
-      at::Tensor processed = ProcessLogits(logits[r], s.params, s.seen, s.generated);
+      at::Tensor processed = ProcessLogits(row, s.params, s.seen, s.generated);
       absl::StatusOr<int64_t> token = ChooseToken(processed, s.params, s.generator);
       if (!token.ok()) {
         o.status = token.status();
         continue;
       }
       o.token = static_cast<int32_t>(*token);
-      o.logprob = logprobs[r][*token].item<float>();
+      o.logprob = row_logprobs[*token].item<float>();
       if (s.params.top_logprobs > 0) {
-        auto [values, indices] = at::topk(logprobs[r], s.params.top_logprobs);
+        auto [values, indices] = at::topk(row_logprobs, std::min<int64_t>(s.params.top_logprobs, s.vocab));
         auto v = values.accessor<float, 1>();
         auto i = indices.accessor<int64_t, 1>();
         for (int64_t k = 0; k < values.size(0); ++k) {

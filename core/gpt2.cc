@@ -49,7 +49,7 @@ class Gpt2 final : public CausalLm {
     const ModelConfig& c = config_;
     at::Tensor positions = Positions(rows, tokens.size(0), tokens.device());
     const int64_t E = c.hidden_size;
-    at::Tensor x = at::embedding(wte_, tokens);
+    at::Tensor x = adapters != nullptr ? adapters->Embed(wte_, tokens) : at::embedding(wte_, tokens);
     if (adapters != nullptr) adapters->WriteSoftPrompts(x);  // wpe is added to them too.
     x = x + at::embedding(wpe_, positions);
     for (int64_t li = 0; li < c.num_layers; ++li) {
@@ -68,6 +68,7 @@ class Gpt2 final : public CausalLm {
     }
     x = FinishRows(x, rows, all_positions);
     x = at::layer_norm(x, {E}, lnf_w_, lnf_b_, c.norm_eps);
+    if (adapters != nullptr) return adapters->OutputLogits(x, lm_head_, OutputLayer(config_), rows, all_positions);
     return LinearForward(x, lm_head_, at::Tensor()).to(at::kFloat);
   }
 

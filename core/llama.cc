@@ -67,7 +67,7 @@ class Llama final : public CausalLm {
 
     const int64_t n = tokens.size(0);
     const double scale = 1.0 / std::sqrt(static_cast<double>(c.head_dim));
-    at::Tensor x = at::embedding(embed_, tokens);
+    at::Tensor x = adapters != nullptr ? adapters->Embed(embed_, tokens) : at::embedding(embed_, tokens);
     if (adapters != nullptr) adapters->WriteSoftPrompts(x);
     for (int64_t li = 0; li < c.num_layers; ++li) {
       const LlamaLayer& l = layers_[li];
@@ -87,6 +87,7 @@ class Llama final : public CausalLm {
     }
     x = FinishRows(x, rows, all_positions);
     x = RmsNorm(x, final_norm_);
+    if (adapters != nullptr) return adapters->OutputLogits(x, lm_head_, OutputLayer(config_), rows, all_positions);
     return LinearForward(x, lm_head_, at::Tensor()).to(at::kFloat);
   }
 

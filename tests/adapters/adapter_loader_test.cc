@@ -6,6 +6,9 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
+#include <functional>
+#include <map>
 
 #include "absl/strings/str_cat.h"
 #include "core/engine.h"
@@ -44,6 +47,23 @@ double MaxDiff(const std::vector<float>& a, const std::vector<float>& b) {
     worst = std::max(worst, static_cast<double>(std::abs(a[i] - b[i])));
   }
   return worst;
+}
+
+// Writes float32 `tensors` as a safetensors file (8-byte header length, JSON header, data).
+void WriteSafetensors(const std::string& path, const std::map<std::string, at::Tensor>& tensors) {
+  nlohmann::json header = nlohmann::json::object();
+  std::string data;
+  for (const auto& [name, t] : tensors) {
+    at::Tensor c = t.to(at::kFloat).contiguous();
+    const size_t begin = data.size();
+    data.append(static_cast<const char*>(c.data_ptr()), c.nbytes());
+    header[name] = {{"dtype", "F32"}, {"shape", c.sizes().vec()}, {"data_offsets", {begin, data.size()}}};
+  }
+  const std::string h = header.dump();
+  std::string bytes(8, '\0');
+  const uint64_t n = h.size();
+  std::memcpy(bytes.data(), &n, 8);
+  testing::WriteFile(path, bytes + h + data);
 }
 
 // Runs the reference's prompt greedily with `adapter` for as many tokens as the reference
@@ -103,6 +123,194 @@ INSTANTIATE_TEST_SUITE_P(
                       LoraCase{"ia3_gpt2", "gpt2"}, LoraCase{"dora_llama", "llama_tied"},
                       LoraCase{"dora_qwen", "qwen2_bias"}, LoraCase{"dora_gpt2", "gpt2"}),
     [](const auto& info) { return std::string(info.param.adapter); });
+
+// Adapters that change the embeddings, served unmerged, equal their merged models: LoRA on the
+// input embedding and lm_head (Llama tied, GPT-2 with its Linear lm_head), and modules_to_save
+// copies, one resizing the vocabulary (prompts then hold the added ids). The merged models are
+// untied, as PEFT's modules keep their own weights.
+struct EmbeddingCase {
+  const char* adapter;
+  const char* base;
+  std::vector<int32_t> prompt;  // Besides the reference's.
+};
+
+void PrintTo(const EmbeddingCase& c, std::ostream* os) { *os << c.adapter; }
+
+class EmbeddingMergedTest : public ::testing::TestWithParam<EmbeddingCase> {};
+
+TEST_P(EmbeddingMergedTest, UnmergedLogitsEqualTheMergedModelTo1e4) {
+  const EmbeddingCase& c = GetParam();
+  auto base = LoadEngine(testing::Fixture(c.base));
+  auto merged = LoadEngine(testing::Fixture(std::string("merged/") + c.adapter));
+  ASSERT_TRUE(base && merged);
+  auto adapter = Load(*base, c.adapter);
+  ASSERT_TRUE(adapter.ok()) << adapter.status();
+  const int64_t vocab = merged->config().vocab_size;
+  EXPECT_EQ((*adapter)->vocab_size(), vocab == base->config().vocab_size ? 0 : vocab);
+  auto ref = testing::ReadJson(testing::Fixture(std::string("merged/") + c.adapter) + "/reference.json");
+  for (const std::vector<int32_t>& prompt : {ref["prompt"].get<std::vector<int32_t>>(), c.prompt}) {
+    auto with_adapter = base->PromptLogits(prompt, *adapter);
+    auto with_merged = merged->PromptLogits(prompt);
+    ASSERT_TRUE(with_adapter.ok() && with_merged.ok()) << with_adapter.status();
+    ASSERT_EQ(with_adapter->size(), prompt.size() * static_cast<size_t>(vocab));
+    EXPECT_LT(MaxDiff(*with_adapter, *with_merged), 1e-4);
+  }
+  // The adapter changes the base's logits (compared over the base's ids).
+  const std::vector<int32_t> plain = {3, 17, 99, 4, 250, 8};
+  auto with_adapter = base->PromptLogits(plain, *adapter);
+  auto without = base->PromptLogits(plain);
+  ASSERT_TRUE(with_adapter.ok() && without.ok());
+  const int64_t v = base->config().vocab_size;
+  double changed = 0;
+  for (size_t t = 0; t < plain.size(); ++t) {
+    for (int64_t i = 0; i < v; ++i) {
+      changed = std::max(changed, static_cast<double>(std::abs((*with_adapter)[t * vocab + i] - (*without)[t * v + i])));
+    }
+  }
+  EXPECT_GT(changed, 1e-2);
+  auto steps = GreedyLikeReference(*base, *adapter, ref);
+  ASSERT_TRUE(steps.ok()) << steps.status();
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Fixtures, EmbeddingMergedTest,
+    ::testing::Values(EmbeddingCase{"lora_embed_llama", "llama_tied", {1, 200, 5, 5, 17}},
+                      EmbeddingCase{"lora_embed_gpt2", "gpt2", {255, 3, 128, 4}},
+                      EmbeddingCase{"mts_llama", "llama_tied", {256, 12, 259, 257, 258, 40}},
+                      EmbeddingCase{"mts_gpt2", "gpt2", {7, 77, 177}}),
+    [](const auto& info) { return std::string(info.param.adapter); });
+
+TEST(AdapterLoaderTest, AddedTokensGenerateAndAreChecked) {
+  auto base = LoadEngine(testing::Fixture("llama_tied"));
+  ASSERT_NE(base, nullptr);
+  AdapterReport report;
+  auto mts = Load(*base, "mts_llama", &report);
+  ASSERT_TRUE(mts.ok()) << mts.status();
+  EXPECT_EQ(report.vocab_size, 260);
+  ASSERT_EQ(report.saved_modules.size(), 2u);
+  EXPECT_THAT(report.saved_modules[0], HasSubstr("model.embed_tokens [260,64] Float: replaces the base's (66560 bytes)"));
+  EXPECT_THAT(report.saved_modules[1], HasSubstr("lm_head [260,64]"));
+  EXPECT_THAT(report.ToText(), HasSubstr("vocabulary   260 ids"));
+  ASSERT_EQ(report.warnings.size(), 1u);
+  EXPECT_THAT(report.warnings[0], HasSubstr("no tokenizer.json or added_tokens.json"));
+  // The new lm_head rows are weighted up: greedy decoding of the reference's prompt produces
+  // added ids.
+  core::GenerateRequest req;
+  req.prompt = testing::ReadJson(testing::Fixture("merged/mts_llama/reference.json"))["prompt"].get<std::vector<int32_t>>();
+  req.max_new_tokens = 8;
+  req.ignore_eos = true;
+  req.params.top_logprobs = 5;
+  req.adapter = *mts;
+  auto out = core::Generate(*base, req);
+  ASSERT_TRUE(out.ok()) << out.status();
+  bool added = false;
+  for (const auto& s : out->steps) {
+    added = added || s.token >= 256;
+    ASSERT_EQ(s.top.size(), 5u);
+    EXPECT_EQ(s.top[0].id, s.token);  // Greedy: the most likely id, added or not.
+    EXPECT_EQ(s.top[0].logprob, s.logprob);
+  }
+  EXPECT_TRUE(added);
+  // Added ids are valid for its sequences only.
+  EXPECT_EQ(base->NewSequence({1, 257}, core::SamplingParams()).status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(base->NewSequence({1, 260}, core::SamplingParams(), *mts).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  // Saved copies equal to the base's are not held: the embedding LoRA adapter stays small.
+  AdapterReport lora_report;
+  ASSERT_TRUE(Load(*base, "lora_embed_llama", &lora_report).ok());
+  EXPECT_THAT(lora_report.saved_modules,
+              ElementsAre("model.embed_tokens [256,64]: equal to the base's, not held",
+                          "lm_head [256,64]: equal to the base's, not held"));
+  EXPECT_EQ(lora_report.vocab_size, 0);
+  // Neither kind joins a weighted mix.
+  for (const char* name : {"mts_llama", "lora_embed_llama"}) {
+    auto mix = MixAdapters(*base, {{*Load(*base, "lora_qv"), 0.5f}, {*Load(*base, name), 0.5f}}, "m");
+    EXPECT_THAT(std::string(mix.status().message()), HasSubstr("replaces or adapts the embeddings")) << name;
+  }
+}
+
+// The tokens an adapter adds tokenize as the Hugging Face tokenizers library does with them
+// added (golden ids from tests/tokenizer/make_golden.js), from added_tokens.json over the base's
+// tokenizer.json or from the adapter's own tokenizer.json.
+TEST(AdapterLoaderTest, AddedTokensTokenizeAsHuggingFaceDoes) {
+  auto base = LoadEngine(testing::Fixture("llama_tok"));
+  ASSERT_NE(base, nullptr);
+  auto golden = testing::ReadJson(std::string(ADAPTERD_SOURCE_DIR) + "/tests/tokenizer/golden/llama2_added.json");
+  for (const char* name : {"mts_tok", "mts_tok_json"}) {
+    AdapterFileRules rules;
+    rules.base_model_dir = testing::Fixture("llama_tok");
+    AdapterReport report;
+    auto adapter = LoadAdapter(testing::Fixture(std::string("adapters/") + name), name, base->model(), &report, rules);
+    ASSERT_TRUE(adapter.ok()) << adapter.status();
+    EXPECT_THAT(report.added_tokens, ElementsAre("<|tool|>", "<|end_tool|>", "ünïcorn")) << name;
+    const core::Tokenizer* tok = TokenizerOf(*adapter);
+    ASSERT_NE(tok, nullptr);
+    for (const auto& c : golden["cases"]) {
+      auto ids = tok->Encode(c["text"].get<std::string>(), true);
+      ASSERT_TRUE(ids.ok());
+      EXPECT_EQ(*ids, c["ids"].get<std::vector<int32_t>>()) << name << ": " << c["text"];
+      EXPECT_EQ(*tok->Decode(*ids, false), c["decoded"].get<std::string>()) << name;
+    }
+  }
+  // Without the base's folder, added_tokens.json cannot be applied.
+  AdapterReport report;
+  auto refused = LoadAdapter(testing::Fixture("adapters/mts_tok"), "mts_tok", base->model(), &report);
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(std::string(refused.status().message()), HasSubstr("added_tokens.json adds to the base's tokenizer.json"));
+}
+
+// Saved modules that do not fit are refused by name.
+TEST(AdapterLoaderTest, SavedModulesThatDoNotFitAreRefused) {
+  auto base = LoadEngine(testing::Fixture("llama_tied"));
+  ASSERT_NE(base, nullptr);
+  auto refuse = [&](const std::function<void(nlohmann::json&, std::map<std::string, at::Tensor>&)>& edit) {
+    const std::string dir = testing::TempDir("saved_modules");
+    EXPECT_EQ(std::system(("cp -r '" + testing::Fixture("adapters/mts_llama") + "/.' '" + dir + "/'").c_str()), 0);
+    auto config = testing::ReadJson(dir + "/adapter_config.json");
+    auto file = core::SafetensorsFile::Open(dir + "/adapter_model.safetensors", {}, core::SafetensorsFile::Mode::kRead);
+    EXPECT_TRUE(file.ok());
+    std::map<std::string, at::Tensor> tensors;
+    for (const core::TensorInfo& t : (*file)->tensors()) {
+      at::Tensor x = at::empty(t.shape, at::kFloat);
+      std::memcpy(x.data_ptr(), (*file)->Data(t), t.NumBytes());
+      tensors[t.name] = x;
+    }
+    edit(config, tensors);
+    testing::WriteFile(dir + "/adapter_config.json", config.dump());
+    WriteSafetensors(dir + "/adapter_model.safetensors", tensors);
+    AdapterReport report;
+    auto a = LoadAdapter(dir, "edited", base->model(), &report);
+    EXPECT_FALSE(a.ok());
+    return std::string(a.status().message());
+  };
+  EXPECT_THAT(refuse([](auto& c, auto&) { c["modules_to_save"] = {"lm_head", "norm"}; }),
+              HasSubstr("modules_to_save \"norm\" is not supported: adapterd serves saved copies of the input "
+                        "embedding (embed_tokens, wte) and lm_head only"));
+  EXPECT_THAT(refuse([](auto&, auto& t) { t.erase("base_model.model.lm_head.weight"); }),
+              HasSubstr("modules_to_save lists \"lm_head\" but"));
+  EXPECT_THAT(refuse([](auto& c, auto& t) {
+                c["modules_to_save"] = {"embed_tokens"};
+                t.erase("base_model.model.lm_head.weight");
+              }),
+              HasSubstr("input embedding has 260 rows but its lm_head 256; an adapter that resizes the "
+                        "vocabulary must save both"));
+  EXPECT_THAT(refuse([](auto&, auto& t) { t["base_model.model.model.norm.weight"] = at::ones({64}); }),
+              HasSubstr("is not a LoRA weight (full weights are accepted for the input embedding and lm_head only)"));
+  EXPECT_THAT(refuse([](auto&, auto& t) {
+                t["base_model.model.lm_head.weight"] = at::zeros({260, 32});
+              }),
+              HasSubstr("saved lm_head (base_model.model.lm_head.weight) has shape [260,32], expected [vocabulary, 64]"));
+  EXPECT_THAT(refuse([](auto& c, auto& t) {
+                c["use_dora"] = true;
+                c["target_modules"] = {"lm_head"};
+                t.clear();
+                t["base_model.model.lm_head.lora_A.weight"] = at::ones({2, 64});
+                t["base_model.model.lm_head.lora_B.weight"] = at::ones({256, 2});
+                t["base_model.model.lm_head.lora_magnitude_vector"] = at::ones({256});
+                c["modules_to_save"] = nullptr;
+              }),
+              HasSubstr("DoRA on lm_head is not supported"));
+}
 
 // A weighted mix served unmerged equals the base with Σ weight·delta merged in Python, and the
 // PyTorch reference's greedy continuation on those merged weights.
@@ -474,7 +682,7 @@ INSTANTIATE_TEST_SUITE_P(
                 "model.layers.1.self_attn.v_proj has lora_A but no lora_B"},
         Refusal{"bad_dora", absl::StatusCode::kFailedPrecondition, "the config sets use_dora but"},
         Refusal{"bad_modules_to_save", absl::StatusCode::kFailedPrecondition,
-                "modules_to_save [\"lm_head\"] is not supported"},
+                "modules_to_save lists \"lm_head\" but"},
         Refusal{"bad_bias", absl::StatusCode::kFailedPrecondition, "bias \"all\" is not supported"},
         Refusal{"bad_ia3", absl::StatusCode::kFailedPrecondition, "is not an IA3 vector (ia3_l)"},
         Refusal{"bad_ia3_shape", absl::StatusCode::kFailedPrecondition,
@@ -514,10 +722,12 @@ TEST(AdapterBatchTest, MixedAdapterBatchEqualsEachRowAlone) {
       *Load(*base, "lora_qv"), nullptr, *Load(*base, "prefix_llama"),
       *Load(*base, "lora_all_rslora"), *Load(*base, "lora_qv"), *Load(*base, "ia3_llama"),
       *Load(*base, "ia3_llama"), *Load(*base, "dora_llama"), *Load(*base, "dora_llama"),
-      *MixAdapters(*base, {{*Load(*base, "lora_qv"), 0.7f}, {*Load(*base, "lora_all_rslora"), -0.4f}}, "mix")};
+      *MixAdapters(*base, {{*Load(*base, "lora_qv"), 0.7f}, {*Load(*base, "lora_all_rslora"), -0.4f}}, "mix"),
+      // Its own embeddings over 260 ids (added ids in the prompt), and LoRA on the embedding and lm_head.
+      *Load(*base, "mts_llama"), *Load(*base, "lora_embed_llama"), *Load(*base, "mts_llama")};
   std::vector<std::vector<int32_t>> prompts = {
       {5, 9, 22, 31}, {7, 7, 7}, {100, 3, 44, 19, 2}, {250, 11}, {61, 62, 63, 64, 65, 66},
-      {12, 13}, {90, 91, 92}, {40, 41, 42, 43}, {8}, {30, 31, 32}};
+      {12, 13}, {90, 91, 92}, {40, 41, 42, 43}, {8}, {30, 31, 32}, {257, 4, 259, 6}, {70, 71, 72}, {258}};
   core::SamplingParams params;
   params.top_logprobs = 3;
   const int steps = 6;
@@ -534,7 +744,7 @@ TEST(AdapterBatchTest, MixedAdapterBatchEqualsEachRowAlone) {
     }
     return out;
   };
-  auto together = run({0, 1, 2, 3, 4, 5, 6, 7, 8, 9});
+  auto together = run({0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12});
   for (size_t i = 0; i < prompts.size(); ++i) {
     auto alone = run({i})[0];
     for (int s = 0; s < steps; ++s) {
