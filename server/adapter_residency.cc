@@ -88,7 +88,7 @@ absl::StatusOr<adapters::AdapterRef> AdapterResidency::Load(const LoadSpec& spec
   adapters::AdapterReport report;
   const adapters::AdapterFileRules rules{ctx_.adapter_root,
                                          static_cast<uint64_t>(ctx_.table->limits().max_bytes),
-                                         options_.bf16_factors};
+                                         options_.bf16_factors, ctx_.model_dir};
   auto adapter = adapters::LoadAdapterFor(*ctx_.engine, *dir, spec.name, &report, rules);
   report.path = spec.path;
   ToProto(report, response->mutable_report());

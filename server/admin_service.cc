@@ -39,6 +39,10 @@ void ToProto(const adapters::AdapterReport& r, v1::AdapterReport* out) {
   for (const auto& m : r.matched_modules) out->add_matched_modules(m);
   for (const auto& m : r.ia3_input_modules) out->add_ia3_input_modules(m);
   out->set_dora_modules(r.dora_modules);
+  for (const auto& m : r.saved_modules) out->add_saved_modules(m);
+  out->set_vocab_size(r.vocab_size);
+  for (const auto& t : r.added_tokens) out->add_added_tokens(t);
+  out->set_tokenizer(r.tokenizer);
   for (int64_t l : r.skipped_layers) out->add_skipped_layers(l);
   out->set_num_virtual_tokens(r.num_virtual_tokens);
   out->set_bytes(r.bytes);

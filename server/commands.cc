@@ -51,11 +51,19 @@ bool ParseIdList(const std::string& text, std::vector<int32_t>* ids) {
   return true;
 }
 
+// What the command-line loads of --adapter_dir may read: the base's tokenizer for an adapter's
+// added_tokens.json.
+adapters::AdapterFileRules CommandAdapterRules() {
+  adapters::AdapterFileRules rules;
+  rules.base_model_dir = absl::GetFlag(FLAGS_model_dir);
+  return rules;
+}
+
 // Validates --adapter_dir against the loaded base and prints the adapter's report.
 int InspectAdapter(const core::Engine& engine) {
   const std::string dir = absl::GetFlag(FLAGS_adapter_dir);
   adapters::AdapterReport report;
-  auto adapter = adapters::LoadAdapterFor(engine, dir, AdapterNameOf(dir), &report);
+  auto adapter = adapters::LoadAdapterFor(engine, dir, AdapterNameOf(dir), &report, CommandAdapterRules());
   if (absl::GetFlag(FLAGS_json)) {
     nlohmann::json j = report.ToJson();
     j["ok"] = adapter.ok();
@@ -213,6 +221,7 @@ int RunGenerate() {
   request.params.seed = absl::GetFlag(FLAGS_seed);
   request.params.top_logprobs = absl::GetFlag(FLAGS_top_logprobs);
 
+  adapters::AdapterRef adapter_tokenizer;  // Set when the adapter brings its own tokenizer.
   core::LoadReport report;
   auto engine = core::Engine::Load(EngineOptionsFromFlags(), &report);
   if (!engine.ok()) {
@@ -223,13 +232,23 @@ int RunGenerate() {
                report.load_seconds, core::Engine::threads(), core::Engine::cpu_kernels());
   if (const std::string dir = absl::GetFlag(FLAGS_adapter_dir); !dir.empty()) {
     adapters::AdapterReport adapter_report;
-    auto adapter = adapters::LoadAdapterFor(**engine, dir, AdapterNameOf(dir), &adapter_report);
+    auto adapter = adapters::LoadAdapterFor(**engine, dir, AdapterNameOf(dir), &adapter_report, CommandAdapterRules());
     if (!adapter.ok()) {
       std::cerr << "generate: " << adapter.status().message() << "\n";
       return 1;
     }
     spdlog::info("adapter {} ({}) loaded in {:.3f} s", adapter_report.name, adapter_report.type,
                  adapter_report.load_seconds);
+    // An adapter that adds tokens tokenizes (and detokenizes) with its own tokenizer.
+    if (const core::Tokenizer* own = adapters::TokenizerOf(*adapter); own != nullptr && tokenizer != nullptr) {
+      auto ids = own->Encode(absl::GetFlag(FLAGS_prompt), absl::GetFlag(FLAGS_add_special_tokens));
+      if (!ids.ok()) {
+        std::cerr << "generate: " << ids.status().message() << "\n";
+        return 2;
+      }
+      request.prompt = *std::move(ids);
+      adapter_tokenizer = *adapter;
+    }
     request.adapter = adapters::ForSequence(*adapter);
   }
   if (tokenizer == nullptr) {  // Only for its EOS token: ids in, ids out.
@@ -246,7 +265,8 @@ int RunGenerate() {
   for (const core::StepOutput& s : result->steps) generated.push_back(s.token);
   std::string text;
   if (tokenizer != nullptr) {
-    auto decoded = tokenizer->Decode(generated, absl::GetFlag(FLAGS_skip_special_tokens));
+    const core::Tokenizer* decoder = adapter_tokenizer ? adapters::TokenizerOf(adapter_tokenizer) : tokenizer.get();
+    auto decoded = decoder->Decode(generated, absl::GetFlag(FLAGS_skip_special_tokens));
     if (decoded.ok()) text = *decoded;
   }
   if (absl::GetFlag(FLAGS_json)) {

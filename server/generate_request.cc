@@ -19,10 +19,11 @@ absl::Status ParseGenerateRequest(const v1::GenerateRequest& request, const Requ
         return absl::FailedPreconditionError(
             "the model folder has no tokenizer.json; send token_ids instead of text");
       }
-      auto ids = tokenizer->Encode(request.text(), !request.has_add_special_tokens() ||
-                                                       request.add_special_tokens());
+      r->add_special_tokens = !request.has_add_special_tokens() || request.add_special_tokens();
+      auto ids = tokenizer->Encode(request.text(), r->add_special_tokens);
       if (!ids.ok()) return ids.status();
       r->prompt = *std::move(ids);
+      r->text = request.text();
       break;
     }
     case v1::GenerateRequest::kTokenIds:

@@ -239,13 +239,15 @@ static absl::Status ResolveMix(ServingContext& ctx, GenerationRequest* r) {
 
 absl::StatusOr<std::unique_ptr<GenerationRequest>> BuildRequest(
     ServingContext& ctx, const v1::GenerateRequest& request,
-    std::chrono::system_clock::time_point deadline) {
+    std::chrono::system_clock::time_point deadline, adapters::AdapterRef resolved) {
   if (!ctx.ready.load()) return absl::UnavailableError("the model is still loading");
   auto r = std::make_unique<GenerationRequest>();
   r->id = ctx.next_request_id.fetch_add(1);
   const core::Engine& engine = *ctx.engine;
   RequestRules rules = ctx.limits;
-  rules.vocab_size = engine.config().vocab_size;
+  // A named adapter may resize the vocabulary: its ids are checked once it is resolved
+  // (FitPromptToAdapter).
+  rules.vocab_size = request.adapter().empty() ? engine.config().vocab_size : int64_t{INT32_MAX} + 1;
   rules.context_length = engine.context_length();
   if (absl::Status s = ParseGenerateRequest(request, rules, ctx.tokenizer.get(), r.get());
       !s.ok()) {
@@ -254,18 +256,16 @@ absl::StatusOr<std::unique_ptr<GenerationRequest>> BuildRequest(
   if (!r->mix.empty()) {
     if (absl::Status s = ResolveMix(ctx, r.get()); !s.ok()) return s;
   } else if (!request.adapter().empty()) {
-    auto resolved = ctx.residency->Resolve(request.adapter());
-    if (!resolved.ok()) return resolved.status();
     r->adapter_name = request.adapter();
-    r->adapter = std::move(resolved->adapter);
-    r->adapter_wait = std::move(resolved->wait);  // The scheduler checks the prompt once loaded.
-    if (r->adapter != nullptr) {
-      const int64_t virtual_tokens = adapters::ReportOf(r->adapter).num_virtual_tokens;
-      if (absl::Status s = core::ValidatePrompt(r->prompt, rules.vocab_size, rules.context_length, virtual_tokens);
-          !s.ok()) {
-        return s;
-      }
+    if (resolved != nullptr) {
+      r->adapter = std::move(resolved);
+    } else {
+      auto found = ctx.residency->Resolve(request.adapter());
+      if (!found.ok()) return found.status();
+      r->adapter = std::move(found->adapter);
+      r->adapter_wait = std::move(found->wait);  // The scheduler checks the prompt once loaded.
     }
+    if (absl::Status s = FitPromptToAdapter(*r, r->adapter, engine); !s.ok()) return s;
   }
   if (deadline != std::chrono::system_clock::time_point::max()) {
     r->deadline = Clock::now() + std::chrono::duration_cast<Clock::duration>(
@@ -334,8 +334,19 @@ grpc::ServerUnaryReactor* GenerationService::Tokenize(grpc::CallbackServerContex
                                  "the model folder has no tokenizer.json"));
     return reactor;
   }
-  auto ids = ctx_.tokenizer->Encode(request->text(), !request->has_add_special_tokens() ||
-                                                         request->add_special_tokens());
+  adapters::AdapterRef adapter;  // Keeps its tokenizer alive for the call.
+  if (!request->adapter().empty()) {
+    adapter = ctx_.table->Acquire(request->adapter());
+    if (adapter == nullptr) {
+      reactor->Finish(grpc::Status(grpc::StatusCode::NOT_FOUND,
+                                   absl::StrCat("adapter \"", request->adapter(), "\" is not loaded")));
+      return reactor;
+    }
+  }
+  const core::Tokenizer* own = adapters::TokenizerOf(adapter);
+  const core::Tokenizer* tokenizer = own != nullptr ? own : ctx_.tokenizer.get();
+  auto ids = tokenizer->Encode(request->text(), !request->has_add_special_tokens() ||
+                                                   request->add_special_tokens());
   if (!ids.ok()) {
     reactor->Finish(ToGrpc(ids.status()));
     return reactor;

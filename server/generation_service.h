@@ -31,9 +31,11 @@ class GenerationService final : public adapterd::v1::Generation::CallbackService
 };
 
 // Validates `request` and turns it into a scheduler request (prompt tokenized, adapter
-// pinned). Errors carry the gRPC code the client gets.
+// pinned). `resolved`, when set, is the adapter `request.adapter` names, already resolved by
+// the caller (the OpenAI front resolves it to tokenize with it): it is used as is. Errors carry
+// the gRPC code the client gets.
 absl::StatusOr<std::unique_ptr<GenerationRequest>> BuildRequest(
     ServingContext& ctx, const adapterd::v1::GenerateRequest& request,
-    std::chrono::system_clock::time_point deadline);
+    std::chrono::system_clock::time_point deadline, adapters::AdapterRef resolved = nullptr);
 
 }  // namespace adapterd::server

@@ -232,6 +232,9 @@ struct Ask {
   bool chat = false;
   std::string model;  // As the client named it (echoed back).
   std::string adapter;
+  // The adapter, resolved (and held) before tokenizing, so that an adapter bringing its own
+  // tokenizer (added tokens) tokenizes the prompt; null for the base model.
+  adapters::AdapterRef resolved;
   int n = 1;
   bool stream = false;
   bool include_usage = false;
@@ -527,6 +530,28 @@ struct OpenAiServer::Impl {
     return std::nullopt;
   }
 
+  // The tokenizer of a request: its adapter's own when it adds tokens, else the base model's.
+  const core::Tokenizer* Tok(const Ask& ask) const {
+    const core::Tokenizer* own = adapters::TokenizerOf(ask.resolved);
+    return own != nullptr ? own : ctx.tokenizer.get();
+  }
+
+  // Resolves (waiting for an on-demand load) the adapter a request names, so that its prompt
+  // is tokenized with the adapter's tokenizer when it has one.
+  std::optional<ApiError> ResolveTokenizer(Ask* ask) const {
+    if (ask->adapter.empty()) return std::nullopt;
+    auto resolved = ctx.residency->Resolve(ask->adapter);
+    if (!resolved.ok()) return FromStatus(resolved.status());
+    adapters::AdapterRef adapter = std::move(resolved->adapter);
+    if (resolved->wait != nullptr) {
+      absl::Status loaded;
+      resolved->wait->Await(&loaded, &adapter);
+      if (!loaded.ok()) return FromStatus(loaded);
+    }
+    ask->resolved = std::move(adapter);
+    return std::nullopt;
+  }
+
   std::optional<ApiError> NeedTokenizer() const {
     if (ctx.tokenizer == nullptr) {
       return BadRequest("the model folder has no tokenizer.json; text prompts and messages cannot be used");
@@ -535,12 +560,13 @@ struct OpenAiServer::Impl {
   }
 
   // Completions' `prompt`: a string, a list of strings, a list of ids or a list of id lists.
-  std::optional<ApiError> CompletionPrompts(const Json& body, bool add_special, std::vector<PromptIds>* out) const {
+  std::optional<ApiError> CompletionPrompts(const Json& body, bool add_special, const core::Tokenizer* tok,
+                                           std::vector<PromptIds>* out) const {
     if (!body.contains("prompt") || body["prompt"].is_null()) return BadRequest("prompt is required", "prompt");
     const Json& p = body["prompt"];
     auto from_text = [&](const std::string& text) -> std::optional<ApiError> {
       API_TRY(NeedTokenizer());
-      auto ids = ctx.tokenizer->Encode(text, add_special);
+      auto ids = tok->Encode(text, add_special);
       if (!ids.ok()) return BadRequest(absl::StrCat("prompt: ", ids.status().message()), "prompt");
       out->push_back({*std::move(ids), text});
       return std::nullopt;
@@ -612,7 +638,8 @@ struct OpenAiServer::Impl {
     return std::nullopt;
   }
 
-  std::optional<ApiError> ChatPrompt(const Json& body, bool add_special_default, PromptIds* out) const {
+  std::optional<ApiError> ChatPrompt(const Json& body, bool add_special_default, const core::Tokenizer* tok,
+                                     PromptIds* out) const {
     API_TRY(NeedTokenizer());
     if (ctx.chat_template == nullptr) {
       return BadRequest(absl::StrCat("this model has no usable chat template, so chat requests cannot be served: ",
@@ -639,7 +666,7 @@ struct OpenAiServer::Impl {
     }
     bool add_special = add_special_default;
     API_TRY(f.Bool("add_special_tokens", &add_special));
-    auto ids = ctx.tokenizer->Encode(*text, add_special);
+    auto ids = tok->Encode(*text, add_special);
     if (!ids.ok()) return BadRequest(absl::StrCat("messages: ", ids.status().message()), "messages");
     out->ids = *std::move(ids);
     out->text = *std::move(text);
@@ -687,7 +714,7 @@ struct OpenAiServer::Impl {
         g.mutable_token_ids()->mutable_ids()->Assign(run.prompts[p].ids.begin(), run.prompts[p].ids.end());
         g.set_max_new_tokens(static_cast<uint32_t>(max_tokens));
         g.set_seed(seed + static_cast<uint64_t>(j));
-        auto built = BuildRequest(ctx, g, std::chrono::system_clock::time_point::max());
+        auto built = BuildRequest(ctx, g, std::chrono::system_clock::time_point::max(), run.ask.resolved);
         if (!built.ok()) {
           ctx.metrics.RequestDone(run.ask.adapter, absl::StatusCodeToString(built.status().code()), 0, 0, 0, 0, 0);
           return FromStatus(built.status());
@@ -733,9 +760,9 @@ struct OpenAiServer::Impl {
     return std::all_of(run.choices.begin(), run.choices.end(), [](const Choice& c) { return c.done; });
   }
 
-  std::string TokenText(int32_t id) const {
-    if (ctx.tokenizer == nullptr) return absl::StrCat("token_id:", id);
-    auto text = ctx.tokenizer->Decode({id}, false);
+  static std::string TokenText(const core::Tokenizer* tok, int32_t id) {
+    if (tok == nullptr) return absl::StrCat("token_id:", id);
+    auto text = tok->Decode({id}, false);
     return text.ok() ? *text : absl::StrCat("token_id:", id);
   }
 
@@ -748,14 +775,15 @@ struct OpenAiServer::Impl {
   // Logprobs of tokens [from, to) of a choice, in the endpoint's shape. `text_offset` starts
   // at `offset` (completions).
   Json Logprobs(const Running& run, const Choice& c, size_t from, size_t to, size_t offset) const {
+    const core::Tokenizer* tok = Tok(run.ask);
     if (run.ask.chat) {
       Json content = Json::array();
       for (size_t i = from; i < to; ++i) {
         const core::StepOutput& t = c.tokens[i];
-        const std::string text = TokenText(t.token);
+        const std::string text = TokenText(tok, t.token);
         Json top = Json::array();
         for (const core::TokenLogprob& alt : t.top) {
-          const std::string at = TokenText(alt.id);
+          const std::string at = TokenText(tok, alt.id);
           top.push_back({{"token", at}, {"logprob", alt.logprob}, {"bytes", Bytes(at)}});
         }
         content.push_back({{"token", text}, {"logprob", t.logprob}, {"bytes", Bytes(text)}, {"top_logprobs", top}});
@@ -765,11 +793,11 @@ struct OpenAiServer::Impl {
     Json tokens = Json::array(), lps = Json::array(), tops = Json::array(), offsets = Json::array();
     for (size_t i = from; i < to; ++i) {
       const core::StepOutput& t = c.tokens[i];
-      const std::string text = TokenText(t.token);
+      const std::string text = TokenText(tok, t.token);
       tokens.push_back(text);
       lps.push_back(t.logprob);
       Json top = Json::object();
-      for (const core::TokenLogprob& alt : t.top) top[TokenText(alt.id)] = alt.logprob;
+      for (const core::TokenLogprob& alt : t.top) top[TokenText(tok, alt.id)] = alt.logprob;
       tops.push_back(run.ask.top_logprobs > 0 ? top : Json(nullptr));
       offsets.push_back(offset);
       offset += text.size();
@@ -811,7 +839,7 @@ struct OpenAiServer::Impl {
         choice["message"] = {{"role", "assistant"}, {"content", text}, {"refusal", nullptr}};
         choice["logprobs"] = run.ask.logprobs ? Logprobs(run, c, 0, c.tokens.size(), 0) : Json(nullptr);
       } else {
-        const std::string echo = run.ask.echo ? EchoText(run.prompts[static_cast<size_t>(c.prompt)]) : "";
+        const std::string echo = run.ask.echo ? EchoText(run.ask, run.prompts[static_cast<size_t>(c.prompt)]) : "";
         choice["text"] = echo + text;
         choice["logprobs"] = run.ask.logprobs ? Logprobs(run, c, 0, c.tokens.size(), echo.size()) : Json(nullptr);
       }
@@ -823,9 +851,9 @@ struct OpenAiServer::Impl {
     res.set_content(Dump(body), "application/json");
   }
 
-  std::string EchoText(const PromptIds& p) const {
-    if (!p.text.empty() || ctx.tokenizer == nullptr) return p.text;
-    auto text = ctx.tokenizer->Decode(p.ids, false);
+  std::string EchoText(const Ask& ask, const PromptIds& p) const {
+    if (!p.text.empty() || Tok(ask) == nullptr) return p.text;
+    auto text = Tok(ask)->Decode(p.ids, false);
     return text.ok() ? *text : "";
   }
 
@@ -874,7 +902,7 @@ struct OpenAiServer::Impl {
         for (size_t i = 0; i < run->choices.size(); ++i) {
           Json chunk = Envelope(*run, true);
           chunk["choices"] = Json::array({Json{{"index", i},
-                                               {"text", EchoText(run->prompts[static_cast<size_t>(run->choices[i].prompt)])},
+                                               {"text", EchoText(run->ask, run->prompts[static_cast<size_t>(run->choices[i].prompt)])},
                                                {"logprobs", nullptr},
                                                {"finish_reason", nullptr}}});
           const std::string line = absl::StrCat("data: ", Dump(chunk), "\n\n");
@@ -921,14 +949,15 @@ struct OpenAiServer::Impl {
     if (auto e = ParseBody(req, &body)) return SendError(res, *e);
     auto run = std::make_shared<Running>();
     if (auto e = ParseAsk(body, chat, &run->ask)) return SendError(res, *e);
+    if (auto e = ResolveTokenizer(&run->ask)) return SendError(res, *e);
     if (chat) {
       PromptIds p;
-      if (auto e = ChatPrompt(body, false, &p)) return SendError(res, *e);
+      if (auto e = ChatPrompt(body, false, Tok(run->ask), &p)) return SendError(res, *e);
       run->prompts.push_back(std::move(p));
     } else {
       bool add_special = true;
       if (auto e = Fields(body).Bool("add_special_tokens", &add_special)) return SendError(res, *e);
-      if (auto e = CompletionPrompts(body, add_special, &run->prompts)) return SendError(res, *e);
+      if (auto e = CompletionPrompts(body, add_special, Tok(run->ask), &run->prompts)) return SendError(res, *e);
     }
     run->id = (chat ? "chatcmpl-" : "cmpl-") + RandomHex(32);
     if (auto e = Submit(*run)) {
@@ -968,21 +997,23 @@ struct OpenAiServer::Impl {
     res.set_content(Dump(Json{{"object", "list"}, {"data", data}}), "application/json");
   }
 
-  // The checks every tokenizer endpoint starts with: key, readiness, body, model.
-  std::optional<ApiError> TokenizerCall(const httplib::Request& req, Json* body) const {
+  // The checks every tokenizer endpoint starts with: key, readiness, body, model (an adapter
+  // that adds tokens tokenizes with its own tokenizer).
+  std::optional<ApiError> TokenizerCall(const httplib::Request& req, Json* body, Ask* ask) const {
     API_TRY(CheckKey(req));
     API_TRY(Ready());
     API_TRY(ParseBody(req, body));
-    std::string model, adapter;
-    return ResolveModel(*body, &model, &adapter);
+    API_TRY(ResolveModel(*body, &ask->model, &ask->adapter));
+    return ResolveTokenizer(ask);
   }
 
   void Tokenize(const httplib::Request& req, httplib::Response& res) {
     Json body;
-    if (auto e = TokenizerCall(req, &body)) return SendError(res, *e);
+    Ask ask;
+    if (auto e = TokenizerCall(req, &body, &ask)) return SendError(res, *e);
     PromptIds p;
     if (body.contains("messages")) {
-      if (auto e = ChatPrompt(body, false, &p)) return SendError(res, *e);
+      if (auto e = ChatPrompt(body, false, Tok(ask), &p)) return SendError(res, *e);
     } else {
       if (!body.contains("prompt") || !body["prompt"].is_string()) {
         return SendError(res, BadRequest("prompt must be a string (or send messages)", "prompt"));
@@ -990,7 +1021,7 @@ struct OpenAiServer::Impl {
       if (auto e = NeedTokenizer()) return SendError(res, *e);
       bool add_special = true;
       if (auto e = Fields(body).Bool("add_special_tokens", &add_special)) return SendError(res, *e);
-      auto ids = ctx.tokenizer->Encode(body["prompt"].get<std::string>(), add_special);
+      auto ids = Tok(ask)->Encode(body["prompt"].get<std::string>(), add_special);
       if (!ids.ok()) return SendError(res, BadRequest(std::string(ids.status().message()), "prompt"));
       p.ids = *std::move(ids);
     }
@@ -1000,7 +1031,8 @@ struct OpenAiServer::Impl {
 
   void Detokenize(const httplib::Request& req, httplib::Response& res) {
     Json body;
-    if (auto e = TokenizerCall(req, &body)) return SendError(res, *e);
+    Ask ask;
+    if (auto e = TokenizerCall(req, &body, &ask)) return SendError(res, *e);
     if (auto e = NeedTokenizer()) return SendError(res, *e);
     if (!body.contains("tokens") || !body["tokens"].is_array()) {
       return SendError(res, BadRequest("tokens must be a list of token ids", "tokens"));
@@ -1012,7 +1044,7 @@ struct OpenAiServer::Impl {
       }
       ids.push_back(id.get<int32_t>());
     }
-    auto text = ctx.tokenizer->Decode(ids, false);
+    auto text = Tok(ask)->Decode(ids, false);
     if (!text.ok()) return SendError(res, BadRequest(std::string(text.status().message()), "tokens"));
     res.set_content(Dump(Json{{"prompt", *text}}), "application/json");
   }

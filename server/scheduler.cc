@@ -213,10 +213,7 @@ void Scheduler::Unpark(bool cancel_all, std::vector<std::pair<std::unique_ptr<Ac
     r.adapter_load_wait_seconds = Seconds(r.arrival, now);
     if (settled && metrics_) metrics_->AdapterWaited(r.adapter_load_wait_seconds);
     if (end.ok()) end = loaded;
-    if (end.ok()) {
-      end = core::ValidatePrompt(r.prompt, engine_.config().vocab_size, engine_.context_length(),
-                                 adapters::ReportOf(adapter).num_virtual_tokens);
-    }
+    if (end.ok()) end = FitPromptToAdapter(r, adapter, engine_);
     r.adapter_wait.reset();
     if (end.ok()) {
       r.adapter = std::move(adapter);
@@ -228,6 +225,29 @@ void Scheduler::Unpark(bool cancel_all, std::vector<std::pair<std::unique_ptr<Ac
   }
   queue_depth_.store(Waiting(), std::memory_order_relaxed);
   if (metrics_) metrics_->SetAdapterWaiting(static_cast<int64_t>(parked_.size()));
+}
+
+absl::Status FitPromptToAdapter(GenerationRequest& r, const adapters::AdapterRef& adapter,
+                                const core::Engine& engine) {
+  if (adapter == nullptr) return absl::OkStatus();
+  if (const core::Tokenizer* own = adapters::TokenizerOf(adapter); own != nullptr && r.text) {
+    auto ids = own->Encode(*r.text, r.add_special_tokens);
+    if (!ids.ok()) return ids.status();
+    r.prompt = *std::move(ids);
+  }
+  const adapters::AdapterReport& report = adapters::ReportOf(adapter);
+  const int64_t vocab = report.vocab_size > 0 ? report.vocab_size : engine.config().vocab_size;
+  if (absl::Status s = core::ValidatePrompt(r.prompt, vocab, engine.context_length(), report.num_virtual_tokens);
+      !s.ok()) {
+    return s;
+  }
+  for (int64_t id : r.stop_token_ids) {
+    if (id < 0 || id >= vocab) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("stop_token_ids: ", id, " is outside the vocabulary [0, ", vocab, ")"));
+    }
+  }
+  return absl::OkStatus();
 }
 
 absl::Status Scheduler::EndReason(const Active& a, bool cancel_all, Clock::time_point now) {
@@ -260,15 +280,18 @@ void Scheduler::Start(std::unique_ptr<Active> a) {
       r.params.min_tokens_suppressed.insert(r.params.min_tokens_suppressed.end(), eos_.begin(), eos_.end());
     }
   }
-  // The sequence takes the request's adapter reference: one reference per running request.
+  // The sequence takes the request's adapter reference: one reference per running request. An
+  // adapter that adds tokens detokenizes with its own tokenizer (alive while the sequence is).
+  const core::Tokenizer* own = adapters::TokenizerOf(r.adapter);
+  const core::Tokenizer* detokenizer = own != nullptr ? own : tokenizer_;
   auto seq = engine_.NewSequence(r.prompt, r.params, adapters::ForSequence(std::move(r.adapter)));
   if (!seq.ok()) {
     Finish(*a, seq.status(), core::FinishReason::kCancelled);
     return;
   }
   a->sequence = *std::move(seq);
-  if (tokenizer_ != nullptr) {
-    a->stream = std::make_unique<core::Tokenizer::DecodeStream>(*tokenizer_, r.skip_special_tokens);
+  if (detokenizer != nullptr) {
+    a->stream = std::make_unique<core::Tokenizer::DecodeStream>(*detokenizer, r.skip_special_tokens);
   }
   running_set_.push_back(std::move(a));
 }

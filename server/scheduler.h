@@ -14,6 +14,7 @@
 #include <deque>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <string>
 #include <thread>
 #include <vector>
@@ -56,6 +57,10 @@ class RequestSink {
 struct GenerationRequest {
   uint64_t id = 0;
   std::vector<int32_t> prompt;
+  // A text prompt as sent, kept so that an adapter bringing its own tokenizer (added tokens)
+  // tokenizes it again once resolved (see FitPromptToAdapter).
+  std::optional<std::string> text;
+  bool add_special_tokens = true;
   core::SamplingParams params;
   adapters::AdapterRef adapter;  // Null: the base model. Held until the request ends.
   std::string adapter_name;
@@ -75,6 +80,12 @@ struct GenerationRequest {
   Clock::time_point deadline = Clock::time_point::max();
   std::shared_ptr<std::atomic<bool>> cancelled = std::make_shared<std::atomic<bool>>(false);
 };
+
+// Fits `r` to the adapter it will run with: a text prompt is tokenized again with the adapter's
+// own tokenizer when it has one, and the prompt (with the adapter's virtual tokens) and the
+// stop_token_ids are checked against the adapter's vocabulary, or the base's.
+absl::Status FitPromptToAdapter(GenerationRequest& r, const adapters::AdapterRef& adapter,
+                                const core::Engine& engine);
 
 struct SchedulerOptions {
   int64_t max_batch_rows = 32;         // Sequences in one step.

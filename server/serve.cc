@@ -214,6 +214,7 @@ int RunServe() {
     return 1;
   }
   ctx->engine = *std::move(engine);
+  ctx->model_dir = model_dir;
   spdlog::info("model {} ({} parameters) loaded in {:.3f} s; {} intra-op threads, "
                "CPU kernels {}",
                report.architecture, report.parameter_count, report.load_seconds,

@@ -29,6 +29,7 @@ struct ServingContext {
   std::atomic<bool> ready{false};
   std::atomic<bool> draining{false};  // Set once shutdown begins.
   std::unique_ptr<core::Engine> engine;
+  std::string model_dir;
   std::unique_ptr<core::Tokenizer> tokenizer;  // Null when the model folder has none.
   // The model's chat template; null (with the reason) when it has none or it cannot be used.
   std::unique_ptr<jinja::ChatTemplate> chat_template;
