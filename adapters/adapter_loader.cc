@@ -659,6 +659,11 @@ absl::Status LoadAdapterTokenizer(const std::string& dir, const std::string& lab
                                                        "\" must map a non-empty token to an integer id"));
       }
       const int64_t i = id.get<int64_t>();
+      if (i >= weights.vocab_size) {
+        return absl::FailedPreconditionError(absl::StrCat(label, ": added_tokens.json gives \"", content, "\" id ", i,
+                                                          " but the adapter's embeddings have ", weights.vocab_size,
+                                                          " rows"));
+      }
       if (i < base_tok->vocab_size() || !by_id.emplace(i, content).second) {
         return absl::InvalidArgumentError(absl::StrCat(
             label, ": added_tokens.json gives \"", content, "\" id ", i, ", which the base's tokenizer (",

@@ -177,7 +177,9 @@ INSTANTIATE_TEST_SUITE_P(
     ::testing::Values(EmbeddingCase{"lora_embed_llama", "llama_tied", {1, 200, 5, 5, 17}},
                       EmbeddingCase{"lora_embed_gpt2", "gpt2", {255, 3, 128, 4}},
                       EmbeddingCase{"mts_llama", "llama_tied", {256, 12, 259, 257, 258, 40}},
-                      EmbeddingCase{"mts_gpt2", "gpt2", {7, 77, 177}}),
+                      EmbeddingCase{"mts_gpt2", "gpt2", {7, 77, 177}},
+                      // IA3 with a saved embedding copy.
+                      EmbeddingCase{"ia3_mts_qwen", "qwen2_bias", {9, 99, 199}}),
     [](const auto& info) { return std::string(info.param.adapter); });
 
 TEST(AdapterLoaderTest, AddedTokensGenerateAndAreChecked) {
@@ -252,6 +254,22 @@ TEST(AdapterLoaderTest, AddedTokensTokenizeAsHuggingFaceDoes) {
       EXPECT_EQ(*tok->Decode(*ids, false), c["decoded"].get<std::string>()) << name;
     }
   }
+  // Hostile added_tokens.json files are refused by name.
+  const std::string dir = testing::TempDir("added_tokens");
+  ASSERT_EQ(std::system(("cp -r '" + testing::Fixture("adapters/mts_tok") + "/.' '" + dir + "/'").c_str()), 0);
+  auto refused_with = [&](const std::string& added) {
+    testing::WriteFile(dir + "/added_tokens.json", added);
+    AdapterFileRules rules;
+    rules.base_model_dir = testing::Fixture("llama_tok");
+    AdapterReport r;
+    auto a = LoadAdapter(dir, "hostile", base->model(), &r, rules);
+    EXPECT_FALSE(a.ok()) << added;
+    return std::string(a.status().message());
+  };
+  EXPECT_THAT(refused_with(R"({"<x>": 2000000000})"), HasSubstr("id 2000000000 but the adapter's embeddings have 32003 rows"));
+  EXPECT_THAT(refused_with(R"({"<x>": 5})"), HasSubstr("which the base's tokenizer (32000 ids) or another added token"));
+  EXPECT_THAT(refused_with(R"({"<x>": "32000"})"), HasSubstr("must map a non-empty token to an integer id"));
+  EXPECT_THAT(refused_with("[1, 2"), HasSubstr("added_tokens.json is not a JSON object"));
   // Without the base's folder, added_tokens.json cannot be applied.
   AdapterReport report;
   auto refused = LoadAdapter(testing::Fixture("adapters/mts_tok"), "mts_tok", base->model(), &report);
