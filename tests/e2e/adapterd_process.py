@@ -1,5 +1,6 @@
 """Shared by the Python end-to-end tests: start the real adapterd on the fixtures with every
 listener on port 0, wait for its port file, and count checks the way ctest's summary reads."""
+import http.client
 import importlib
 import json
 import os
@@ -87,3 +88,16 @@ class Checks:
     def summary(self):
         print(f"{self.passed} passed, {self.failed} failed")
         return 1 if self.failed else 0
+
+
+def post(port, path, body):
+    """A JSON POST to the OpenAI front on `port`; returns (status, parsed body or the raw text)."""
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+    c.request("POST", path, body=json.dumps(body), headers={"Content-Type": "application/json"})
+    r = c.getresponse()
+    text = r.read().decode("utf-8")
+    c.close()
+    try:
+        return r.status, json.loads(text)
+    except json.JSONDecodeError:
+        return r.status, text

@@ -11,28 +11,15 @@ generated text is decoded with the adapter's tokenizer. Prints 'N passed, N fail
 
 Usage: added_tokens_test.py ADAPTERD_BINARY FIXTURES_DIR PROTO_DIR
 """
-import http.client
 import json
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from adapterd_process import Adapterd, Checks, load_stubs  # noqa: E402
+from adapterd_process import Adapterd, Checks, load_stubs, post  # noqa: E402
 
 GOLDEN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tokenizer", "golden",
                       "llama2_added.json")
-
-
-def post(port, path, body):
-    c = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
-    c.request("POST", path, body=json.dumps(body), headers={"Content-Type": "application/json"})
-    r = c.getresponse()
-    text = r.read().decode("utf-8")
-    c.close()
-    try:
-        return r.status, json.loads(text)
-    except json.JSONDecodeError:
-        return r.status, text
 
 
 def main():

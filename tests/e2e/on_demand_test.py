@@ -12,7 +12,6 @@ by name. Prints 'N passed, N failed'.
 
 Usage: on_demand_test.py ADAPTERD_BINARY FIXTURES_DIR PROTO_DIR
 """
-import http.client
 import json
 import os
 import subprocess
@@ -21,7 +20,7 @@ import threading
 import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from adapterd_process import Adapterd, Checks, load_stubs  # noqa: E402
+from adapterd_process import Adapterd, Checks, load_stubs, post  # noqa: E402
 
 ADAPTERS = ["lora_qv", "lora_all_rslora", "prefix_llama"]  # Folders under FIXTURES/adapters.
 PROMPTS = ["The first prompt", "Another one, longer than the first", "x"]
@@ -39,19 +38,6 @@ def metric(port, name, labels=""):
             continue
         total += float(line.rsplit(" ", 1)[1])
     return total
-
-
-def post(port, path, body):
-    """An OpenAI-front call; returns (status, parsed body or the raw text)."""
-    c = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
-    c.request("POST", path, body=json.dumps(body), headers={"Content-Type": "application/json"})
-    r = c.getresponse()
-    text = r.read().decode("utf-8")
-    c.close()
-    try:
-        return r.status, json.loads(text)
-    except json.JSONDecodeError:
-        return r.status, text
 
 
 def main():
