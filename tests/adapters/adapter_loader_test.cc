@@ -733,36 +733,31 @@ TEST(AdapterLoaderTest, AdapterOfAnotherArchitectureIsRefused) {
 
 // Rows of every adapter kind (a weighted mix included) and none in one batch equal each row
 // run alone.
-TEST(AdapterBatchTest, MixedAdapterBatchEqualsEachRowAlone) {
-  auto base = LoadEngine(testing::Fixture("llama_tied"));
-  ASSERT_NE(base, nullptr);
-  std::vector<std::shared_ptr<const core::SequenceAdapter>> adapters = {
-      *Load(*base, "lora_qv"), nullptr, *Load(*base, "prefix_llama"),
-      *Load(*base, "lora_all_rslora"), *Load(*base, "lora_qv"), *Load(*base, "ia3_llama"),
-      *Load(*base, "ia3_llama"), *Load(*base, "dora_llama"), *Load(*base, "dora_llama"),
-      *MixAdapters(*base, {{*Load(*base, "lora_qv"), 0.7f}, {*Load(*base, "lora_all_rslora"), -0.4f}}, "mix"),
-      // Its own embeddings over 260 ids (added ids in the prompt), and LoRA on the embedding and lm_head.
-      *Load(*base, "mts_llama"), *Load(*base, "lora_embed_llama"), *Load(*base, "mts_llama")};
-  std::vector<std::vector<int32_t>> prompts = {
-      {5, 9, 22, 31}, {7, 7, 7}, {100, 3, 44, 19, 2}, {250, 11}, {61, 62, 63, 64, 65, 66},
-      {12, 13}, {90, 91, 92}, {40, 41, 42, 43}, {8}, {30, 31, 32}, {257, 4, 259, 6}, {70, 71, 72}, {258}};
+// Runs `prompts` (row i with adapters[i]) together for 6 steps and each alone: tokens equal,
+// log-probabilities (and the top ones) within 1e-4.
+void ExpectBatchEqualsRowsAlone(const core::Engine& base,
+                                const std::vector<std::shared_ptr<const core::SequenceAdapter>>& adapters,
+                                const std::vector<std::vector<int32_t>>& prompts) {
+  ASSERT_EQ(adapters.size(), prompts.size());
   core::SamplingParams params;
   params.top_logprobs = 3;
   const int steps = 6;
   auto run = [&](const std::vector<size_t>& which) {
     std::vector<std::unique_ptr<core::Sequence>> seqs;
-    for (size_t i : which) seqs.push_back(*base->NewSequence(prompts[i], params, adapters[i]));
+    for (size_t i : which) seqs.push_back(*base.NewSequence(prompts[i], params, adapters[i]));
     std::vector<std::vector<core::StepOutput>> out(which.size());
     for (int s = 0; s < steps; ++s) {
       std::vector<core::Sequence*> batch;
       for (auto& q : seqs) batch.push_back(q.get());
-      auto res = base->Step(batch);
+      auto res = base.Step(batch);
       EXPECT_TRUE(res.ok()) << res.status();
       for (size_t r = 0; r < which.size(); ++r) out[r].push_back((*res)[r]);
     }
     return out;
   };
-  auto together = run({0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12});
+  std::vector<size_t> all(prompts.size());
+  for (size_t i = 0; i < all.size(); ++i) all[i] = i;
+  auto together = run(all);
   for (size_t i = 0; i < prompts.size(); ++i) {
     auto alone = run({i})[0];
     for (int s = 0; s < steps; ++s) {
@@ -773,6 +768,36 @@ TEST(AdapterBatchTest, MixedAdapterBatchEqualsEachRowAlone) {
       }
     }
   }
+}
+
+TEST(AdapterBatchTest, MixedAdapterBatchEqualsEachRowAlone) {
+  auto base = LoadEngine(testing::Fixture("llama_tied"));
+  ASSERT_NE(base, nullptr);
+  ExpectBatchEqualsRowsAlone(
+      *base,
+      {*Load(*base, "lora_qv"), nullptr, *Load(*base, "prefix_llama"), *Load(*base, "lora_all_rslora"),
+       *Load(*base, "lora_qv"), *Load(*base, "ia3_llama"), *Load(*base, "ia3_llama"), *Load(*base, "dora_llama"),
+       *Load(*base, "dora_llama"),
+       *MixAdapters(*base, {{*Load(*base, "lora_qv"), 0.7f}, {*Load(*base, "lora_all_rslora"), -0.4f}}, "mix"),
+       // Its own embeddings over 260 ids (added ids in the prompt), and LoRA on the embedding and lm_head.
+       *Load(*base, "mts_llama"), *Load(*base, "lora_embed_llama"), *Load(*base, "mts_llama")},
+      {{5, 9, 22, 31}, {7, 7, 7}, {100, 3, 44, 19, 2}, {250, 11}, {61, 62, 63, 64, 65, 66}, {12, 13}, {90, 91, 92},
+       {40, 41, 42, 43}, {8}, {30, 31, 32}, {257, 4, 259, 6}, {70, 71, 72}, {258}});
+}
+
+// Every adapter type on one GPT-2 base in one batch: soft prompts, prefixes, IA3, DoRA, a mix,
+// embedding LoRA and a saved embedding copy, with base rows.
+TEST(AdapterBatchTest, EveryAdapterTypeInOneBatchEqualsEachRowAlone) {
+  auto base = LoadEngine(testing::Fixture("gpt2"));
+  ASSERT_NE(base, nullptr);
+  ExpectBatchEqualsRowsAlone(
+      *base,
+      {*Load(*base, "prompt_gpt2"), *Load(*base, "lora_embed_gpt2"), nullptr, *Load(*base, "prefix_gpt2"),
+       *Load(*base, "mts_gpt2"), *Load(*base, "ia3_gpt2"), *Load(*base, "dora_gpt2"),
+       *MixAdapters(*base, {{*Load(*base, "lora_gpt2"), 1.25f}, {*Load(*base, "lora_gpt2_mlp"), 0.6f}}, "mix"),
+       *Load(*base, "prompt_gpt2"), *Load(*base, "lora_gpt2"), nullptr},
+      {{5, 9, 22}, {7, 7}, {100, 3, 44, 19}, {250, 11, 12}, {61, 62}, {12, 13, 14, 15}, {90},
+       {40, 41, 42}, {8, 9}, {30, 31, 32, 33, 34}, {200}});
 }
 
 TEST(AdapterBatchTest, SequenceKeepsItsAdapterAliveAfterTheLastOtherReference) {
