@@ -183,7 +183,7 @@ at::Tensor AdapterBatch::OutputLogits(const at::Tensor& x, const at::Tensor& lm_
 
 std::unique_ptr<KvCache> CausalLm::NewCache(int64_t capacity) const {
   return std::make_unique<KvCache>(config_.num_layers, config_.num_kv_heads, config_.head_dim,
-                                   capacity, options_);
+                                   capacity, options_.dtype(kv_dtype_));
 }
 
 at::Tensor CausalLm::Positions(const std::vector<RowSpan>& rows, int64_t n, at::Device device) {
@@ -207,7 +207,8 @@ at::Tensor CausalLm::FinishRows(const at::Tensor& x, const std::vector<RowSpan>&
 void CausalLm::Attend(int64_t layer, const at::Tensor& q, const at::Tensor& k,
                       const at::Tensor& v, const std::vector<RowSpan>& rows, double scale,
                       int64_t window, at::Tensor& out) const {
-  const bool fuse = cpu::DecodeAttentionApplies(q, k, v, out);
+  const bool fuse = !rows.empty() && cpu::DecodeAttentionApplies(q, k, v, out) &&
+                    cpu::DecodeCacheApplies(rows.front().cache->keys(layer));
   std::vector<cpu::DecodeRow> decode;
   for (const RowSpan& r : rows) {
     if (fuse && r.length == 1) {
@@ -235,6 +236,11 @@ void CausalLm::RowAttention(int64_t layer, const at::Tensor& q, const at::Tensor
   const int64_t past = cache.length();
   auto [keys, values] = cache.Append(layer, k.view({t, n_kv, d}).transpose(0, 1),
                                      v.view({t, n_kv, d}).transpose(0, 1));
+  if (keys.scalar_type() != q.scalar_type()) {
+    // A cache in another dtype (--kv_cache_dtype) is read in the compute dtype.
+    keys = keys.to(q.scalar_type());
+    values = values.to(q.scalar_type());
+  }
   const int64_t total = past + t;
   if (t == 1 && (window <= 0 || total <= window)) {
     // Decode: one query per head. [n_heads, d] is already [n_kv, group, d]; the output is

@@ -143,8 +143,12 @@ class CausalLm {
   virtual at::Tensor Forward(const at::Tensor& tokens, const std::vector<RowSpan>& rows,
                              bool all_positions, const AdapterBatch* adapters) const = 0;
 
-  // Returns a cache sized for `capacity` positions.
+  // Returns a cache sized for `capacity` positions, in the KV dtype.
   std::unique_ptr<KvCache> NewCache(int64_t capacity) const;
+  // The dtype keys and values are cached in (by default the compute dtype). Attention reads
+  // them widened (or narrowed) to the compute dtype. Set before any cache is made.
+  at::ScalarType kv_dtype() const { return kv_dtype_; }
+  void set_kv_dtype(at::ScalarType dtype) { kv_dtype_ = dtype; }
 
   const ModelConfig& config() const { return config_; }
   const at::TensorOptions& options() const { return options_; }
@@ -154,7 +158,10 @@ class CausalLm {
  protected:
   CausalLm(ModelConfig config, std::map<std::string, at::Tensor> weights,
            at::TensorOptions options)
-      : config_(std::move(config)), options_(options), weights_(std::move(weights)) {}
+      : config_(std::move(config)),
+        options_(options),
+        kv_dtype_(c10::typeMetaToScalarType(options.dtype())),
+        weights_(std::move(weights)) {}
 
   // Returns the absolute position of every packed token ([N] int64 on `device`): each row
   // continues its cache.
@@ -178,6 +185,7 @@ class CausalLm {
 
   ModelConfig config_;
   at::TensorOptions options_;
+  at::ScalarType kv_dtype_;
   std::map<std::string, at::Tensor> weights_;
 };
 

@@ -263,6 +263,11 @@ bool DecodeAttentionApplies(const at::Tensor& q, const at::Tensor& k, const at::
          q.stride(1) == 1 && k.stride(1) == 1 && v.stride(1) == 1 && out.is_contiguous();
 }
 
+bool DecodeCacheApplies(const at::Tensor& keys) {
+  return keys.is_cpu() && keys.is_contiguous() &&
+         (keys.scalar_type() == at::kFloat || keys.scalar_type() == at::kBFloat16);
+}
+
 void DecodeAttention(int64_t layer, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                      const std::vector<DecodeRow>& rows, int64_t num_heads, int64_t kv_heads,
                      int64_t head_dim, double scale, int64_t window, at::Tensor& out) {
@@ -271,8 +276,7 @@ void DecodeAttention(int64_t layer, const at::Tensor& q, const at::Tensor& k, co
   int64_t longest = 0;
   for (const DecodeRow& r : rows) {
     r.cache->Reserve(layer, r.cache->length() + 1);
-    TORCH_CHECK(r.cache->keys(layer).scalar_type() == at::kFloat && r.cache->keys(layer).is_cpu(),
-                "KV cache is not CPU float32");
+    TORCH_CHECK(DecodeCacheApplies(r.cache->keys(layer)), "KV cache is not CPU float32 or bfloat16");
     longest = std::max(longest, r.cache->length() + 1);
     work += (r.cache->length() + 1) * num_heads * head_dim * 2;
   }
@@ -291,8 +295,10 @@ void DecodeAttention(int64_t layer, const at::Tensor& q, const at::Tensor& k, co
       a.q = q.data_ptr<float>() + r.index * q.stride(0) + h * group * head_dim;
       a.k = k.data_ptr<float>() + r.index * k.stride(0) + h * head_dim;
       a.v = v.data_ptr<float>() + r.index * v.stride(0) + h * head_dim;
-      a.keys = keys.data_ptr<float>() + h * capacity * head_dim;
-      a.values = values.data_ptr<float>() + h * capacity * head_dim;
+      const int64_t offset = h * capacity * head_dim * static_cast<int64_t>(keys.element_size());
+      a.keys = static_cast<char*>(keys.data_ptr()) + offset;
+      a.values = static_cast<char*>(values.data_ptr()) + offset;
+      a.kv_type = keys.scalar_type() == at::kBFloat16 ? WeightType::kBf16 : WeightType::kF32;
       a.out = out.data_ptr<float>() + r.index * out.stride(0) + h * group * head_dim;
       a.scores = scores.data();
       a.group = group;

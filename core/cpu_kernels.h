@@ -81,9 +81,14 @@ struct DecodeRow {
 };
 
 // Returns true when DecodeAttention() can take these tensors: CPU float32 q, k, v [n, heads·d]
-// with unit stride along the features, `out` [n, heads·d] contiguous, caches of the same dtype.
+// with unit stride along the features, `out` [n, heads·d] contiguous (the caches: see
+// DecodeCacheApplies).
 bool DecodeAttentionApplies(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                             const at::Tensor& out);
+
+// Returns true when DecodeAttention() can read and write a cache layer holding `keys` (and
+// values of the same dtype): contiguous CPU float32 or bfloat16.
+bool DecodeCacheApplies(const at::Tensor& keys);
 
 // For every row: writes its key and value ([kv_heads·d] at token `index` of k and v) into
 // `layer` of its cache at position cache->length() (not committed), then writes the attention

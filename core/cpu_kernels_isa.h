@@ -60,8 +60,8 @@ struct AttendArgs {
   const float* q;    // The row's query heads of this kv head: group × head_dim.
   const float* k;    // The row's new key for this kv head: head_dim.
   const float* v;    // The row's new value: head_dim.
-  float* keys;       // This kv head's cache: [capacity, head_dim].
-  float* values;
+  void* keys;        // This kv head's cache: [capacity, head_dim] of kv_type.
+  void* values;
   float* out;        // group × head_dim.
   float* scores;     // Scratch: position + 1 floats.
   int64_t group;
@@ -69,6 +69,7 @@ struct AttendArgs {
   int64_t first;
   int64_t position;
   float scale;
+  WeightType kv_type = WeightType::kF32;  // float32 or bfloat16 (--kv_cache_dtype).
 };
 
 void LinearAvx512(const LinearArgs& args, int64_t n0, int64_t n1);

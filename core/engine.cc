@@ -93,18 +93,36 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Load(const EngineOptions& option
         absl::StrCat("cpu_kernels=", options.cpu_kernels, " is not supported by this CPU (best: ",
                      cpu::IsaName(cpu::SupportedIsa()), ")"));
   }
+  at::ScalarType kv_dtype = at::kFloat;
+  const bool kv_auto = options.kv_cache_dtype == "auto";
+  if (options.kv_cache_dtype == "float32") {
+    kv_dtype = at::kFloat;
+  } else if (options.kv_cache_dtype == "bfloat16") {
+    kv_dtype = at::kBFloat16;
+  } else if (options.kv_cache_dtype == "float16") {
+    kv_dtype = at::kHalf;
+  } else if (!kv_auto) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "kv_cache_dtype must be auto, float32, bfloat16 or float16, got \"", options.kv_cache_dtype, "\""));
+  }
   LoadOptions load;
   load.device = options.device;
   load.compute_dtype = options.dtype;
   load.map_weights = options.map_weights;
   ASSIGN_OR_RETURN(auto model, LoadModel(options.model_dir, load, report));
+  if (!kv_auto) model->set_kv_dtype(kv_dtype);
+  switch (model->kv_dtype()) {
+    case at::kBFloat16: report->kv_cache_dtype = "bfloat16"; break;
+    case at::kHalf: report->kv_cache_dtype = "float16"; break;
+    default: report->kv_cache_dtype = "float32"; break;
+  }
   return std::unique_ptr<Engine>(new Engine(std::move(model), *report));
 }
 
 const ModelConfig& Engine::config() const { return model_->config(); }
 int64_t Engine::kv_bytes_per_position() const {
   const ModelConfig& c = model_->config();
-  const int64_t element = static_cast<int64_t>(model_->options().dtype().itemsize());
+  const int64_t element = static_cast<int64_t>(c10::elementSize(model_->kv_dtype()));
   return c.num_layers * 2 * c.num_kv_heads * c.head_dim * element;
 }
 int64_t Engine::context_length() const { return model_->config().max_position_embeddings; }

@@ -68,6 +68,10 @@ struct EngineOptions {
   // supports), "avx512f", "avx2" or "none" (ATen/BLAS only). Process-wide.
   std::string cpu_kernels = "auto";
   bool map_weights = true;  // See LoadOptions::map_weights (core/model_loader.h).
+  // The dtype of the KV cache: "auto" (the dtype the weights are served in, `dtype`),
+  // "float32", "bfloat16" or "float16". A half-precision cache holds twice the positions in
+  // the same bytes; attention reads it in the compute dtype.
+  std::string kv_cache_dtype = "auto";
 };
 
 class Engine {

@@ -37,6 +37,7 @@ nlohmann::json LoadReport::ToJson() const {
   j["bytes_mapped"] = bytes_mapped;
   j["bytes_copied"] = bytes_copied;
   j["compute_dtype"] = compute_dtype;
+  j["kv_cache_dtype"] = kv_cache_dtype;
   j["device"] = device;
   j["conversions"] = conversions;
   j["load_seconds"] = load_seconds;
@@ -58,6 +59,7 @@ std::string LoadReport::ToText() const {
   absl::StrAppend(&out, "memory       ", bytes_mapped, " bytes mapped zero-copy, ", bytes_copied,
                   " bytes copied\n");
   absl::StrAppend(&out, "compute      ", compute_dtype, " on ", device, "\n");
+  if (!kv_cache_dtype.empty()) absl::StrAppend(&out, "kv cache     ", kv_cache_dtype, "\n");
   for (const std::string& c : conversions) absl::StrAppend(&out, "converted    ", c, "\n");
   for (const TiedPair& t : tied) {
     absl::StrAppend(&out, "tied         ", t.target, " -> ", t.source,

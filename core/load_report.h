@@ -48,6 +48,7 @@ struct LoadReport {
   int64_t bytes_mapped = 0;  // Served zero-copy from the memory map.
   int64_t bytes_copied = 0;  // Converted or copied (dtype, alignment or device).
   std::string compute_dtype;
+  std::string kv_cache_dtype;  // The KV cache's dtype (--kv_cache_dtype), e.g. "bfloat16".
   std::string device;
   std::vector<std::string> conversions;  // e.g. "BF16 -> F32: 57 tensors".
   double load_seconds = 0;

@@ -27,6 +27,7 @@ core::EngineOptions EngineOptionsFromFlags() {
   o.dtype = absl::GetFlag(FLAGS_dtype);
   o.threads = absl::GetFlag(FLAGS_threads);
   o.cpu_kernels = absl::GetFlag(FLAGS_cpu_kernels);
+  o.kv_cache_dtype = absl::GetFlag(FLAGS_kv_cache_dtype);
   o.map_weights = absl::GetFlag(FLAGS_mmap);
   return o;
 }

@@ -16,6 +16,9 @@ ABSL_FLAG(int32_t, threads, static_cast<int32_t>(std::thread::hardware_concurren
 ABSL_FLAG(std::string, cpu_kernels, "auto",
           "CPU float32 kernels for few-row steps: auto (best this CPU has), avx512f, avx2 or "
           "none (ATen/BLAS only).");
+ABSL_FLAG(std::string, kv_cache_dtype, "auto",
+          "KV cache dtype: auto (the compute dtype, --dtype), float32, bfloat16 or float16. A "
+          "half-precision cache holds twice the positions in the same --max_kv_bytes.");
 ABSL_FLAG(bool, json, false, "Print machine-readable JSON instead of text.");
 ABSL_FLAG(std::string, prompt_ids, "", "Prompt as comma-separated token ids (generate).");
 ABSL_FLAG(std::string, prompt, "", "Prompt as text, tokenized with the model's tokenizer.json.");

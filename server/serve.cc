@@ -204,6 +204,7 @@ int RunServe() {
   options.dtype = absl::GetFlag(FLAGS_dtype);
   options.threads = absl::GetFlag(FLAGS_threads);
   options.cpu_kernels = absl::GetFlag(FLAGS_cpu_kernels);
+  options.kv_cache_dtype = absl::GetFlag(FLAGS_kv_cache_dtype);
   options.map_weights = absl::GetFlag(FLAGS_mmap);
   core::SetMappedFileNoticeHandler([](const std::string& line) { spdlog::warn("{}", line); });
   core::LoadReport report;

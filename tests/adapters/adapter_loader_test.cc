@@ -23,9 +23,11 @@ namespace {
 using ::testing::ElementsAre;
 using ::testing::HasSubstr;
 
-std::unique_ptr<core::Engine> LoadEngine(const std::string& dir) {
+std::unique_ptr<core::Engine> LoadEngine(const std::string& dir,
+                                         const std::string& kv_cache_dtype = "auto") {
   core::EngineOptions o;
   o.model_dir = dir;
+  o.kv_cache_dtype = kv_cache_dtype;
   core::LoadReport report;
   auto engine = core::Engine::Load(o, &report);
   EXPECT_TRUE(engine.ok()) << dir << ": " << engine.status();
@@ -495,6 +497,46 @@ TEST_P(PromptLearningTest, LogitsAndGreedyMatchThePeftReference) {
     EXPECT_NEAR((*steps)[i].logprob, ref["greedy_logprobs"][i].get<double>(), 1e-4);
   }
   EXPECT_GT(report.num_virtual_tokens, 0);
+}
+
+// With a bfloat16 KV cache, a prefix adapter's virtual keys and values are written into it
+// rounded like every other position: the greedy continuation still equals PEFT's, the logits
+// stay within the engine's bfloat16-cache tolerance (2% of the largest, see engine_test.cc),
+// and the virtual positions hold the adapter's prefix as torch rounds it.
+TEST_P(PromptLearningTest, ABfloat16KvCacheKeepsTheReferenceContinuation) {
+  auto base = LoadEngine(testing::Fixture(GetParam().base), "bfloat16");
+  ASSERT_NE(base, nullptr);
+  auto adapter = Load(*base, GetParam().adapter);
+  ASSERT_TRUE(adapter.ok()) << adapter.status();
+  auto ref = testing::ReadJson(testing::Fixture(std::string("adapters/") + GetParam().adapter) +
+                               "/reference.json");
+  auto logits = base->PromptLogits(ref["prompt"].get<std::vector<int32_t>>(), *adapter);
+  ASSERT_TRUE(logits.ok()) << logits.status();
+  std::vector<float> want;
+  float largest = 0;
+  for (const auto& row : ref["logits"]) {
+    for (const auto& v : row) {
+      want.push_back(v.get<float>());
+      largest = std::max(largest, std::abs(want.back()));
+    }
+  }
+  const double diff = MaxDiff(*logits, want);
+  EXPECT_LT(diff, 0.02 * largest);
+  EXPECT_GT(diff, 0.0);
+  ASSERT_TRUE(GreedyLikeReference(*base, *adapter, ref).ok());
+  auto cache = base->model().NewCache(4);
+  const int64_t seeded = (*adapter)->SeedCache(*cache);
+  if (seeded > 0) {
+    ASSERT_EQ(cache->keys(0).scalar_type(), at::kBFloat16);
+    auto fresh = LoadEngine(testing::Fixture(GetParam().base), "float32")->model().NewCache(4);
+    ASSERT_EQ((*adapter)->SeedCache(*fresh), seeded);
+    for (int64_t layer = 0; layer < base->config().num_layers; ++layer) {
+      EXPECT_TRUE(at::equal(cache->keys(layer).narrow(1, 0, seeded),
+                            fresh->keys(layer).narrow(1, 0, seeded).to(at::kBFloat16)));
+      EXPECT_TRUE(at::equal(cache->values(layer).narrow(1, 0, seeded),
+                            fresh->values(layer).narrow(1, 0, seeded).to(at::kBFloat16)));
+    }
+  }
 }
 
 INSTANTIATE_TEST_SUITE_P(

@@ -3,6 +3,7 @@
 #include "core/cpu_kernels.h"
 
 #include <cmath>
+#include <cstring>
 #include <fstream>
 #include <set>
 #include <sstream>
@@ -105,7 +106,10 @@ std::vector<double> Attention(const float* q, const at::Tensor& keys, const at::
   return o;
 }
 
-TEST_P(DecodeAttentionTest, MatchesTheFormulaWithGroupedHeadsWindowsAndOddHeadSizes) {
+// Runs decode rows with different pasts, grouped heads, windows and odd head sizes over caches
+// of `kv_dtype` and checks every output against the formula in double over what the cache
+// holds, and every stored key and value against ATen's conversion of the row's own.
+void CheckDecodeAttention(at::ScalarType kv_dtype) {
   at::manual_seed(9);
   struct Case {
     int64_t heads, kv_heads, head_dim, window;
@@ -117,7 +121,7 @@ TEST_P(DecodeAttentionTest, MatchesTheFormulaWithGroupedHeadsWindowsAndOddHeadSi
     std::vector<std::unique_ptr<KvCache>> caches;
     for (int64_t past : pasts) {
       caches.push_back(std::make_unique<KvCache>(2, c.kv_heads, c.head_dim, 4,
-                                                 at::TensorOptions().dtype(at::kFloat)));
+                                                 at::TensorOptions().dtype(kv_dtype)));
       if (past > 0) {
         for (int64_t layer = 0; layer < 2; ++layer) {
           caches.back()->Append(layer, at::randn({c.kv_heads, past, c.head_dim}),
@@ -136,6 +140,7 @@ TEST_P(DecodeAttentionTest, MatchesTheFormulaWithGroupedHeadsWindowsAndOddHeadSi
     std::vector<DecodeRow> decode;
     for (int64_t r = 0; r < rows; ++r) decode.push_back({2 * r + 1, caches[r].get()});
     ASSERT_TRUE(DecodeAttentionApplies(q, k, v, out));
+    ASSERT_TRUE(DecodeCacheApplies(caches[0]->keys(1)));
     const double scale = 1.0 / std::sqrt(static_cast<double>(c.head_dim));
     const int64_t layer = 1;
     DecodeAttention(layer, q, k, v, decode, c.heads, c.kv_heads, c.head_dim, scale, c.window, out);
@@ -147,11 +152,14 @@ TEST_P(DecodeAttentionTest, MatchesTheFormulaWithGroupedHeadsWindowsAndOddHeadSi
       const int64_t first = c.window > 0 ? std::max<int64_t>(0, total - c.window) : 0;
       for (int64_t h = 0; h < c.heads; ++h) {
         const int64_t kvh = h / group;
-        // The new key and value were stored at position `past` of this row's cache.
+        // The new key and value were stored at position `past` of this row's cache, converted
+        // as ATen converts (bfloat16: rounded to nearest even).
         at::Tensor stored_k = cache.keys(layer)[kvh][pasts[r]];
-        EXPECT_TRUE(at::equal(stored_k, k[2 * r + 1].narrow(0, kvh * c.head_dim, c.head_dim)));
-        at::Tensor keys = cache.keys(layer)[kvh].narrow(0, first, total - first).contiguous();
-        at::Tensor values = cache.values(layer)[kvh].narrow(0, first, total - first).contiguous();
+        at::Tensor stored_v = cache.values(layer)[kvh][pasts[r]];
+        EXPECT_TRUE(at::equal(stored_k, k[2 * r + 1].narrow(0, kvh * c.head_dim, c.head_dim).to(kv_dtype)));
+        EXPECT_TRUE(at::equal(stored_v, v[2 * r + 1].narrow(0, kvh * c.head_dim, c.head_dim).to(kv_dtype)));
+        at::Tensor keys = cache.keys(layer)[kvh].narrow(0, first, total - first).to(at::kFloat).contiguous();
+        at::Tensor values = cache.values(layer)[kvh].narrow(0, first, total - first).to(at::kFloat).contiguous();
         const float* qh = q[2 * r + 1].data_ptr<float>() + h * c.head_dim;
         std::vector<double> want = Attention(qh, keys, values, scale);
         const float* got = out[2 * r + 1].data_ptr<float>() + h * c.head_dim;
@@ -162,6 +170,41 @@ TEST_P(DecodeAttentionTest, MatchesTheFormulaWithGroupedHeadsWindowsAndOddHeadSi
       // Rows that are not decode rows are left alone.
       EXPECT_EQ(out[2 * r].abs().sum().item<float>(), 0.0f);
     }
+  }
+}
+
+TEST_P(DecodeAttentionTest, MatchesTheFormulaWithGroupedHeadsWindowsAndOddHeadSizes) {
+  CheckDecodeAttention(at::kFloat);
+}
+
+// --kv_cache_dtype bfloat16: the kernel writes the new key and value rounded and reads the
+// cache widened, accumulating in float32.
+TEST_P(DecodeAttentionTest, ReadsAndWritesBfloat16Caches) { CheckDecodeAttention(at::kBFloat16); }
+
+// The kernel's bfloat16 rounding equals ATen's bit for bit, at ties (to even), NaN, infinities,
+// signed zero, subnormals and values that round up past the largest finite bfloat16.
+TEST_P(DecodeAttentionTest, RoundsToBfloat16AsAtenDoes) {
+  const std::vector<uint32_t> bits = {0x3F808000u, 0x3F818000u, 0x3F808001u, 0xBF817FFFu, 0x7FC00001u,
+                                      0xFFFFFFFFu, 0x7F800000u, 0xFF800000u, 0x80000000u, 0x00000001u,
+                                      0x007FFFFFu, 0x7F7FFFFFu, 0x7F7F8000u, 0x3EAAAAABu, 0x00000000u,
+                                      0x40490FDBu};
+  const int64_t d = static_cast<int64_t>(bits.size());
+  at::Tensor k = at::empty({1, d});
+  std::memcpy(k.data_ptr<float>(), bits.data(), bits.size() * sizeof(uint32_t));
+  at::Tensor v = k.clone();
+  at::Tensor q = at::zeros({1, d});
+  at::Tensor out = at::zeros({1, d});
+  KvCache cache(1, 1, d, 1, at::TensorOptions().dtype(at::kBFloat16));
+  std::vector<DecodeRow> decode = {{0, &cache}};
+  DecodeAttention(0, q, k, v, decode, 1, 1, d, 1.0, 0, out);
+  at::Tensor want = k[0].to(at::kBFloat16);
+  at::Tensor got = cache.keys(0)[0][0];
+  for (int64_t i = 0; i < d; ++i) {
+    uint16_t w = 0, g = 0;
+    std::memcpy(&w, static_cast<const char*>(want.data_ptr()) + 2 * i, 2);
+    std::memcpy(&g, static_cast<const char*>(got.data_ptr()) + 2 * i, 2);
+    const bool both_nan = (w & 0x7FFF) > 0x7F80 && (g & 0x7FFF) > 0x7F80;
+    EXPECT_TRUE(w == g || both_nan) << std::hex << bits[static_cast<size_t>(i)] << ": ATen " << w << ", kernel " << g;
   }
 }
 

@@ -16,10 +16,12 @@ namespace {
 using ::testing::HasSubstr;
 
 std::unique_ptr<Engine> LoadEngine(const std::string& fixture,
-                                   const std::string& cpu_kernels = "auto") {
+                                   const std::string& cpu_kernels = "auto",
+                                   const std::string& kv_cache_dtype = "auto") {
   EngineOptions o;
   o.model_dir = testing::Fixture(fixture);
   o.cpu_kernels = cpu_kernels;
+  o.kv_cache_dtype = kv_cache_dtype;
   LoadReport report;
   auto engine = Engine::Load(o, &report);
   EXPECT_TRUE(engine.ok()) << fixture << ": " << engine.status();
@@ -204,6 +206,84 @@ TEST_P(BatchTest, SeededSamplingDoesNotDependOnTheBatch) {
 
 INSTANTIATE_TEST_SUITE_P(Fixtures, BatchTest,
                          ::testing::Values("llama_tied", "mistral_window", "gpt2"));
+
+// --kv_cache_dtype: keys and values are cached in half precision and read in float32. The
+// fused decode kernel and the ATen path ("none") read the same rounded cache, so step-by-step
+// decode equals a full prefill over the same cache dtype to 1e-4 on either; against the float32
+// reference the logits move by the rounding of K and V (bfloat16 keeps 8 significant bits, a
+// relative error of at most 2^-9 per element; float16 11, 2^-12). The tolerance is relative
+// to the largest logit: 2% for bfloat16, 0.25% for float16 (8 times finer, its 3 more bits),
+// about 3 times the worst measured on these fixtures (0.65% and 0.06% of logits up to 15).
+// The greedy continuations stay equal to the reference's.
+class KvCacheDtypeTest
+    : public ::testing::TestWithParam<std::tuple<const char*, const char*, const char*>> {};
+
+TEST_P(KvCacheDtypeTest, HalfPrecisionCacheStaysCloseToTheReference) {
+  const auto [fixture, kernels, kv] = GetParam();
+  cpu::Isa isa;
+  if (!cpu::IsaFromName(kernels, &isa) || isa > cpu::SupportedIsa()) GTEST_SKIP();
+  auto engine = LoadEngine(fixture, kernels, kv);
+  auto f32 = LoadEngine(fixture, kernels, "float32");
+  ASSERT_NE(engine, nullptr);
+  ASSERT_NE(f32, nullptr);
+  EXPECT_EQ(engine->report().kv_cache_dtype, kv);
+  EXPECT_EQ(2 * engine->kv_bytes_per_position(), f32->kv_bytes_per_position());
+  auto ref = testing::ReadJson(testing::Fixture(fixture) + "/reference.json");
+  const std::vector<int32_t> prompt = ref["prompt"].get<std::vector<int32_t>>();
+  const int64_t vocab = engine->config().vocab_size;
+  auto logits = engine->PromptLogits(prompt);
+  ASSERT_TRUE(logits.ok()) << logits.status();
+  double worst = 0, largest = 0;
+  for (size_t t = 0; t < prompt.size(); ++t) {
+    for (int64_t v = 0; v < vocab; ++v) {
+      const double want = ref["logits"][t][v].get<double>();
+      worst = std::max(worst, std::abs((*logits)[t * vocab + v] - want));
+      largest = std::max(largest, std::abs(want));
+    }
+  }
+  std::printf("%s %s: worst logit error %.4g, largest logit %.4g\n", fixture, kv, worst, largest);
+  const double tolerance = (std::string(kv) == "bfloat16" ? 0.02 : 0.0025) * largest;
+  EXPECT_LT(worst, tolerance) << fixture << " " << kv;
+  EXPECT_GT(worst, 0.0) << "the cache must really be " << kv;
+  // Greedy continuation: equal to the float32 reference's; each step's logits equal a full
+  // prefill's over the same cache dtype.
+  GenerateRequest req;
+  req.prompt = prompt;
+  req.max_new_tokens = static_cast<int64_t>(ref["greedy"].size());
+  req.ignore_eos = true;
+  auto result = Generate(*engine, req);
+  ASSERT_TRUE(result.ok()) << result.status();
+  std::vector<int32_t> all = prompt;
+  for (const StepOutput& s : result->steps) all.push_back(s.token);
+  EXPECT_EQ(std::vector<int32_t>(all.begin() + static_cast<int64_t>(prompt.size()), all.end()),
+            ref["greedy"].get<std::vector<int32_t>>());
+  auto full = engine->PromptLogits(all);
+  ASSERT_TRUE(full.ok()) << full.status();
+  for (size_t i = 0; i < result->steps.size(); ++i) {
+    std::vector<float> lp = LogSoftmax(full->data() + (prompt.size() - 1 + i) * vocab, vocab);
+    EXPECT_NEAR(result->steps[i].logprob, lp[result->steps[i].token], 1e-4) << "step " << i;
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Fixtures, KvCacheDtypeTest,
+    ::testing::Combine(::testing::Values("llama_tied", "qwen2_bias", "mistral_window", "gpt2"),
+                       ::testing::Values("none", "avx2"), ::testing::Values("bfloat16", "float16")),
+    [](const auto& info) {
+      return std::string(std::get<0>(info.param)) + "_" + std::get<1>(info.param) + "_" +
+             std::get<2>(info.param);
+    });
+
+TEST(EngineTest, RefusesAnUnknownKvCacheDtype) {
+  EngineOptions o;
+  o.model_dir = testing::Fixture("gpt2");
+  o.kv_cache_dtype = "int4";
+  LoadReport report;
+  auto engine = Engine::Load(o, &report);
+  EXPECT_EQ(engine.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(engine.status().message()),
+              HasSubstr("kv_cache_dtype must be auto, float32, bfloat16 or float16, got \"int4\""));
+}
 
 TEST(EngineTest, RefusesPromptsThatDoNotFit) {
   auto engine = LoadEngine("gpt2");  // n_positions 64.

@@ -207,6 +207,34 @@ TEST_F(SchedulerTest, TheKvBudgetHoldsFromAnIdleBatchOn) {
             absl::StatusCode::kResourceExhausted);
 }
 
+// --kv_cache_dtype bfloat16 halves the bytes per position, so the same --max_kv_bytes admits
+// twice the concurrent requests: room for two float32 requests' estimates holds four.
+TEST_F(SchedulerTest, AHalfPrecisionKvCacheAdmitsTwiceTheRequests) {
+  core::EngineOptions eo;
+  eo.model_dir = testing::Fixture("llama_tok");
+  eo.kv_cache_dtype = "bfloat16";
+  core::LoadReport report;
+  auto half = core::Engine::Load(eo, &report);
+  ASSERT_TRUE(half.ok()) << half.status();
+  ASSERT_EQ(2 * (*half)->kv_bytes_per_position(), engine_->kv_bytes_per_position());
+  SchedulerOptions options;
+  const int64_t one = (3 + 20 + 64) * engine_->kv_bytes_per_position();
+  options.max_kv_bytes = 2 * one + one / 4;
+  for (const core::Engine* engine : {engine_, half->get()}) {
+    recorder_.outcomes.clear();
+    recorder_.done = 0;
+    recorder_.most_streaming = 0;
+    Scheduler s(*engine, nullptr, nullptr, options);
+    for (uint64_t id = 1; id <= 8; ++id) Submit(s, Request(id, 20));
+    AwaitDone(8);
+    for (uint64_t id = 1; id <= 8; ++id) {
+      EXPECT_TRUE(Get(id).status.ok()) << id;
+      EXPECT_EQ(Get(id).tokens.size(), 20u) << id;
+    }
+    EXPECT_EQ(recorder_.most_streaming, engine == engine_ ? 2u : 4u);
+  }
+}
+
 // An adapter whose LoRA A has the wrong width: the forward pass throws for any batch that
 // holds one of its rows.
 adapters::AdapterRef BrokenAdapter(const core::Engine& engine) {
