@@ -68,6 +68,11 @@ int64_t Sequence::generated() const {
   return static_cast<int64_t>(state_->tokens.size()) - state_->prompt_length;
 }
 int64_t Sequence::kv_bytes() const { return state_->cache->bytes(); }
+int64_t Sequence::pending_tokens() const {
+  const int64_t soft_rows = state_->soft_prompt_pending ? state_->adapter->virtual_tokens() : 0;
+  const int64_t done = state_->cache->length() - (state_->virtual_positions - soft_rows);
+  return static_cast<int64_t>(state_->tokens.size()) - done;
+}
 int64_t Sequence::positions() const {
   return static_cast<int64_t>(state_->tokens.size()) + state_->virtual_positions;
 }
@@ -168,8 +173,12 @@ absl::StatusOr<std::unique_ptr<Sequence>> Engine::NewSequence(
   return std::unique_ptr<Sequence>(new Sequence(std::move(state)));
 }
 
-absl::StatusOr<std::vector<StepOutput>> Engine::Step(const std::vector<Sequence*>& batch) const {
+absl::StatusOr<std::vector<StepOutput>> Engine::Step(const std::vector<Sequence*>& batch,
+                                                     const std::vector<int64_t>& limits) const {
   if (batch.empty()) return std::vector<StepOutput>();
+  if (!limits.empty() && limits.size() != batch.size()) {
+    return absl::InvalidArgumentError("Step: one limit per row, or none");
+  }
   c10::InferenceMode guard;
   // Pack rows grouped by adapter so that every adapter's tokens form one contiguous range.
   std::vector<size_t> order(batch.size());
@@ -181,6 +190,7 @@ absl::StatusOr<std::vector<StepOutput>> Engine::Step(const std::vector<Sequence*
   std::vector<int64_t> ids;
   std::vector<RowSpan> rows;
   std::vector<AdapterBatch::Range> ranges;
+  std::vector<char> partial(batch.size(), 0);
   for (size_t i : order) {
     Sequence::State& s = *batch[i]->state_;
     const int64_t total = static_cast<int64_t>(s.tokens.size());
@@ -199,7 +209,12 @@ absl::StatusOr<std::vector<StepOutput>> Engine::Step(const std::vector<Sequence*
     if (done >= total) {
       return absl::FailedPreconditionError("sequence has no new token to process");
     }
-    ids.insert(ids.end(), s.tokens.begin() + done, s.tokens.end());
+    int64_t take = total - done;
+    if (!limits.empty() && limits[i] > 0 && take > limits[i]) {
+      take = limits[i];
+      partial[i] = 1;
+    }
+    ids.insert(ids.end(), s.tokens.begin() + done, s.tokens.begin() + done + take);
     const int64_t length = static_cast<int64_t>(ids.size()) - offset;
     rows.push_back({offset, length, s.cache.get()});
     ranges.push_back({offset, length, s.adapter.get(), soft_rows});
@@ -236,6 +251,10 @@ absl::StatusOr<std::vector<StepOutput>> Engine::Step(const std::vector<Sequence*
     Sequence::State& s = *batch[order[r]]->state_;
     s.soft_prompt_pending = false;
     StepOutput& o = out[order[r]];
+    if (partial[order[r]]) {
+      o.prefill_only = true;  // Its logits predict a prompt token: nothing to choose.
+      continue;
+    }
     try {
       at::Tensor row = logits[r].narrow(0, 0, s.vocab);
       at::Tensor row_logprobs = logprobs[r].narrow(0, 0, s.vocab);

@@ -34,6 +34,9 @@ struct StepOutput {
   int32_t token = 0;
   float logprob = 0;
   std::vector<TokenLogprob> top;  // The SamplingParams::top_logprobs most likely ids.
+  // True when the step processed only part of the row's prompt (a prefill chunk, see
+  // Engine::Step's `limits`): no token was chosen and the sequence did not advance.
+  bool prefill_only = false;
 };
 
 // One request's token history, KV cache and sampling state. Created by Engine::NewSequence.
@@ -44,6 +47,9 @@ class Sequence {
   int64_t prompt_length() const;
   int64_t generated() const;
   int64_t kv_bytes() const;
+  // Tokens not yet run through the model: the whole prompt before the first step, the part
+  // of it past the chunks already prefilled, 1 while decoding.
+  int64_t pending_tokens() const;
   // Context positions the sequence occupies once its last token is processed: its tokens
   // plus the adapter's virtual tokens.
   int64_t positions() const;
@@ -104,8 +110,12 @@ class Engine {
       std::shared_ptr<const SequenceAdapter> adapter = nullptr) const;
 
   // Runs one step over `batch` (distinct sequences, any mix of adapters) and appends each
-  // row's chosen token. Outputs are in `batch` order.
-  absl::StatusOr<std::vector<StepOutput>> Step(const std::vector<Sequence*>& batch) const;
+  // row's chosen token. Outputs are in `batch` order. `limits` (empty, or one per row) caps
+  // the tokens a row runs in this step (0: no cap): a row whose pending tokens exceed its cap
+  // runs the first `cap` of them (chunked prefill) and gets no token (`prefill_only`); a
+  // prefix or prompt-tuning adapter's virtual tokens go with the first chunk, uncounted.
+  absl::StatusOr<std::vector<StepOutput>> Step(const std::vector<Sequence*>& batch,
+                                               const std::vector<int64_t>& limits = {}) const;
 
   // Returns float32 logits of every prompt position, row-major [T, vocab] (for tests and
   // diagnostics; uses a fresh sequence).

@@ -322,35 +322,56 @@ void Scheduler::Deliver(Active& a, const core::StepOutput& out, Clock::time_poin
 }
 
 void Scheduler::RunStep() {
+  // Chunked prefill: every decode row takes its one token, then the prompts still to prefill
+  // share what is left of --max_tokens_per_step in arrival order, each running as much of its
+  // prompt as fits (a long prompt over several steps, its chunks alongside the decodes). A
+  // prompt that finds nothing left waits for the next step; the first one always runs.
   std::vector<core::Sequence*> batch;
+  std::vector<int64_t> limits;
+  std::vector<Active*> rows;
   int64_t step_tokens = 0;
   const auto step_start = Clock::now();
-  for (auto& a : running_set_) {
-    batch.push_back(a->sequence.get());
-    step_tokens += a->started ? 1 : static_cast<int64_t>(a->request->prompt.size());
-    if (!a->started) {
-      a->started = true;
-      a->first_step = step_start;
+  auto add = [&](Active& a, int64_t take) {
+    batch.push_back(a.sequence.get());
+    limits.push_back(take);
+    rows.push_back(&a);
+    step_tokens += take;
+    if (!a.started) {
+      a.started = true;
+      a.first_step = step_start;
     }
+  };
+  for (auto& a : running_set_) {
+    if (a->sequence->pending_tokens() <= 1) add(*a, 1);
   }
-  auto outputs = engine_.Step(batch);
+  for (auto& a : running_set_) {
+    const int64_t pending = a->sequence->pending_tokens();
+    if (pending <= 1) continue;
+    const int64_t left = options_.max_tokens_per_step - step_tokens;
+    if (left <= 0 && !batch.empty()) break;
+    add(*a, std::min(pending, std::max<int64_t>(left, 1)));
+  }
+  auto outputs = engine_.Step(batch, limits);
   if (metrics_) metrics_->Step(static_cast<int64_t>(batch.size()), step_tokens);
+  auto deliver = [this](Active& a, const core::StepOutput& out, Clock::time_point at) {
+    if (!out.prefill_only) Deliver(a, out, at);
+  };
   if (outputs.ok()) {
     const auto step_end = Clock::now();
-    for (size_t i = 0; i < running_set_.size(); ++i) Deliver(*running_set_[i], (*outputs)[i], step_end);
+    for (size_t i = 0; i < rows.size(); ++i) deliver(*rows[i], (*outputs)[i], step_end);
     return;
   }
   // A failed step committed nothing. One row may be the cause: run each alone, so that only
   // the rows that fail by themselves end (with their own error) and the others go on.
   spdlog::warn("model step over {} rows failed; retrying each row alone: {}", batch.size(),
                std::string(outputs.status().message()));
-  for (auto& a : running_set_) {
-    auto alone = batch.size() == 1 ? outputs : engine_.Step({a->sequence.get()});
+  for (size_t i = 0; i < rows.size(); ++i) {
+    auto alone = batch.size() == 1 ? outputs : engine_.Step({batch[i]}, {limits[i]});
     if (!alone.ok()) {
-      Finish(*a, alone.status(), core::FinishReason::kCancelled);
+      Finish(*rows[i], alone.status(), core::FinishReason::kCancelled);
       continue;
     }
-    Deliver(*a, (*alone)[0], Clock::now());
+    deliver(*rows[i], (*alone)[0], Clock::now());
   }
 }
 

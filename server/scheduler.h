@@ -89,7 +89,10 @@ absl::Status FitPromptToAdapter(GenerationRequest& r, const adapters::AdapterRef
 
 struct SchedulerOptions {
   int64_t max_batch_rows = 32;         // Sequences in one step.
-  int64_t max_tokens_per_step = 2048;  // Prompt tokens admitted into one step.
+  // Tokens run in one step: each decode row's one, then prompt chunks (chunked prefill: a
+  // longer prompt runs over several steps, sharing them with the decodes). Also bounds the
+  // prompt tokens admitted at once (the first request always is).
+  int64_t max_tokens_per_step = 2048;
   int64_t max_queue = 256;             // Waiting requests before RESOURCE_EXHAUSTED.
   int64_t max_kv_bytes = int64_t{4} << 30;  // KV cache budget over running sequences.
   std::vector<int64_t> eos_token_ids;  // Empty: the model's (generation_)config.json ids.

@@ -499,6 +499,34 @@ TEST_P(PromptLearningTest, LogitsAndGreedyMatchThePeftReference) {
   EXPECT_GT(report.num_virtual_tokens, 0);
 }
 
+// Chunked prefill with prompt-learning adapters: the virtual tokens go with the first chunk,
+// and the continuation still equals PEFT's.
+TEST_P(PromptLearningTest, ChunkedPrefillKeepsTheReferenceContinuation) {
+  auto base = LoadEngine(testing::Fixture(GetParam().base));
+  ASSERT_NE(base, nullptr);
+  auto adapter = Load(*base, GetParam().adapter);
+  ASSERT_TRUE(adapter.ok()) << adapter.status();
+  auto ref = testing::ReadJson(testing::Fixture(std::string("adapters/") + GetParam().adapter) +
+                               "/reference.json");
+  const std::vector<int32_t> greedy = ref["greedy"].get<std::vector<int32_t>>();
+  auto seq = base->NewSequence(ref["prompt"].get<std::vector<int32_t>>(), core::SamplingParams(), *adapter);
+  ASSERT_TRUE(seq.ok()) << seq.status();
+  std::vector<int32_t> tokens;
+  int chunks = 0;
+  while (tokens.size() < greedy.size()) {
+    auto res = base->Step({seq->get()}, {2});
+    ASSERT_TRUE(res.ok()) << res.status();
+    if ((*res)[0].prefill_only) {
+      ++chunks;
+      continue;
+    }
+    tokens.push_back((*res)[0].token);
+    EXPECT_NEAR((*res)[0].logprob, ref["greedy_logprobs"][tokens.size() - 1].get<double>(), 1e-4);
+  }
+  EXPECT_GT(chunks, 0);
+  EXPECT_EQ(tokens, greedy);
+}
+
 // With a bfloat16 KV cache, a prefix adapter's virtual keys and values are written into it
 // rounded like every other position: the greedy continuation still equals PEFT's, the logits
 // stay within the engine's bfloat16-cache tolerance (2% of the largest, see engine_test.cc),

@@ -204,6 +204,42 @@ TEST_P(BatchTest, SeededSamplingDoesNotDependOnTheBatch) {
   ExpectSameOutputs(alone[0], again[0]);
 }
 
+// Chunked prefill: a prompt run a few tokens per step (Step's limits), beside another row
+// decoding, reaches the same continuation as the prompt run at once: the same greedy tokens,
+// log-probs to 1e-4, and the chunks before the last choose nothing.
+TEST_P(BatchTest, APromptPrefilledInChunksEqualsItRunAtOnce) {
+  auto engine = LoadEngine(GetParam());
+  ASSERT_NE(engine, nullptr);
+  SamplingParams params;
+  params.top_logprobs = 3;
+  std::vector<int32_t> prompt;
+  for (int i = 0; i < 23; ++i) prompt.push_back(static_cast<int32_t>((7 * i + 3) % 200 + 1));
+  auto at_once = RunBatched(*engine, {prompt}, {0}, params, 6);
+  for (int64_t chunk : {1, 5, 8}) {
+    auto seq = *engine->NewSequence(prompt, params);
+    auto other = *engine->NewSequence({5, 6, 7}, params);
+    std::vector<StepOutput> got;
+    int chunks = 0;
+    while (got.size() < 6) {
+      const int64_t before = seq->pending_tokens();
+      auto res = engine->Step({other.get(), seq.get()}, {0, chunk});
+      ASSERT_TRUE(res.ok()) << res.status();
+      EXPECT_FALSE((*res)[0].prefill_only);
+      if ((*res)[1].prefill_only) {
+        ++chunks;
+        EXPECT_EQ(seq->pending_tokens(), before - chunk);
+        EXPECT_EQ(seq->generated(), 0);
+        continue;
+      }
+      got.push_back((*res)[1]);
+    }
+    EXPECT_EQ(chunks, (23 + chunk - 1) / chunk - 1) << "chunk " << chunk;
+    ExpectSameOutputs(got, at_once[0]);
+  }
+  auto seq = *engine->NewSequence(prompt, params);
+  EXPECT_EQ(engine->Step({seq.get()}, {1, 2}).status().code(), absl::StatusCode::kInvalidArgument);
+}
+
 INSTANTIATE_TEST_SUITE_P(Fixtures, BatchTest,
                          ::testing::Values("llama_tied", "mistral_window", "gpt2"));
 

@@ -34,6 +34,7 @@ struct Recorder {
   std::map<uint64_t, Outcome> outcomes;
   std::set<uint64_t> streaming;
   size_t most_streaming = 0;
+  std::vector<uint64_t> events;  // The request of every OnTokens call, in order.
   absl::Mutex mu;
   int done = 0;
 };
@@ -45,6 +46,7 @@ class RecordingSink final : public RequestSink {
     absl::MutexLock lock(&r_->mu);
     for (const auto& t : tokens) r_->outcomes[id_].tokens.push_back(t.token);
     r_->streaming.insert(id_);
+    r_->events.push_back(id_);
     r_->most_streaming = std::max(r_->most_streaming, r_->streaming.size());
   }
   void OnDone(const absl::Status& status, core::FinishReason reason, const GenerationStats&,
@@ -233,6 +235,56 @@ TEST_F(SchedulerTest, AHalfPrecisionKvCacheAdmitsTwiceTheRequests) {
     }
     EXPECT_EQ(recorder_.most_streaming, engine == engine_ ? 2u : 4u);
   }
+}
+
+// Chunked prefill: a long prompt arriving while two streams decode runs a chunk per step
+// (--max_tokens_per_step 8: the two decode tokens and 6 prompt tokens), so the streams keep
+// getting a token every step meanwhile instead of waiting for its whole prefill; every answer
+// equals the one computed alone.
+TEST_F(SchedulerTest, ALongPromptIsPrefilledInChunksBesideRunningStreams) {
+  std::vector<int32_t> long_prompt = {1};
+  for (int i = 0; i < 59; ++i) long_prompt.push_back(static_cast<int32_t>(300 + 17 * i));
+  std::map<uint64_t, std::vector<int32_t>> alone;
+  {
+    Scheduler s(*engine_, nullptr, nullptr, SchedulerOptions());
+    Submit(s, Request(1, 30));
+    Submit(s, Request(2, 30, {1, 450, 4997}));
+    Submit(s, Request(3, 5, long_prompt));
+    AwaitDone(3);
+    for (uint64_t id = 1; id <= 3; ++id) alone[id] = Get(id).tokens;
+  }
+  recorder_.outcomes.clear();
+  recorder_.done = 0;
+  recorder_.events.clear();
+  SchedulerOptions options;
+  options.max_tokens_per_step = 8;
+  Scheduler s(*engine_, nullptr, nullptr, options);
+  Submit(s, Request(1, 30));
+  Submit(s, Request(2, 30, {1, 450, 4997}));
+  size_t submitted_at = 0;
+  {
+    absl::MutexLock lock(&recorder_.mu);
+    auto both = [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(recorder_.mu) {
+      return !recorder_.outcomes[1].tokens.empty() && !recorder_.outcomes[2].tokens.empty();
+    };
+    ASSERT_TRUE(recorder_.mu.AwaitWithTimeout(absl::Condition(&both), absl::Seconds(60)));
+    submitted_at = recorder_.events.size();
+  }
+  Submit(s, Request(3, 5, long_prompt));
+  AwaitDone(3);
+  for (uint64_t id = 1; id <= 3; ++id) {
+    EXPECT_TRUE(Get(id).status.ok()) << id;
+    EXPECT_EQ(Get(id).tokens, alone[id]) << id;
+  }
+  // Tokens the streams got after the long prompt arrived and before its first token: its 60
+  // tokens take 10 steps of 6, so each stream gets about 9 (at most 1 if it ran in one step).
+  std::map<uint64_t, int> meanwhile;
+  absl::MutexLock lock(&recorder_.mu);
+  for (size_t i = submitted_at; i < recorder_.events.size() && recorder_.events[i] != 3; ++i) {
+    ++meanwhile[recorder_.events[i]];
+  }
+  EXPECT_GE(meanwhile[1], 7);
+  EXPECT_GE(meanwhile[2], 7);
 }
 
 // An adapter whose LoRA A has the wrong width: the forward pass throws for any batch that
