@@ -1,5 +1,6 @@
 #include "core/model_loader.h"
 
+#include <cstring>
 #include <fstream>
 
 #include "gmock/gmock.h"
@@ -166,6 +167,69 @@ TEST(ModelLoaderTest, TruncatedFileIsAPreciseStatus) {
   EXPECT_EQ(model.status().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_THAT(std::string(model.status().message()),
               HasSubstr(dir + "/model.safetensors: tensor data ends at byte"));
+}
+
+// Writes `bits` (2 or 4 bytes, little-endian) over element `index` of tensor `name` in the
+// single-file checkpoint of `dir`.
+void PokeElement(const std::string& dir, const std::string& name, int64_t index, uint32_t bits, int width) {
+  const std::string path = dir + "/model.safetensors";
+  std::string bytes = testing::ReadBytes(path);
+  uint64_t header = 0;
+  std::memcpy(&header, bytes.data(), 8);
+  const nlohmann::json j = nlohmann::json::parse(bytes.substr(8, header));
+  const uint64_t off = 8 + header + j.at(name)["data_offsets"][0].get<uint64_t>() + index * width;
+  std::memcpy(bytes.data() + off, &bits, width);
+  testing::WriteFile(path, bytes);
+}
+
+// Every weight is checked for NaN and infinities at load, in its stored dtype or after the
+// conversion to the compute dtype (float32 values past float16's range become infinite).
+TEST(ModelLoaderTest, NonFiniteWeightsAreRefusedInEveryDtype) {
+  const std::string q = "model.layers.1.self_attn.q_proj.weight";
+  auto load = [](const std::string& dir, const std::string& dtype) {
+    LoadOptions o;
+    o.compute_dtype = dtype;
+    LoadReport report;
+    return LoadModel(dir, o, &report).status();
+  };
+  // bfloat16 served in place: +inf, -inf, NaN with a payload, at the first and the last element.
+  for (uint32_t bits : {0x7F80u, 0xFF80u, 0xFFC1u, 0x7FFFu}) {
+    for (int64_t index : {int64_t{0}, int64_t{64 * 64 - 1}}) {
+      const std::string dir = CopyFixture("llama_bf16", "nonfinite_bf16");
+      PokeElement(dir, q, index, bits, 2);
+      absl::Status st = load(dir, "bfloat16");
+      EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument) << std::hex << bits << " at " << index;
+      EXPECT_THAT(std::string(st.message()), HasSubstr("\"" + q + "\" holds NaN or infinite values"));
+    }
+  }
+  // The largest finite bfloat16 loads.
+  const std::string max_dir = CopyFixture("llama_bf16", "max_bf16");
+  PokeElement(max_dir, q, 5, 0x7F7Fu, 2);
+  EXPECT_TRUE(load(max_dir, "bfloat16").ok());
+  // float32: -inf is refused.
+  const std::string f32 = CopyFixture("llama_tied", "nonfinite_f32");
+  PokeElement(f32, q, 17, 0xFF800000u, 4);
+  EXPECT_EQ(load(f32, "float32").code(), absl::StatusCode::kInvalidArgument);
+  // 1e5 is finite in float32 and infinite in float16.
+  const std::string big = CopyFixture("llama_tied", "overflow_f16");
+  const float value = 1e5f;
+  uint32_t bits = 0;
+  std::memcpy(&bits, &value, 4);
+  PokeElement(big, q, 3, bits, 4);
+  EXPECT_TRUE(load(big, "float32").ok());
+  absl::Status st = load(big, "float16");
+  EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument) << st;
+  EXPECT_THAT(std::string(st.message()), HasSubstr("holds NaN or infinite values"));
+  // A tensor large enough to be scanned by several threads (32000 x 64 float32): a NaN in the
+  // last thread's share, or in the first's, is found.
+  const std::string embed = "model.embed_tokens.weight";
+  for (int64_t index : {int64_t{32000 * 64 - 1}, int64_t{17}}) {
+    const std::string wide = CopyFixture("llama_tok", "nonfinite_wide");
+    PokeElement(wide, embed, index, 0x7FC00000u, 4);
+    absl::Status wide_st = load(wide, "float32");
+    EXPECT_EQ(wide_st.code(), absl::StatusCode::kInvalidArgument) << index;
+    EXPECT_THAT(std::string(wide_st.message()), HasSubstr("\"" + embed + "\" holds NaN or infinite values"));
+  }
 }
 
 TEST(ModelLoaderTest, CorruptHeaderIsAPreciseStatus) {
