@@ -12,6 +12,7 @@
 #include "core/causal_lm.h"
 #include "core/cpu_kernels.h"
 #include "core/model_loader.h"
+#include "core/prefix_cache.h"
 #include "core/prompt_rules.h"
 #include "core/sampler.h"
 #include "core/status_macros.h"
@@ -28,6 +29,7 @@ struct Sequence::State {
   // creation) or soft-prompt rows (written by the first step).
   int64_t virtual_positions = 0;
   bool soft_prompt_pending = false;
+  int64_t cached_tokens = 0;  // Prompt tokens reused from the prefix cache.
   SamplingParams params;
   int64_t vocab = 0;  // Ids this sequence may hold: the adapter's vocabulary or the base's.
   std::unique_ptr<KvCache> cache;
@@ -68,6 +70,7 @@ int64_t Sequence::generated() const {
   return static_cast<int64_t>(state_->tokens.size()) - state_->prompt_length;
 }
 int64_t Sequence::kv_bytes() const { return state_->cache->bytes(); }
+int64_t Sequence::cached_tokens() const { return state_->cached_tokens; }
 int64_t Sequence::pending_tokens() const {
   const int64_t soft_rows = state_->soft_prompt_pending ? state_->adapter->virtual_tokens() : 0;
   const int64_t done = state_->cache->length() - (state_->virtual_positions - soft_rows);
@@ -121,7 +124,26 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Load(const EngineOptions& option
     case at::kHalf: report->kv_cache_dtype = "float16"; break;
     default: report->kv_cache_dtype = "float32"; break;
   }
-  return std::unique_ptr<Engine>(new Engine(std::move(model), *report));
+  if (options.prefix_cache_bytes < 0) {
+    return absl::InvalidArgumentError("prefix_cache_bytes must be 0 (off) or more");
+  }
+  auto engine = std::unique_ptr<Engine>(new Engine(std::move(model), *report));
+  if (options.prefix_cache_bytes > 0) {
+    engine->prefix_cache_ = std::make_unique<PrefixCache>(options.prefix_cache_bytes);
+  }
+  return engine;
+}
+
+PrefixCacheStats Engine::prefix_cache_stats() const {
+  PrefixCacheStats s;
+  s.queried_tokens = prefix_queried_.load(std::memory_order_relaxed);
+  s.hit_tokens = prefix_hits_.load(std::memory_order_relaxed);
+  if (prefix_cache_ != nullptr) {
+    s.bytes = prefix_cache_->bytes();
+    s.blocks = prefix_cache_->blocks();
+    s.max_bytes = prefix_cache_->max_bytes();
+  }
+  return s;
 }
 
 const ModelConfig& Engine::config() const { return model_->config(); }
@@ -169,6 +191,20 @@ absl::StatusOr<std::unique_ptr<Sequence>> Engine::NewSequence(
     state->virtual_positions = prefix_positions + virtual_tokens;
     state->soft_prompt_pending = virtual_tokens > 0;
     state->adapter = std::move(adapter);
+  }
+  if (prefix_cache_ != nullptr) {
+    // At least the prompt's last token is run: its logits choose the first token.
+    c10::InferenceMode guard;
+    try {
+      state->cached_tokens = prefix_cache_->Reuse(state->adapter, state->tokens,
+                                                  state->prompt_length - 1, prefix_positions,
+                                                  virtual_tokens, *state->cache);
+    } catch (const std::exception& e) {
+      return absl::InternalError(absl::StrCat("reusing a cached prefix failed: ", TorchErrorMessage(e)));
+    }
+    if (state->cached_tokens > 0) state->soft_prompt_pending = false;
+    prefix_queried_.fetch_add(state->prompt_length, std::memory_order_relaxed);
+    prefix_hits_.fetch_add(state->cached_tokens, std::memory_order_relaxed);
   }
   return std::unique_ptr<Sequence>(new Sequence(std::move(state)));
 }
@@ -254,6 +290,16 @@ absl::StatusOr<std::vector<StepOutput>> Engine::Step(const std::vector<Sequence*
     if (partial[order[r]]) {
       o.prefill_only = true;  // Its logits predict a prompt token: nothing to choose.
       continue;
+    }
+    if (prefix_cache_ != nullptr && static_cast<int64_t>(s.tokens.size()) == s.prompt_length) {
+      // The prompt is all in the cache now: keep its full blocks for later requests.
+      const int64_t soft_rows = s.adapter ? s.adapter->virtual_tokens() : 0;
+      try {
+        prefix_cache_->Insert(s.adapter, s.tokens, s.prompt_length, s.virtual_positions - soft_rows,
+                              soft_rows, *s.cache);
+      } catch (const std::exception&) {
+        // Only a later request's reuse is lost; this one goes on.
+      }
     }
     try {
       at::Tensor row = logits[r].narrow(0, 0, s.vocab);

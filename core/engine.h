@@ -7,6 +7,7 @@
 // sequences it is given and must be called by one thread at a time (the scheduler thread).
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -20,6 +21,7 @@
 namespace adapterd::core {
 
 class CausalLm;
+class PrefixCache;
 class SequenceAdapter;
 
 struct TokenLogprob {
@@ -50,6 +52,8 @@ class Sequence {
   // Tokens not yet run through the model: the whole prompt before the first step, the part
   // of it past the chunks already prefilled, 1 while decoding.
   int64_t pending_tokens() const;
+  // Prompt tokens whose keys and values came from the prefix cache instead of a prefill.
+  int64_t cached_tokens() const;
   // Context positions the sequence occupies once its last token is processed: its tokens
   // plus the adapter's virtual tokens.
   int64_t positions() const;
@@ -78,6 +82,18 @@ struct EngineOptions {
   // "float32", "bfloat16" or "float16". A half-precision cache holds twice the positions in
   // the same bytes; attention reads it in the compute dtype.
   std::string kv_cache_dtype = "auto";
+  // Bytes of prompt keys and values kept for reuse by later requests with the same leading
+  // tokens and adapter (core/prefix_cache.h); 0 turns prefix reuse off.
+  int64_t prefix_cache_bytes = 0;
+};
+
+// Prefix reuse so far: prompt tokens looked up, and of those found cached (not recomputed).
+struct PrefixCacheStats {
+  int64_t queried_tokens = 0;
+  int64_t hit_tokens = 0;
+  int64_t bytes = 0;
+  int64_t blocks = 0;
+  int64_t max_bytes = 0;
 };
 
 class Engine {
@@ -97,6 +113,7 @@ class Engine {
   // Positions the model can attend over (max_position_embeddings); an adapter's virtual
   // tokens take part of it.
   int64_t context_length() const;
+  PrefixCacheStats prefix_cache_stats() const;
   // Returns the number of intra-op threads LibTorch uses.
   static int threads();
   // Returns the instruction set of the CPU kernels in use ("avx512f", "avx2" or "none").
@@ -128,6 +145,9 @@ class Engine {
 
   std::unique_ptr<CausalLm> model_;
   LoadReport report_;
+  std::unique_ptr<PrefixCache> prefix_cache_;  // Null: off.
+  mutable std::atomic<int64_t> prefix_queried_{0};
+  mutable std::atomic<int64_t> prefix_hits_{0};
 };
 
 // Why a generation ended.

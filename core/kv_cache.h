@@ -31,6 +31,7 @@ class KvCache {
   at::Tensor& values(int64_t layer) { return values_[layer]; }
   // Makes `t` appended positions part of the past once every layer has written them.
   void Commit(int64_t t) { length_ += t; }
+  size_t layers() const { return keys_.size(); }
   // Bytes held by the cache (capacity, not length).
   int64_t bytes() const;
 

@@ -19,6 +19,9 @@ ABSL_FLAG(std::string, cpu_kernels, "auto",
 ABSL_FLAG(std::string, kv_cache_dtype, "auto",
           "KV cache dtype: auto (the compute dtype, --dtype), float32, bfloat16 or float16. A "
           "half-precision cache holds twice the positions in the same --max_kv_bytes.");
+ABSL_FLAG(int64_t, prefix_cache_bytes, 0,
+          "Bytes of prompt keys and values kept for reuse by later requests that start with the "
+          "same 16-token blocks and use the same adapter; 0 turns prefix reuse off.");
 ABSL_FLAG(bool, json, false, "Print machine-readable JSON instead of text.");
 ABSL_FLAG(std::string, prompt_ids, "", "Prompt as comma-separated token ids (generate).");
 ABSL_FLAG(std::string, prompt, "", "Prompt as text, tokenized with the model's tokenizer.json.");

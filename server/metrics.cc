@@ -136,7 +136,37 @@ Metrics::Metrics()
       adapter_evictions_all_(adapter_evictions_.Add({})),
       adapter_wait_all_(adapter_wait_.Add({}, LatencyBuckets())),
       adapter_waiting_all_(adapter_waiting_.Add({})),
-      adapter_resident_bytes_all_(adapter_resident_bytes_.Add({})) {}
+      adapter_resident_bytes_all_(adapter_resident_bytes_.Add({})) {
+  prefix_queried_ = &BuildCounter()
+                         .Name("adapterd_prefix_cache_queried_tokens_total")
+                         .Help("Prompt tokens looked up in the prefix cache.")
+                         .Register(*registry_)
+                         .Add({});
+  prefix_hits_ = &BuildCounter()
+                      .Name("adapterd_prefix_cache_hit_tokens_total")
+                      .Help("Prompt tokens whose keys and values came from the prefix cache.")
+                      .Register(*registry_)
+                      .Add({});
+  prefix_bytes_ = &BuildGauge()
+                       .Name("adapterd_prefix_cache_bytes")
+                       .Help("Bytes of keys and values held by the prefix cache.")
+                       .Register(*registry_)
+                       .Add({});
+  prefix_blocks_ = &BuildGauge()
+                        .Name("adapterd_prefix_cache_blocks")
+                        .Help("Blocks of 16 prompt positions held by the prefix cache.")
+                        .Register(*registry_)
+                        .Add({});
+}
+
+void Metrics::SetPrefixCache(int64_t queried_tokens, int64_t hit_tokens, int64_t bytes, int64_t blocks) {
+  const int64_t queried_before = prefix_queried_seen_.exchange(queried_tokens);
+  const int64_t hits_before = prefix_hits_seen_.exchange(hit_tokens);
+  if (queried_tokens > queried_before) prefix_queried_->Increment(static_cast<double>(queried_tokens - queried_before));
+  if (hit_tokens > hits_before) prefix_hits_->Increment(static_cast<double>(hit_tokens - hits_before));
+  prefix_bytes_->Set(static_cast<double>(bytes));
+  prefix_blocks_->Set(static_cast<double>(blocks));
+}
 
 Metrics::~Metrics() {
   if (http_ != nullptr) http_->stop();

@@ -71,6 +71,9 @@ class Metrics {
   // How many unloaded adapters keep their series (default 64; serve sets --max_adapters).
   void SetRetainedUnloaded(size_t n);
   void SetModelInfo(const std::string& architecture, const std::string& name, int64_t parameters);
+  // Prefix reuse (--prefix_cache_bytes): the engine's running totals of prompt tokens looked
+  // up and found cached, and the cache's bytes and blocks now. One caller at a time.
+  void SetPrefixCache(int64_t queried_tokens, int64_t hit_tokens, int64_t bytes, int64_t blocks);
 
   prometheus::Registry& registry() { return *registry_; }
 
@@ -126,6 +129,12 @@ class Metrics {
   prometheus::Histogram& adapter_wait_all_;
   prometheus::Gauge& adapter_waiting_all_;
   prometheus::Gauge& adapter_resident_bytes_all_;
+  prometheus::Counter* prefix_queried_ = nullptr;
+  prometheus::Counter* prefix_hits_ = nullptr;
+  prometheus::Gauge* prefix_bytes_ = nullptr;
+  prometheus::Gauge* prefix_blocks_ = nullptr;
+  std::atomic<int64_t> prefix_queried_seen_{0};
+  std::atomic<int64_t> prefix_hits_seen_{0};
 
   absl::Mutex mu_;
   std::map<std::string, PerAdapter> per_adapter_ ABSL_GUARDED_BY(mu_);

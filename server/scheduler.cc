@@ -389,6 +389,8 @@ void Scheduler::PublishGauges() {
   if (metrics_) {
     metrics_->SetQueue(queue_depth(), running(),
                        static_cast<double>(kv) / static_cast<double>(options_.max_kv_bytes));
+    const core::PrefixCacheStats prefix = engine_.prefix_cache_stats();
+    metrics_->SetPrefixCache(prefix.queried_tokens, prefix.hit_tokens, prefix.bytes, prefix.blocks);
   }
 }
 

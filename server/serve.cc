@@ -205,6 +205,7 @@ int RunServe() {
   options.threads = absl::GetFlag(FLAGS_threads);
   options.cpu_kernels = absl::GetFlag(FLAGS_cpu_kernels);
   options.kv_cache_dtype = absl::GetFlag(FLAGS_kv_cache_dtype);
+  options.prefix_cache_bytes = absl::GetFlag(FLAGS_prefix_cache_bytes);
   options.map_weights = absl::GetFlag(FLAGS_mmap);
   core::SetMappedFileNoticeHandler([](const std::string& line) { spdlog::warn("{}", line); });
   core::LoadReport report;

@@ -499,6 +499,96 @@ TEST_P(PromptLearningTest, LogitsAndGreedyMatchThePeftReference) {
   EXPECT_GT(report.num_virtual_tokens, 0);
 }
 
+// Greedy tokens and log-probs of `prompt` run alone with `adapter`; `cached` gets the prompt
+// tokens the prefix cache supplied.
+std::vector<std::pair<int32_t, float>> RunWith(const core::Engine& engine, const AdapterRef& adapter,
+                                               const std::vector<int32_t>& prompt, int64_t* cached = nullptr) {
+  auto seq = engine.NewSequence(prompt, core::SamplingParams(), adapter);
+  EXPECT_TRUE(seq.ok()) << seq.status();
+  if (!seq.ok()) return {};
+  if (cached != nullptr) *cached = (*seq)->cached_tokens();
+  std::vector<std::pair<int32_t, float>> out;
+  for (int i = 0; i < 5; ++i) {
+    auto res = engine.Step({seq->get()});
+    EXPECT_TRUE(res.ok()) << res.status();
+    if (!res.ok()) break;
+    out.emplace_back((*res)[0].token, (*res)[0].logprob);
+  }
+  return out;
+}
+
+void ExpectSameRun(const std::vector<std::pair<int32_t, float>>& a,
+                   const std::vector<std::pair<int32_t, float>>& b) {
+  ASSERT_EQ(a.size(), b.size());
+  for (size_t i = 0; i < a.size(); ++i) {
+    EXPECT_EQ(a[i].first, b[i].first) << "step " << i;
+    EXPECT_NEAR(a[i].second, b[i].second, 1e-5) << "step " << i;
+  }
+}
+
+std::unique_ptr<core::Engine> LoadWithPrefixCache(const std::string& fixture) {
+  core::EngineOptions o;
+  o.model_dir = testing::Fixture(fixture);
+  o.prefix_cache_bytes = 64 << 20;
+  core::LoadReport report;
+  auto engine = core::Engine::Load(o, &report);
+  EXPECT_TRUE(engine.ok()) << engine.status();
+  return engine.ok() ? *std::move(engine) : nullptr;
+}
+
+// Prefix reuse is per adapter: the base and a LoRA adapter with the same prompt never share
+// blocks (a LoRA changes K and V), and the same adapter loaded again (a replace under the same
+// name) is another adapter and never meets the old one's blocks. Reused answers equal cold ones.
+TEST(PrefixCacheAdapterTest, BlocksAreNeverSharedAcrossAdaptersOrReloads) {
+  auto cold = LoadEngine(testing::Fixture("llama_tied"));
+  auto warm = LoadWithPrefixCache("llama_tied");
+  ASSERT_NE(cold, nullptr);
+  ASSERT_NE(warm, nullptr);
+  AdapterRef lora = *Load(*warm, "lora_all_rslora");
+  std::vector<int32_t> prompt;
+  for (int i = 0; i < 35; ++i) prompt.push_back(static_cast<int32_t>((13 * i + 2) % 250 + 1));
+  int64_t cached = -1;
+  const auto base_cold = RunWith(*cold, nullptr, prompt);
+  const auto lora_cold = RunWith(*cold, lora, prompt);
+  ExpectSameRun(RunWith(*warm, nullptr, prompt, &cached), base_cold);
+  EXPECT_EQ(cached, 0);
+  ExpectSameRun(RunWith(*warm, lora, prompt, &cached), lora_cold);
+  EXPECT_EQ(cached, 0) << "the base's blocks must not serve a LoRA adapter";
+  ExpectSameRun(RunWith(*warm, lora, prompt, &cached), lora_cold);
+  EXPECT_EQ(cached, 32);
+  ExpectSameRun(RunWith(*warm, nullptr, prompt, &cached), base_cold);
+  EXPECT_EQ(cached, 32);
+  AdapterRef reloaded = *Load(*warm, "lora_all_rslora");
+  ExpectSameRun(RunWith(*warm, reloaded, prompt, &cached), lora_cold);
+  EXPECT_EQ(cached, 0) << "a reloaded adapter must not reuse the old one's blocks";
+  // Once the old adapter is gone, its blocks can never match again.
+  lora.reset();
+  ExpectSameRun(RunWith(*warm, reloaded, prompt, &cached), lora_cold);
+  EXPECT_EQ(cached, 32);
+}
+
+// Prefix and prompt tuning: virtual positions come first (seeded, or the soft prompt cached
+// as its own segment), the prompt's blocks after them; reused answers equal cold ones.
+TEST_P(PromptLearningTest, PrefixReuseKeepsTheColdAnswer) {
+  auto cold = LoadEngine(testing::Fixture(GetParam().base));
+  auto warm = LoadWithPrefixCache(GetParam().base);
+  ASSERT_NE(cold, nullptr);
+  ASSERT_NE(warm, nullptr);
+  auto adapter = Load(*warm, GetParam().adapter);
+  ASSERT_TRUE(adapter.ok()) << adapter.status();
+  std::vector<int32_t> prompt;
+  for (int i = 0; i < 20; ++i) prompt.push_back(static_cast<int32_t>((7 * i + 9) % 200 + 1));
+  const auto want = RunWith(*cold, *adapter, prompt);
+  int64_t cached = -1;
+  ExpectSameRun(RunWith(*warm, *adapter, prompt, &cached), want);
+  EXPECT_EQ(cached, 0);
+  ExpectSameRun(RunWith(*warm, *adapter, prompt, &cached), want);
+  EXPECT_EQ(cached, 16);
+  prompt.back() += 1;  // Same first block, another tail.
+  ExpectSameRun(RunWith(*warm, *adapter, prompt, &cached), RunWith(*cold, *adapter, prompt));
+  EXPECT_EQ(cached, 16);
+}
+
 // Chunked prefill with prompt-learning adapters: the virtual tokens go with the first chunk,
 // and the continuation still equals PEFT's.
 TEST_P(PromptLearningTest, ChunkedPrefillKeepsTheReferenceContinuation) {

@@ -321,6 +321,111 @@ TEST(EngineTest, RefusesAnUnknownKvCacheDtype) {
               HasSubstr("kv_cache_dtype must be auto, float32, bfloat16 or float16, got \"int4\""));
 }
 
+// Prefix reuse (--prefix_cache_bytes): a request whose prompt starts with the full 16-token
+// blocks of an earlier one copies their keys and values and prefills only the rest; its
+// outputs, greedy and seeded, equal those of the same request on an engine without the cache
+// (tokens, and log-probs to 1e-5). A tiny budget drops blocks least recently used and changes
+// no answer.
+class PrefixCacheTest : public ::testing::TestWithParam<const char*> {};
+
+std::unique_ptr<Engine> LoadWithPrefixCache(const std::string& fixture, int64_t bytes) {
+  EngineOptions o;
+  o.model_dir = testing::Fixture(fixture);
+  o.prefix_cache_bytes = bytes;
+  LoadReport report;
+  auto engine = Engine::Load(o, &report);
+  EXPECT_TRUE(engine.ok()) << engine.status();
+  return engine.ok() ? *std::move(engine) : nullptr;
+}
+
+std::vector<StepOutput> RunAlone(const Engine& engine, const std::vector<int32_t>& prompt,
+                                 const SamplingParams& params, int steps, int64_t* cached = nullptr) {
+  auto seq = engine.NewSequence(prompt, params);
+  EXPECT_TRUE(seq.ok()) << seq.status();
+  if (!seq.ok()) return {};
+  if (cached != nullptr) *cached = (*seq)->cached_tokens();
+  std::vector<StepOutput> out;
+  for (int i = 0; i < steps; ++i) {
+    auto res = engine.Step({seq->get()});
+    EXPECT_TRUE(res.ok()) << res.status();
+    if (!res.ok()) break;
+    out.push_back((*res)[0]);
+  }
+  return out;
+}
+
+// Tokens equal; log-probs to 1e-5 (a prefill over fewer rows goes through GEMMs of another
+// shape, whose sums may round differently in the last bit).
+void ExpectSameAnswers(const std::vector<StepOutput>& a, const std::vector<StepOutput>& b) {
+  ASSERT_EQ(a.size(), b.size());
+  for (size_t i = 0; i < a.size(); ++i) {
+    EXPECT_EQ(a[i].token, b[i].token) << "step " << i;
+    EXPECT_NEAR(a[i].logprob, b[i].logprob, 1e-5) << "step " << i;
+    ASSERT_EQ(a[i].top.size(), b[i].top.size());
+    for (size_t k = 0; k < a[i].top.size(); ++k) {
+      EXPECT_EQ(a[i].top[k].id, b[i].top[k].id);
+      EXPECT_NEAR(a[i].top[k].logprob, b[i].top[k].logprob, 1e-5);
+    }
+  }
+}
+
+TEST_P(PrefixCacheTest, ReusedPrefixesAnswerAsColdRuns) {
+  auto cold = LoadEngine(GetParam());
+  auto warm = LoadWithPrefixCache(GetParam(), 64 << 20);
+  ASSERT_NE(cold, nullptr);
+  ASSERT_NE(warm, nullptr);
+  std::vector<int32_t> shared;
+  for (int i = 0; i < 37; ++i) shared.push_back(static_cast<int32_t>((11 * i + 5) % 250 + 1));
+  auto with_tail = [&](std::vector<int32_t> tail) {
+    std::vector<int32_t> p = shared;
+    p.insert(p.end(), tail.begin(), tail.end());
+    return p;
+  };
+  SamplingParams greedy;
+  greedy.top_logprobs = 3;
+  SamplingParams seeded = greedy;
+  seeded.temperature = 0.9f;
+  seeded.top_p = 0.9f;
+  seeded.seed = 77;
+  int64_t cached = -1;
+  RunAlone(*warm, with_tail({3, 4, 5}), greedy, 2, &cached);
+  EXPECT_EQ(cached, 0);
+  for (const SamplingParams& params : {greedy, seeded}) {
+    const std::vector<int32_t> prompt = with_tail({9, 8, 7, 6, 5, 4});
+    auto want = RunAlone(*cold, prompt, params, 6);
+    auto got = RunAlone(*warm, prompt, params, 6, &cached);
+    EXPECT_EQ(cached, 32);  // Two full blocks of the 37 shared tokens.
+    ExpectSameAnswers(got, want);
+  }
+  // A prompt that is exactly cached blocks still runs its last token.
+  const std::vector<int32_t> exact(shared.begin(), shared.begin() + 32);
+  auto want = RunAlone(*cold, exact, greedy, 3);
+  auto got = RunAlone(*warm, exact, greedy, 3, &cached);
+  EXPECT_EQ(cached, 16);
+  ExpectSameAnswers(got, want);
+  const PrefixCacheStats stats = warm->prefix_cache_stats();
+  EXPECT_EQ(stats.hit_tokens, 32 + 32 + 16);
+  EXPECT_EQ(stats.queried_tokens, 40 + 43 + 43 + 32);
+  EXPECT_GT(stats.blocks, 0);
+  EXPECT_LE(stats.bytes, stats.max_bytes);
+
+  // Room for about three blocks: blocks come and go, answers stay.
+  auto tiny = LoadWithPrefixCache(GetParam(), 3 * 16 * warm->kv_bytes_per_position() + 1);
+  ASSERT_NE(tiny, nullptr);
+  for (int round = 0; round < 3; ++round) {
+    for (int32_t t : {21, 22}) {
+      std::vector<int32_t> prompt = with_tail({t});
+      prompt.insert(prompt.begin(), static_cast<int32_t>(round + 1));
+      ExpectSameAnswers(RunAlone(*tiny, prompt, greedy, 3), RunAlone(*cold, prompt, greedy, 3));
+    }
+    EXPECT_LE(tiny->prefix_cache_stats().bytes, tiny->prefix_cache_stats().max_bytes);
+  }
+  EXPECT_GT(tiny->prefix_cache_stats().hit_tokens, 0);
+}
+
+INSTANTIATE_TEST_SUITE_P(Fixtures, PrefixCacheTest,
+                         ::testing::Values("llama_tied", "mistral_window", "gpt2", "qwen2_bias"));
+
 TEST(EngineTest, RefusesPromptsThatDoNotFit) {
   auto engine = LoadEngine("gpt2");  // n_positions 64.
   ASSERT_NE(engine, nullptr);

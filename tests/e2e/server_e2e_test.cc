@@ -399,6 +399,49 @@ TEST(E2eAdminSafetyTest, TokenRequiredAndPathsConfinedToTheRoot) {
             grpc::StatusCode::UNAUTHENTICATED);
 }
 
+// --prefix_cache_bytes: requests sharing leading blocks with earlier ones (base, LoRA, prefix
+// and prompt tuning) answer as a server without the cache does, and the metrics count the
+// reused tokens. --kv_cache_dtype shows in the model state.
+TEST(E2ePrefixCacheTest, SharedPrefixesAnswerAsWithoutTheCacheAndAreCounted) {
+  ServerProcess plain(Model(), {kPreload});
+  ServerProcess cached(Model(), {kPreload, "--prefix_cache_bytes=67108864", "--kv_cache_dtype=float32"});
+  ASSERT_TRUE(plain.ok()) << plain.log();
+  ASSERT_TRUE(cached.ok()) << cached.log();
+  std::vector<int32_t> shared = {1};
+  for (int i = 0; i < 39; ++i) shared.push_back(300 + 11 * i);
+  for (const char* adapter : {"", "qv", "pre", "pt"}) {
+    for (int32_t tail : {7, 8, 9}) {
+      std::vector<int32_t> ids = shared;
+      ids.push_back(tail);
+      v1::GenerateRequest req = IdsRequest(ids, adapter, 6);
+      req.set_top_logprobs(2);
+      v1::GenerateResponse want, got;
+      ASSERT_TRUE(Generate(plain, req, &want).ok());
+      ASSERT_TRUE(Generate(cached, req, &got).ok());
+      ASSERT_EQ(Ids(got), Ids(want)) << adapter << " " << tail;
+      for (int i = 0; i < got.tokens_size(); ++i) {
+        EXPECT_NEAR(got.tokens(i).logprob(), want.tokens(i).logprob(), 1e-5) << adapter << " " << tail;
+      }
+    }
+  }
+  std::string cmd = "curl -s http://127.0.0.1:" + std::to_string(cached.metrics_port()) + "/metrics";
+  FILE* p = ::popen(cmd.c_str(), "r");
+  std::string out;
+  char buf[4096];
+  size_t n;
+  while ((n = std::fread(buf, 1, sizeof(buf), p)) > 0) out.append(buf, n);
+  ::pclose(p);
+  // Each adapter's second and third requests reuse the 32 positions of its first.
+  EXPECT_THAT(out, HasSubstr("adapterd_prefix_cache_hit_tokens_total 256"));
+  EXPECT_THAT(out, HasSubstr("adapterd_prefix_cache_queried_tokens_total 492"));
+  EXPECT_THAT(out, HasSubstr("adapterd_prefix_cache_blocks "));
+  grpc::ClientContext ctx;
+  v1::GetModelStateRequest state_req;
+  v1::ModelState state;
+  ASSERT_TRUE(cached.Admin()->GetModelState(&ctx, state_req, &state).ok());
+  EXPECT_EQ(state.base().kv_cache_dtype(), "float32");
+}
+
 TEST(E2eLimitsTest, FullQueueIsRefusedAtOnce) {
   ServerProcess server(Model(), {"--max_queue=1", "--max_batch_rows=1"});
   ASSERT_TRUE(server.ok()) << server.log();

@@ -1,0 +1,85 @@
+// Automatic prefix reuse across requests: the keys and values of every full block of
+// kBlock prompt positions a prefill computed, content-addressed by the adapter the sequence
+// runs with and the token ids up to and including the block. A new sequence of the same
+// adapter whose prompt starts with cached blocks copies them into its cache and prefills only
+// the rest. Prompt-tuning adapters' soft-prompt positions are cached as one more segment
+// (the same for every request of the adapter).
+//
+// Identity: an entry remembers its adapter by a weak reference and matches only that very
+// object (the control block, not the address), so an adapter unloaded and loaded again under
+// the same name, or a new one at a recycled address, never meets the old one's blocks. The
+// base model is the null adapter.
+//
+// Memory: entries are copies (a sequence's cache stays its own, and a cached block outlives
+// the request that made it); the least recently used are dropped past `max_bytes`.
+//
+// Thread-safety: every method may be called from any thread (one mutex).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstdint>
+#include <list>
+#include <memory>
+#include <mutex>
+#include <unordered_map>
+#include <vector>
+
+#include "core/kv_cache.h"
+
+namespace adapterd::core {
+
+class SequenceAdapter;
+
+class PrefixCache {
+ public:
+  static constexpr int64_t kBlock = 16;
+
+  explicit PrefixCache(int64_t max_bytes) : max_bytes_(max_bytes) {}
+
+  // Copies into `cache` (whose first `first` positions are already written: a prefix-tuning
+  // adapter's seeded ones) the soft prompt of `adapter` when it has one (`soft_rows` > 0) and
+  // the cached leading blocks of `tokens`, at most `limit` tokens' worth, and commits them.
+  // Returns the number of tokens covered (0 when nothing was reused; the soft prompt is
+  // reused only together with at least one block).
+  int64_t Reuse(const std::shared_ptr<const SequenceAdapter>& adapter,
+                const std::vector<int32_t>& tokens, int64_t limit, int64_t first,
+                int64_t soft_rows, KvCache& cache);
+  // Stores the soft prompt (positions [first, first + soft_rows) of `cache`) and every full
+  // block of the first `length` tokens (positions from first + soft_rows on) not yet cached.
+  void Insert(const std::shared_ptr<const SequenceAdapter>& adapter,
+              const std::vector<int32_t>& tokens, int64_t length, int64_t first,
+              int64_t soft_rows, KvCache& cache);
+
+  int64_t bytes() const;
+  int64_t blocks() const;
+  int64_t max_bytes() const { return max_bytes_; }
+
+ private:
+  struct Entry {
+    std::weak_ptr<const SequenceAdapter> adapter;
+    const SequenceAdapter* raw = nullptr;
+    uint64_t parent = 0;          // Key of the block before (0: the first block).
+    std::vector<int32_t> tokens;  // This block's ids (empty: the soft-prompt segment).
+    std::vector<at::Tensor> keys, values;  // Per layer, [kv_heads, positions, head_dim].
+    int64_t bytes = 0;
+    std::list<uint64_t>::iterator lru;
+  };
+
+  static uint64_t KeyOf(const SequenceAdapter* adapter, uint64_t parent, const int32_t* tokens,
+                        int64_t n);
+  // The entry under `key` when it is this adapter's, with this parent and these tokens.
+  Entry* Find(uint64_t key, const std::shared_ptr<const SequenceAdapter>& adapter, uint64_t parent,
+              const int32_t* tokens, int64_t n);
+  void Store(uint64_t key, const std::shared_ptr<const SequenceAdapter>& adapter, uint64_t parent,
+             const int32_t* tokens, int64_t n, KvCache& cache, int64_t position, int64_t length);
+  void Touch(Entry& e);
+
+  const int64_t max_bytes_;
+  mutable std::mutex mu_;
+  std::unordered_map<uint64_t, Entry> entries_;
+  std::list<uint64_t> lru_;  // Most recently used first.
+  int64_t bytes_ = 0;
+};
+
+}  // namespace adapterd::core
