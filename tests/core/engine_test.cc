@@ -158,15 +158,17 @@ std::vector<std::vector<StepOutput>> RunBatched(const Engine& engine,
   return out;
 }
 
-void ExpectSameOutputs(const std::vector<StepOutput>& a, const std::vector<StepOutput>& b) {
+// Same tokens and alternatives; log-probs within `tolerance`.
+void ExpectSameOutputs(const std::vector<StepOutput>& a, const std::vector<StepOutput>& b,
+                       double tolerance = 1e-4) {
   ASSERT_EQ(a.size(), b.size());
   for (size_t i = 0; i < a.size(); ++i) {
     EXPECT_EQ(a[i].token, b[i].token) << "step " << i;
-    EXPECT_NEAR(a[i].logprob, b[i].logprob, 1e-4) << "step " << i;
+    EXPECT_NEAR(a[i].logprob, b[i].logprob, tolerance) << "step " << i;
     ASSERT_EQ(a[i].top.size(), b[i].top.size());
     for (size_t k = 0; k < a[i].top.size(); ++k) {
       EXPECT_EQ(a[i].top[k].id, b[i].top[k].id);
-      EXPECT_NEAR(a[i].top[k].logprob, b[i].top[k].logprob, 1e-4);
+      EXPECT_NEAR(a[i].top[k].logprob, b[i].top[k].logprob, tolerance);
     }
   }
 }
@@ -357,16 +359,7 @@ std::vector<StepOutput> RunAlone(const Engine& engine, const std::vector<int32_t
 // Tokens equal; log-probs to 1e-5 (a prefill over fewer rows goes through GEMMs of another
 // shape, whose sums may round differently in the last bit).
 void ExpectSameAnswers(const std::vector<StepOutput>& a, const std::vector<StepOutput>& b) {
-  ASSERT_EQ(a.size(), b.size());
-  for (size_t i = 0; i < a.size(); ++i) {
-    EXPECT_EQ(a[i].token, b[i].token) << "step " << i;
-    EXPECT_NEAR(a[i].logprob, b[i].logprob, 1e-5) << "step " << i;
-    ASSERT_EQ(a[i].top.size(), b[i].top.size());
-    for (size_t k = 0; k < a[i].top.size(); ++k) {
-      EXPECT_EQ(a[i].top[k].id, b[i].top[k].id);
-      EXPECT_NEAR(a[i].top[k].logprob, b[i].top[k].logprob, 1e-5);
-    }
-  }
+  ExpectSameOutputs(a, b, 1e-5);
 }
 
 TEST_P(PrefixCacheTest, ReusedPrefixesAnswerAsColdRuns) {

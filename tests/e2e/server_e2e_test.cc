@@ -45,6 +45,18 @@ grpc::Status Stream(const ServerProcess& s, const v1::GenerateRequest& req,
   return reader->Finish();
 }
 
+// The server's /metrics text, through curl.
+std::string ScrapeMetrics(const ServerProcess& s) {
+  const std::string cmd = "curl -s http://127.0.0.1:" + std::to_string(s.metrics_port()) + "/metrics";
+  FILE* p = ::popen(cmd.c_str(), "r");
+  std::string out;
+  char buf[4096];
+  size_t n;
+  while ((n = std::fread(buf, 1, sizeof(buf), p)) > 0) out.append(buf, n);
+  ::pclose(p);
+  return out;
+}
+
 std::vector<int32_t> Ids(const v1::GenerateResponse& r) {
   return {r.token_ids().begin(), r.token_ids().end()};
 }
@@ -344,13 +356,7 @@ TEST_F(E2eTest, AdminListsAdaptersAndReportsModelState) {
 TEST_F(E2eTest, MetricsCountRequestsByAdapter) {
   v1::GenerateResponse resp;
   ASSERT_TRUE(Generate(*server_, IdsRequest({9, 8, 7}, "qv", 3), &resp).ok());
-  std::string cmd = "curl -s http://127.0.0.1:" + std::to_string(server_->metrics_port()) + "/metrics";
-  FILE* p = ::popen(cmd.c_str(), "r");
-  std::string out;
-  char buf[4096];
-  size_t n;
-  while ((n = std::fread(buf, 1, sizeof(buf), p)) > 0) out.append(buf, n);
-  ::pclose(p);
+  const std::string out = ScrapeMetrics(*server_);
   EXPECT_THAT(out, HasSubstr("adapterd_requests_total{adapter=\"qv\",code=\"OK\"}"));
   EXPECT_THAT(out, HasSubstr("adapterd_generated_tokens_total{adapter=\"qv\"}"));
   EXPECT_THAT(out, HasSubstr("adapterd_time_to_first_token_seconds_bucket"));
@@ -424,13 +430,7 @@ TEST(E2ePrefixCacheTest, SharedPrefixesAnswerAsWithoutTheCacheAndAreCounted) {
       }
     }
   }
-  std::string cmd = "curl -s http://127.0.0.1:" + std::to_string(cached.metrics_port()) + "/metrics";
-  FILE* p = ::popen(cmd.c_str(), "r");
-  std::string out;
-  char buf[4096];
-  size_t n;
-  while ((n = std::fread(buf, 1, sizeof(buf), p)) > 0) out.append(buf, n);
-  ::pclose(p);
+  const std::string out = ScrapeMetrics(cached);
   // Each adapter's second and third requests reuse the 32 positions of its first.
   EXPECT_THAT(out, HasSubstr("adapterd_prefix_cache_hit_tokens_total 256"));
   EXPECT_THAT(out, HasSubstr("adapterd_prefix_cache_queried_tokens_total 492"));
