@@ -55,6 +55,10 @@ std::unique_ptr<grpc::Server> StartServer(const std::string& address,
                                           const std::shared_ptr<grpc::ServerCredentials>& creds,
                                           int* port) {
   grpc::ServerBuilder builder;
+  // gRPC sets SO_REUSEPORT by default, which lets a second server (another adapterd, or
+  // anything else of the same user) bind the same port and silently take a share of the
+  // connections. A port in use must instead fail this server's start.
+  builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
   builder.AddListeningPort(address, creds, port);
   for (grpc::Service* s : services) builder.RegisterService(s);
   return builder.BuildAndStart();

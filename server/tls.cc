@@ -95,7 +95,10 @@ absl::StatusOr<std::unique_ptr<httplib::Server>> NewHttpServer(const TlsFiles& t
 int BindHttpServer(httplib::Server& server, const std::string& host, int port) {
   auto fd = std::make_shared<int>(-1);
   server.set_socket_options([fd](socket_t sock) {
-    httplib::default_socket_options(sock);
+    // httplib's default sets SO_REUSEPORT, which would let another process share a port in
+    // use; SO_REUSEADDR alone allows a restart over TIME_WAIT connections and nothing more.
+    int yes = 1;
+    ::setsockopt(sock, SOL_SOCKET, SO_REUSEADDR, &yes, sizeof(yes));
     *fd = sock;
   });
   const int bound = port == 0 ? server.bind_to_any_port(host) : (server.bind_to_port(host, port) ? port : -1);

@@ -156,6 +156,34 @@ TEST(E2eAdminRulesTest, BadTokenFilesAndExposedAdminListenersRefuseToStart) {
   EXPECT_THAT(out, HasSubstr("--tls_cert and --tls_key must be given together"));
 }
 
+// A second server pointed at a port the first one holds must not start and share its traffic
+// (gRPC and httplib both set SO_REUSEPORT by default, which would allow exactly that).
+TEST(E2eAdminRulesTest, ListenersOnPortsInUseRefuseToStart) {
+  ServerProcess first(Model(), {"--http_listen=127.0.0.1:0"});
+  ASSERT_TRUE(first.ok()) << first.log();
+  ASSERT_GT(first.http_port(), 0);
+  const auto at = [](int port) { return "127.0.0.1:" + std::to_string(port); };
+  const std::map<std::string, int> taken = {{"listen", first.port()},
+                                            {"admin_listen", first.admin_port()},
+                                            {"metrics_listen", first.metrics_port()},
+                                            {"http_listen", first.http_port()}};
+  for (const auto& [flag, port] : taken) {
+    std::map<std::string, std::string> flags = {{"listen", at(0)},
+                                                {"admin_listen", at(0)},
+                                                {"metrics_listen", at(0)},
+                                                {"http_listen", at(0)}};
+    flags[flag] = at(port);
+    std::string args = "serve --model_dir=" + Model();
+    for (const auto& [name, value] : flags) args += " --" + name + "=" + value;
+    std::string out;
+    EXPECT_EQ(RunAdapterd(args, &out, 30), 1) << flag << "\n" << out;
+    EXPECT_THAT(out, HasSubstr(std::to_string(port))) << flag;
+  }
+  // The first server still answers.
+  v1::GenerateResponse resp;
+  EXPECT_TRUE(Generate(first, IdsRequest({1, 2, 3}, "", 2), &resp).ok());
+}
+
 // An adapter root holding copies of the fixture adapters, attacked in several ways.
 class E2eAdapterFilesTest : public ::testing::Test {
  protected:

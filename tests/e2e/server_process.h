@@ -65,6 +65,7 @@ class ServerProcess {
     port_ = ports["listen"];
     admin_port_ = ports["admin"];
     metrics_port_ = ports["metrics"];
+    if (ports.contains("http")) http_port_ = ports["http"];
   }
 
   ~ServerProcess() {
@@ -78,6 +79,7 @@ class ServerProcess {
   int port() const { return port_; }
   int admin_port() const { return admin_port_; }
   int metrics_port() const { return metrics_port_; }
+  int http_port() const { return http_port_; }
   std::string log() const { return ReadBytes(log_); }
   std::string address() const { return "127.0.0.1:" + std::to_string(port_); }
   std::string admin_address() const { return "127.0.0.1:" + std::to_string(admin_port_); }
@@ -111,7 +113,7 @@ class ServerProcess {
   static inline int counter_ = 0;
   std::string dir_, port_file_, log_;
   pid_t pid_ = -1;
-  int port_ = 0, admin_port_ = 0, metrics_port_ = 0;
+  int port_ = 0, admin_port_ = 0, metrics_port_ = 0, http_port_ = 0;
 };
 
 // A greedy request for `ids` that ignores EOS.
