@@ -3,6 +3,7 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <iostream>
 #include <set>
 #include <thread>
 
@@ -69,6 +70,10 @@ class E2eTest : public ::testing::Test {
     server_ = nullptr;
   }
   void SetUp() override { ASSERT_TRUE(server_->ok()); }
+  // A failed test shows what the server logged (its statuses, its INTERNAL details, a crash).
+  void TearDown() override {
+    if (HasFailure()) std::cerr << "server log:\n" << server_->log() << "\n";
+  }
   static ServerProcess* server_;
 };
 ServerProcess* E2eTest::server_ = nullptr;
@@ -113,8 +118,10 @@ TEST_F(E2eTest, StreamingEqualsUnaryForEveryAdapterGreedyAndSampled) {
         req.set_seed(1234);
       }
       v1::GenerateResponse unary, streamed;
-      ASSERT_TRUE(Generate(*server_, req, &unary).ok()) << adapter;
-      ASSERT_TRUE(Stream(*server_, req, &streamed).ok()) << adapter;
+      grpc::Status u = Generate(*server_, req, &unary);
+      ASSERT_TRUE(u.ok()) << adapter << ": " << u.error_code() << " " << u.error_message();
+      grpc::Status st = Stream(*server_, req, &streamed);
+      ASSERT_TRUE(st.ok()) << adapter << ": " << st.error_code() << " " << st.error_message();
       EXPECT_EQ(Ids(unary), Ids(streamed)) << adapter << " sample=" << sample;
       EXPECT_EQ(unary.text(), streamed.text()) << adapter;
       EXPECT_EQ(unary.finish_reason(), streamed.finish_reason());
