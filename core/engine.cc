@@ -283,23 +283,31 @@ absl::StatusOr<std::vector<StepOutput>> Engine::Step(const std::vector<Sequence*
   } catch (const std::exception&) {
     all_finite = false;
   }
+  // Keeps the full blocks of the prompt's first `length` tokens for later requests. Called
+  // after every prefill chunk, so that a long prompt's blocks are copied a chunk's worth at a
+  // time rather than all in the step that completes it (a latency spike for every stream in
+  // that step).
+  const auto keep_prefix = [&](Sequence::State& s, int64_t length) {
+    if (prefix_cache_ == nullptr) return;
+    const int64_t soft_rows = s.adapter ? s.adapter->virtual_tokens() : 0;
+    try {
+      prefix_cache_->Insert(s.adapter, s.tokens, length, s.virtual_positions - soft_rows, soft_rows,
+                            *s.cache);
+    } catch (const std::exception&) {
+      // Only a later request's reuse is lost; this one goes on.
+    }
+  };
   for (size_t r = 0; r < order.size(); ++r) {
     Sequence::State& s = *batch[order[r]]->state_;
     s.soft_prompt_pending = false;
     StepOutput& o = out[order[r]];
     if (partial[order[r]]) {
       o.prefill_only = true;  // Its logits predict a prompt token: nothing to choose.
+      keep_prefix(s, s.cache->length() - s.virtual_positions);
       continue;
     }
-    if (prefix_cache_ != nullptr && static_cast<int64_t>(s.tokens.size()) == s.prompt_length) {
-      // The prompt is all in the cache now: keep its full blocks for later requests.
-      const int64_t soft_rows = s.adapter ? s.adapter->virtual_tokens() : 0;
-      try {
-        prefix_cache_->Insert(s.adapter, s.tokens, s.prompt_length, s.virtual_positions - soft_rows,
-                              soft_rows, *s.cache);
-      } catch (const std::exception&) {
-        // Only a later request's reuse is lost; this one goes on.
-      }
+    if (static_cast<int64_t>(s.tokens.size()) == s.prompt_length) {
+      keep_prefix(s, s.prompt_length);  // The prompt is all in the cache now.
     }
     try {
       at::Tensor row = logits[r].narrow(0, 0, s.vocab);

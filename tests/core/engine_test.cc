@@ -416,6 +416,42 @@ TEST_P(PrefixCacheTest, ReusedPrefixesAnswerAsColdRuns) {
   EXPECT_GT(tiny->prefix_cache_stats().hit_tokens, 0);
 }
 
+// A prompt prefilled in chunks hands its full blocks to the cache chunk by chunk, so a request
+// that shares them is served from the cache before the first prompt has finished.
+TEST_P(PrefixCacheTest, AChunkedPromptsBlocksAreReusableBeforeItCompletes) {
+  auto cold = LoadEngine(GetParam());
+  auto warm = LoadWithPrefixCache(GetParam(), 64 << 20);
+  ASSERT_NE(cold, nullptr);
+  ASSERT_NE(warm, nullptr);
+  std::vector<int32_t> prompt;
+  for (int i = 0; i < 44; ++i) prompt.push_back(static_cast<int32_t>((7 * i + 3) % 250 + 1));
+  SamplingParams greedy;
+  greedy.top_logprobs = 2;
+  auto first = warm->NewSequence(prompt, greedy);
+  ASSERT_TRUE(first.ok()) << first.status();
+  for (int64_t want_blocks : {1, 2}) {
+    auto step = warm->Step({first->get()}, {16});
+    ASSERT_TRUE(step.ok()) << step.status();
+    EXPECT_TRUE((*step)[0].prefill_only);
+    EXPECT_EQ(warm->prefix_cache_stats().blocks, want_blocks);
+  }
+  // 32 of 44 prompt tokens run; a second request with the same first 32 reuses both blocks.
+  std::vector<int32_t> other(prompt.begin(), prompt.begin() + 32);
+  for (int32_t t : {201, 202, 203}) other.push_back(t);
+  int64_t cached = -1;
+  auto got = RunAlone(*warm, other, greedy, 4, &cached);
+  EXPECT_EQ(cached, 32);
+  ExpectSameAnswers(got, RunAlone(*cold, other, greedy, 4));
+  // The first request completes as it would have alone.
+  std::vector<StepOutput> rest;
+  for (int i = 0; i < 4; ++i) {
+    auto step = warm->Step({first->get()});
+    ASSERT_TRUE(step.ok()) << step.status();
+    rest.push_back((*step)[0]);
+  }
+  ExpectSameAnswers(rest, RunAlone(*cold, prompt, greedy, 4));
+}
+
 INSTANTIATE_TEST_SUITE_P(Fixtures, PrefixCacheTest,
                          ::testing::Values("llama_tied", "mistral_window", "gpt2", "qwen2_bias"));
 
