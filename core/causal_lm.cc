@@ -1,5 +1,6 @@
 #include "core/causal_lm.h"
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 
@@ -252,23 +253,38 @@ void CausalLm::RowAttention(int64_t layer, const at::Tensor& q, const at::Tensor
     at::bmm_out(o, probs, values);
     return;
   }
-  // Query head h reads kv head h / group: fold the group into the query axis.
-  at::Tensor qh = q.view({t, n_kv, group, d}).permute({1, 2, 0, 3}).reshape({n_kv, group * t, d});
-  at::Tensor scores = at::bmm(qh, keys.transpose(1, 2));  // [n_kv, group*t, total]
-  scores.mul_(scale);
-  // Query i (absolute position past + i) sees key j iff j <= past + i and, with a window,
-  // j > past + i - window.
-  at::Tensor qpos =
-      at::arange(past, total, at::TensorOptions().dtype(at::kLong).device(q.device())).unsqueeze(1);
-  at::Tensor kpos =
-      at::arange(0, total, at::TensorOptions().dtype(at::kLong).device(q.device())).unsqueeze(0);
-  at::Tensor blocked = kpos > qpos;
-  if (window > 0) blocked = blocked.logical_or(kpos <= qpos - window);
-  scores.view({n_kv, group, t, total})
-      .masked_fill_(blocked, -std::numeric_limits<float>::infinity());
-  at::Tensor probs = at::softmax(scores, -1);
-  at::Tensor o = at::bmm(probs, values);  // [n_kv, group*t, d]
-  out.copy_(o.view({n_kv, group, t, d}).permute({2, 0, 1, 3}).reshape({t, n_heads * d}));
+  // Queries go in blocks whose scores take a few MiB. A long prompt's [heads, t, total]
+  // scores at once would be fresh memory in every layer (for 1,000 tokens and 12 heads, 48 MB
+  // of scores and as much again of probabilities, each page faulted in), which made prefill
+  // cost grow with the square of the prompt; and a block needs only the keys up to its last
+  // query. Each query's scores, softmax and sum are the same in any block.
+  const int64_t per_query = n_heads * total * static_cast<int64_t>(sizeof(float));
+  const int64_t block = std::clamp<int64_t>(attention_block_bytes_ / per_query, 16, std::max<int64_t>(t, 16));
+  for (int64_t i0 = 0; i0 < t; i0 += block) {
+    const int64_t tb = std::min(block, t - i0);
+    const int64_t seen = past + i0 + tb;  // Keys [0, seen): later ones are masked anyway.
+    // Query head h reads kv head h / group: fold the group into the query axis.
+    at::Tensor qh = q.narrow(0, i0, tb)
+                        .view({tb, n_kv, group, d})
+                        .permute({1, 2, 0, 3})
+                        .reshape({n_kv, group * tb, d});
+    at::Tensor scores = at::bmm(qh, keys.narrow(1, 0, seen).transpose(1, 2));  // [n_kv, group*tb, seen]
+    scores.mul_(scale);
+    // Query i (absolute position past + i) sees key j iff j <= past + i and, with a window,
+    // j > past + i - window.
+    at::Tensor qpos = at::arange(past + i0, past + i0 + tb,
+                                 at::TensorOptions().dtype(at::kLong).device(q.device()))
+                          .unsqueeze(1);
+    at::Tensor kpos =
+        at::arange(0, seen, at::TensorOptions().dtype(at::kLong).device(q.device())).unsqueeze(0);
+    at::Tensor blocked = kpos > qpos;
+    if (window > 0) blocked = blocked.logical_or(kpos <= qpos - window);
+    scores.view({n_kv, group, tb, seen})
+        .masked_fill_(blocked, -std::numeric_limits<float>::infinity());
+    at::Tensor probs = at::softmax(scores, -1);
+    at::Tensor o = at::bmm(probs, values.narrow(1, 0, seen));  // [n_kv, group*tb, d]
+    out.narrow(0, i0, tb).copy_(o.view({n_kv, group, tb, d}).permute({2, 0, 1, 3}).reshape({tb, n_heads * d}));
+  }
 }
 
 std::string InputEmbeddingName(const ModelConfig& config) {

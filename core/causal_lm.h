@@ -149,6 +149,9 @@ class CausalLm {
   // them widened (or narrowed) to the compute dtype. Set before any cache is made.
   at::ScalarType kv_dtype() const { return kv_dtype_; }
   void set_kv_dtype(at::ScalarType dtype) { kv_dtype_ = dtype; }
+  // Bytes of attention scores a prefill computes at once: longer prompts go in blocks of
+  // queries (at least 16) whose scores fit. Set before the first Forward.
+  void set_attention_block_bytes(int64_t bytes) { attention_block_bytes_ = bytes; }
 
   const ModelConfig& config() const { return config_; }
   const at::TensorOptions& options() const { return options_; }
@@ -186,6 +189,7 @@ class CausalLm {
   ModelConfig config_;
   at::TensorOptions options_;
   at::ScalarType kv_dtype_;
+  int64_t attention_block_bytes_ = int64_t{8} << 20;
   std::map<std::string, at::Tensor> weights_;
 };
 

@@ -3,6 +3,7 @@
 // row alone.
 #include "core/engine.h"
 
+#include <algorithm>
 #include <cmath>
 
 #include "gmock/gmock.h"
@@ -453,6 +454,54 @@ TEST_P(PrefixCacheTest, AChunkedPromptsBlocksAreReusableBeforeItCompletes) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Fixtures, PrefixCacheTest,
+                         ::testing::Values("llama_tied", "mistral_window", "gpt2", "qwen2_bias"));
+
+// A long prompt's attention runs in blocks of queries (EngineOptions::attention_block_bytes).
+// With blocks of 16 queries, every prompt position's logits equal those of the whole prompt at
+// once (which other tests hold to the PyTorch reference), here for a sliding window too, and
+// so do the answers of a prompt prefilled in chunks whose blocks start past cached positions.
+class AttentionBlockTest : public ::testing::TestWithParam<const char*> {};
+
+TEST_P(AttentionBlockTest, QueryBlocksEqualTheWholePromptAtOnce) {
+  auto whole = LoadEngine(GetParam());
+  EngineOptions o;
+  o.model_dir = testing::Fixture(GetParam());
+  o.attention_block_bytes = 1;  // Blocks of 16 queries, the least.
+  LoadReport report;
+  auto blocked = Engine::Load(o, &report);
+  ASSERT_TRUE(blocked.ok()) << blocked.status();
+  ASSERT_NE(whole, nullptr);
+  std::vector<int32_t> prompt;
+  for (int i = 0; i < 50; ++i) prompt.push_back(static_cast<int32_t>((13 * i + 2) % 250 + 1));
+  auto want = whole->PromptLogits(prompt);
+  auto got = (*blocked)->PromptLogits(prompt);
+  ASSERT_TRUE(want.ok()) << want.status();
+  ASSERT_TRUE(got.ok()) << got.status();
+  ASSERT_EQ(want->size(), got->size());
+  float largest = 0, worst = 0;
+  for (size_t i = 0; i < want->size(); ++i) {
+    largest = std::max(largest, std::abs((*want)[i]));
+    worst = std::max(worst, std::abs((*want)[i] - (*got)[i]));
+  }
+  EXPECT_LE(worst, 1e-5f * largest) << "largest logit " << largest;
+
+  SamplingParams greedy;
+  greedy.top_logprobs = 2;
+  auto seq = (*blocked)->NewSequence(prompt, greedy);
+  ASSERT_TRUE(seq.ok()) << seq.status();
+  std::vector<StepOutput> chunked;
+  auto first = (*blocked)->Step({seq->get()}, {21});
+  ASSERT_TRUE(first.ok()) << first.status();
+  ASSERT_TRUE((*first)[0].prefill_only);
+  for (int i = 0; i < 4; ++i) {
+    auto step = (*blocked)->Step({seq->get()});
+    ASSERT_TRUE(step.ok()) << step.status();
+    chunked.push_back((*step)[0]);
+  }
+  ExpectSameOutputs(chunked, RunAlone(*whole, prompt, greedy, 4), 1e-5);
+}
+
+INSTANTIATE_TEST_SUITE_P(Fixtures, AttentionBlockTest,
                          ::testing::Values("llama_tied", "mistral_window", "gpt2", "qwen2_bias"));
 
 TEST(EngineTest, RefusesPromptsThatDoNotFit) {
