@@ -7,6 +7,8 @@ source "$root/tests/bench/bench_models.sh"
 echo "== decode and load (drops the page cache first when root: a cold load)"
 if [[ -w /proc/sys/vm/drop_caches ]]; then sync; echo 3 > /proc/sys/vm/drop_caches; fi
 "$bench/decode_bench" "$models/llama_110m" 128
+echo "== KV memory: prefix reuse, decode over a long context, chunked prefill, KV dtypes"
+"$bench/kv_bench" "$models/llama_110m"
 echo "== adapters"
 "$bench/adapter_bench" "$models/llama_110m" "$models/adapters/bench_lora_"
 echo "== tokenizer (adapterd, then the Rust tokenizers on the same text)"
