@@ -28,6 +28,8 @@ std::string Model() { return Fixture("llama_tok"); }
 grpc::Status Stream(const ServerProcess& s, const v1::GenerateRequest& req,
                     v1::GenerateResponse* out, std::function<void(int)> after_chunk = nullptr) {
   grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(60));
+  ctx.set_wait_for_ready(true);  // As Generate() (server_process.h).
   auto reader = s.Generation()->GenerateStream(&ctx, req);
   v1::GenerateStreamResponse chunk;
   int n = 0;

@@ -131,6 +131,9 @@ inline grpc::Status Generate(const ServerProcess& s, const adapterd::v1::Generat
                       adapterd::v1::GenerateResponse* resp, int timeout_ms = 60000) {
   grpc::ClientContext ctx;
   ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::milliseconds(timeout_ms));
+  // The server is listening (it writes its port file after), so a connection attempt that
+  // fails is the test machine's noise, not what a test checks: retried within the deadline.
+  ctx.set_wait_for_ready(true);
   return s.Generation()->Generate(&ctx, req, resp);
 }
 
