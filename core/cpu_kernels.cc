@@ -95,7 +95,7 @@ bool IsaFromName(const std::string& name, Isa* isa) {
 at::Tensor Linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b) {
   const Isa isa = SelectedIsa();
   if (isa == Isa::kNone || !IsCpuFloat(x) || !IsCpuWeight(w) || x.dim() != 2 || w.dim() != 2 ||
-      x.size(0) > kLinearMaxRows || x.size(1) != w.size(1) || x.stride(1) != 1 ||
+      !LinearTakes(x.size(0), x.size(1)) || x.size(1) != w.size(1) || x.stride(1) != 1 ||
       w.stride(1) != 1 || (b.defined() && (!IsCpuFloat(b) || !b.is_contiguous() ||
                                            b.dim() != 1 || b.size(0) != w.size(0)))) {
     return at::Tensor();

@@ -22,12 +22,18 @@
 
 namespace adapterd::core::cpu {
 
-// Rows up to which Linear() is used. It was 48, on the belief that BLAS's packing pays for
-// itself in prefill; measured on a 110M Llama (2 cores, AVX-512, Debian's OpenBLAS), a
-// 1,000-token prefill takes 2.5 s with these kernels and 3.0 s with BLAS past 48 rows, and
-// every row's result stays independent of its batch. Past this many rows a prefill is long
-// enough that its attention, not the projections, decides its time.
+// Rows up to which Linear() and LoraSegments() are used. Linear() also needs x to stay
+// within kLinearMaxInputBytes past 48 rows: it reads x once per tile of outputs, fast while x
+// sits in the core's cache, and BLAS, which packs, wins beyond. Measured on a 110M Llama (K
+// 768, 2 cores, AVX-512, Debian's OpenBLAS), whole-prompt generation took 2.65 s against
+// 3.04 s with BLAS at 500 tokens and 4.1 against 4.6 s at 1,000, but 6.9 against 6.55 s at
+// 2,000 (x of 6 MB). Each row's result is independent of its batch on these kernels.
 inline constexpr int64_t kLinearMaxRows = 4096;
+inline constexpr int64_t kLinearMaxInputBytes = int64_t{4} << 20;
+// Whether Linear() takes an x of `rows` rows of `k` floats.
+inline bool LinearTakes(int64_t rows, int64_t k) {
+  return rows <= 48 || (rows <= kLinearMaxRows && rows * k * static_cast<int64_t>(sizeof(float)) <= kLinearMaxInputBytes);
+}
 
 // Instruction sets with kernels, in increasing order; kNone: every caller uses ATen.
 enum class Isa { kNone, kAvx2, kAvx512 };

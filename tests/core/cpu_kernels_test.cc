@@ -59,9 +59,10 @@ TEST_P(LinearTest, MatchesADoublePrecisionProductForAwkwardShapes) {
 
 TEST_P(LinearTest, ARowsResultDoesNotDependOnItsBatch) {
   at::manual_seed(8);
-  at::Tensor x = at::randn({19, 200});
+  at::Tensor x = at::randn({300, 200});  // Past 48 rows too (prefill).
   at::Tensor w = at::randn({130, 200});
   at::Tensor all = Linear(x, w, at::Tensor());
+  ASSERT_TRUE(all.defined());
   for (int64_t i = 0; i < x.size(0); ++i) {
     at::Tensor alone = Linear(x.narrow(0, i, 1), w, at::Tensor());
     EXPECT_TRUE(at::equal(all.narrow(0, i, 1), alone)) << "row " << i;
@@ -71,6 +72,12 @@ TEST_P(LinearTest, ARowsResultDoesNotDependOnItsBatch) {
 TEST_P(LinearTest, DeclinesWhatItCannotTake) {
   at::Tensor w = at::randn({8, 16});
   EXPECT_FALSE(Linear(at::randn({kLinearMaxRows + 1, 16}), w, at::Tensor()).defined());
+  // Past 48 rows, an x larger than kLinearMaxInputBytes goes to BLAS; 48 rows always fit.
+  const int64_t wide = kLinearMaxInputBytes / (49 * 4) + 1;
+  const at::Tensor w_wide = at::randn({8, wide});
+  EXPECT_FALSE(Linear(at::randn({49, wide}), w_wide, at::Tensor()).defined());
+  EXPECT_TRUE(Linear(at::randn({48, wide}), w_wide, at::Tensor()).defined());
+  EXPECT_TRUE(Linear(at::randn({1000, 16}), w, at::Tensor()).defined());
   EXPECT_FALSE(Linear(at::randn({2, 16}, at::kDouble), w.to(at::kDouble), at::Tensor()).defined());
   EXPECT_FALSE(Linear(at::randn({16, 2}).t(), w, at::Tensor()).defined());  // Strided along k.
   EXPECT_FALSE(Linear(at::randn({2, 15}), w, at::Tensor()).defined());
