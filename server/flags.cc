@@ -64,7 +64,7 @@ ABSL_FLAG(std::string, adapter_dtype, "auto",
           "in the model's dtype) or bfloat16 (all in bfloat16: half the memory and the bytes a "
           "step over many adapters reads; float32 and float16 factors are rounded once at load).");
 ABSL_FLAG(int64_t, max_batch_rows, 32, "Most sequences in one model step.");
-ABSL_FLAG(int64_t, max_tokens_per_step, 2048,
+ABSL_FLAG(int64_t, max_tokens_per_step, 512,
           "Most tokens run in one step: decode rows take one each, prompts share the rest, a "
           "longer prompt is prefilled in chunks over several steps (chunked prefill).");
 ABSL_FLAG(int64_t, max_queue, 256, "Waiting requests before RESOURCE_EXHAUSTED.");

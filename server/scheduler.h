@@ -92,7 +92,7 @@ struct SchedulerOptions {
   // Tokens run in one step: each decode row's one, then prompt chunks (chunked prefill: a
   // longer prompt runs over several steps, sharing them with the decodes). Also bounds the
   // prompt tokens admitted at once (the first request always is).
-  int64_t max_tokens_per_step = 2048;
+  int64_t max_tokens_per_step = 512;
   int64_t max_queue = 256;             // Waiting requests before RESOURCE_EXHAUSTED.
   int64_t max_kv_bytes = int64_t{4} << 30;  // KV cache budget over running sequences.
   std::vector<int64_t> eos_token_ids;  // Empty: the model's (generation_)config.json ids.

@@ -172,7 +172,7 @@ void ChunkedPrefill(const Engine& engine, int64_t arrival) {
   std::printf("chunked prefill  %d streams decoding; a %lld-token prompt arrives\n", streams_n,
               static_cast<long long>(arrival));
   std::printf("  no arrival     ITL p50 %.1f ms, p99 %.1f ms\n", p50, p99);
-  for (const int64_t budget : {int64_t{16}, int64_t{32}, int64_t{64}, int64_t{128}, int64_t{512}, int64_t{0}}) {
+  for (const int64_t budget : {int64_t{16}, int64_t{32}, int64_t{64}, int64_t{128}, int64_t{512}, int64_t{2048}, int64_t{0}}) {
     Streams streams = StartStreams(engine, streams_n, gen);
     double ttft = 0;
     const std::vector<double> with = StepsWithArrival(engine, streams, arrival, budget, gen, &ttft);
