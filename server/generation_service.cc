@@ -90,6 +90,7 @@ class StreamCall final : public grpc::ServerWriteReactor<v1::GenerateStreamRespo
       : cancelled_(std::move(cancelled)), adapter_(std::move(adapter)) {}
 
   void Push(const std::vector<core::StepOutput>& tokens, const std::string& text) {
+    Next next;
     {
       absl::MutexLock lock(&mu_);
       if (pending_.size() < 2) {  // The front one may be in flight: never touch it.
@@ -102,12 +103,14 @@ class StreamCall final : public grpc::ServerWriteReactor<v1::GenerateStreamRespo
         FillToken(s, chunk.add_tokens());
       }
       chunk.mutable_text()->append(text);
+      next = Decide();
     }
-    Pump();
+    Act(next);
   }
 
   void Done(const absl::Status& status, core::FinishReason reason, const GenerationStats& stats,
             const std::string& text) {
+    Next next;
     {
       absl::MutexLock lock(&mu_);
       status_ = ToGrpc(status);
@@ -124,11 +127,13 @@ class StreamCall final : public grpc::ServerWriteReactor<v1::GenerateStreamRespo
       } else if (!writing_) {
         pending_.clear();  // An error ends the stream now.
       }
+      next = Decide();
     }
-    Pump();
+    Act(next);
   }
 
   void OnWriteDone(bool ok) override {
+    Next next;
     {
       absl::MutexLock lock(&mu_);
       writing_ = false;
@@ -138,37 +143,49 @@ class StreamCall final : public grpc::ServerWriteReactor<v1::GenerateStreamRespo
         cancelled_->store(true);
         pending_.clear();
       }
+      next = Decide();
     }
-    Pump();
+    Act(next);
   }
   void OnCancel() override { cancelled_->store(true); }
   void OnDone() override { delete this; }
 
  private:
-  // Starts the next write or finishes the call, whichever is due, outside the lock. Must be
-  // the last thing its caller does with the call.
-  void Pump() {
-    const v1::GenerateStreamResponse* next = nullptr;
-    grpc::Status finish;
-    {
-      absl::MutexLock lock(&mu_);
-      if (writing_ || finished_) return;
-      if (!pending_.empty() && !broken_ && (status_.ok() || !done_)) {
-        writing_ = true;
-        next = &pending_.front();  // Stays put: nothing touches the front while writing_.
-      } else if (done_ && (pending_.empty() || broken_ || !status_.ok())) {
-        finished_ = true;
-        finish = broken_ && status_.ok()
-                     ? grpc::Status(grpc::StatusCode::CANCELLED, "client went away")
-                     : status_;
-      } else {
-        return;
-      }
+  // The next write to start, or the status to finish with, or neither.
+  struct Next {
+    const v1::GenerateStreamResponse* write = nullptr;
+    bool finish = false;
+    grpc::Status status;
+  };
+
+  // Decides the next write or the finish, whichever is due, and takes it (writing_ or
+  // finished_) in the same locked section as the change that made it due. Deciding after
+  // releasing the lock let two threads race: the scheduler's Done() unlocked, gRPC's
+  // OnWriteDone() meanwhile finished the call (OnDone deleted it), and Done() then read the
+  // freed call (found by AddressSanitizer in an e2e test).
+  Next Decide() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    Next next;
+    if (writing_ || finished_) return next;
+    if (!pending_.empty() && !broken_ && (status_.ok() || !done_)) {
+      writing_ = true;
+      next.write = &pending_.front();  // Stays put: nothing touches the front while writing_.
+    } else if (done_ && (pending_.empty() || broken_ || !status_.ok())) {
+      finished_ = true;
+      next.finish = true;
+      next.status = broken_ && status_.ok()
+                        ? grpc::Status(grpc::StatusCode::CANCELLED, "client went away")
+                        : status_;
     }
-    if (next != nullptr) {
-      StartWrite(next);
-    } else {
-      Finish(finish);
+    return next;
+  }
+
+  // Carries out what Decide() took, with no lock held. Must be the last thing its caller does
+  // with the call: once the write completes or the call finishes, another thread may delete it.
+  void Act(const Next& next) {
+    if (next.write != nullptr) {
+      StartWrite(next.write);
+    } else if (next.finish) {
+      Finish(next.status);
     }
   }
 
