@@ -113,15 +113,15 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Load(const EngineOptions& option
     return absl::InvalidArgumentError(absl::StrCat(
         "kv_cache_dtype must be auto, float32, bfloat16 or float16, got \"", options.kv_cache_dtype, "\""));
   }
+  if (options.attention_block_bytes < 0) {
+    return absl::InvalidArgumentError("attention_block_bytes must be 0 (the default) or more");
+  }
   LoadOptions load;
   load.device = options.device;
   load.compute_dtype = options.dtype;
   load.map_weights = options.map_weights;
   ASSIGN_OR_RETURN(auto model, LoadModel(options.model_dir, load, report));
   if (!kv_auto) model->set_kv_dtype(kv_dtype);
-  if (options.attention_block_bytes < 0) {
-    return absl::InvalidArgumentError("attention_block_bytes must be 0 (the default) or more");
-  }
   if (options.attention_block_bytes > 0) model->set_attention_block_bytes(options.attention_block_bytes);
   switch (model->kv_dtype()) {
     case at::kBFloat16: report->kv_cache_dtype = "bfloat16"; break;
