@@ -208,22 +208,21 @@ at::Tensor CausalLm::FinishRows(const at::Tensor& x, const std::vector<RowSpan>&
 void CausalLm::Attend(int64_t layer, const at::Tensor& q, const at::Tensor& k,
                       const at::Tensor& v, const std::vector<RowSpan>& rows, double scale,
                       int64_t window, at::Tensor& out) const {
-  const bool fuse = !rows.empty() && cpu::DecodeAttentionApplies(q, k, v, out) &&
-                    cpu::DecodeCacheApplies(rows.front().cache->keys(layer));
-  std::vector<cpu::DecodeRow> decode;
-  for (const RowSpan& r : rows) {
-    if (fuse && r.length == 1) {
-      decode.push_back({r.offset, r.cache});
-      continue;
+  const bool fuse = !rows.empty() && cpu::CachedAttentionApplies(q, k, v, out) &&
+                    cpu::KvCacheApplies(rows.front().cache->keys(layer));
+  if (!fuse) {
+    for (const RowSpan& r : rows) {
+      RowAttention(layer, q.narrow(0, r.offset, r.length), k.narrow(0, r.offset, r.length),
+                   v.narrow(0, r.offset, r.length), *r.cache, scale, window,
+                   out.narrow(0, r.offset, r.length));
     }
-    RowAttention(layer, q.narrow(0, r.offset, r.length), k.narrow(0, r.offset, r.length),
-                 v.narrow(0, r.offset, r.length), *r.cache, scale, window,
-                 out.narrow(0, r.offset, r.length));
+    return;
   }
-  if (!decode.empty()) {
-    cpu::DecodeAttention(layer, q, k, v, decode, config_.num_heads, config_.num_kv_heads,
-                         config_.head_dim, scale, window, out);
-  }
+  std::vector<cpu::CachedRow> cached;
+  cached.reserve(rows.size());
+  for (const RowSpan& r : rows) cached.push_back({r.offset, r.cache, r.length});
+  cpu::CachedAttention(layer, q, k, v, cached, config_.num_heads, config_.num_kv_heads,
+                       config_.head_dim, scale, window, out);
 }
 
 void CausalLm::RowAttention(int64_t layer, const at::Tensor& q, const at::Tensor& k,

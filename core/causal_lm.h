@@ -175,8 +175,9 @@ class CausalLm {
                                bool all_positions);
 
   // Attention of every row: q [N, nH*d], k, v [N, nKV*d] (rotated for Llama), written into
-  // `out` ([N, nH*d], contiguous). Decode rows (one new token) go through one fused CPU
-  // kernel call when it applies; the others through RowAttention().
+  // `out` ([N, nH*d], contiguous). Every row (decode or prefill chunk) goes through one
+  // cpu::CachedAttention call when it applies (CPU, float32 activations, a float32 or
+  // bfloat16 cache); otherwise each row through RowAttention().
   void Attend(int64_t layer, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
               const std::vector<RowSpan>& rows, double scale, int64_t window,
               at::Tensor& out) const;

@@ -256,55 +256,63 @@ at::Tensor LoraExpand(const at::Tensor& t, const at::Tensor& bt, float scale) {
   return y;
 }
 
-bool DecodeAttentionApplies(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+bool CachedAttentionApplies(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                             const at::Tensor& out) {
   return SelectedIsa() != Isa::kNone && IsCpuFloat(q) && IsCpuFloat(k) && IsCpuFloat(v) &&
          IsCpuFloat(out) && q.dim() == 2 && k.dim() == 2 && v.dim() == 2 && out.dim() == 2 &&
          q.stride(1) == 1 && k.stride(1) == 1 && v.stride(1) == 1 && out.is_contiguous();
 }
 
-bool DecodeCacheApplies(const at::Tensor& keys) {
+bool KvCacheApplies(const at::Tensor& keys) {
   return keys.is_cpu() && keys.is_contiguous() &&
          (keys.scalar_type() == at::kFloat || keys.scalar_type() == at::kBFloat16);
 }
 
-void DecodeAttention(int64_t layer, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                     const std::vector<DecodeRow>& rows, int64_t num_heads, int64_t kv_heads,
+void CachedAttention(int64_t layer, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                     const std::vector<CachedRow>& rows, int64_t num_heads, int64_t kv_heads,
                      int64_t head_dim, double scale, int64_t window, at::Tensor& out) {
   const int64_t group = num_heads / kv_heads;
   int64_t work = 0;
   int64_t longest = 0;
-  for (const DecodeRow& r : rows) {
-    r.cache->Reserve(layer, r.cache->length() + 1);
-    TORCH_CHECK(DecodeCacheApplies(r.cache->keys(layer)), "KV cache is not CPU float32 or bfloat16");
-    longest = std::max(longest, r.cache->length() + 1);
-    work += (r.cache->length() + 1) * num_heads * head_dim * 2;
+  for (const CachedRow& r : rows) {
+    TORCH_CHECK(r.length >= 1, "a cached-attention row needs at least one position");
+    const int64_t total = r.cache->length() + r.length;
+    r.cache->Reserve(layer, total);
+    TORCH_CHECK(KvCacheApplies(r.cache->keys(layer)), "KV cache is not CPU float32 or bfloat16");
+    longest = std::max(longest, total);
+    // Scores and weighted sums over the positions each query sees.
+    const int64_t seen = window > 0 ? r.length * std::min(total, window) : r.length * (2 * total - r.length + 1) / 2;
+    work += seen * num_heads * head_dim * 2;
   }
   auto* kernel = SelectedIsa() == Isa::kAvx512 ? &AttendAvx512 : &AttendAvx2;
   const int64_t tasks = static_cast<int64_t>(rows.size()) * kv_heads;
   ForChunks(tasks, 1, work >= kParallelWork, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores(longest);
+    std::vector<float> scores(std::max(kAttendRows, group) * longest);
     for (int64_t t = begin; t < end; ++t) {
-      const DecodeRow& r = rows[t / kv_heads];
+      const CachedRow& r = rows[t / kv_heads];
       const int64_t h = t % kv_heads;
       at::Tensor& keys = r.cache->keys(layer);
       at::Tensor& values = r.cache->values(layer);
       const int64_t capacity = keys.size(1);
-      const int64_t position = r.cache->length();
       AttendArgs a;
       a.q = q.data_ptr<float>() + r.index * q.stride(0) + h * group * head_dim;
       a.k = k.data_ptr<float>() + r.index * k.stride(0) + h * head_dim;
       a.v = v.data_ptr<float>() + r.index * v.stride(0) + h * head_dim;
+      a.q_stride = q.stride(0);
+      a.kv_stride = k.stride(0);
+      TORCH_CHECK(v.stride(0) == k.stride(0), "keys and values must have the same row stride");
       const int64_t offset = h * capacity * head_dim * static_cast<int64_t>(keys.element_size());
       a.keys = static_cast<char*>(keys.data_ptr()) + offset;
       a.values = static_cast<char*>(values.data_ptr()) + offset;
       a.kv_type = keys.scalar_type() == at::kBFloat16 ? WeightType::kBf16 : WeightType::kF32;
       a.out = out.data_ptr<float>() + r.index * out.stride(0) + h * group * head_dim;
+      a.out_stride = out.stride(0);
       a.scores = scores.data();
+      a.count = r.length;
       a.group = group;
       a.head_dim = head_dim;
-      a.first = window > 0 ? std::max<int64_t>(0, position + 1 - window) : 0;
-      a.position = position;
+      a.window = window;
+      a.position = r.cache->length();
       a.scale = static_cast<float>(scale);
       kernel(a);
     }

@@ -5,8 +5,10 @@
 //    kernels read W once, straight from the (memory-mapped) checkpoint layout [out, in]. Each
 //    output is one dot product summed in a fixed order, so a row's result does not depend on
 //    which other rows share its batch.
-//  - DecodeAttention: one new query per sequence against its KV cache, every row and head of
-//    a layer in one parallel call instead of a handful of ATen ops per row.
+//  - CachedAttention: each sequence's new queries (one when decoding, a prefill chunk's
+//    otherwise) against its KV cache, read in place, every row and head of a layer in one
+//    parallel call instead of a handful of ATen ops per row (and no BLAS packing of the whole
+//    cache for a few queries).
 // Both choose AVX-512F or AVX2+FMA code at run time and report when they do not apply (other
 // device or dtype, no such CPU), so callers fall back to ATen and CUDA builds are unaffected.
 //
@@ -84,28 +86,32 @@ bool LoraSegments(const at::Tensor& x, at::Tensor& y, const std::vector<LoraSegm
 // kernel applies.
 at::Tensor LoraExpand(const at::Tensor& t, const at::Tensor& bt, float scale);
 
-// One decode row of a packed batch: token `index` of q/k/v continues the sequence in `cache`.
-struct DecodeRow {
+// A sequence's new positions in a packed batch: tokens [index, index + length) of q/k/v
+// continue the sequence in `cache` (one for a decode row, more for a prefill chunk).
+struct CachedRow {
   int64_t index = 0;
   KvCache* cache = nullptr;
+  int64_t length = 1;
 };
 
-// Returns true when DecodeAttention() can take these tensors: CPU float32 q, k, v [n, heads·d]
-// with unit stride along the features, `out` [n, heads·d] contiguous (the caches: see
-// DecodeCacheApplies).
-bool DecodeAttentionApplies(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+// Returns true when CachedAttention() can take these tensors: CPU float32 q, k, v [n, heads·d]
+// with unit stride along the features (k and v with the same row stride), `out` [n, heads·d]
+// contiguous (the caches: see KvCacheApplies).
+bool CachedAttentionApplies(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                             const at::Tensor& out);
 
-// Returns true when DecodeAttention() can read and write a cache layer holding `keys` (and
+// Returns true when CachedAttention() can read and write a cache layer holding `keys` (and
 // values of the same dtype): contiguous CPU float32 or bfloat16.
-bool DecodeCacheApplies(const at::Tensor& keys);
+bool KvCacheApplies(const at::Tensor& keys);
 
-// For every row: writes its key and value ([kv_heads·d] at token `index` of k and v) into
-// `layer` of its cache at position cache->length() (not committed), then writes the attention
-// of its query (num_heads·d) over the cached positions — the last `window` when window > 0 —
-// into row `index` of `out`. Query head h reads kv head h / (num_heads / kv_heads).
-void DecodeAttention(int64_t layer, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                     const std::vector<DecodeRow>& rows, int64_t num_heads, int64_t kv_heads,
+// For every row: writes its keys and values ([kv_heads·d] at tokens [index, index + length) of
+// k and v) into `layer` of its cache at positions [cache->length(), + length) (not committed),
+// then writes the causal attention of each of its queries (num_heads·d) over the cached
+// positions up to its own — the last `window` when window > 0 — into its row of `out`. Query
+// head h reads kv head h / (num_heads / kv_heads). Each query is computed alone (the same
+// operations whatever the row's length), so a prompt's outputs do not depend on its chunking.
+void CachedAttention(int64_t layer, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                     const std::vector<CachedRow>& rows, int64_t num_heads, int64_t kv_heads,
                      int64_t head_dim, double scale, int64_t window, at::Tensor& out);
 
 }  // namespace adapterd::core::cpu

@@ -53,24 +53,37 @@ struct ExpandArgs {
   float scale = 1.0f;
 };
 
-// One decode row's attention for one kv head: its key and value are stored at `position` of
-// the head's cache, then each of the `group` query heads attends over positions
-// [first, position].
+// Attention for one kv head of one sequence over its cache: `count` new positions (one for a
+// decode row, more for a prefill chunk) are stored at [position, position + count) of the
+// head's cache, then each of the `group` query heads of new position c attends over positions
+// [first(c), position + c], first(c) = max(0, position + c + 1 - window) when window > 0, else 0.
+// Each query's scores, softmax and weighted sum are computed as for a lone decode row, in the
+// same order, so a position's output does not depend on how its prompt was split into chunks.
 struct AttendArgs {
-  const float* q;    // The row's query heads of this kv head: group × head_dim.
-  const float* k;    // The row's new key for this kv head: head_dim.
-  const float* v;    // The row's new value: head_dim.
+  const float* q;    // Position c's query heads of this kv head: group × head_dim at q + c·q_stride.
+  const float* k;    // Position c's new key for this kv head: head_dim at k + c·kv_stride.
+  const float* v;    // Its new value, at v + c·kv_stride.
   void* keys;        // This kv head's cache: [capacity, head_dim] of kv_type.
   void* values;
-  float* out;        // group × head_dim.
-  float* scores;     // Scratch: position + 1 floats.
+  float* out;        // Position c's group × head_dim at out + c·out_stride.
+  float* scores;     // Scratch: max(kAttendRows, group)·(position + count) floats.
+  int64_t count = 1;
+  int64_t q_stride = 0;
+  int64_t kv_stride = 0;
+  int64_t out_stride = 0;
   int64_t group;
   int64_t head_dim;
-  int64_t first;
-  int64_t position;
+  int64_t window = 0;
+  int64_t position;  // The past length: the first new position.
   float scale;
   WeightType kv_type = WeightType::kF32;  // float32 or bfloat16 (--kv_cache_dtype).
 };
+
+// Query heads (positions × group) whose scores a chunk computes together, each key tile read
+// once for all of them while it is in L1.
+inline constexpr int64_t kAttendRows = 16;
+// Keys per tile: 64 × head_dim 128 in float32 is 32 KB.
+inline constexpr int64_t kAttendKeys = 64;
 
 void LinearAvx512(const LinearArgs& args, int64_t n0, int64_t n1);
 void LinearAvx2(const LinearArgs& args, int64_t n0, int64_t n1);

@@ -88,7 +88,7 @@ TEST_P(LinearTest, DeclinesWhatItCannotTake) {
 INSTANTIATE_TEST_SUITE_P(Isas, LinearTest, ::testing::Values(Isa::kAvx2, Isa::kAvx512),
                          IsaParamName);
 
-class DecodeAttentionTest : public IsaTest {};
+class CachedAttentionTest : public IsaTest {};
 
 // Attention of one query vector over keys/values [n, d] in double: softmax(scale·q·kᵀ)·v.
 std::vector<double> Attention(const float* q, const at::Tensor& keys, const at::Tensor& values,
@@ -113,84 +113,136 @@ std::vector<double> Attention(const float* q, const at::Tensor& keys, const at::
   return o;
 }
 
-// Runs decode rows with different pasts, grouped heads, windows and odd head sizes over caches
-// of `kv_dtype` and checks every output against the formula in double over what the cache
-// holds, and every stored key and value against ATen's conversion of the row's own.
-void CheckDecodeAttention(at::ScalarType kv_dtype) {
+// A cache of `past` random positions in each of `layers` layers.
+std::unique_ptr<KvCache> RandomCache(int64_t layers, int64_t kv_heads, int64_t head_dim, int64_t past,
+                                     at::ScalarType dtype) {
+  auto cache = std::make_unique<KvCache>(layers, kv_heads, head_dim, 4, at::TensorOptions().dtype(dtype));
+  if (past > 0) {
+    for (int64_t layer = 0; layer < layers; ++layer) {
+      cache->Append(layer, at::randn({kv_heads, past, head_dim}), at::randn({kv_heads, past, head_dim}));
+    }
+    cache->Commit(past);
+  }
+  return cache;
+}
+
+// Runs rows of 1 (decode) to 40 (prefill chunks, past a key tile) new positions with different
+// pasts, grouped heads, windows and odd head sizes over caches of `kv_dtype`, and checks every
+// output against the formula in double over what the cache holds up to that position, and
+// every stored key and value against ATen's conversion of the row's own.
+void CheckCachedAttention(at::ScalarType kv_dtype) {
   at::manual_seed(9);
   struct Case {
     int64_t heads, kv_heads, head_dim, window;
   };
-  const Case cases[] = {{4, 4, 64, 0}, {8, 2, 24, 0}, {6, 3, 20, 5}, {2, 1, 7, 3}};
+  const Case cases[] = {{4, 4, 64, 0}, {8, 2, 24, 0}, {6, 3, 20, 5}, {2, 1, 7, 3}, {32, 2, 16, 0}};
   for (const Case& c : cases) {
     // Rows with different pasts (0 = the first position), each continuing its own cache.
-    const std::vector<int64_t> pasts = {0, 3, 9, 17};
+    const std::vector<int64_t> pasts = {0, 3, 9, 17, 70, 0};
+    const std::vector<int64_t> lengths = {1, 1, 5, 1, 40, 19};
     std::vector<std::unique_ptr<KvCache>> caches;
-    for (int64_t past : pasts) {
-      caches.push_back(std::make_unique<KvCache>(2, c.kv_heads, c.head_dim, 4,
-                                                 at::TensorOptions().dtype(kv_dtype)));
-      if (past > 0) {
-        for (int64_t layer = 0; layer < 2; ++layer) {
-          caches.back()->Append(layer, at::randn({c.kv_heads, past, c.head_dim}),
-                                at::randn({c.kv_heads, past, c.head_dim}));
-        }
-        caches.back()->Commit(past);
-      }
-    }
+    for (int64_t past : pasts) caches.push_back(RandomCache(2, c.kv_heads, c.head_dim, past, kv_dtype));
     const int64_t rows = static_cast<int64_t>(pasts.size());
-    // Decode rows sit among other tokens of a packed batch: q/k/v have 2 rows per sequence.
-    at::Tensor q = at::randn({2 * rows, c.heads * c.head_dim});
-    at::Tensor kv = at::randn({2 * rows, 3 * c.kv_heads * c.head_dim});  // k and v inside.
+    // Rows sit among other tokens of a packed batch: one unrelated token before each.
+    std::vector<int64_t> index;
+    int64_t n = 0;
+    for (int64_t r = 0; r < rows; ++r) {
+      index.push_back(n + 1);
+      n += 1 + lengths[r];
+    }
+    at::Tensor q = at::randn({n, c.heads * c.head_dim});
+    at::Tensor kv = at::randn({n, 3 * c.kv_heads * c.head_dim});  // k and v inside.
     at::Tensor k = kv.narrow(1, 0, c.kv_heads * c.head_dim);
     at::Tensor v = kv.narrow(1, 2 * c.kv_heads * c.head_dim, c.kv_heads * c.head_dim);
-    at::Tensor out = at::zeros({2 * rows, c.heads * c.head_dim});
-    std::vector<DecodeRow> decode;
-    for (int64_t r = 0; r < rows; ++r) decode.push_back({2 * r + 1, caches[r].get()});
-    ASSERT_TRUE(DecodeAttentionApplies(q, k, v, out));
-    ASSERT_TRUE(DecodeCacheApplies(caches[0]->keys(1)));
+    at::Tensor out = at::zeros({n, c.heads * c.head_dim});
+    std::vector<CachedRow> cached;
+    for (int64_t r = 0; r < rows; ++r) cached.push_back({index[r], caches[r].get(), lengths[r]});
+    ASSERT_TRUE(CachedAttentionApplies(q, k, v, out));
+    ASSERT_TRUE(KvCacheApplies(caches[0]->keys(1)));
     const double scale = 1.0 / std::sqrt(static_cast<double>(c.head_dim));
     const int64_t layer = 1;
-    DecodeAttention(layer, q, k, v, decode, c.heads, c.kv_heads, c.head_dim, scale, c.window, out);
+    CachedAttention(layer, q, k, v, cached, c.heads, c.kv_heads, c.head_dim, scale, c.window, out);
     const int64_t group = c.heads / c.kv_heads;
     for (int64_t r = 0; r < rows; ++r) {
       KvCache& cache = *caches[r];
       EXPECT_EQ(cache.length(), pasts[r]) << "the kernel must not commit";
-      const int64_t total = pasts[r] + 1;
-      const int64_t first = c.window > 0 ? std::max<int64_t>(0, total - c.window) : 0;
-      for (int64_t h = 0; h < c.heads; ++h) {
-        const int64_t kvh = h / group;
-        // The new key and value were stored at position `past` of this row's cache, converted
-        // as ATen converts (bfloat16: rounded to nearest even).
-        at::Tensor stored_k = cache.keys(layer)[kvh][pasts[r]];
-        at::Tensor stored_v = cache.values(layer)[kvh][pasts[r]];
-        EXPECT_TRUE(at::equal(stored_k, k[2 * r + 1].narrow(0, kvh * c.head_dim, c.head_dim).to(kv_dtype)));
-        EXPECT_TRUE(at::equal(stored_v, v[2 * r + 1].narrow(0, kvh * c.head_dim, c.head_dim).to(kv_dtype)));
-        at::Tensor keys = cache.keys(layer)[kvh].narrow(0, first, total - first).to(at::kFloat).contiguous();
-        at::Tensor values = cache.values(layer)[kvh].narrow(0, first, total - first).to(at::kFloat).contiguous();
-        const float* qh = q[2 * r + 1].data_ptr<float>() + h * c.head_dim;
-        std::vector<double> want = Attention(qh, keys, values, scale);
-        const float* got = out[2 * r + 1].data_ptr<float>() + h * c.head_dim;
-        for (int64_t i = 0; i < c.head_dim; ++i) {
-          EXPECT_NEAR(got[i], want[i], 1e-5) << "row " << r << " head " << h << " dim " << i;
+      for (int64_t p = 0; p < lengths[r]; ++p) {
+        const int64_t row = index[r] + p;
+        const int64_t total = pasts[r] + p + 1;
+        const int64_t first = c.window > 0 ? std::max<int64_t>(0, total - c.window) : 0;
+        for (int64_t h = 0; h < c.heads; ++h) {
+          const int64_t kvh = h / group;
+          // The new key and value were stored at position past + p of this row's cache,
+          // converted as ATen converts (bfloat16: rounded to nearest even).
+          at::Tensor stored_k = cache.keys(layer)[kvh][pasts[r] + p];
+          at::Tensor stored_v = cache.values(layer)[kvh][pasts[r] + p];
+          EXPECT_TRUE(at::equal(stored_k, k[row].narrow(0, kvh * c.head_dim, c.head_dim).to(kv_dtype)));
+          EXPECT_TRUE(at::equal(stored_v, v[row].narrow(0, kvh * c.head_dim, c.head_dim).to(kv_dtype)));
+          at::Tensor keys = cache.keys(layer)[kvh].narrow(0, first, total - first).to(at::kFloat).contiguous();
+          at::Tensor values =
+              cache.values(layer)[kvh].narrow(0, first, total - first).to(at::kFloat).contiguous();
+          const float* qh = q[row].data_ptr<float>() + h * c.head_dim;
+          std::vector<double> want = Attention(qh, keys, values, scale);
+          const float* got = out[row].data_ptr<float>() + h * c.head_dim;
+          for (int64_t i = 0; i < c.head_dim; ++i) {
+            ASSERT_NEAR(got[i], want[i], 1e-5) << "row " << r << " position " << p << " head " << h << " dim " << i;
+          }
         }
       }
-      // Rows that are not decode rows are left alone.
-      EXPECT_EQ(out[2 * r].abs().sum().item<float>(), 0.0f);
+      // Tokens that are not this call's are left alone.
+      EXPECT_EQ(out[index[r] - 1].abs().sum().item<float>(), 0.0f);
     }
   }
 }
 
-TEST_P(DecodeAttentionTest, MatchesTheFormulaWithGroupedHeadsWindowsAndOddHeadSizes) {
-  CheckDecodeAttention(at::kFloat);
+TEST_P(CachedAttentionTest, MatchesTheFormulaWithGroupedHeadsWindowsAndOddHeadSizes) {
+  CheckCachedAttention(at::kFloat);
 }
 
-// --kv_cache_dtype bfloat16: the kernel writes the new key and value rounded and reads the
+// --kv_cache_dtype bfloat16: the kernel writes the new keys and values rounded and reads the
 // cache widened, accumulating in float32.
-TEST_P(DecodeAttentionTest, ReadsAndWritesBfloat16Caches) { CheckDecodeAttention(at::kBFloat16); }
+TEST_P(CachedAttentionTest, ReadsAndWritesBfloat16Caches) { CheckCachedAttention(at::kBFloat16); }
+
+// A prompt's outputs do not depend on how it is split: 45 positions at once, in chunks of
+// 16 + 16 + 13, and one at a time (as decode rows) give the same bits, with and without a
+// window, over float32 and bfloat16 caches.
+TEST_P(CachedAttentionTest, ChunksAndSinglePositionsGiveTheSameBits) {
+  at::manual_seed(21);
+  for (const at::ScalarType dtype : {at::kFloat, at::kBFloat16}) {
+    for (const int64_t window : {int64_t{0}, int64_t{7}}) {
+      const int64_t heads = 8, kv_heads = 2, d = 40, t = 45, past = 30;
+      at::Tensor q = at::randn({t, heads * d});
+      at::Tensor k = at::randn({t, kv_heads * d});
+      at::Tensor v = at::randn({t, kv_heads * d});
+      const double scale = 0.3;
+      at::Tensor seed_k = at::randn({kv_heads, past, d}), seed_v = at::randn({kv_heads, past, d});
+      std::vector<at::Tensor> outs;
+      for (const std::vector<int64_t>& split :
+           {std::vector<int64_t>{45}, std::vector<int64_t>{16, 16, 13}, std::vector<int64_t>(45, 1)}) {
+        KvCache cache(1, kv_heads, d, 4, at::TensorOptions().dtype(dtype));
+        cache.Append(0, seed_k, seed_v);
+        cache.Commit(past);
+        at::Tensor out = at::zeros({t, heads * d});
+        int64_t at_row = 0;
+        for (int64_t len : split) {
+          std::vector<CachedRow> rows = {{0, &cache, len}};
+          at::Tensor o = out.narrow(0, at_row, len);
+          CachedAttention(0, q.narrow(0, at_row, len), k.narrow(0, at_row, len), v.narrow(0, at_row, len), rows,
+                          heads, kv_heads, d, scale, window, o);
+          cache.Commit(len);
+          at_row += len;
+        }
+        outs.push_back(out);
+      }
+      EXPECT_TRUE(at::equal(outs[0], outs[1])) << "window " << window;
+      EXPECT_TRUE(at::equal(outs[0], outs[2])) << "window " << window;
+    }
+  }
+}
 
 // The kernel's bfloat16 rounding equals ATen's bit for bit, at ties (to even), NaN, infinities,
 // signed zero, subnormals and values that round up past the largest finite bfloat16.
-TEST_P(DecodeAttentionTest, RoundsToBfloat16AsAtenDoes) {
+TEST_P(CachedAttentionTest, RoundsToBfloat16AsAtenDoes) {
   const std::vector<uint32_t> bits = {0x3F808000u, 0x3F818000u, 0x3F808001u, 0xBF817FFFu, 0x7FC00001u,
                                       0xFFFFFFFFu, 0x7F800000u, 0xFF800000u, 0x80000000u, 0x00000001u,
                                       0x007FFFFFu, 0x7F7FFFFFu, 0x7F7F8000u, 0x3EAAAAABu, 0x00000000u,
@@ -202,8 +254,8 @@ TEST_P(DecodeAttentionTest, RoundsToBfloat16AsAtenDoes) {
   at::Tensor q = at::zeros({1, d});
   at::Tensor out = at::zeros({1, d});
   KvCache cache(1, 1, d, 1, at::TensorOptions().dtype(at::kBFloat16));
-  std::vector<DecodeRow> decode = {{0, &cache}};
-  DecodeAttention(0, q, k, v, decode, 1, 1, d, 1.0, 0, out);
+  std::vector<CachedRow> decode = {{0, &cache}};
+  CachedAttention(0, q, k, v, decode, 1, 1, d, 1.0, 0, out);
   at::Tensor want = k[0].to(at::kBFloat16);
   at::Tensor got = cache.keys(0)[0][0];
   for (int64_t i = 0; i < d; ++i) {
@@ -215,7 +267,7 @@ TEST_P(DecodeAttentionTest, RoundsToBfloat16AsAtenDoes) {
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(Isas, DecodeAttentionTest, ::testing::Values(Isa::kAvx2, Isa::kAvx512),
+INSTANTIATE_TEST_SUITE_P(Isas, CachedAttentionTest, ::testing::Values(Isa::kAvx2, Isa::kAvx512),
                          IsaParamName);
 
 class LoraSegmentsTest : public IsaTest {};
@@ -385,7 +437,7 @@ TEST(CpuKernelsTest, NoneTurnsTheKernelsOff) {
   ASSERT_TRUE(SelectIsa(Isa::kNone));
   at::Tensor x = at::randn({2, 16}), w = at::randn({4, 16});
   EXPECT_FALSE(Linear(x, w, at::Tensor()).defined());
-  EXPECT_FALSE(DecodeAttentionApplies(x, x, x, at::empty({2, 16})));
+  EXPECT_FALSE(CachedAttentionApplies(x, x, x, at::empty({2, 16})));
   EXPECT_TRUE(SelectIsa(SupportedIsa()));
   EXPECT_EQ(SelectedIsa(), SupportedIsa());
 }

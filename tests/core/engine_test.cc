@@ -327,8 +327,8 @@ TEST(EngineTest, RefusesAnUnknownKvCacheDtype) {
 // Prefix reuse (--prefix_cache_bytes): a request whose prompt starts with the full 16-token
 // blocks of an earlier one copies their keys and values and prefills only the rest; its
 // outputs, greedy and seeded, equal those of the same request on an engine without the cache
-// (tokens, and log-probs to 1e-5). A tiny budget drops blocks least recently used and changes
-// no answer.
+// (bit for bit on the Llama-family fixtures: see ExpectSameAnswers). A tiny budget drops blocks
+// least recently used and changes no answer.
 class PrefixCacheTest : public ::testing::TestWithParam<const char*> {};
 
 std::unique_ptr<Engine> LoadWithPrefixCache(const std::string& fixture, int64_t bytes) {
@@ -357,10 +357,14 @@ std::vector<StepOutput> RunAlone(const Engine& engine, const std::vector<int32_t
   return out;
 }
 
-// Tokens equal; log-probs to 1e-5 (a prefill over fewer rows goes through GEMMs of another
-// shape, whose sums may round differently in the last bit).
-void ExpectSameAnswers(const std::vector<StepOutput>& a, const std::vector<StepOutput>& b) {
-  ExpectSameOutputs(a, b, 1e-5);
+// Bit for bit where a prefill's sums do not depend on its rows (the CPU kernels on the
+// Llama-family fixtures, as ChunkedBitsTest checks); elsewhere tokens equal and log-probs to
+// 1e-5 (GPT-2's Conv1D goes through BLAS GEMMs, whose sums over fewer rows may round
+// differently in the last bit).
+void ExpectSameAnswers(const std::vector<StepOutput>& a, const std::vector<StepOutput>& b,
+                       const std::string& fixture) {
+  const bool exact = fixture != "gpt2" && std::string(Engine::cpu_kernels()) != "none";
+  ExpectSameOutputs(a, b, exact ? 0.0 : 1e-5);
 }
 
 TEST_P(PrefixCacheTest, ReusedPrefixesAnswerAsColdRuns) {
@@ -389,14 +393,14 @@ TEST_P(PrefixCacheTest, ReusedPrefixesAnswerAsColdRuns) {
     auto want = RunAlone(*cold, prompt, params, 6);
     auto got = RunAlone(*warm, prompt, params, 6, &cached);
     EXPECT_EQ(cached, 32);  // Two full blocks of the 37 shared tokens.
-    ExpectSameAnswers(got, want);
+    ExpectSameAnswers(got, want, GetParam());
   }
   // A prompt that is exactly cached blocks still runs its last token.
   const std::vector<int32_t> exact(shared.begin(), shared.begin() + 32);
   auto want = RunAlone(*cold, exact, greedy, 3);
   auto got = RunAlone(*warm, exact, greedy, 3, &cached);
   EXPECT_EQ(cached, 16);
-  ExpectSameAnswers(got, want);
+  ExpectSameAnswers(got, want, GetParam());
   const PrefixCacheStats stats = warm->prefix_cache_stats();
   EXPECT_EQ(stats.hit_tokens, 32 + 32 + 16);
   EXPECT_EQ(stats.queried_tokens, 40 + 43 + 43 + 32);
@@ -410,7 +414,7 @@ TEST_P(PrefixCacheTest, ReusedPrefixesAnswerAsColdRuns) {
     for (int32_t t : {21, 22}) {
       std::vector<int32_t> prompt = with_tail({t});
       prompt.insert(prompt.begin(), static_cast<int32_t>(round + 1));
-      ExpectSameAnswers(RunAlone(*tiny, prompt, greedy, 3), RunAlone(*cold, prompt, greedy, 3));
+      ExpectSameAnswers(RunAlone(*tiny, prompt, greedy, 3), RunAlone(*cold, prompt, greedy, 3), GetParam());
     }
     EXPECT_LE(tiny->prefix_cache_stats().bytes, tiny->prefix_cache_stats().max_bytes);
   }
@@ -442,7 +446,7 @@ TEST_P(PrefixCacheTest, AChunkedPromptsBlocksAreReusableBeforeItCompletes) {
   int64_t cached = -1;
   auto got = RunAlone(*warm, other, greedy, 4, &cached);
   EXPECT_EQ(cached, 32);
-  ExpectSameAnswers(got, RunAlone(*cold, other, greedy, 4));
+  ExpectSameAnswers(got, RunAlone(*cold, other, greedy, 4), GetParam());
   // The first request completes as it would have alone.
   std::vector<StepOutput> rest;
   for (int i = 0; i < 4; ++i) {
@@ -450,22 +454,24 @@ TEST_P(PrefixCacheTest, AChunkedPromptsBlocksAreReusableBeforeItCompletes) {
     ASSERT_TRUE(step.ok()) << step.status();
     rest.push_back((*step)[0]);
   }
-  ExpectSameAnswers(rest, RunAlone(*cold, prompt, greedy, 4));
+  ExpectSameAnswers(rest, RunAlone(*cold, prompt, greedy, 4), GetParam());
 }
 
 INSTANTIATE_TEST_SUITE_P(Fixtures, PrefixCacheTest,
                          ::testing::Values("llama_tied", "mistral_window", "gpt2", "qwen2_bias"));
 
-// A long prompt's attention runs in blocks of queries (EngineOptions::attention_block_bytes).
-// With blocks of 16 queries, every prompt position's logits equal those of the whole prompt at
-// once (which other tests hold to the PyTorch reference), here for a sliding window too, and
-// so do the answers of a prompt prefilled in chunks whose blocks start past cached positions.
+// Without the CPU kernels (cpu_kernels "none": the ATen path, as on a GPU), a long prompt's
+// attention runs in blocks of queries (EngineOptions::attention_block_bytes). With blocks of
+// 16 queries, every prompt position's logits equal those of the whole prompt at once (which
+// other tests hold to the PyTorch reference), here for a sliding window too, and so do the
+// answers of a prompt prefilled in chunks whose blocks start past cached positions.
 class AttentionBlockTest : public ::testing::TestWithParam<const char*> {};
 
 TEST_P(AttentionBlockTest, QueryBlocksEqualTheWholePromptAtOnce) {
-  auto whole = LoadEngine(GetParam());
+  auto whole = LoadEngine(GetParam(), "none");
   EngineOptions o;
   o.model_dir = testing::Fixture(GetParam());
+  o.cpu_kernels = "none";
   o.attention_block_bytes = 1;  // Blocks of 16 queries, the least.
   LoadReport report;
   auto blocked = Engine::Load(o, &report);
@@ -503,6 +509,39 @@ TEST_P(AttentionBlockTest, QueryBlocksEqualTheWholePromptAtOnce) {
 
 INSTANTIATE_TEST_SUITE_P(Fixtures, AttentionBlockTest,
                          ::testing::Values("llama_tied", "mistral_window", "gpt2", "qwen2_bias"));
+
+// With the CPU kernels, every query's attention is computed alone over the cache in place
+// (cpu::CachedAttention) and the Llama-family projections are row-independent (cpu::Linear),
+// so a prompt prefilled in chunks of any size, or one token at a time, gives the bits of the
+// whole prompt at once: the same logprobs and the same continuation, for a sliding window too.
+// (GPT-2's Conv1D weights are [in, out]; they go through BLAS, whose sums depend on the number
+// of rows, so GPT-2 is held to 1e-5 by the other tests instead.)
+class ChunkedBitsTest : public ::testing::TestWithParam<const char*> {};
+
+TEST_P(ChunkedBitsTest, ChunkedPrefillGivesTheWholePromptsBits) {
+  auto engine = LoadEngine(GetParam());
+  ASSERT_NE(engine, nullptr);
+  if (std::string(Engine::cpu_kernels()) == "none") GTEST_SKIP() << "no CPU kernels on this machine";
+  std::vector<int32_t> prompt;
+  for (int i = 0; i < 50; ++i) prompt.push_back(static_cast<int32_t>((7 * i + 3) % 250 + 1));
+  SamplingParams greedy;
+  greedy.top_logprobs = 3;
+  const std::vector<StepOutput> whole = RunAlone(*engine, prompt, greedy, 5);
+  for (const int64_t chunk : {int64_t{1}, int64_t{7}, int64_t{16}, int64_t{33}}) {
+    auto seq = engine->NewSequence(prompt, greedy);
+    ASSERT_TRUE(seq.ok()) << seq.status();
+    std::vector<StepOutput> got;
+    while (got.size() < whole.size()) {
+      auto step = engine->Step({seq->get()}, {chunk});
+      ASSERT_TRUE(step.ok()) << step.status();
+      if (!(*step)[0].prefill_only) got.push_back((*step)[0]);
+    }
+    ExpectSameOutputs(got, whole, 0.0);
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Fixtures, ChunkedBitsTest,
+                         ::testing::Values("llama_tied", "mistral_window", "qwen2_bias"));
 
 TEST(EngineTest, RefusesPromptsThatDoNotFit) {
   auto engine = LoadEngine("gpt2");  // n_positions 64.
