@@ -288,6 +288,7 @@ void CachedAttention(int64_t layer, const at::Tensor& q, const at::Tensor& k, co
   const int64_t tasks = static_cast<int64_t>(rows.size()) * kv_heads;
   ForChunks(tasks, 1, work >= kParallelWork, [&](int64_t begin, int64_t end) {
     std::vector<float> scores(std::max(kAttendRows, group) * longest);
+    std::vector<AttendTileRow> tile_rows(std::max(kAttendRows, group));
     for (int64_t t = begin; t < end; ++t) {
       const CachedRow& r = rows[t / kv_heads];
       const int64_t h = t % kv_heads;
@@ -308,6 +309,7 @@ void CachedAttention(int64_t layer, const at::Tensor& q, const at::Tensor& k, co
       a.out = out.data_ptr<float>() + r.index * out.stride(0) + h * group * head_dim;
       a.out_stride = out.stride(0);
       a.scores = scores.data();
+      a.tile_rows = tile_rows.data();
       a.count = r.length;
       a.group = group;
       a.head_dim = head_dim;

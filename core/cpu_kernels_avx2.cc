@@ -29,6 +29,16 @@ struct Vec {
     return v;
   }
   static T Add(T a, T b) { return _mm256_add_ps(a, b); }
+  static T Sub(T a, T b) { return _mm256_sub_ps(a, b); }
+  // Exp()'s pieces: min(max(x, lo), hi), floor, y·2^n (n integral within [-126, 127]: built
+  // in the exponent bits), and y where x >= lo, else 0.
+  static T Clamp(T x, float lo, float hi) { return _mm256_max_ps(_mm256_min_ps(x, Set1(hi)), Set1(lo)); }
+  static T Floor(T x) { return _mm256_floor_ps(x); }
+  static T ScaleByPow2(T y, T n) {
+    const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(y, _mm256_castsi256_ps(bits));
+  }
+  static T ZeroBelow(T y, T x, float lo) { return _mm256_and_ps(y, _mm256_cmp_ps(x, Set1(lo), _CMP_GE_OQ)); }
   static float Sum(T v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));

@@ -31,6 +31,18 @@ struct Vec {
     return v;
   }
   static T Add(T a, T b) { return _mm512_add_ps(a, b); }
+  static T Sub(T a, T b) { return _mm512_sub_ps(a, b); }
+  // Exp()'s pieces: min(max(x, lo), hi), floor, y·2^n (n integral), and y where x >= lo, else 0.
+  static T Clamp(T x, float lo, float hi) {
+    return _mm512_maskz_max_ps(0xffff, _mm512_maskz_min_ps(0xffff, x, Set1(hi)), Set1(lo));
+  }
+  static T Floor(T x) {
+    return _mm512_maskz_roundscale_ps(0xffff, x, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  }
+  static T ScaleByPow2(T y, T n) { return _mm512_maskz_scalef_ps(0xffff, y, n); }
+  static T ZeroBelow(T y, T x, float lo) {
+    return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, Set1(lo), _CMP_GE_OQ), y);
+  }
   // (_mm512_reduce_add_ps and the unmasked shuffles trip GCC 12's -Wuninitialized through
   // _mm512_undefined_ps; the all-ones masked forms do not.)
   static float Sum(T v) {

@@ -59,6 +59,16 @@ struct ExpandArgs {
 // [first(c), position + c], first(c) = max(0, position + c + 1 - window) when window > 0, else 0.
 // Each query's scores, softmax and weighted sum are computed as for a lone decode row, in the
 // same order, so a position's output does not depend on how its prompt was split into chunks.
+// One query head's share of a key tile: its scores (then probabilities), its output, its
+// query, and the positions [from, to) of the tile it sees.
+struct AttendTileRow {
+  float* s;
+  float* o;
+  const float* q;
+  int64_t from;
+  int64_t to;
+};
+
 struct AttendArgs {
   const float* q;    // Position c's query heads of this kv head: group × head_dim at q + c·q_stride.
   const float* k;    // Position c's new key for this kv head: head_dim at k + c·kv_stride.
@@ -67,6 +77,7 @@ struct AttendArgs {
   void* values;
   float* out;        // Position c's group × head_dim at out + c·out_stride.
   float* scores;     // Scratch: max(kAttendRows, group)·(position + count) floats.
+  AttendTileRow* tile_rows;  // Scratch: max(kAttendRows, group) entries.
   int64_t count = 1;
   int64_t q_stride = 0;
   int64_t kv_stride = 0;
