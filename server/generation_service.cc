@@ -38,6 +38,7 @@ void FillToken(const core::StepOutput& s, v1::GeneratedToken* t) {
 void FillStats(const GenerationStats& s, v1::GenerationStats* out) {
   out->set_prompt_tokens(static_cast<uint32_t>(s.prompt_tokens));
   out->set_completion_tokens(static_cast<uint32_t>(s.completion_tokens));
+  out->set_cached_prompt_tokens(static_cast<uint32_t>(s.cached_prompt_tokens));
   out->set_queue_seconds(s.queue_seconds);
   out->set_time_to_first_token_seconds(s.time_to_first_token_seconds);
   out->set_total_seconds(s.total_seconds);

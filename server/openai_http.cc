@@ -805,11 +805,24 @@ struct OpenAiServer::Impl {
     return Json{{"tokens", tokens}, {"token_logprobs", lps}, {"top_logprobs", tops}, {"text_offset", offsets}};
   }
 
+  // OpenAI's usage object. prompt_tokens_details.cached_tokens: prompt tokens taken from the
+  // prefix cache; a prompt counts once, so with n > 1 choices its first choice's count.
   Json Usage(const Running& run) const {
-    int64_t prompt = 0, completion = 0;
+    int64_t prompt = 0, completion = 0, cached = 0;
     for (const PromptIds& p : run.prompts) prompt += static_cast<int64_t>(p.ids.size());
-    for (const Choice& c : run.choices) completion += c.stats.completion_tokens;
-    return Json{{"prompt_tokens", prompt}, {"completion_tokens", completion}, {"total_tokens", prompt + completion}};
+    std::vector<bool> counted(run.prompts.size(), false);
+    for (const Choice& c : run.choices) {
+      completion += c.stats.completion_tokens;
+      const size_t p = static_cast<size_t>(c.prompt);
+      if (p < counted.size() && !counted[p]) {
+        counted[p] = true;
+        cached += c.stats.cached_prompt_tokens;
+      }
+    }
+    return Json{{"prompt_tokens", prompt},
+                {"completion_tokens", completion},
+                {"total_tokens", prompt + completion},
+                {"prompt_tokens_details", Json{{"cached_tokens", cached}}}};
   }
 
   Json Envelope(const Running& run, bool chunk) const {

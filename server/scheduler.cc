@@ -150,6 +150,7 @@ void Scheduler::Finish(Active& a, const absl::Status& status, core::FinishReason
   stats.queue_seconds = Seconds(a.request->arrival, a.started ? a.first_step : now);
   stats.time_to_first_token_seconds = a.generated ? Seconds(a.request->arrival, a.first_token) : 0;
   stats.adapter_load_wait_seconds = a.request->adapter_load_wait_seconds;
+  stats.cached_prompt_tokens = a.sequence ? a.sequence->cached_tokens() : 0;
   std::string tail;
   if (a.stream && status.ok()) {
     auto rest = a.stream->Finish();

@@ -40,6 +40,7 @@ struct GenerationStats {
   double time_to_first_token_seconds = 0;
   double total_seconds = 0;
   double adapter_load_wait_seconds = 0;
+  int64_t cached_prompt_tokens = 0;  // Prompt tokens taken from the prefix cache.
 };
 
 // Receives one request's output, on the scheduler thread.

@@ -67,7 +67,7 @@ def main():
     os.chmod(key_file, 0o600)
     server = Adapterd(binary, fixtures, ["--preload=qv=lora_qv", "--http_listen=127.0.0.1:0", "--http_admin",
                                          "--api_key_file=" + key_file, "--served_model_name=base-llama",
-                                         "--max_batch_rows=16"])
+                                         "--max_batch_rows=16", "--prefix_cache_bytes=67108864"])
     port = server.ports["http"]
     check = Checks()
     channel = stubs.grpc.insecure_channel(server.addr)
@@ -92,7 +92,21 @@ def main():
         check(f"completions.{model}.shape", body["object"] == "text_completion" and body["id"].startswith("cmpl-")
               and body["model"] == model and choice["index"] == 0 and choice["finish_reason"] == "length"
               and body["usage"] == {"prompt_tokens": ref.stats.prompt_tokens, "completion_tokens": 12,
-                                    "total_tokens": ref.stats.prompt_tokens + 12}, body)
+                                    "total_tokens": ref.stats.prompt_tokens + 12,
+                                    "prompt_tokens_details": {"cached_tokens": 0}}, body)
+
+    # usage.prompt_tokens_details.cached_tokens: a 40-token prompt fills two 16-token blocks of
+    # the prefix cache; the same prompt again takes both (32 tokens) and answers the same.
+    long_prompt = [1] + [300 + 7 * i for i in range(39)]
+    first = call(port, "POST", "/v1/completions", {"model": "qv", "prompt": long_prompt, "max_tokens": 5,
+                                                   "temperature": 0, "logprobs": 2})[1]
+    again = call(port, "POST", "/v1/completions", {"model": "qv", "prompt": long_prompt, "max_tokens": 5,
+                                                   "temperature": 0, "logprobs": 2})[1]
+    check("usage.cached_tokens", first["usage"]["prompt_tokens_details"] == {"cached_tokens": 0}
+          and again["usage"]["prompt_tokens_details"] == {"cached_tokens": 32}
+          and again["usage"]["prompt_tokens"] == 40, (first["usage"], again["usage"]))
+    check("usage.cached_answers_equal", first["choices"][0]["text"] == again["choices"][0]["text"]
+          and first["choices"][0]["logprobs"] == again["choices"][0]["logprobs"], (first["choices"], again["choices"]))
 
     # Seeded sampling equals gRPC with the same seed; n > 1 uses seed + i.
     st, body, _ = call(port, "POST", "/v1/completions", {"model": "qv", "prompt": "Once upon", "max_tokens": 10,

@@ -415,8 +415,10 @@ TEST(E2eAdminSafetyTest, TokenRequiredAndPathsConfinedToTheRoot) {
 }
 
 // --prefix_cache_bytes: requests sharing leading blocks with earlier ones (base, LoRA, prefix
-// and prompt tuning) answer as a server without the cache does, and the metrics count the
-// reused tokens. --kv_cache_dtype shows in the model state.
+// and prompt tuning; greedy and seeded) answer as a server without the cache does, bit for
+// bit (the fixture is a Llama: every query attends alone and the projections are
+// row-independent on the CPU kernels), each response counts its reused prompt tokens, and so
+// do the metrics. --kv_cache_dtype shows in the model state.
 TEST(E2ePrefixCacheTest, SharedPrefixesAnswerAsWithoutTheCacheAndAreCounted) {
   ServerProcess plain(Model(), {kPreload});
   ServerProcess cached(Model(), {kPreload, "--prefix_cache_bytes=67108864", "--kv_cache_dtype=float32"});
@@ -430,13 +432,25 @@ TEST(E2ePrefixCacheTest, SharedPrefixesAnswerAsWithoutTheCacheAndAreCounted) {
       ids.push_back(tail);
       v1::GenerateRequest req = IdsRequest(ids, adapter, 6);
       req.set_top_logprobs(2);
+      if (tail == 9) {
+        req.set_temperature(0.8f);
+        req.set_seed(5);
+      }
       v1::GenerateResponse want, got;
       ASSERT_TRUE(Generate(plain, req, &want).ok());
       ASSERT_TRUE(Generate(cached, req, &got).ok());
       ASSERT_EQ(Ids(got), Ids(want)) << adapter << " " << tail;
       for (int i = 0; i < got.tokens_size(); ++i) {
-        EXPECT_NEAR(got.tokens(i).logprob(), want.tokens(i).logprob(), 1e-5) << adapter << " " << tail;
+        EXPECT_EQ(got.tokens(i).logprob(), want.tokens(i).logprob()) << adapter << " " << tail << " token " << i;
+        ASSERT_EQ(got.tokens(i).top_logprobs_size(), want.tokens(i).top_logprobs_size());
+        for (int k = 0; k < got.tokens(i).top_logprobs_size(); ++k) {
+          EXPECT_EQ(got.tokens(i).top_logprobs(k).logprob(), want.tokens(i).top_logprobs(k).logprob());
+        }
       }
+      // The first request of each adapter fills the cache; the next two reuse its two full
+      // blocks (32 tokens). The plain server reuses nothing.
+      EXPECT_EQ(got.stats().cached_prompt_tokens(), tail == 7 ? 0u : 32u) << adapter << " " << tail;
+      EXPECT_EQ(want.stats().cached_prompt_tokens(), 0u);
     }
   }
   const std::string out = ScrapeMetrics(cached);
