@@ -169,8 +169,7 @@ void Metrics::SetPrefixCache(int64_t queried_tokens, int64_t hit_tokens, int64_t
 }
 
 Metrics::~Metrics() {
-  if (http_ != nullptr) http_->stop();
-  if (http_thread_.joinable()) http_thread_.join();
+  if (http_ != nullptr) StopHttpServer(*http_, http_thread_);
 }
 
 std::string Metrics::Scrape() const {

@@ -1168,8 +1168,7 @@ absl::StatusOr<int> OpenAiServer::Start(const std::string& address, const TlsFil
 }
 
 void OpenAiServer::Stop() {
-  if (http_) http_->stop();
-  if (thread_.joinable()) thread_.join();
+  if (http_) StopHttpServer(*http_, thread_);
 }
 
 }  // namespace adapterd::server

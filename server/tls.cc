@@ -4,6 +4,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <chrono>
 #include <fstream>
 #include <sstream>
 
@@ -90,6 +91,16 @@ absl::StatusOr<std::unique_ptr<httplib::Server>> NewHttpServer(const TlsFiles& t
   server->set_keep_alive_timeout(5);
   server->set_payload_max_length(1 << 20);
   return server;
+}
+
+void StopHttpServer(httplib::Server& server, std::thread& thread) {
+  if (thread.joinable()) {
+    for (int i = 0; i < 10000 && !server.is_running(); ++i) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    }
+  }
+  server.stop();
+  if (thread.joinable()) thread.join();
 }
 
 int BindHttpServer(httplib::Server& server, const std::string& host, int port) {

@@ -6,6 +6,7 @@
 
 #include <memory>
 #include <string>
+#include <thread>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
@@ -42,6 +43,12 @@ absl::StatusOr<std::unique_ptr<httplib::Server>> NewHttpServer(const TlsFiles& t
 // listen backlog is raised to 1024: Debian's cpp-httplib library listens with 5, which a burst
 // of clients connecting at once (64 streams) overflows.
 int BindHttpServer(httplib::Server& server, const std::string& host, int port);
+
+// Stops `server`, whose listen_after_bind() runs on `thread`, and joins that thread. httplib's
+// stop() does nothing until the accept loop has started (is_running()), and a loop that starts
+// after it would then wait in accept() for ever, as a listener did when a later one failed to
+// bind at once; so it first waits (up to 10 s) for the loop to start.
+void StopHttpServer(httplib::Server& server, std::thread& thread);
 
 // Reads a bearer token (the admin token, or the HTTP API key) from `path`: refused when the
 // file is not a regular file, when others (not owner or group) may read it, or when the token
