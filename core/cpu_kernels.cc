@@ -260,7 +260,8 @@ bool CachedAttentionApplies(const at::Tensor& q, const at::Tensor& k, const at::
                             const at::Tensor& out) {
   return SelectedIsa() != Isa::kNone && IsCpuFloat(q) && IsCpuFloat(k) && IsCpuFloat(v) &&
          IsCpuFloat(out) && q.dim() == 2 && k.dim() == 2 && v.dim() == 2 && out.dim() == 2 &&
-         q.stride(1) == 1 && k.stride(1) == 1 && v.stride(1) == 1 && out.is_contiguous();
+         q.stride(1) == 1 && k.stride(1) == 1 && v.stride(1) == 1 && k.stride(0) == v.stride(0) &&
+         out.is_contiguous();
 }
 
 bool KvCacheApplies(const at::Tensor& keys) {
@@ -301,7 +302,6 @@ void CachedAttention(int64_t layer, const at::Tensor& q, const at::Tensor& k, co
       a.v = v.data_ptr<float>() + r.index * v.stride(0) + h * head_dim;
       a.q_stride = q.stride(0);
       a.kv_stride = k.stride(0);
-      TORCH_CHECK(v.stride(0) == k.stride(0), "keys and values must have the same row stride");
       const int64_t offset = h * capacity * head_dim * static_cast<int64_t>(keys.element_size());
       a.keys = static_cast<char*>(keys.data_ptr()) + offset;
       a.values = static_cast<char*>(values.data_ptr()) + offset;
