@@ -259,7 +259,7 @@ absl::Status LoadSavedModules(const AdapterConfig& cfg, const core::SafetensorsF
     rows[i] = shape[0];
     ASSIGN_OR_RETURN(at::Tensor t, ToTensor(file, *saved.info, options));
     const at::Tensor& own = base.weights().at(i == 0 ? core::InputEmbeddingName(bc) : core::kOutputEmbeddingName);
-    if (shape[0] == base_vocab && at::equal(t, own)) {
+    if (shape[0] == base_vocab && at::equal(t, own.to(t.scalar_type()))) {
       report.saved_modules.push_back(absl::StrCat(saved.module, " ", Shape(shape), ": equal to the base's, not held"));
       continue;
     }

@@ -27,13 +27,45 @@ const char* ProjectionName(Projection p) {
   return "?";
 }
 
+namespace {
+
+// Output rows of W widened per GEMM in LinearForward's mixed-dtype path: ~4 MiB of float32,
+// so the widened block is still in cache when the GEMM packs it.
+constexpr int64_t kWidenBytes = int64_t{4} << 20;
+
+at::Tensor WidenedLinear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b) {
+  const int64_t n = w.size(0), k = w.size(1);
+  at::Tensor y = at::empty({x.size(0), n}, x.options());
+  const int64_t element = static_cast<int64_t>(x.element_size());
+  const int64_t block = std::max<int64_t>(64, kWidenBytes / std::max<int64_t>(1, k * element));
+  for (int64_t n0 = 0; n0 < n; n0 += block) {
+    const int64_t nb = std::min(block, n - n0);
+    const at::Tensor wb = w.narrow(0, n0, nb).to(x.scalar_type());
+    at::Tensor yb = y.narrow(1, n0, nb);
+    if (b.defined()) {
+      at::addmm_out(yb, b.narrow(0, n0, nb).to(x.scalar_type()), x, wb.t());
+    } else {
+      at::mm_out(yb, x, wb.t());
+    }
+  }
+  return y;
+}
+
+}  // namespace
+
 at::Tensor LinearForward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b) {
   at::Tensor y = cpu::Linear(x, w, b);
   if (y.defined()) return y;
+  if (w.scalar_type() != x.scalar_type()) return WidenedLinear(x, w, b);
   if (x.size(0) != 1) return at::linear(x, w, b);
   y = at::mv(w, x[0]);
   if (b.defined()) y.add_(b);
   return y.unsqueeze(0);
+}
+
+at::Tensor EmbeddingRows(const at::Tensor& table, const at::Tensor& tokens, at::ScalarType dtype) {
+  at::Tensor rows = at::embedding(table, tokens);
+  return rows.scalar_type() == dtype ? rows : rows.to(dtype);
 }
 
 at::Tensor Conv1dForward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b) {
@@ -111,17 +143,17 @@ void AdapterBatch::WriteSoftPrompts(at::Tensor& embeddings) const {
   }
 }
 
-at::Tensor AdapterBatch::Embed(const at::Tensor& table, const at::Tensor& tokens) const {
+at::Tensor AdapterBatch::Embed(const at::Tensor& table, const at::Tensor& tokens, at::ScalarType dtype) const {
   bool changed = false;
   for (const Range& r : ranges_) {
     const at::Tensor *a = nullptr, *bt = nullptr;
     float scale = 1.0f;
     changed = changed || r.adapter->InputEmbedding() != nullptr || r.adapter->EmbeddingLora(&a, &bt, &scale);
   }
-  if (!changed) return at::embedding(table, tokens);
+  if (!changed) return EmbeddingRows(table, tokens, dtype);
   // Ids of a resized vocabulary exist only in their adapter's table: the base lookup of those
   // rows (overwritten below) reads a valid row instead.
-  at::Tensor x = at::embedding(table, tokens.clamp_max(table.size(0) - 1));
+  at::Tensor x = EmbeddingRows(table, tokens.clamp_max(table.size(0) - 1), dtype);
   for (const Range& r : ranges_) {
     at::Tensor ids = tokens.narrow(0, r.offset, r.length);
     at::Tensor rows = x.narrow(0, r.offset, r.length);

@@ -117,9 +117,9 @@ class AdapterBatch {
   at::Tensor ScaleInputs(int64_t layer, Projection p, const at::Tensor& x) const;
   // Overwrites the token embeddings of soft-prompt rows with the adapters' soft prompts.
   void WriteSoftPrompts(at::Tensor& embeddings) const;
-  // Returns the input embeddings of `tokens` ([N] ids): the base `table`'s rows, except where
-  // an adapter replaces the table or adds an embedding LoRA.
-  at::Tensor Embed(const at::Tensor& table, const at::Tensor& tokens) const;
+  // Returns the input embeddings of `tokens` ([N] ids) in `dtype` (the compute dtype): the base
+  // `table`'s rows, except where an adapter replaces the table or adds an embedding LoRA.
+  at::Tensor Embed(const at::Tensor& table, const at::Tensor& tokens, at::ScalarType dtype) const;
   // Returns float32 logits of hidden states `x` through `lm_head` ([V, hidden]) with every
   // adapter's output-projection changes: a replaced lm_head (its own, possibly larger,
   // vocabulary) and LoRA on lm_head. `rows` and `all_positions` are the Forward() call's: x
@@ -195,10 +195,16 @@ class CausalLm {
 };
 
 // y = x·Wᵀ + b for nn.Linear weights W [out, in]. A few rows on the CPU in float32 go through
-// cpu::Linear (weights read once, unpacked); otherwise a single row goes through a
-// matrix-vector product (OpenBLAS streams the weights 2-3x faster that way than through a
-// one-row GEMM) and more rows through at::linear.
+// cpu::Linear (weights read once, unpacked, bfloat16 widened in registers); otherwise a single
+// row goes through a matrix-vector product (OpenBLAS streams the weights 2-3x faster that way
+// than through a one-row GEMM) and more rows through at::linear. Weights held in another dtype
+// than x (bfloat16 served in place under float32 activations, `--dtype auto`) that no kernel
+// takes are widened a block of outputs at a time, each block one GEMM: no widened copy of W is
+// ever held whole.
 at::Tensor LinearForward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b);
+// Returns `table`'s rows for `tokens` in `dtype` (an embedding served in place in bfloat16
+// widens only the rows it looks up).
+at::Tensor EmbeddingRows(const at::Tensor& table, const at::Tensor& tokens, at::ScalarType dtype);
 // y = x·W + b for transformers' Conv1D weights W [in, out] (GPT-2).
 at::Tensor Conv1dForward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b);
 

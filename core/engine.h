@@ -72,7 +72,7 @@ class Sequence {
 struct EngineOptions {
   std::string model_dir;
   std::string device = "cpu";
-  std::string dtype = "float32";
+  std::string dtype = "auto";  // See LoadOptions::compute_dtype (core/model_loader.h).
   int threads = 0;  // Intra-op threads; 0 leaves LibTorch's setting alone.
   // CPU float32 kernels for few-row steps (core/cpu_kernels.h): "auto" (the best this CPU
   // supports), "avx512f", "avx2" or "none" (ATen/BLAS only). Process-wide.

@@ -49,7 +49,8 @@ class Gpt2 final : public CausalLm {
     const ModelConfig& c = config_;
     at::Tensor positions = Positions(rows, tokens.size(0), tokens.device());
     const int64_t E = c.hidden_size;
-    at::Tensor x = adapters != nullptr ? adapters->Embed(wte_, tokens) : at::embedding(wte_, tokens);
+    at::Tensor x = adapters != nullptr ? adapters->Embed(wte_, tokens, options_.dtype().toScalarType())
+                                           : EmbeddingRows(wte_, tokens, options_.dtype().toScalarType());
     if (adapters != nullptr) adapters->WriteSoftPrompts(x);  // wpe is added to them too.
     x = x + at::embedding(wpe_, positions);
     for (int64_t li = 0; li < c.num_layers; ++li) {

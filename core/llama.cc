@@ -67,7 +67,8 @@ class Llama final : public CausalLm {
 
     const int64_t n = tokens.size(0);
     const double scale = 1.0 / std::sqrt(static_cast<double>(c.head_dim));
-    at::Tensor x = adapters != nullptr ? adapters->Embed(embed_, tokens) : at::embedding(embed_, tokens);
+    at::Tensor x = adapters != nullptr ? adapters->Embed(embed_, tokens, options_.dtype().toScalarType())
+                                           : EmbeddingRows(embed_, tokens, options_.dtype().toScalarType());
     if (adapters != nullptr) adapters->WriteSoftPrompts(x);
     for (int64_t li = 0; li < c.num_layers; ++li) {
       const LlamaLayer& l = layers_[li];

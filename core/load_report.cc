@@ -37,6 +37,7 @@ nlohmann::json LoadReport::ToJson() const {
   j["bytes_mapped"] = bytes_mapped;
   j["bytes_copied"] = bytes_copied;
   j["compute_dtype"] = compute_dtype;
+  j["weights_dtype"] = weights_dtype;
   j["kv_cache_dtype"] = kv_cache_dtype;
   j["device"] = device;
   j["conversions"] = conversions;
@@ -59,6 +60,9 @@ std::string LoadReport::ToText() const {
   absl::StrAppend(&out, "memory       ", bytes_mapped, " bytes mapped zero-copy, ", bytes_copied,
                   " bytes copied\n");
   absl::StrAppend(&out, "compute      ", compute_dtype, " on ", device, "\n");
+  if (!weights_dtype.empty() && weights_dtype != compute_dtype) {
+    absl::StrAppend(&out, "weights      ", weights_dtype, " (matrices read in place, widened to ", compute_dtype, ")\n");
+  }
   if (!kv_cache_dtype.empty()) absl::StrAppend(&out, "kv cache     ", kv_cache_dtype, "\n");
   for (const std::string& c : conversions) absl::StrAppend(&out, "converted    ", c, "\n");
   for (const TiedPair& t : tied) {

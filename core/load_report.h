@@ -47,7 +47,10 @@ struct LoadReport {
   std::map<std::string, int64_t> file_bytes_by_dtype;  // As stored, e.g. {"BF16": 123}.
   int64_t bytes_mapped = 0;  // Served zero-copy from the memory map.
   int64_t bytes_copied = 0;  // Converted or copied (dtype, alignment or device).
-  std::string compute_dtype;
+  std::string compute_dtype;  // Of the activations: "float32", "bfloat16" or "float16".
+  // Of the weight matrices: the compute dtype, or "bfloat16" when served in place under
+  // float32 activations (--dtype auto).
+  std::string weights_dtype;
   std::string kv_cache_dtype;  // The KV cache's dtype (--kv_cache_dtype), e.g. "bfloat16".
   std::string device;
   std::vector<std::string> conversions;  // e.g. "BF16 -> F32: 57 tensors".

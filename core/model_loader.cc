@@ -130,11 +130,20 @@ absl::StatusOr<at::Tensor> Materialize(const Checkpoint::Entry& e, const at::Ten
   return out;
 }
 
+std::string ScalarTypeName(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return "float32";
+    case at::kHalf: return "float16";
+    case at::kBFloat16: return "bfloat16";
+    default: return c10::toString(t);
+  }
+}
+
 }  // namespace
 
 absl::StatusOr<at::TensorOptions> ComputeOptions(const LoadOptions& options) {
   at::ScalarType dtype;
-  if (options.compute_dtype == "float32") {
+  if (options.compute_dtype == "float32" || options.compute_dtype == "auto") {
     dtype = at::kFloat;
   } else if (options.compute_dtype == "float16") {
     dtype = at::kHalf;
@@ -142,7 +151,7 @@ absl::StatusOr<at::TensorOptions> ComputeOptions(const LoadOptions& options) {
     dtype = at::kBFloat16;
   } else {
     return absl::InvalidArgumentError(absl::StrCat("compute dtype \"", options.compute_dtype,
-                                                   "\" is not one of float32, float16, bfloat16"));
+                                                   "\" is not one of auto, float32, float16, bfloat16"));
   }
   try {
     return at::TensorOptions().dtype(dtype).device(at::Device(options.device));
@@ -177,6 +186,8 @@ absl::StatusOr<std::unique_ptr<CausalLm>> LoadModel(const std::string& dir,
   report->compute_dtype = options.compute_dtype;
   report->device = options.device;
   ASSIGN_OR_RETURN(at::TensorOptions tensor_options, ComputeOptions(options));
+  report->compute_dtype = ScalarTypeName(tensor_options.dtype().toScalarType());
+  report->weights_dtype = report->compute_dtype;
   ASSIGN_OR_RETURN(ModelConfig config, ModelConfig::Load(dir));
   report->architecture = config.architecture_name;
   report->model_type = config.model_type;
@@ -260,9 +271,15 @@ absl::StatusOr<std::unique_ptr<CausalLm>> LoadModel(const std::string& dir,
 
   WeightMap weights;
   TensorStats stats;
+  // --dtype auto: the weight matrices stored in bfloat16 stay so (GPT-2's Conv1D matrices are
+  // [in, out], a layout the kernels do not read: they are converted).
+  const bool keep_bf16 = options.compute_dtype == "auto" && config.architecture != Architecture::kGpt2;
+  bool kept_bf16 = false;
   try {
     for (const auto& [name, entry] : by_canonical) {
-      auto tensor = Materialize(*entry, tensor_options, stats);
+      const bool keep = keep_bf16 && entry->info->dtype == DType::kBF16 && entry->info->shape.size() == 2;
+      kept_bf16 = kept_bf16 || keep;
+      auto tensor = Materialize(*entry, keep ? tensor_options.dtype(at::kBFloat16) : tensor_options, stats);
       if (!tensor.ok()) {
         finish();
         return absl::Status(tensor.status().code(),
@@ -284,6 +301,7 @@ absl::StatusOr<std::unique_ptr<CausalLm>> LoadModel(const std::string& dir,
   if (tie_output) {
     if (auto pair = TieWeights(config, weights)) report->tied.push_back(*pair);
   }
+  if (kept_bf16) report->weights_dtype = "bfloat16";
   report->bytes_mapped = stats.mapped;
   report->bytes_copied = stats.copied;
   for (const auto& [what, nb] : stats.conversions) {
@@ -315,6 +333,8 @@ absl::StatusOr<std::unique_ptr<CausalLm>> LoadModel(const std::string& dir,
     finish();
     return absl::InternalError(absl::StrCat(dir, ": building the model failed: ", TorchErrorMessage(e)));
   }
+  // The KV cache defaults to the dtype the weights are served in.
+  if (kept_bf16) model->set_kv_dtype(at::kBFloat16);
   finish();
   return model;
 }

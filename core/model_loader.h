@@ -19,13 +19,18 @@ namespace adapterd::core {
 
 struct LoadOptions {
   std::string device = "cpu";           // Any device string LibTorch accepts ("cuda:0", ...).
-  std::string compute_dtype = "float32";  // float32 | float16 | bfloat16.
+  // float32 | float16 | bfloat16 | auto. "auto": activations in float32, and the weight
+  // matrices of a Llama-family checkpoint stored in bfloat16 served in place from the mapping
+  // (the CPU kernels widen them in registers; see LinearForward); its other tensors (norms,
+  // biases) and every other dtype are converted to float32. The KV cache then defaults to
+  // bfloat16 too. float32 converts every tensor, as before.
+  std::string compute_dtype = "float32";
   // Map the weight files (zero copy; update them only by atomic rename while serving), or
   // read them into private memory (immune to any later change of the files).
   bool map_weights = true;
 };
 
-// Parses LoadOptions' strings into tensor options.
+// Parses LoadOptions' strings into tensor options (the compute dtype: float32 for "auto").
 absl::StatusOr<at::TensorOptions> ComputeOptions(const LoadOptions& options);
 
 // Ties the output projection to the input embedding when the config asks for it and the

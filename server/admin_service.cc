@@ -84,6 +84,7 @@ void ToProto(const core::LoadReport& r, v1::ModelLoadReport* out) {
   out->set_bytes_copied(r.bytes_copied);
   out->set_compute_dtype(r.compute_dtype);
   out->set_kv_cache_dtype(r.kv_cache_dtype);
+  out->set_weights_dtype(r.weights_dtype);
   out->set_device(r.device);
   for (const auto& c : r.conversions) out->add_conversions(c);
   out->set_load_seconds(r.load_seconds);

@@ -10,14 +10,18 @@ ABSL_FLAG(std::string, model_dir, "", "Hugging Face model folder (config.json + 
 ABSL_FLAG(std::string, adapter_dir, "",
           "PEFT adapter folder to validate (inspect) or run with (generate).");
 ABSL_FLAG(std::string, device, "cpu", "Device the model runs on (cpu, cuda:0, ...).");
-ABSL_FLAG(std::string, dtype, "float32", "Compute dtype: float32, float16 or bfloat16.");
+ABSL_FLAG(std::string, dtype, "auto",
+          "Compute dtype: auto (float32 activations; a Llama-family checkpoint's bfloat16 weight "
+          "matrices served in place, not converted), float32 (every tensor converted), float16 or "
+          "bfloat16.");
 ABSL_FLAG(int32_t, threads, static_cast<int32_t>(std::thread::hardware_concurrency()),
           "Intra-op threads for the model (default: the machine's cores).");
 ABSL_FLAG(std::string, cpu_kernels, "auto",
           "CPU float32 kernels for few-row steps: auto (best this CPU has), avx512f, avx2 or "
           "none (ATen/BLAS only).");
 ABSL_FLAG(std::string, kv_cache_dtype, "auto",
-          "KV cache dtype: auto (the compute dtype, --dtype), float32, bfloat16 or float16. A "
+          "KV cache dtype: auto (the dtype the weights are served in, --dtype), float32, bfloat16 "
+          "or float16. A "
           "half-precision cache holds twice the positions in the same --max_kv_bytes.");
 ABSL_FLAG(int64_t, prefix_cache_bytes, 0,
           "Bytes of prompt keys and values kept for reuse by later requests that start with the "

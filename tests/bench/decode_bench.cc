@@ -1,6 +1,9 @@
 // Benchmark (not a test): single-stream decode speed and cold load time of a model, printed
 // next to the machine's limit — weight bytes read per token over measured memory-copy
-// bandwidth. Usage: decode_bench MODEL_DIR [NEW_TOKENS] [THREADS] [CPU_KERNELS]
+// bandwidth, and prompt (prefill) speed. Usage:
+//   decode_bench MODEL_DIR [NEW_TOKENS] [THREADS] [CPU_KERNELS] [DTYPE] [PROMPT_TOKENS]
+// DTYPE is --dtype (default auto: a BF16 checkpoint's matrices read in place); PROMPT_TOKENS
+// (default 512) is the length of the prompt timed through one whole prefill.
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -39,7 +42,8 @@ double CopyBandwidth(int threads) {
 
 int main(int argc, char** argv) {
   if (argc < 2) {
-    std::fprintf(stderr, "usage: %s MODEL_DIR [NEW_TOKENS] [THREADS]\n", argv[0]);
+    std::fprintf(stderr, "usage: %s MODEL_DIR [NEW_TOKENS] [THREADS] [CPU_KERNELS] [DTYPE] [PROMPT_TOKENS]\n",
+                 argv[0]);
     return 2;
   }
   const int new_tokens = argc > 2 ? std::atoi(argv[2]) : 64;
@@ -48,6 +52,8 @@ int main(int argc, char** argv) {
   options.model_dir = argv[1];
   options.threads = threads;
   if (argc > 4) options.cpu_kernels = argv[4];
+  if (argc > 5) options.dtype = argv[5];
+  const int prompt_tokens = argc > 6 ? std::atoi(argv[6]) : 512;
   adapterd::core::LoadReport report;
   auto t0 = std::chrono::steady_clock::now();
   auto engine = adapterd::core::Engine::Load(options, &report);
@@ -56,9 +62,12 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "load failed: %s\n", std::string(engine.status().message()).c_str());
     return 1;
   }
-  const double weight_bytes = static_cast<double>(report.parameter_count) * 4;  // float32
-  std::printf("model            %s (%lld parameters, %.1f MB float32)\n", report.architecture.c_str(),
-              static_cast<long long>(report.parameter_count), weight_bytes / 1e6);
+  // The bytes of every weight as served (each storage once): a step reads them all but the
+  // input embedding's other rows, which a tied lm_head reads anyway.
+  const double weight_bytes = static_cast<double>(report.bytes_mapped + report.bytes_copied);
+  std::printf("model            %s (%lld parameters, %.1f MB as served: weights %s, compute %s, kv %s)\n",
+              report.architecture.c_str(), static_cast<long long>(report.parameter_count), weight_bytes / 1e6,
+              report.weights_dtype.c_str(), report.compute_dtype.c_str(), report.kv_cache_dtype.c_str());
   std::printf("load             %.3f s (%lld bytes mapped zero-copy, %lld copied)\n", load_s,
               static_cast<long long>(report.bytes_mapped), static_cast<long long>(report.bytes_copied));
 
@@ -82,6 +91,23 @@ int main(int argc, char** argv) {
   std::printf("memcpy bandwidth %.2f GB/s\n", bw / 1e9);
   std::printf("limit            %.2f tokens/s (weight bytes per token / bandwidth)\n", limit);
   std::printf("ratio            %.2f of the limit\n", tps / limit);
+
+  // Prefill: one prompt of prompt_tokens in one step (after a warm-up of the same length).
+  if (prompt_tokens > 0) {
+    std::vector<int32_t> long_prompt;
+    const int64_t vocab = (*engine)->config().vocab_size;
+    for (int i = 0; i < prompt_tokens; ++i) long_prompt.push_back(static_cast<int32_t>((101 + 7919 * i) % vocab));
+    double best = 0;
+    for (int rep = 0; rep < 3; ++rep) {
+      auto p = (*engine)->NewSequence(long_prompt, adapterd::core::SamplingParams());
+      if (!p.ok()) return 1;
+      t0 = std::chrono::steady_clock::now();
+      if (!(*engine)->Step({p->get()}).ok()) return 1;
+      const double s = Seconds(t0, std::chrono::steady_clock::now());
+      if (rep > 0) best = std::max(best, prompt_tokens / s);
+    }
+    std::printf("prefill          %.1f tokens/s (a %d-token prompt in one step, best of 2)\n", best, prompt_tokens);
+  }
 
   // Batched decode: B sequences step together (what the server's scheduler does with B
   // streams), without gRPC; aggregate tokens/s and the speed-up over one row.
