@@ -9,7 +9,9 @@
 #            synchronise invisibly to it and every server test drowns in false reports. For
 #            the same reason so are the scheduler's and the admin worker's tests (their
 #            threads meet only in absl::Mutex::Await); clang's -Wthread-safety
-#            (tests/lint/thread_safety.sh), AddressSanitizer and the soak cover them.
+#            (tests/lint/thread_safety.sh), AddressSanitizer and the soak cover them. The
+#            end-to-end test binaries and deploy checks are not even built
+#            (-DADAPTERD_BUILD_E2E=OFF).
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 kind=${1:?usage: tests/sanitize.sh address|thread}
@@ -21,7 +23,9 @@ command -v ccache >/dev/null && launcher=(  # As deploy/setup.sh's.
   "-DCMAKE_CXX_COMPILER_LAUNCHER=$(command -v cmake);-E;env;LANG=C.UTF-8;LC_ALL=C.UTF-8;LC_CTYPE=C.UTF-8;LC_MESSAGES=C.UTF-8;CCACHE_SLOPPINESS=pch_defines,time_macros;CCACHE_BASEDIR=$root;ccache")
 # -O1 -g1 (line tables): the reports keep their file:line stacks, and a LibTorch-heavy unit
 # compiles in half the time of -O2 -g (the two sanitizer builds were most of CI's time).
-cmake -S "$root" -B "$build" -DCMAKE_BUILD_TYPE=RelWithDebInfo -DCMAKE_CXX_FLAGS_RELWITHDEBINFO="-O1 -g1 -DNDEBUG" \
+e2e=ON
+[[ "$kind" == thread ]] && e2e=OFF
+cmake -S "$root" -B "$build" -DADAPTERD_BUILD_E2E=$e2e -DCMAKE_BUILD_TYPE=RelWithDebInfo -DCMAKE_CXX_FLAGS_RELWITHDEBINFO="-O1 -g1 -DNDEBUG" \
   -DADAPTERD_SANITIZER="$kind" -DADAPTERD_BUILD_BENCHMARKS=OFF "${launcher[@]}" >/dev/null
 cmake --build "$build" -j"$(nproc)"
 export ASAN_OPTIONS=detect_leaks=0:abort_on_error=1:detect_odr_violation=0
