@@ -176,8 +176,8 @@ class CausalLm {
 
   // Attention of every row: q [N, nH*d], k, v [N, nKV*d] (rotated for Llama), written into
   // `out` ([N, nH*d], contiguous). Every row (decode or prefill chunk) goes through one
-  // cpu::CachedAttention call when it applies (CPU, float32 activations, a float32 or
-  // bfloat16 cache); otherwise each row through RowAttention().
+  // cpu::CachedAttention call when it applies (CPU, float32 activations, a float32, bfloat16
+  // or float16 cache); otherwise each row through RowAttention().
   void Attend(int64_t layer, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
               const std::vector<RowSpan>& rows, double scale, int64_t window,
               at::Tensor& out) const;
@@ -195,14 +195,14 @@ class CausalLm {
 };
 
 // y = x·Wᵀ + b for nn.Linear weights W [out, in]. A few rows on the CPU in float32 go through
-// cpu::Linear (weights read once, unpacked, bfloat16 widened in registers); otherwise a single
+// cpu::Linear (weights read once, unpacked, bfloat16/float16 widened in registers); otherwise a single
 // row goes through a matrix-vector product (OpenBLAS streams the weights 2-3x faster that way
 // than through a one-row GEMM) and more rows through at::linear. Weights held in another dtype
-// than x (bfloat16 served in place under float32 activations, `--dtype auto`) that no kernel
+// than x (bfloat16/float16 served in place under float32 activations, `--dtype auto`) that no kernel
 // takes are widened a block of outputs at a time, each block one GEMM: no widened copy of W is
 // ever held whole.
 at::Tensor LinearForward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b);
-// Returns `table`'s rows for `tokens` in `dtype` (an embedding served in place in bfloat16
+// Returns `table`'s rows for `tokens` in `dtype` (an embedding served in place in half precision
 // widens only the rows it looks up).
 at::Tensor EmbeddingRows(const at::Tensor& table, const at::Tensor& tokens, at::ScalarType dtype);
 // y = x·W + b for transformers' Conv1D weights W [in, out] (GPT-2).

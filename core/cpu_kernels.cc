@@ -13,6 +13,9 @@ namespace {
 Isa Detect() {
 #if defined(ADAPTERD_X86_KERNELS)
   __builtin_cpu_init();
+  // Every CPU with AVX2 and FMA has F16C (float16 conversions), which both kernels use; it is
+  // checked all the same.
+  if (!__builtin_cpu_supports("f16c")) return Isa::kNone;
   if (__builtin_cpu_supports("avx512f")) return Isa::kAvx512;
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::kAvx2;
 #endif
@@ -58,8 +61,17 @@ bool IsCpuWeight(const at::Tensor& t) {
   return t.defined() && t.device().is_cpu() && (t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16);
 }
 
+// Weight matrices Linear() reads: those, or float16 (a checkpoint's own, served in place).
+bool IsCpuMatrix(const at::Tensor& t) {
+  return IsCpuWeight(t) || (t.defined() && t.device().is_cpu() && t.scalar_type() == at::kHalf);
+}
+
 WeightType WeightTypeOf(const at::Tensor& w) {
-  return w.scalar_type() == at::kBFloat16 ? WeightType::kBf16 : WeightType::kF32;
+  switch (w.scalar_type()) {
+    case at::kBFloat16: return WeightType::kBf16;
+    case at::kHalf: return WeightType::kF16;
+    default: return WeightType::kF32;
+  }
 }
 
 }  // namespace
@@ -94,7 +106,7 @@ bool IsaFromName(const std::string& name, Isa* isa) {
 
 at::Tensor Linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b) {
   const Isa isa = SelectedIsa();
-  if (isa == Isa::kNone || !IsCpuFloat(x) || !IsCpuWeight(w) || x.dim() != 2 || w.dim() != 2 ||
+  if (isa == Isa::kNone || !IsCpuFloat(x) || !IsCpuMatrix(w) || x.dim() != 2 || w.dim() != 2 ||
       !LinearTakes(x.size(0), x.size(1)) || x.size(1) != w.size(1) || x.stride(1) != 1 ||
       w.stride(1) != 1 || (b.defined() && (!IsCpuFloat(b) || !b.is_contiguous() ||
                                            b.dim() != 1 || b.size(0) != w.size(0)))) {
@@ -266,7 +278,8 @@ bool CachedAttentionApplies(const at::Tensor& q, const at::Tensor& k, const at::
 
 bool KvCacheApplies(const at::Tensor& keys) {
   return keys.is_cpu() && keys.is_contiguous() &&
-         (keys.scalar_type() == at::kFloat || keys.scalar_type() == at::kBFloat16);
+         (keys.scalar_type() == at::kFloat || keys.scalar_type() == at::kBFloat16 ||
+          keys.scalar_type() == at::kHalf);
 }
 
 void CachedAttention(int64_t layer, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -279,7 +292,7 @@ void CachedAttention(int64_t layer, const at::Tensor& q, const at::Tensor& k, co
     TORCH_CHECK(r.length >= 1, "a cached-attention row needs at least one position");
     const int64_t total = r.cache->length() + r.length;
     r.cache->Reserve(layer, total);
-    TORCH_CHECK(KvCacheApplies(r.cache->keys(layer)), "KV cache is not CPU float32 or bfloat16");
+    TORCH_CHECK(KvCacheApplies(r.cache->keys(layer)), "KV cache is not CPU float32, bfloat16 or float16");
     longest = std::max(longest, total);
     // Scores and weighted sums over the positions each query sees.
     const int64_t seen = window > 0 ? r.length * std::min(total, window) : r.length * (2 * total - r.length + 1) / 2;
@@ -305,7 +318,7 @@ void CachedAttention(int64_t layer, const at::Tensor& q, const at::Tensor& k, co
       const int64_t offset = h * capacity * head_dim * static_cast<int64_t>(keys.element_size());
       a.keys = static_cast<char*>(keys.data_ptr()) + offset;
       a.values = static_cast<char*>(values.data_ptr()) + offset;
-      a.kv_type = keys.scalar_type() == at::kBFloat16 ? WeightType::kBf16 : WeightType::kF32;
+      a.kv_type = WeightTypeOf(keys);
       a.out = out.data_ptr<float>() + r.index * out.stride(0) + h * group * head_dim;
       a.out_stride = out.stride(0);
       a.scores = scores.data();

@@ -53,8 +53,8 @@ const char* IsaName(Isa isa);
 bool IsaFromName(const std::string& name, Isa* isa);
 
 // Returns y = x·wᵀ + b (b may be undefined) when a kernel applies: x [M, K] with
-// M <= kLinearMaxRows, w [N, K], both on the CPU with unit stride along K, x float32, w float32
-// or bfloat16 (widened exactly: the result equals the float32 copy's), b float32 contiguous
+// M <= kLinearMaxRows, w [N, K], both on the CPU with unit stride along K, x float32, w float32,
+// bfloat16 or float16 (widened exactly: the result equals the float32 copy's), b float32 contiguous
 // [N]. Returns an undefined tensor otherwise.
 at::Tensor Linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b);
 
@@ -101,7 +101,7 @@ bool CachedAttentionApplies(const at::Tensor& q, const at::Tensor& k, const at::
                             const at::Tensor& out);
 
 // Returns true when CachedAttention() can read and write a cache layer holding `keys` (and
-// values of the same dtype): contiguous CPU float32 or bfloat16.
+// values of the same dtype): contiguous CPU float32, bfloat16 or float16.
 bool KvCacheApplies(const at::Tensor& keys);
 
 // For every row: writes its keys and values ([kv_heads·d] at tokens [index, index + length) of

@@ -1,4 +1,4 @@
-// cpu_kernels_isa.h for AVX2 + FMA (compiled with -mavx2 -mfma; see core/CMakeLists.txt).
+// cpu_kernels_isa.h for AVX2 + FMA + F16C (compiled with -mavx2 -mfma -mf16c; see core/CMakeLists.txt).
 #include <immintrin.h>
 #include <math.h>
 
@@ -19,6 +19,8 @@ struct Vec {
     const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
     return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
   }
+  // Eight float16 values widened to float32 (F16C, exact).
+  static T LoadF16(const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
   static void Store(float* p, T v) { _mm256_storeu_ps(p, v); }
   static T Fma(T a, T b, T c) { return _mm256_fmadd_ps(a, b, c); }
   static T Mul(T a, T b) { return _mm256_mul_ps(a, b); }

@@ -1,4 +1,4 @@
-// cpu_kernels_isa.h for AVX-512F (compiled with -mavx512f -mfma; see core/CMakeLists.txt).
+// cpu_kernels_isa.h for AVX-512F (compiled with -mavx512f -mfma -mf16c; see core/CMakeLists.txt).
 #include <immintrin.h>
 #include <math.h>
 
@@ -20,6 +20,10 @@ struct Vec {
     const __m512i wide =
         _mm512_maskz_cvtepu16_epi32(0xffff, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
     return _mm512_castsi512_ps(_mm512_maskz_slli_epi32(0xffff, wide, 16));
+  }
+  // Sixteen float16 values widened to float32 (exact); the all-ones masked form, as at Sum().
+  static T LoadF16(const uint16_t* p) {
+    return _mm512_maskz_cvtph_ps(0xffff, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
   }
   static void Store(float* p, T v) { _mm512_storeu_ps(p, v); }
   static T Fma(T a, T b, T c) { return _mm512_fmadd_ps(a, b, c); }

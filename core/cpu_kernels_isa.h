@@ -8,16 +8,17 @@
 
 namespace adapterd::core::cpu {
 
-// How the weights of a LinearArgs are stored; bfloat16 is widened to float32 exactly as it is
-// loaded, so the sums are those of the float32 copy.
-enum class WeightType : int32_t { kF32, kBf16 };
+// How the weights of a LinearArgs (or a KV cache) are stored; bfloat16 and float16 are widened
+// to float32 exactly as they are loaded, so the sums are those of the float32 copy. Expands
+// (LoRA factors) take float32 and bfloat16 only.
+enum class WeightType : int32_t { kF32, kBf16, kF16 };
 
 // y[i, n] = scale·(sum_k x[i, k]·w[n, k] (+ b[n])) for rows i < m and outputs n in [n0, n1);
 // with `accumulate`, that is added to y[i, n] instead (as y + scale·(x·wᵀ) would do).
 struct LinearArgs {
   const float* x;
   int64_t ldx;
-  const void* w;  // float, or uint16_t bfloat16 bits (w_type).
+  const void* w;  // float, or uint16_t bfloat16 or float16 bits (w_type).
   int64_t ldw;
   const float* b;  // Null: no bias.
   float* y;

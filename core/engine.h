@@ -85,8 +85,8 @@ struct EngineOptions {
   // Bytes of prompt keys and values kept for reuse by later requests with the same leading
   // tokens and adapter (core/prefix_cache.h); 0 turns prefix reuse off.
   int64_t prefix_cache_bytes = 0;
-  // Bytes of attention scores a prefill computes at once on the ATen path (no CPU kernels, or
-  // a float16 cache: a long prompt's queries go in blocks); 0 keeps the default, 8 MiB.
+  // Bytes of attention scores a prefill computes at once on the ATen path (no CPU kernels: a
+  // long prompt's queries go in blocks); 0 keeps the default, 8 MiB.
   // Outputs do not depend on it.
   int64_t attention_block_bytes = 0;
 };

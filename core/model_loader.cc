@@ -271,15 +271,17 @@ absl::StatusOr<std::unique_ptr<CausalLm>> LoadModel(const std::string& dir,
 
   WeightMap weights;
   TensorStats stats;
-  // --dtype auto: the weight matrices stored in bfloat16 stay so (GPT-2's Conv1D matrices are
-  // [in, out], a layout the kernels do not read: they are converted).
-  const bool keep_bf16 = options.compute_dtype == "auto" && config.architecture != Architecture::kGpt2;
-  bool kept_bf16 = false;
+  // --dtype auto: the weight matrices stored in bfloat16 or float16 stay so (GPT-2's Conv1D
+  // matrices are [in, out], a layout the kernels do not read: they are converted).
+  const bool keep_half = options.compute_dtype == "auto" && config.architecture != Architecture::kGpt2;
+  std::set<at::ScalarType> kept;
   try {
     for (const auto& [name, entry] : by_canonical) {
-      const bool keep = keep_bf16 && entry->info->dtype == DType::kBF16 && entry->info->shape.size() == 2;
-      kept_bf16 = kept_bf16 || keep;
-      auto tensor = Materialize(*entry, keep ? tensor_options.dtype(at::kBFloat16) : tensor_options, stats);
+      const bool half = entry->info->dtype == DType::kBF16 || entry->info->dtype == DType::kF16;
+      const bool keep = keep_half && half && entry->info->shape.size() == 2;
+      const at::ScalarType stored = entry->info->dtype == DType::kBF16 ? at::kBFloat16 : at::kHalf;
+      if (keep) kept.insert(stored);
+      auto tensor = Materialize(*entry, keep ? tensor_options.dtype(stored) : tensor_options, stats);
       if (!tensor.ok()) {
         finish();
         return absl::Status(tensor.status().code(),
@@ -301,7 +303,13 @@ absl::StatusOr<std::unique_ptr<CausalLm>> LoadModel(const std::string& dir,
   if (tie_output) {
     if (auto pair = TieWeights(config, weights)) report->tied.push_back(*pair);
   }
-  if (kept_bf16) report->weights_dtype = "bfloat16";
+  // One dtype names the weights (a checkpoint mixing bfloat16 and float16 matrices is served
+  // as stored all the same; the report names the first, and the KV cache takes it).
+  if (!kept.empty()) {
+    std::vector<std::string> names;
+    for (at::ScalarType t : kept) names.push_back(ScalarTypeName(t));
+    report->weights_dtype = absl::StrJoin(names, "+");
+  }
   report->bytes_mapped = stats.mapped;
   report->bytes_copied = stats.copied;
   for (const auto& [what, nb] : stats.conversions) {
@@ -334,7 +342,7 @@ absl::StatusOr<std::unique_ptr<CausalLm>> LoadModel(const std::string& dir,
     return absl::InternalError(absl::StrCat(dir, ": building the model failed: ", TorchErrorMessage(e)));
   }
   // The KV cache defaults to the dtype the weights are served in.
-  if (kept_bf16) model->set_kv_dtype(at::kBFloat16);
+  if (!kept.empty()) model->set_kv_dtype(*kept.begin());
   finish();
   return model;
 }

@@ -20,10 +20,10 @@ namespace adapterd::core {
 struct LoadOptions {
   std::string device = "cpu";           // Any device string LibTorch accepts ("cuda:0", ...).
   // float32 | float16 | bfloat16 | auto. "auto": activations in float32, and the weight
-  // matrices of a Llama-family checkpoint stored in bfloat16 served in place from the mapping
-  // (the CPU kernels widen them in registers; see LinearForward); its other tensors (norms,
-  // biases) and every other dtype are converted to float32. The KV cache then defaults to
-  // bfloat16 too. float32 converts every tensor, as before.
+  // matrices of a Llama-family checkpoint stored in bfloat16 or float16 served in place from
+  // the mapping (the CPU kernels widen them in registers; see LinearForward); its other tensors
+  // (norms, biases) and every other dtype are converted to float32. The KV cache then defaults
+  // to the matrices' dtype. float32 converts every tensor.
   std::string compute_dtype = "float32";
   // Map the weight files (zero copy; update them only by atomic rename while serving), or
   // read them into private memory (immune to any later change of the files).

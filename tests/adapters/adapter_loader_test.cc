@@ -946,51 +946,54 @@ TEST(AdapterBatchTest, MixedAdapterBatchEqualsEachRowAlone) {
        {40, 41, 42, 43}, {8}, {30, 31, 32}, {257, 4, 259, 6}, {70, 71, 72}, {258}});
 }
 
-// --dtype auto serves a bfloat16 checkpoint's matrices in place: every adapter type on it gives
+// --dtype auto serves a bfloat16 or float16 checkpoint's matrices in place: every adapter type on it gives
 // the logits of the same adapter on the float32 conversion (the CPU kernels widen exactly and
 // sum in the same order; ATen's blocks of widened weights through BLAS within 1e-5), with the
 // same (float32) KV cache.
-TEST(AdapterBatchTest, AdaptersOnBf16WeightsServedInPlaceEqualTheFloat32Conversion) {
-  auto load = [](const std::string& dtype) {
-    core::EngineOptions o;
-    o.model_dir = testing::Fixture("llama_bf16");
-    o.dtype = dtype;
-    o.kv_cache_dtype = "float32";
-    core::LoadReport report;
-    auto engine = core::Engine::Load(o, &report);
-    EXPECT_TRUE(engine.ok()) << engine.status();
-    return engine.ok() ? *std::move(engine) : nullptr;
-  };
-  auto in_place = load("auto");
-  auto converted = load("float32");
-  ASSERT_TRUE(in_place && converted);
-  ASSERT_EQ(in_place->report().weights_dtype, "bfloat16");
-  const double tolerance = core::cpu::SelectedIsa() == core::cpu::Isa::kNone ? 1e-5 : 0.0;
-  const std::vector<int32_t> prompt = {5, 9, 22, 31, 100, 3, 44, 19, 2, 250, 11};
-  for (const char* name : {"lora_qv", "lora_all_rslora", "dora_llama", "ia3_llama", "prefix_llama",
-                           "mts_llama", "lora_embed_llama"}) {
-    SCOPED_TRACE(name);
-    auto a = Load(*in_place, name);
-    auto b = Load(*converted, name);
-    ASSERT_TRUE(a.ok() && b.ok()) << a.status() << " " << b.status();
-    auto la = in_place->PromptLogits(prompt, *a);
-    auto lb = converted->PromptLogits(prompt, *b);
-    ASSERT_TRUE(la.ok() && lb.ok());
-    EXPECT_LE(MaxDiff(*la, *lb), tolerance);
-    core::GenerateRequest req;
-    req.prompt = prompt;
-    req.max_new_tokens = 8;
-    req.ignore_eos = true;
-    req.params.top_logprobs = 3;
-    req.adapter = *a;
-    auto ga = core::Generate(*in_place, req);
-    req.adapter = *b;
-    auto gb = core::Generate(*converted, req);
-    ASSERT_TRUE(ga.ok() && gb.ok());
-    ASSERT_EQ(ga->steps.size(), gb->steps.size());
-    for (size_t i = 0; i < ga->steps.size(); ++i) {
-      EXPECT_EQ(ga->steps[i].token, gb->steps[i].token) << "step " << i;
-      EXPECT_NEAR(ga->steps[i].logprob, gb->steps[i].logprob, tolerance) << "step " << i;
+TEST(AdapterBatchTest, AdaptersOnHalfWeightsServedInPlaceEqualTheFloat32Conversion) {
+  for (const char* fixture : {"llama_bf16", "llama_f16"}) {
+    SCOPED_TRACE(fixture);
+    auto load = [&](const std::string& dtype) {
+      core::EngineOptions o;
+      o.model_dir = testing::Fixture(fixture);
+      o.dtype = dtype;
+      o.kv_cache_dtype = "float32";
+      core::LoadReport report;
+      auto engine = core::Engine::Load(o, &report);
+      EXPECT_TRUE(engine.ok()) << engine.status();
+      return engine.ok() ? *std::move(engine) : nullptr;
+    };
+    auto in_place = load("auto");
+    auto converted = load("float32");
+    ASSERT_TRUE(in_place && converted);
+    ASSERT_NE(in_place->report().weights_dtype, "float32");
+    const double tolerance = core::cpu::SelectedIsa() == core::cpu::Isa::kNone ? 1e-5 : 0.0;
+    const std::vector<int32_t> prompt = {5, 9, 22, 31, 100, 3, 44, 19, 2, 250, 11};
+    for (const char* name : {"lora_qv", "lora_all_rslora", "dora_llama", "ia3_llama", "prefix_llama",
+                             "mts_llama", "lora_embed_llama"}) {
+      SCOPED_TRACE(name);
+      auto a = Load(*in_place, name);
+      auto b = Load(*converted, name);
+      ASSERT_TRUE(a.ok() && b.ok()) << a.status() << " " << b.status();
+      auto la = in_place->PromptLogits(prompt, *a);
+      auto lb = converted->PromptLogits(prompt, *b);
+      ASSERT_TRUE(la.ok() && lb.ok());
+      EXPECT_LE(MaxDiff(*la, *lb), tolerance);
+      core::GenerateRequest req;
+      req.prompt = prompt;
+      req.max_new_tokens = 8;
+      req.ignore_eos = true;
+      req.params.top_logprobs = 3;
+      req.adapter = *a;
+      auto ga = core::Generate(*in_place, req);
+      req.adapter = *b;
+      auto gb = core::Generate(*converted, req);
+      ASSERT_TRUE(ga.ok() && gb.ok());
+      ASSERT_EQ(ga->steps.size(), gb->steps.size());
+      for (size_t i = 0; i < ga->steps.size(); ++i) {
+        EXPECT_EQ(ga->steps[i].token, gb->steps[i].token) << "step " << i;
+        EXPECT_NEAR(ga->steps[i].logprob, gb->steps[i].logprob, tolerance) << "step " << i;
+      }
     }
   }
 }

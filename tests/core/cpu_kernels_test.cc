@@ -69,6 +69,25 @@ TEST_P(LinearTest, ARowsResultDoesNotDependOnItsBatch) {
   }
 }
 
+// bfloat16 and float16 weights (a checkpoint's own, served in place) are widened exactly: every
+// output equals the float32 copy's bit for bit, few rows and many, odd k and n included.
+TEST_P(LinearTest, HalfPrecisionWeightsEqualTheirFloat32CopiesBitForBit) {
+  at::manual_seed(10);
+  for (const at::ScalarType dtype : {at::kBFloat16, at::kHalf}) {
+    for (int64_t m : {1, 3, 4, 17, 300}) {
+      for (int64_t k : {7, 64, 773}) {
+        const at::Tensor x = at::randn({m, k});
+        const at::Tensor w = at::randn({101, k}).to(dtype);
+        const at::Tensor b = at::randn({101});
+        const at::Tensor half = Linear(x, w, b);
+        const at::Tensor full = Linear(x, w.to(at::kFloat), b);
+        ASSERT_TRUE(half.defined() && full.defined()) << c10::toString(dtype);
+        EXPECT_TRUE(at::equal(half, full)) << c10::toString(dtype) << " " << m << "x" << k;
+      }
+    }
+  }
+}
+
 TEST_P(LinearTest, DeclinesWhatItCannotTake) {
   at::Tensor w = at::randn({8, 16});
   EXPECT_FALSE(Linear(at::randn({kLinearMaxRows + 1, 16}), w, at::Tensor()).defined());
@@ -202,13 +221,14 @@ TEST_P(CachedAttentionTest, MatchesTheFormulaWithGroupedHeadsWindowsAndOddHeadSi
 // --kv_cache_dtype bfloat16: the kernel writes the new keys and values rounded and reads the
 // cache widened, accumulating in float32.
 TEST_P(CachedAttentionTest, ReadsAndWritesBfloat16Caches) { CheckCachedAttention(at::kBFloat16); }
+TEST_P(CachedAttentionTest, ReadsAndWritesFloat16Caches) { CheckCachedAttention(at::kHalf); }
 
 // A prompt's outputs do not depend on how it is split: 45 positions at once, in chunks of
 // 16 + 16 + 13, and one at a time (as decode rows) give the same bits, with and without a
-// window, over float32 and bfloat16 caches.
+// window, over float32, bfloat16 and float16 caches.
 TEST_P(CachedAttentionTest, ChunksAndSinglePositionsGiveTheSameBits) {
   at::manual_seed(21);
-  for (const at::ScalarType dtype : {at::kFloat, at::kBFloat16}) {
+  for (const at::ScalarType dtype : {at::kFloat, at::kBFloat16, at::kHalf}) {
     for (const int64_t window : {int64_t{0}, int64_t{7}}) {
       const int64_t heads = 8, kv_heads = 2, d = 40, t = 45, past = 30;
       at::Tensor q = at::randn({t, heads * d});
@@ -240,30 +260,37 @@ TEST_P(CachedAttentionTest, ChunksAndSinglePositionsGiveTheSameBits) {
   }
 }
 
-// The kernel's bfloat16 rounding equals ATen's bit for bit, at ties (to even), NaN, infinities,
-// signed zero, subnormals and values that round up past the largest finite bfloat16.
-TEST_P(CachedAttentionTest, RoundsToBfloat16AsAtenDoes) {
+// The kernel's bfloat16 and float16 rounding equals ATen's bit for bit, at ties (to even), NaN,
+// infinities, signed zero, subnormals and values that round past the largest finite value.
+TEST_P(CachedAttentionTest, RoundsToHalfPrecisionAsAtenDoes) {
   const std::vector<uint32_t> bits = {0x3F808000u, 0x3F818000u, 0x3F808001u, 0xBF817FFFu, 0x7FC00001u,
                                       0xFFFFFFFFu, 0x7F800000u, 0xFF800000u, 0x80000000u, 0x00000001u,
                                       0x007FFFFFu, 0x7F7FFFFFu, 0x7F7F8000u, 0x3EAAAAABu, 0x00000000u,
-                                      0x40490FDBu};
+                                      0x40490FDBu,
+                                      // float16: a tie to even, its subnormals, past its largest.
+                                      0x3F801000u, 0x3F803000u, 0x33800000u, 0x33C00000u, 0x387FC000u,
+                                      0x477FEFFFu, 0x477FF000u, 0x47800000u, 0xC77FF000u, 0xFFC00000u};
   const int64_t d = static_cast<int64_t>(bits.size());
-  at::Tensor k = at::empty({1, d});
-  std::memcpy(k.data_ptr<float>(), bits.data(), bits.size() * sizeof(uint32_t));
-  at::Tensor v = k.clone();
-  at::Tensor q = at::zeros({1, d});
-  at::Tensor out = at::zeros({1, d});
-  KvCache cache(1, 1, d, 1, at::TensorOptions().dtype(at::kBFloat16));
-  std::vector<CachedRow> decode = {{0, &cache}};
-  CachedAttention(0, q, k, v, decode, 1, 1, d, 1.0, 0, out);
-  at::Tensor want = k[0].to(at::kBFloat16);
-  at::Tensor got = cache.keys(0)[0][0];
-  for (int64_t i = 0; i < d; ++i) {
-    uint16_t w = 0, g = 0;
-    std::memcpy(&w, static_cast<const char*>(want.data_ptr()) + 2 * i, 2);
-    std::memcpy(&g, static_cast<const char*>(got.data_ptr()) + 2 * i, 2);
-    const bool both_nan = (w & 0x7FFF) > 0x7F80 && (g & 0x7FFF) > 0x7F80;
-    EXPECT_TRUE(w == g || both_nan) << std::hex << bits[static_cast<size_t>(i)] << ": ATen " << w << ", kernel " << g;
+  for (const at::ScalarType dtype : {at::kBFloat16, at::kHalf}) {
+    at::Tensor k = at::empty({1, d});
+    std::memcpy(k.data_ptr<float>(), bits.data(), bits.size() * sizeof(uint32_t));
+    at::Tensor v = k.clone();
+    at::Tensor q = at::zeros({1, d});
+    at::Tensor out = at::zeros({1, d});
+    KvCache cache(1, 1, d, 1, at::TensorOptions().dtype(dtype));
+    std::vector<CachedRow> decode = {{0, &cache}};
+    CachedAttention(0, q, k, v, decode, 1, 1, d, 1.0, 0, out);
+    at::Tensor want = k[0].to(dtype);
+    at::Tensor got = cache.keys(0)[0][0];
+    const uint16_t exponent = dtype == at::kHalf ? 0x7C00 : 0x7F80;
+    for (int64_t i = 0; i < d; ++i) {
+      uint16_t w = 0, g = 0;
+      std::memcpy(&w, static_cast<const char*>(want.data_ptr()) + 2 * i, 2);
+      std::memcpy(&g, static_cast<const char*>(got.data_ptr()) + 2 * i, 2);
+      const bool both_nan = (w & 0x7FFF) > exponent && (g & 0x7FFF) > exponent;
+      EXPECT_TRUE(w == g || both_nan) << c10::toString(dtype) << " " << std::hex << bits[static_cast<size_t>(i)]
+                                      << ": ATen " << w << ", kernel " << g;
+    }
   }
 }
 
@@ -453,7 +480,9 @@ TEST(CpuKernelsTest, DetectsWhatTheKernelReportsInProcCpuinfo) {
   std::istringstream words(line);
   for (std::string w; words >> w;) flags.insert(w);
   ASSERT_FALSE(flags.empty()) << "no flags line in /proc/cpuinfo";
-  if (flags.count("avx512f")) {
+  if (!flags.count("f16c")) {
+    want = Isa::kNone;
+  } else if (flags.count("avx512f")) {
     want = Isa::kAvx512;
   } else if (flags.count("avx2") && flags.count("fma")) {
     want = Isa::kAvx2;

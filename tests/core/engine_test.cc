@@ -129,69 +129,77 @@ INSTANTIATE_TEST_SUITE_P(
     Fixtures, ReferenceTest,
     ::testing::Combine(::testing::Values("llama_tied", "llama_untied", "qwen2_bias",
                                          "mistral_window", "gpt2", "gpt2_noprefix",
-                                         "llama_sharded", "llama_bf16"),
+                                         "llama_sharded", "llama_bf16", "llama_f16"),
                        ::testing::Values("none", "avx2", "avx512f")),
     [](const auto& info) {
       return std::string(std::get<0>(info.param)) + "_" + std::get<1>(info.param);
     });
 
-// --dtype auto on a bfloat16 checkpoint: the matrices are read in place and widened, so the
-// logits equal the float32 conversion's — bit for bit on the CPU kernels (the same fused sums
-// over exactly widened weights), within 1e-5 on ATen (blocks of widened weights through BLAS).
-TEST(Bf16InPlaceTest, AutoEqualsTheFloat32ConversionOnEveryKernelSet) {
-  auto ref = testing::ReadJson(testing::Fixture("llama_bf16") + "/reference.json");
-  std::vector<int32_t> prompt = ref["prompt"].get<std::vector<int32_t>>();
-  for (const char* kernels : {"none", "avx2", "avx512f"}) {
-    cpu::Isa isa;
-    if (!cpu::IsaFromName(kernels, &isa) || isa > cpu::SupportedIsa()) continue;
-    SCOPED_TRACE(kernels);
-    for (const char* kv : {"float32", "bfloat16"}) {
-      EngineOptions o;
-      o.model_dir = testing::Fixture("llama_bf16");
-      o.cpu_kernels = kernels;
-      o.kv_cache_dtype = kv;
-      LoadReport in_place_report, converted_report;
-      o.dtype = "auto";
-      auto in_place = Engine::Load(o, &in_place_report);
-      o.dtype = "float32";
-      auto converted = Engine::Load(o, &converted_report);
-      ASSERT_TRUE(in_place.ok() && converted.ok());
-      EXPECT_EQ(in_place_report.weights_dtype, "bfloat16");
-      EXPECT_EQ(converted_report.weights_dtype, "float32");
-      auto a = (*in_place)->PromptLogits(prompt);
-      auto b = (*converted)->PromptLogits(prompt);
-      ASSERT_TRUE(a.ok() && b.ok());
-      double worst = 0;
-      for (size_t i = 0; i < a->size(); ++i) worst = std::max(worst, static_cast<double>(std::abs((*a)[i] - (*b)[i])));
-      if (isa == cpu::Isa::kNone) {
-        EXPECT_LT(worst, 1e-5) << kv;
-      } else {
-        EXPECT_EQ(worst, 0.0) << kv;
+// --dtype auto on a bfloat16 or float16 checkpoint: the matrices are read in place and widened,
+// so the logits equal the float32 conversion's — bit for bit on the CPU kernels (the same fused
+// sums over exactly widened weights), within 1e-5 on ATen (blocks of widened weights through
+// BLAS) — with the same KV cache dtype.
+TEST(HalfInPlaceTest, AutoEqualsTheFloat32ConversionOnEveryKernelSet) {
+  for (const char* fixture : {"llama_bf16", "llama_f16"}) {
+    SCOPED_TRACE(fixture);
+    auto ref = testing::ReadJson(testing::Fixture(fixture) + "/reference.json");
+    std::vector<int32_t> prompt = ref["prompt"].get<std::vector<int32_t>>();
+    for (const char* kernels : {"none", "avx2", "avx512f"}) {
+      cpu::Isa isa;
+      if (!cpu::IsaFromName(kernels, &isa) || isa > cpu::SupportedIsa()) continue;
+      SCOPED_TRACE(kernels);
+      for (const char* kv : {"float32", "bfloat16", "float16"}) {
+        EngineOptions o;
+        o.model_dir = testing::Fixture(fixture);
+        o.cpu_kernels = kernels;
+        o.kv_cache_dtype = kv;
+        LoadReport in_place_report, converted_report;
+        o.dtype = "auto";
+        auto in_place = Engine::Load(o, &in_place_report);
+        o.dtype = "float32";
+        auto converted = Engine::Load(o, &converted_report);
+        ASSERT_TRUE(in_place.ok() && converted.ok());
+        EXPECT_EQ(in_place_report.weights_dtype, std::string(fixture) == "llama_bf16" ? "bfloat16" : "float16");
+        EXPECT_EQ(converted_report.weights_dtype, "float32");
+        auto a = (*in_place)->PromptLogits(prompt);
+        auto b = (*converted)->PromptLogits(prompt);
+        ASSERT_TRUE(a.ok() && b.ok());
+        double worst = 0;
+        for (size_t i = 0; i < a->size(); ++i) worst = std::max(worst, static_cast<double>(std::abs((*a)[i] - (*b)[i])));
+        if (isa == cpu::Isa::kNone) {
+          EXPECT_LT(worst, 1e-5) << kv;
+        } else {
+          EXPECT_EQ(worst, 0.0) << kv;
+        }
       }
     }
   }
   cpu::SelectIsa(cpu::SupportedIsa());
 }
 
-// Under auto the KV cache takes the weights' dtype: bfloat16 for llama_bf16 (half the bytes per
-// position), and the greedy continuation still equals the float32 PyTorch reference's.
-TEST(Bf16InPlaceTest, AutoKvCacheTakesTheWeightsDtypeAndKeepsTheReferenceContinuation) {
-  auto engine = LoadEngine("llama_bf16");
+// Under auto the KV cache takes the weights' dtype (half the bytes per position of a float32
+// one), and the greedy continuation still equals the float32 PyTorch reference's.
+TEST(HalfInPlaceTest, AutoKvCacheTakesTheWeightsDtypeAndKeepsTheReferenceContinuation) {
   auto f32 = LoadEngine("llama_tied");
-  ASSERT_TRUE(engine && f32);
-  EXPECT_EQ(engine->report().kv_cache_dtype, "bfloat16");
+  ASSERT_NE(f32, nullptr);
   EXPECT_EQ(f32->report().kv_cache_dtype, "float32");
-  EXPECT_EQ(2 * engine->kv_bytes_per_position(), f32->kv_bytes_per_position());
-  auto ref = testing::ReadJson(testing::Fixture("llama_bf16") + "/reference.json");
-  GenerateRequest req;
-  req.prompt = ref["prompt"].get<std::vector<int32_t>>();
-  req.max_new_tokens = static_cast<int64_t>(ref["greedy"].size());
-  req.ignore_eos = true;
-  auto result = Generate(*engine, req);
-  ASSERT_TRUE(result.ok()) << result.status();
-  std::vector<int32_t> tokens;
-  for (const StepOutput& s : result->steps) tokens.push_back(s.token);
-  EXPECT_EQ(tokens, ref["greedy"].get<std::vector<int32_t>>());
+  for (const char* fixture : {"llama_bf16", "llama_f16"}) {
+    SCOPED_TRACE(fixture);
+    auto engine = LoadEngine(fixture);
+    ASSERT_NE(engine, nullptr);
+    EXPECT_EQ(engine->report().kv_cache_dtype, std::string(fixture) == "llama_bf16" ? "bfloat16" : "float16");
+    EXPECT_EQ(2 * engine->kv_bytes_per_position(), f32->kv_bytes_per_position());
+    auto ref = testing::ReadJson(testing::Fixture(fixture) + "/reference.json");
+    GenerateRequest req;
+    req.prompt = ref["prompt"].get<std::vector<int32_t>>();
+    req.max_new_tokens = static_cast<int64_t>(ref["greedy"].size());
+    req.ignore_eos = true;
+    auto result = Generate(*engine, req);
+    ASSERT_TRUE(result.ok()) << result.status();
+    std::vector<int32_t> tokens;
+    for (const StepOutput& s : result->steps) tokens.push_back(s.token);
+    EXPECT_EQ(tokens, ref["greedy"].get<std::vector<int32_t>>());
+  }
 }
 
 // Runs `prompts` together: row i joins at step join[i]; returns every row's outputs.

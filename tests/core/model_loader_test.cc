@@ -115,41 +115,45 @@ TEST(ModelLoaderTest, Bf16WeightsAreConvertedAndReported) {
   EXPECT_EQ((*l.model)->weights().at("model.norm.weight").scalar_type(), at::kFloat);
 }
 
-// --dtype auto: the bfloat16 matrices are the mapping itself (their values are the float32
-// load's, widened), the norms are converted, and the report and the KV cache say so.
-TEST(ModelLoaderTest, Bf16MatricesAreServedInPlaceUnderAuto) {
-  LoadOptions o;
-  o.compute_dtype = "auto";
-  Loaded l = Load("llama_bf16", o);
-  ASSERT_TRUE(l.model.ok()) << l.model.status();
-  Loaded f = Load("llama_bf16");  // float32: every tensor converted.
-  ASSERT_TRUE(f.model.ok()) << f.model.status();
-  int64_t matrix_bytes = 0, vector_bytes = 0;
-  for (const auto& [name, w] : (*l.model)->weights()) {
-    if (name == kOutputEmbeddingName) continue;  // Tied: the embedding's storage.
-    const at::Tensor& converted = (*f.model)->weights().at(name);
-    if (w.dim() == 2) {
-      EXPECT_EQ(w.scalar_type(), at::kBFloat16) << name;
-      matrix_bytes += w.nbytes();
-    } else {
-      EXPECT_EQ(w.scalar_type(), at::kFloat) << name;
-      vector_bytes += w.nbytes() / 2;  // As stored.
+// --dtype auto: the bfloat16 or float16 matrices are the mapping itself (their values are the
+// float32 load's, widened), the norms are converted, and the report and the KV cache say so.
+TEST(ModelLoaderTest, HalfPrecisionMatricesAreServedInPlaceUnderAuto) {
+  for (const auto& [fixture, dtype, stored, name] :
+       {std::tuple{"llama_bf16", at::kBFloat16, "BF16", "bfloat16"}, std::tuple{"llama_f16", at::kHalf, "F16", "float16"}}) {
+    SCOPED_TRACE(fixture);
+    LoadOptions o;
+    o.compute_dtype = "auto";
+    Loaded l = Load(fixture, o);
+    ASSERT_TRUE(l.model.ok()) << l.model.status();
+    Loaded f = Load(fixture);  // float32: every tensor converted.
+    ASSERT_TRUE(f.model.ok()) << f.model.status();
+    int64_t matrix_bytes = 0, vector_bytes = 0;
+    for (const auto& [tensor, w] : (*l.model)->weights()) {
+      if (tensor == kOutputEmbeddingName) continue;  // Tied: the embedding's storage.
+      const at::Tensor& converted = (*f.model)->weights().at(tensor);
+      if (w.dim() == 2) {
+        EXPECT_EQ(w.scalar_type(), dtype) << tensor;
+        matrix_bytes += w.nbytes();
+      } else {
+        EXPECT_EQ(w.scalar_type(), at::kFloat) << tensor;
+        vector_bytes += w.nbytes() / 2;  // As stored.
+      }
+      EXPECT_TRUE(at::equal(w.to(at::kFloat), converted)) << tensor;
     }
-    EXPECT_TRUE(at::equal(w.to(at::kFloat), converted)) << name;
+    EXPECT_EQ(matrix_bytes + vector_bytes, l.report.file_bytes_by_dtype.at(stored));
+    EXPECT_EQ(l.report.bytes_mapped, matrix_bytes);
+    EXPECT_EQ(l.report.bytes_copied, 2 * vector_bytes);
+    ASSERT_EQ(l.report.conversions.size(), 1u);
+    EXPECT_THAT(l.report.conversions[0], HasSubstr(std::string(stored) + " -> Float"));
+    EXPECT_EQ(l.report.compute_dtype, "float32");
+    EXPECT_EQ(l.report.weights_dtype, name);
+    EXPECT_THAT(l.report.ToText(), HasSubstr(std::string("weights      ") + name + " (matrices read in place"));
+    EXPECT_EQ((*l.model)->kv_dtype(), dtype);
+    EXPECT_EQ((*f.model)->kv_dtype(), at::kFloat);
+    EXPECT_EQ(f.report.weights_dtype, "float32");
+    const auto& w = (*l.model)->weights();
+    EXPECT_EQ(w.at("lm_head.weight").data_ptr(), w.at("model.embed_tokens.weight").data_ptr());
   }
-  EXPECT_EQ(matrix_bytes + vector_bytes, l.report.file_bytes_by_dtype.at("BF16"));
-  EXPECT_EQ(l.report.bytes_mapped, matrix_bytes);
-  EXPECT_EQ(l.report.bytes_copied, 2 * vector_bytes);
-  ASSERT_EQ(l.report.conversions.size(), 1u);
-  EXPECT_THAT(l.report.conversions[0], HasSubstr("BF16 -> Float"));
-  EXPECT_EQ(l.report.compute_dtype, "float32");
-  EXPECT_EQ(l.report.weights_dtype, "bfloat16");
-  EXPECT_THAT(l.report.ToText(), HasSubstr("weights      bfloat16 (matrices read in place"));
-  EXPECT_EQ((*l.model)->kv_dtype(), at::kBFloat16);
-  EXPECT_EQ((*f.model)->kv_dtype(), at::kFloat);
-  EXPECT_EQ(f.report.weights_dtype, "float32");
-  const auto& w = (*l.model)->weights();
-  EXPECT_EQ(w.at("lm_head.weight").data_ptr(), w.at("model.embed_tokens.weight").data_ptr());
 }
 
 // A float32 checkpoint under auto is served as under float32, zero copy.
