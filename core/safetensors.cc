@@ -213,6 +213,10 @@ absl::StatusOr<std::shared_ptr<const SafetensorsFile>> SafetensorsFile::Open(
     }
     base = static_cast<const uint8_t*>(p);
     if (mode == Mode::kRead) {
+      // Transparent huge pages where the kernel grants them (THP "madvise" or "always"): a decode
+      // step streams every weight, and with 4 KiB pages a large model's page tables no longer fit
+      // the caches, so each page's first touch costs a table walk from memory.
+      (void)::madvise(p, size, MADV_HUGEPAGE);
       uint64_t done = 0;
       while (done < size) {
         const ssize_t n = ::pread(fd, static_cast<uint8_t*>(p) + done, size - done,

@@ -1,9 +1,10 @@
 // Benchmark (not a test): single-stream decode speed and cold load time of a model, printed
 // next to the machine's limit — weight bytes read per token over measured memory-copy
 // bandwidth, and prompt (prefill) speed. Usage:
-//   decode_bench MODEL_DIR [NEW_TOKENS] [THREADS] [CPU_KERNELS] [DTYPE] [PROMPT_TOKENS]
+//   decode_bench MODEL_DIR [NEW_TOKENS] [THREADS] [CPU_KERNELS] [DTYPE] [PROMPT_TOKENS] [mmap|read]
 // DTYPE is --dtype (default auto: a BF16 checkpoint's matrices read in place); PROMPT_TOKENS
-// (default 512) is the length of the prompt timed through one whole prefill.
+// (default 512) is the length of the prompt timed through one whole prefill; `read` loads the
+// weights into private memory (--mmap=false) instead of mapping them.
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -42,7 +43,7 @@ double CopyBandwidth(int threads) {
 
 int main(int argc, char** argv) {
   if (argc < 2) {
-    std::fprintf(stderr, "usage: %s MODEL_DIR [NEW_TOKENS] [THREADS] [CPU_KERNELS] [DTYPE] [PROMPT_TOKENS]\n",
+    std::fprintf(stderr, "usage: %s MODEL_DIR [NEW_TOKENS] [THREADS] [CPU_KERNELS] [DTYPE] [PROMPT_TOKENS] [mmap|read]\n",
                  argv[0]);
     return 2;
   }
@@ -54,6 +55,7 @@ int main(int argc, char** argv) {
   if (argc > 4) options.cpu_kernels = argv[4];
   if (argc > 5) options.dtype = argv[5];
   const int prompt_tokens = argc > 6 ? std::atoi(argv[6]) : 512;
+  if (argc > 7) options.map_weights = std::strcmp(argv[7], "read") != 0;
   adapterd::core::LoadReport report;
   auto t0 = std::chrono::steady_clock::now();
   auto engine = adapterd::core::Engine::Load(options, &report);
