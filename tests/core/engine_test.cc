@@ -39,6 +39,22 @@ std::vector<float> LogSoftmax(const float* row, int64_t n) {
   return out;
 }
 
+// Generates greedily from the reference's prompt for as many tokens as the reference did,
+// expects its tokens, and returns the steps (none when generation failed).
+std::vector<StepOutput> GreedyLikeReference(const Engine& engine, const nlohmann::json& ref) {
+  GenerateRequest req;
+  req.prompt = ref["prompt"].get<std::vector<int32_t>>();
+  req.max_new_tokens = static_cast<int64_t>(ref["greedy"].size());
+  req.ignore_eos = true;
+  auto result = Generate(engine, req);
+  EXPECT_TRUE(result.ok()) << result.status();
+  if (!result.ok()) return {};
+  std::vector<int32_t> tokens;
+  for (const StepOutput& s : result->steps) tokens.push_back(s.token);
+  EXPECT_EQ(tokens, ref["greedy"].get<std::vector<int32_t>>());
+  return result->steps;
+}
+
 // Every fixture on every CPU kernel set this machine has: "none" is the ATen/BLAS path.
 class ReferenceTest
     : public ::testing::TestWithParam<std::tuple<const char*, const char*>> {
@@ -85,17 +101,9 @@ TEST_P(ReferenceTest, GreedyDecodeMatchesTheReference) {
   auto engine = Load();
   ASSERT_NE(engine, nullptr);
   auto ref = testing::ReadJson(testing::Fixture(fixture()) + "/reference.json");
-  GenerateRequest req;
-  req.prompt = ref["prompt"].get<std::vector<int32_t>>();
-  req.max_new_tokens = static_cast<int64_t>(ref["greedy"].size());
-  req.ignore_eos = true;
-  auto result = Generate(*engine, req);
-  ASSERT_TRUE(result.ok()) << result.status();
-  std::vector<int32_t> tokens;
-  for (const StepOutput& s : result->steps) tokens.push_back(s.token);
-  EXPECT_EQ(tokens, ref["greedy"].get<std::vector<int32_t>>());
-  for (size_t i = 0; i < result->steps.size(); ++i) {
-    EXPECT_NEAR(result->steps[i].logprob, ref["greedy_logprobs"][i].get<double>(), 1e-4);
+  const std::vector<StepOutput> steps = GreedyLikeReference(*engine, ref);
+  for (size_t i = 0; i < steps.size(); ++i) {
+    EXPECT_NEAR(steps[i].logprob, ref["greedy_logprobs"][i].get<double>(), 1e-4);
   }
 }
 
@@ -189,16 +197,7 @@ TEST(HalfInPlaceTest, AutoKvCacheTakesTheWeightsDtypeAndKeepsTheReferenceContinu
     ASSERT_NE(engine, nullptr);
     EXPECT_EQ(engine->report().kv_cache_dtype, std::string(fixture) == "llama_bf16" ? "bfloat16" : "float16");
     EXPECT_EQ(2 * engine->kv_bytes_per_position(), f32->kv_bytes_per_position());
-    auto ref = testing::ReadJson(testing::Fixture(fixture) + "/reference.json");
-    GenerateRequest req;
-    req.prompt = ref["prompt"].get<std::vector<int32_t>>();
-    req.max_new_tokens = static_cast<int64_t>(ref["greedy"].size());
-    req.ignore_eos = true;
-    auto result = Generate(*engine, req);
-    ASSERT_TRUE(result.ok()) << result.status();
-    std::vector<int32_t> tokens;
-    for (const StepOutput& s : result->steps) tokens.push_back(s.token);
-    EXPECT_EQ(tokens, ref["greedy"].get<std::vector<int32_t>>());
+    GreedyLikeReference(*engine, testing::ReadJson(testing::Fixture(fixture) + "/reference.json"));
   }
 }
 
