@@ -303,8 +303,9 @@ absl::StatusOr<std::unique_ptr<CausalLm>> LoadModel(const std::string& dir,
   if (tie_output) {
     if (auto pair = TieWeights(config, weights)) report->tied.push_back(*pair);
   }
-  // One dtype names the weights (a checkpoint mixing bfloat16 and float16 matrices is served
-  // as stored all the same; the report names the first, and the KV cache takes it).
+  // The report names the dtypes the matrices are served in ("bfloat16"; a checkpoint mixing
+  // bfloat16 and float16 matrices is served as stored all the same, named "float16+bfloat16",
+  // and its KV cache takes float16, the first).
   if (!kept.empty()) {
     std::vector<std::string> names;
     for (at::ScalarType t : kept) names.push_back(ScalarTypeName(t));

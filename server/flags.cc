@@ -11,9 +11,9 @@ ABSL_FLAG(std::string, adapter_dir, "",
           "PEFT adapter folder to validate (inspect) or run with (generate).");
 ABSL_FLAG(std::string, device, "cpu", "Device the model runs on (cpu, cuda:0, ...).");
 ABSL_FLAG(std::string, dtype, "auto",
-          "Compute dtype: auto (float32 activations; a Llama-family checkpoint's bfloat16 weight "
-          "matrices served in place, not converted), float32 (every tensor converted), float16 or "
-          "bfloat16.");
+          "Compute dtype: auto (float32 activations; a Llama-family checkpoint's bfloat16 or "
+          "float16 weight matrices served in place, not converted), float32 (every tensor "
+          "converted), float16 or bfloat16.");
 ABSL_FLAG(int32_t, threads, static_cast<int32_t>(std::thread::hardware_concurrency()),
           "Intra-op threads for the model (default: the machine's cores).");
 ABSL_FLAG(std::string, cpu_kernels, "auto",
@@ -21,8 +21,8 @@ ABSL_FLAG(std::string, cpu_kernels, "auto",
           "none (ATen/BLAS only).");
 ABSL_FLAG(std::string, kv_cache_dtype, "auto",
           "KV cache dtype: auto (the dtype the weights are served in, --dtype), float32, bfloat16 "
-          "or float16. A "
-          "half-precision cache holds twice the positions in the same --max_kv_bytes.");
+          "or float16. A half-precision cache holds twice the positions in the same "
+          "--max_kv_bytes.");
 ABSL_FLAG(int64_t, prefix_cache_bytes, 0,
           "Bytes of prompt keys and values kept for reuse by later requests that start with the "
           "same 16-token blocks and use the same adapter; 0 turns prefix reuse off.");
