@@ -63,6 +63,51 @@ at::Tensor LinearForward(const at::Tensor& x, const at::Tensor& w, const at::Ten
   return y.unsqueeze(0);
 }
 
+Int8Matrix QuantizeInt8(const at::Tensor& w) {
+  const int64_t n = w.size(0), k = w.size(1), blocks = k / kInt8BlockSize;
+  Int8Matrix m;
+  m.q = at::empty({n, k}, w.options().dtype(at::kChar));
+  m.scales = at::empty({n, blocks}, w.options().dtype(at::kFloat));
+  const int64_t rows = std::max<int64_t>(1, kWidenBytes / std::max<int64_t>(1, k * 4));
+  for (int64_t r0 = 0; r0 < n; r0 += rows) {
+    const int64_t nr = std::min(rows, n - r0);
+    const at::Tensor x = w.narrow(0, r0, nr).to(at::kFloat).view({nr, blocks, kInt8BlockSize});
+    const at::Tensor scale = x.abs().amax(-1).div_(127.0f);  // [nr, blocks]
+    const at::Tensor inverse = at::where(scale > 0, scale.reciprocal(), at::zeros_like(scale));
+    m.q.narrow(0, r0, nr).copy_(x.mul(inverse.unsqueeze(-1)).round_().clamp_(-127, 127).view({nr, k}));
+    m.scales.narrow(0, r0, nr).copy_(scale);
+  }
+  return m;
+}
+
+at::Tensor DequantizeInt8(const Int8Matrix& m, int64_t row0, int64_t rows) {
+  const int64_t k = m.q.size(1);
+  return m.q.narrow(0, row0, rows)
+      .to(at::kFloat)
+      .view({rows, k / kInt8BlockSize, kInt8BlockSize})
+      .mul_(m.scales.narrow(0, row0, rows).unsqueeze(-1))
+      .view({rows, k});
+}
+
+at::Tensor LinearForward(const at::Tensor& x, const Int8Matrix& w, const at::Tensor& b) {
+  at::Tensor y = cpu::LinearInt8(x, w.q, w.scales, b);
+  if (y.defined()) return y;
+  const int64_t n = w.q.size(0), k = w.q.size(1);
+  y = at::empty({x.size(0), n}, x.options());
+  const int64_t block = std::max<int64_t>(64, kWidenBytes / std::max<int64_t>(1, k * 4));
+  for (int64_t n0 = 0; n0 < n; n0 += block) {
+    const int64_t nb = std::min(block, n - n0);
+    const at::Tensor wb = DequantizeInt8(w, n0, nb).to(x.scalar_type());
+    at::Tensor yb = y.narrow(1, n0, nb);
+    if (b.defined()) {
+      at::addmm_out(yb, b.narrow(0, n0, nb).to(x.scalar_type()), x, wb.t());
+    } else {
+      at::mm_out(yb, x, wb.t());
+    }
+  }
+  return y;
+}
+
 at::Tensor EmbeddingRows(const at::Tensor& table, const at::Tensor& tokens, at::ScalarType dtype) {
   at::Tensor rows = at::embedding(table, tokens);
   return rows.scalar_type() == dtype ? rows : rows.to(dtype);
@@ -170,7 +215,13 @@ at::Tensor AdapterBatch::Embed(const at::Tensor& table, const at::Tensor& tokens
 }
 
 at::Tensor AdapterBatch::OutputLogits(const at::Tensor& x, const at::Tensor& lm_head, int64_t output_layer,
-                                      const std::vector<RowSpan>& rows, bool all_positions) const {
+                                      const std::vector<RowSpan>& rows, bool all_positions,
+                                      const Int8Matrix& lm_head_int8) const {
+  auto base_logits = [&] {
+    return (lm_head_int8.defined() ? LinearForward(x, lm_head_int8, at::Tensor())
+                                   : LinearForward(x, lm_head, at::Tensor()))
+        .to(at::kFloat);
+  };
   // The ranges in rows of `x`: each row's last token when not all_positions.
   std::vector<Range> out;
   for (const Range& r : ranges_) {
@@ -189,12 +240,12 @@ at::Tensor AdapterBatch::OutputLogits(const at::Tensor& x, const at::Tensor& lm_
     }
     if (mapped.length > 0) out.push_back(mapped);
   }
-  if (out.empty()) return LinearForward(x, lm_head, at::Tensor()).to(at::kFloat);
+  if (out.empty()) return base_logits();
   int64_t width = lm_head.size(0);
   for (const Range& r : out) {
     if (const at::Tensor* own = r.adapter->OutputEmbedding()) width = std::max(width, own->size(0));
   }
-  at::Tensor base = LinearForward(x, lm_head, at::Tensor()).to(at::kFloat);
+  at::Tensor base = base_logits();
   at::Tensor logits = base;
   if (width != base.size(1)) {
     logits = at::zeros({x.size(0), width}, base.options());

@@ -10,6 +10,7 @@
 
 #include <ATen/ATen.h>
 
+#include <functional>
 #include <map>
 #include <memory>
 #include <string>
@@ -86,6 +87,28 @@ class SequenceAdapter {
   virtual const at::Tensor* OutputEmbedding() const { return nullptr; }
 };
 
+// A weight matrix quantized to int8 (`--quantize int8`): symmetric, one float32 scale per
+// block of 32 inputs as llama.cpp's Q8_0 (which stores it in float16). q [out, in] int8,
+// scales [out, in / 32] float32; weight (n, k) stands for float(q[n, k])·scales[n, k / 32].
+struct Int8Matrix {
+  at::Tensor q;
+  at::Tensor scales;
+  bool defined() const { return q.defined(); }
+  int64_t bytes() const { return q.defined() ? static_cast<int64_t>(q.nbytes() + scales.nbytes()) : 0; }
+};
+inline constexpr int64_t kInt8BlockSize = 32;
+// Returns `w` ([out, in], any floating dtype, in a multiple of 32) quantized: per block,
+// scale = max|w| / 127 and q = round-half-even(w / scale) (0 where the block is all zeros).
+// Computed on w's device, a few MiB of rows at a time.
+Int8Matrix QuantizeInt8(const at::Tensor& w);
+// Returns rows [row0, row0 + rows) of the matrix `m` stands for, in float32: float(q)·scale,
+// rounded once, which is what the CPU kernel multiplies by.
+at::Tensor DequantizeInt8(const Int8Matrix& m, int64_t row0, int64_t rows);
+// LinearForward over an int8 matrix: the CPU kernel (cpu::LinearInt8) for few rows, else the
+// matrix dequantized ~4 MiB of output rows at a time, one GEMM per block. Both equal x·Wᵀ + b
+// over the dequantized W (the kernel bit for bit, as its float32 copy would give).
+at::Tensor LinearForward(const at::Tensor& x, const Int8Matrix& w, const at::Tensor& b);
+
 // One row of a packed batch: tokens [offset, offset + length) of the batch belong to it and
 // continue the sequence held in `cache`.
 struct RowSpan {
@@ -125,8 +148,11 @@ class AdapterBatch {
   // vocabulary) and LoRA on lm_head. `rows` and `all_positions` are the Forward() call's: x
   // holds every token, or each row's last. The result is [rows of x, widest vocabulary]; a
   // row's entries past its own vocabulary are unspecified (Engine cuts each row to its own).
+  // `lm_head_int8`, when defined, is lm_head quantized (`--quantize int8`): the base logits
+  // come from it (an adapter's own lm_head stays in full precision).
   at::Tensor OutputLogits(const at::Tensor& x, const at::Tensor& lm_head, int64_t output_layer,
-                          const std::vector<RowSpan>& rows, bool all_positions) const;
+                          const std::vector<RowSpan>& rows, bool all_positions,
+                          const Int8Matrix& lm_head_int8 = Int8Matrix()) const;
 
  private:
   std::vector<Range> ranges_;  // Only ranges with an adapter; adjacent equal ones merged.
@@ -152,6 +178,25 @@ class CausalLm {
   // Bytes of attention scores a prefill computes at once: longer prompts go in blocks of
   // queries (at least 16) whose scores fit. Set before the first Forward.
   void set_attention_block_bytes(int64_t bytes) { attention_block_bytes_ = bytes; }
+
+  // What QuantizeInt8() replaced: the weights' names, their bytes as held before, and the
+  // int8 copies' bytes (values and scales).
+  struct Int8Summary {
+    std::vector<std::string> names;
+    int64_t source_bytes = 0;
+    int64_t bytes = 0;
+  };
+  // `--quantize int8`: the forward pass reads every projection matrix and the output
+  // projection from int8 copies (QuantizeInt8) from now on; weights() keeps the originals,
+  // which adapters read (DoRA's norms, saved-module checks) and embeddings are looked up in.
+  // Returns false, changing nothing, for an architecture without an int8 path (GPT-2) or a
+  // matrix whose input width is not a multiple of 32. `done`, when given, is called with each
+  // original right after its copy is made (the loader hands its pages back there, so a large
+  // model never holds both whole). Call before the first Forward.
+  virtual bool QuantizeInt8(Int8Summary* /*summary*/,
+                            const std::function<void(const at::Tensor&)>& /*done*/ = nullptr) {
+    return false;
+  }
 
   const ModelConfig& config() const { return config_; }
   const at::TensorOptions& options() const { return options_; }
@@ -202,6 +247,7 @@ class CausalLm {
 // takes are widened a block of outputs at a time, each block one GEMM: no widened copy of W is
 // ever held whole.
 at::Tensor LinearForward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b);
+
 // Returns `table`'s rows for `tokens` in `dtype` (an embedding served in place in half precision
 // widens only the rows it looks up).
 at::Tensor EmbeddingRows(const at::Tensor& table, const at::Tensor& tokens, at::ScalarType dtype);

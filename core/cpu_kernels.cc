@@ -104,23 +104,31 @@ bool IsaFromName(const std::string& name, Isa* isa) {
   return false;
 }
 
-at::Tensor Linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b) {
-  const Isa isa = SelectedIsa();
-  if (isa == Isa::kNone || !IsCpuFloat(x) || !IsCpuMatrix(w) || x.dim() != 2 || w.dim() != 2 ||
-      !LinearTakes(x.size(0), x.size(1)) || x.size(1) != w.size(1) || x.stride(1) != 1 ||
-      w.stride(1) != 1 || (b.defined() && (!IsCpuFloat(b) || !b.is_contiguous() ||
-                                           b.dim() != 1 || b.size(0) != w.size(0)))) {
-    return at::Tensor();
-  }
+namespace {
+
+// Whether Linear() or LinearInt8() takes x, w (a matrix of `w`'s dtype, any the kernels read)
+// and b.
+bool LinearApplies(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b) {
+  return SelectedIsa() != Isa::kNone && IsCpuFloat(x) && x.dim() == 2 && w.dim() == 2 &&
+         w.device().is_cpu() && LinearTakes(x.size(0), x.size(1)) && x.size(1) == w.size(1) &&
+         x.stride(1) == 1 && w.stride(1) == 1 &&
+         (!b.defined() || (IsCpuFloat(b) && b.is_contiguous() && b.dim() == 1 && b.size(0) == w.size(0)));
+}
+
+at::Tensor RunLinear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b, LinearArgs args) {
   const int64_t m = x.size(0), n = w.size(0), k = x.size(1);
   at::Tensor y = at::empty({m, n}, x.options());
   if (m == 0 || n == 0) return y;
-  LinearArgs args{x.data_ptr<float>(), x.stride(0),
-                  w.data_ptr(), w.stride(0),
-                  b.defined() ? b.data_ptr<float>() : nullptr,
-                  y.data_ptr<float>(), n, m, k};
-  args.w_type = WeightTypeOf(w);
-  auto* kernel = isa == Isa::kAvx512 ? &LinearAvx512 : &LinearAvx2;
+  args.x = x.data_ptr<float>();
+  args.ldx = x.stride(0);
+  args.w = w.data_ptr();
+  args.ldw = w.stride(0);
+  args.b = b.defined() ? b.data_ptr<float>() : nullptr;
+  args.y = y.data_ptr<float>();
+  args.ldy = n;
+  args.m = m;
+  args.k = k;
+  auto* kernel = SelectedIsa() == Isa::kAvx512 ? &LinearAvx512 : &LinearAvx2;
   // Split the outputs into blocks of 48 (a multiple of both ISAs' tile widths).
   constexpr int64_t kBlock = 48;
   const int64_t blocks = (n + kBlock - 1) / kBlock;
@@ -129,6 +137,28 @@ at::Tensor Linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b)
     kernel(args, begin * kBlock, std::min(n, end * kBlock));
   });
   return y;
+}
+
+}  // namespace
+
+at::Tensor Linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b) {
+  if (!IsCpuMatrix(w) || !LinearApplies(x, w, b)) return at::Tensor();
+  LinearArgs args{};
+  args.w_type = WeightTypeOf(w);
+  return RunLinear(x, w, b, args);
+}
+
+at::Tensor LinearInt8(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scales, const at::Tensor& b) {
+  if (!q.defined() || q.scalar_type() != at::kChar || !LinearApplies(x, q, b) || q.size(1) % kInt8Block != 0 ||
+      !IsCpuFloat(scales) || scales.dim() != 2 || scales.size(0) != q.size(0) ||
+      scales.size(1) != q.size(1) / kInt8Block || scales.stride(1) != 1) {
+    return at::Tensor();
+  }
+  LinearArgs args{};
+  args.w_type = WeightType::kI8;
+  args.w_scales = scales.data_ptr<float>();
+  args.ld_scales = scales.stride(0);
+  return RunLinear(x, q, b, args);
 }
 
 bool LoraSegments(const at::Tensor& x, at::Tensor& y, const std::vector<LoraSegment>& segments) {

@@ -58,6 +58,12 @@ bool IsaFromName(const std::string& name, Isa* isa);
 // [N]. Returns an undefined tensor otherwise.
 at::Tensor Linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b);
 
+// Linear() over int8 weights: q [N, K] int8 with K a multiple of 32, scales [N, K / 32] float32
+// (unit inner stride), one per block of 32 inputs. Each weight is widened to float(q)·scale
+// (one rounding), so the result equals Linear() over that dequantized float32 matrix bit for
+// bit. Undefined when the kernel does not apply.
+at::Tensor LinearInt8(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scales, const at::Tensor& b);
+
 // The rows [offset, offset + length) of a packed batch that one LoRA adapter applies to, with
 // its factors: a [rank, in] and bt = Bᵀ [rank, out], float32 or bfloat16, and the scaling
 // applied to x·aᵀ·bt (1 when folded into bt).

@@ -2,6 +2,8 @@
 #include <immintrin.h>
 #include <math.h>
 
+#include <type_traits>
+
 #include "core/cpu_kernels_isa.h"
 
 namespace adapterd::core::cpu {
@@ -21,6 +23,10 @@ struct Vec {
   }
   // Eight float16 values widened to float32 (F16C, exact).
   static T LoadF16(const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+  // Eight int8 values widened to float32 (exact).
+  static T LoadI8(const int8_t* p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+  }
   static void Store(float* p, T v) { _mm256_storeu_ps(p, v); }
   static T Fma(T a, T b, T c) { return _mm256_fmadd_ps(a, b, c); }
   static T Mul(T a, T b) { return _mm256_mul_ps(a, b); }

@@ -2,6 +2,8 @@
 #include <immintrin.h>
 #include <math.h>
 
+#include <type_traits>
+
 #include "core/cpu_kernels_isa.h"
 
 namespace adapterd::core::cpu {
@@ -24,6 +26,11 @@ struct Vec {
   // Sixteen float16 values widened to float32 (exact); the all-ones masked form, as at Sum().
   static T LoadF16(const uint16_t* p) {
     return _mm512_maskz_cvtph_ps(0xffff, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  }
+  // Sixteen int8 values widened to float32 (exact); the all-ones masked forms, as at Sum().
+  static T LoadI8(const int8_t* p) {
+    return _mm512_maskz_cvtepi32_ps(
+        0xffff, _mm512_maskz_cvtepi8_epi32(0xffff, _mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
   }
   static void Store(float* p, T v) { _mm512_storeu_ps(p, v); }
   static T Fma(T a, T b, T c) { return _mm512_fmadd_ps(a, b, c); }

@@ -10,15 +10,20 @@ namespace adapterd::core::cpu {
 
 // How the weights of a LinearArgs (or a KV cache) are stored; bfloat16 and float16 are widened
 // to float32 exactly as they are loaded, so the sums are those of the float32 copy. Expands
-// (LoRA factors) take float32 and bfloat16 only.
-enum class WeightType : int32_t { kF32, kBf16, kF16 };
+// (LoRA factors) take float32 and bfloat16 only. kI8 (Linear only): int8 values with one
+// float32 scale per block of kInt8Block along k; each weight is widened to float(q)·scale,
+// rounded once, so the sums are those of the dequantized float32 matrix.
+enum class WeightType : int32_t { kF32, kBf16, kF16, kI8 };
+
+// Weights per int8 block (along the input), each block with its own scale: Q8_0's 32.
+inline constexpr int64_t kInt8Block = 32;
 
 // y[i, n] = scale·(sum_k x[i, k]·w[n, k] (+ b[n])) for rows i < m and outputs n in [n0, n1);
 // with `accumulate`, that is added to y[i, n] instead (as y + scale·(x·wᵀ) would do).
 struct LinearArgs {
   const float* x;
   int64_t ldx;
-  const void* w;  // float, or uint16_t bfloat16 or float16 bits (w_type).
+  const void* w;  // float, or uint16_t bfloat16 or float16 bits, or int8_t (w_type).
   int64_t ldw;
   const float* b;  // Null: no bias.
   float* y;
@@ -31,6 +36,9 @@ struct LinearArgs {
   const void* w_next = nullptr;
   WeightType w_type = WeightType::kF32;
   float scale = 1.0f;
+  // kI8: the scales, k / kInt8Block per row of w, rows ld_scales apart.
+  const float* w_scales = nullptr;
+  int64_t ld_scales = 0;
 };
 
 // y[i, o] += scale·(sum_r t[i, r]·wt[r, o]) for rows i < m and outputs o in [o0, o1): a LoRA

@@ -2,6 +2,7 @@
 // pre-norm RMSNorm, rotary embeddings (rotate_half layout) with default, linear or llama3
 // frequency scaling, grouped-query attention, SiLU-gated MLP, optional biases.
 #include <cmath>
+#include <tuple>
 
 #include "absl/strings/str_cat.h"
 #include "core/causal_lm.h"
@@ -13,6 +14,8 @@ struct LlamaLayer {
   at::Tensor input_norm, post_norm;
   at::Tensor q_w, q_b, k_w, k_b, v_w, v_b, o_w, o_b;
   at::Tensor gate_w, gate_b, up_w, up_b, down_w, down_b;
+  // --quantize int8: the matrices above as the forward pass reads them instead.
+  Int8Matrix q_i8, k_i8, v_i8, o_i8, gate_i8, up_i8, down_i8;
   int64_t window = 0;
 };
 
@@ -55,6 +58,36 @@ class Llama final : public CausalLm {
     inv_freq_ = InverseFrequencies(config).to(options.device());
   }
 
+  bool QuantizeInt8(Int8Summary* summary, const std::function<void(const at::Tensor&)>& done) override {
+    std::vector<std::pair<const at::Tensor*, Int8Matrix*>> targets;
+    std::vector<std::string> names;
+    for (size_t i = 0; i < layers_.size(); ++i) {
+      LlamaLayer& l = layers_[i];
+      const std::string pre = absl::StrCat("model.layers.", i, ".");
+      for (auto [w, q, name] : {std::tuple{&l.q_w, &l.q_i8, "self_attn.q_proj"}, {&l.k_w, &l.k_i8, "self_attn.k_proj"},
+                                {&l.v_w, &l.v_i8, "self_attn.v_proj"}, {&l.o_w, &l.o_i8, "self_attn.o_proj"},
+                                {&l.gate_w, &l.gate_i8, "mlp.gate_proj"}, {&l.up_w, &l.up_i8, "mlp.up_proj"},
+                                {&l.down_w, &l.down_i8, "mlp.down_proj"}}) {
+        targets.emplace_back(w, q);
+        names.push_back(absl::StrCat(pre, name, ".weight"));
+      }
+    }
+    targets.emplace_back(&lm_head_, &lm_head_i8_);
+    names.push_back(kOutputEmbeddingName);
+    for (const auto& [w, q] : targets) {
+      if (w->dim() != 2 || w->size(1) % kInt8BlockSize != 0) return false;
+    }
+    *summary = Int8Summary();
+    for (size_t i = 0; i < targets.size(); ++i) {
+      *targets[i].second = core::QuantizeInt8(*targets[i].first);
+      summary->source_bytes += static_cast<int64_t>(targets[i].first->nbytes());
+      summary->bytes += targets[i].second->bytes();
+      if (done) done(*targets[i].first);
+    }
+    summary->names = std::move(names);
+    return true;
+  }
+
   at::Tensor Forward(const at::Tensor& tokens, const std::vector<RowSpan>& rows,
                      bool all_positions, const AdapterBatch* adapters) const override {
     const ModelConfig& c = config_;
@@ -73,23 +106,25 @@ class Llama final : public CausalLm {
     for (int64_t li = 0; li < c.num_layers; ++li) {
       const LlamaLayer& l = layers_[li];
       at::Tensor h = RmsNorm(x, l.input_norm);
-      at::Tensor q = Project(li, Projection::kQ, h, l.q_w, l.q_b, adapters);
-      at::Tensor k = Project(li, Projection::kK, h, l.k_w, l.k_b, adapters);
-      at::Tensor v = Project(li, Projection::kV, h, l.v_w, l.v_b, adapters);
+      at::Tensor q = Project(li, Projection::kQ, h, l.q_w, l.q_i8, l.q_b, adapters);
+      at::Tensor k = Project(li, Projection::kK, h, l.k_w, l.k_i8, l.k_b, adapters);
+      at::Tensor v = Project(li, Projection::kV, h, l.v_w, l.v_i8, l.v_b, adapters);
       q = Rotate(q.view({n, c.num_heads, c.head_dim}), cos, sin).view({n, -1});
       k = Rotate(k.view({n, c.num_kv_heads, c.head_dim}), cos, sin).view({n, -1});
       at::Tensor attn = at::empty({n, c.num_heads * c.head_dim}, x.options());
       Attend(li, q, k, v, rows, scale, l.window, attn);
-      x = x + Project(li, Projection::kO, attn, l.o_w, l.o_b, adapters);
+      x = x + Project(li, Projection::kO, attn, l.o_w, l.o_i8, l.o_b, adapters);
       h = RmsNorm(x, l.post_norm);
-      at::Tensor gate = Project(li, Projection::kGate, h, l.gate_w, l.gate_b, adapters);
-      at::Tensor up = Project(li, Projection::kUp, h, l.up_w, l.up_b, adapters);
-      x = x + Project(li, Projection::kDown, at::silu(gate).mul_(up), l.down_w, l.down_b, adapters);
+      at::Tensor gate = Project(li, Projection::kGate, h, l.gate_w, l.gate_i8, l.gate_b, adapters);
+      at::Tensor up = Project(li, Projection::kUp, h, l.up_w, l.up_i8, l.up_b, adapters);
+      x = x + Project(li, Projection::kDown, at::silu(gate).mul_(up), l.down_w, l.down_i8, l.down_b, adapters);
     }
     x = FinishRows(x, rows, all_positions);
     x = RmsNorm(x, final_norm_);
-    if (adapters != nullptr) return adapters->OutputLogits(x, lm_head_, OutputLayer(config_), rows, all_positions);
-    return LinearForward(x, lm_head_, at::Tensor()).to(at::kFloat);
+    if (adapters != nullptr) {
+      return adapters->OutputLogits(x, lm_head_, OutputLayer(config_), rows, all_positions, lm_head_i8_);
+    }
+    return Linear(x, lm_head_, lm_head_i8_, at::Tensor()).to(at::kFloat);
   }
 
  private:
@@ -125,15 +160,20 @@ class Llama final : public CausalLm {
     return x * cos + rotated * sin;
   }
 
+  static at::Tensor Linear(const at::Tensor& x, const at::Tensor& w, const Int8Matrix& w8, const at::Tensor& b) {
+    return w8.defined() ? LinearForward(x, w8, b) : LinearForward(x, w, b);
+  }
+
   static at::Tensor Project(int64_t layer, Projection p, const at::Tensor& x, const at::Tensor& w,
-                            const at::Tensor& b, const AdapterBatch* adapters) {
-    if (adapters == nullptr) return LinearForward(x, w, b);
-    at::Tensor y = LinearForward(adapters->ScaleInputs(layer, p, x), w, b);
+                            const Int8Matrix& w8, const at::Tensor& b, const AdapterBatch* adapters) {
+    if (adapters == nullptr) return Linear(x, w, w8, b);
+    at::Tensor y = Linear(adapters->ScaleInputs(layer, p, x), w, w8, b);
     adapters->AddDelta(layer, p, x, y);
     return y;
   }
 
   at::Tensor embed_, final_norm_, lm_head_, inv_freq_;
+  Int8Matrix lm_head_i8_;
   std::vector<LlamaLayer> layers_;
 };
 

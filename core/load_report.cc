@@ -39,6 +39,10 @@ nlohmann::json LoadReport::ToJson() const {
   j["compute_dtype"] = compute_dtype;
   j["weights_dtype"] = weights_dtype;
   j["kv_cache_dtype"] = kv_cache_dtype;
+  j["quantization"] = quantization;
+  j["quantized_tensors"] = quantized_tensors;
+  j["quantized_source_bytes"] = quantized_source_bytes;
+  j["quantized_bytes"] = quantized_bytes;
   j["device"] = device;
   j["conversions"] = conversions;
   j["load_seconds"] = load_seconds;
@@ -62,6 +66,10 @@ std::string LoadReport::ToText() const {
   absl::StrAppend(&out, "compute      ", compute_dtype, " on ", device, "\n");
   if (!weights_dtype.empty() && weights_dtype != compute_dtype) {
     absl::StrAppend(&out, "weights      ", weights_dtype, " (matrices read in place, widened to ", compute_dtype, ")\n");
+  }
+  if (quantization != "none" && !quantization.empty()) {
+    absl::StrAppend(&out, "quantized    ", quantization, ": ", quantized_tensors, " matrices, ", quantized_source_bytes,
+                    " -> ", quantized_bytes, " bytes (blocks of 32 inputs, a float32 scale each)\n");
   }
   if (!kv_cache_dtype.empty()) absl::StrAppend(&out, "kv cache     ", kv_cache_dtype, "\n");
   for (const std::string& c : conversions) absl::StrAppend(&out, "converted    ", c, "\n");

@@ -52,6 +52,12 @@ struct LoadReport {
   // float32 activations (--dtype auto).
   std::string weights_dtype;
   std::string kv_cache_dtype;  // The KV cache's dtype (--kv_cache_dtype), e.g. "bfloat16".
+  // --quantize: "none" or "int8". With int8, the matrices quantized (every projection and
+  // lm_head), their bytes as held before and the int8 copies' bytes (values and scales).
+  std::string quantization = "none";
+  int64_t quantized_tensors = 0;
+  int64_t quantized_source_bytes = 0;
+  int64_t quantized_bytes = 0;
   std::string device;
   std::vector<std::string> conversions;  // e.g. "BF16 -> F32: 57 tensors".
   double load_seconds = 0;

@@ -1,5 +1,8 @@
 #include "core/model_loader.h"
 
+#include <sys/mman.h>
+#include <unistd.h>
+
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -161,6 +164,28 @@ absl::StatusOr<at::TensorOptions> ComputeOptions(const LoadOptions& options) {
   }
 }
 
+namespace {
+
+// Drops this process's resident pages of `t` when it is a view of one of the checkpoint's file
+// mappings (never of memory it owns, which MADV_DONTNEED would zero): only whole pages inside
+// the tensor, so a neighbour's bytes stay mapped.
+void ReleaseMappedPages(const Checkpoint& ckpt, const at::Tensor& t) {
+  if (!t.defined() || !t.device().is_cpu()) return;
+  const auto begin = reinterpret_cast<uintptr_t>(t.data_ptr());
+  const uintptr_t end = begin + t.nbytes();
+  for (const auto& f : ckpt.files()) {
+    if (!f->mapped()) continue;
+    const auto base = reinterpret_cast<uintptr_t>(f->base());
+    if (begin < base || end > base + f->file_size()) continue;
+    const auto page = static_cast<uintptr_t>(::sysconf(_SC_PAGESIZE));
+    const uintptr_t first = (begin + page - 1) & ~(page - 1), last = end & ~(page - 1);
+    if (last > first) ::madvise(reinterpret_cast<void*>(first), last - first, MADV_DONTNEED);
+    return;
+  }
+}
+
+}  // namespace
+
 std::optional<TiedPair> TieWeights(const ModelConfig& config, WeightMap& weights) {
   if (!config.tie_word_embeddings) return std::nullopt;
   const std::string source = InputEmbeddingName(config);
@@ -186,6 +211,14 @@ absl::StatusOr<std::unique_ptr<CausalLm>> LoadModel(const std::string& dir,
   report->compute_dtype = options.compute_dtype;
   report->device = options.device;
   ASSIGN_OR_RETURN(at::TensorOptions tensor_options, ComputeOptions(options));
+  if (options.quantize != "none" && options.quantize != "int8") {
+    return absl::InvalidArgumentError(
+        absl::StrCat("quantize must be none or int8, got \"", options.quantize, "\""));
+  }
+  if (options.quantize == "int8" && tensor_options.dtype().toScalarType() != at::kFloat) {
+    return absl::InvalidArgumentError(absl::StrCat("quantize int8 needs float32 activations (dtype auto or float32), not ",
+                                                   options.compute_dtype));
+  }
   report->compute_dtype = ScalarTypeName(tensor_options.dtype().toScalarType());
   report->weights_dtype = report->compute_dtype;
   ASSIGN_OR_RETURN(ModelConfig config, ModelConfig::Load(dir));
@@ -344,6 +377,34 @@ absl::StatusOr<std::unique_ptr<CausalLm>> LoadModel(const std::string& dir,
   }
   // The KV cache defaults to the dtype the weights are served in.
   if (!kept.empty()) model->set_kv_dtype(*kept.begin());
+  if (options.quantize == "int8") {
+    CausalLm::Int8Summary summary;
+    // Matrices read in place from the mapping give their pages back as soon as they are
+    // quantized: the forward pass no longer touches them (the loader's scan did), and an
+    // adapter that reads one later faults it back in from the page cache. The input embedding
+    // (a tied lm_head's storage) is still looked up, so it stays.
+    const void* embedding = weights.count(input_embedding) ? weights[input_embedding].data_ptr() : nullptr;
+    auto release = [&](const at::Tensor& t) {
+      if (t.data_ptr() != embedding) ReleaseMappedPages(ckpt, t);
+    };
+    bool done = false;
+    try {
+      done = model->QuantizeInt8(&summary, release);
+    } catch (const std::exception& e) {
+      finish();
+      return absl::InternalError(absl::StrCat(dir, ": quantizing to int8 failed: ", TorchErrorMessage(e)));
+    }
+    if (!done) {
+      finish();
+      return absl::FailedPreconditionError(absl::StrCat(
+          dir, ": --quantize int8 serves Llama-family models whose matrices' input widths are multiples of 32; ",
+          config.architecture_name, " (hidden ", config.hidden_size, ") is not one"));
+    }
+    report->quantization = "int8";
+    report->quantized_tensors = static_cast<int64_t>(summary.names.size());
+    report->quantized_source_bytes = summary.source_bytes;
+    report->quantized_bytes = summary.bytes;
+  }
   finish();
   return model;
 }

@@ -246,8 +246,9 @@ absl::StatusOr<std::shared_ptr<const SafetensorsFile>> SafetensorsFile::Open(
   } else {
     ::close(fd);  // The mapping stays valid without the descriptor.
   }
-  return std::shared_ptr<const SafetensorsFile>(
-      new SafetensorsFile(path, base, size, std::move(*header)));
+  auto file = std::shared_ptr<SafetensorsFile>(new SafetensorsFile(path, base, size, std::move(*header)));
+  file->mapped_ = mode != Mode::kRead;
+  return std::shared_ptr<const SafetensorsFile>(std::move(file));
 }
 
 SafetensorsFile::SafetensorsFile(std::string path, const uint8_t* base, uint64_t size,

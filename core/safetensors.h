@@ -82,6 +82,10 @@ class SafetensorsFile {
   const SafetensorsHeader& header() const { return header_; }
   const std::vector<TensorInfo>& tensors() const { return header_.tensors; }
   uint64_t file_size() const { return size_; }
+  // The first byte of the file's image, and whether it is a mapping of the file (Mode kMap or
+  // kMapGuarded) rather than private memory (kRead).
+  const uint8_t* base() const { return base_; }
+  bool mapped() const { return mapped_; }
 
   // Returns the tensor named `name`, or null.
   const TensorInfo* Find(absl::string_view name) const;
@@ -96,6 +100,7 @@ class SafetensorsFile {
   std::string path_;
   const uint8_t* base_;
   uint64_t size_;
+  bool mapped_ = false;
   SafetensorsHeader header_;
   std::map<std::string, size_t, std::less<>> index_;
 };

@@ -85,6 +85,10 @@ void ToProto(const core::LoadReport& r, v1::ModelLoadReport* out) {
   out->set_compute_dtype(r.compute_dtype);
   out->set_kv_cache_dtype(r.kv_cache_dtype);
   out->set_weights_dtype(r.weights_dtype);
+  out->set_quantization(r.quantization);
+  out->set_quantized_tensors(r.quantized_tensors);
+  out->set_quantized_source_bytes(r.quantized_source_bytes);
+  out->set_quantized_bytes(r.quantized_bytes);
   out->set_device(r.device);
   for (const auto& c : r.conversions) out->add_conversions(c);
   out->set_load_seconds(r.load_seconds);

@@ -29,6 +29,7 @@ core::EngineOptions EngineOptionsFromFlags() {
   o.cpu_kernels = absl::GetFlag(FLAGS_cpu_kernels);
   o.kv_cache_dtype = absl::GetFlag(FLAGS_kv_cache_dtype);
   o.map_weights = absl::GetFlag(FLAGS_mmap);
+  o.quantize = absl::GetFlag(FLAGS_quantize);
   return o;
 }
 

@@ -91,6 +91,10 @@ ABSL_FLAG(int32_t, tls_reload_interval_s, 10,
           "How often the gRPC listeners re-read the TLS files (rotation without a restart).");
 ABSL_FLAG(double, adapter_load_timeout_s, 30.0,
           "An adapter load still running after this many seconds is abandoned and refused.");
+ABSL_FLAG(std::string, quantize, "none",
+          "none | int8: serve a Llama-family model's projection matrices and lm_head as int8, quantized at "
+          "load (blocks of 32 inputs with a float32 scale each, as llama.cpp's Q8_0); adapters still apply "
+          "in full precision. Needs --dtype auto or float32.");
 ABSL_FLAG(bool, mmap, true,
           "Map the model's weight files (zero copy); false reads them into private memory.");
 ABSL_FLAG(std::string, messages_json, "",

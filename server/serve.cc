@@ -211,6 +211,7 @@ int RunServe() {
   options.kv_cache_dtype = absl::GetFlag(FLAGS_kv_cache_dtype);
   options.prefix_cache_bytes = absl::GetFlag(FLAGS_prefix_cache_bytes);
   options.map_weights = absl::GetFlag(FLAGS_mmap);
+  options.quantize = absl::GetFlag(FLAGS_quantize);
   core::SetMappedFileNoticeHandler([](const std::string& line) { spdlog::warn("{}", line); });
   core::LoadReport report;
   auto engine = core::Engine::Load(options, &report);

@@ -1,10 +1,10 @@
 // Benchmark (not a test): single-stream decode speed and cold load time of a model, printed
 // next to the machine's limit — weight bytes read per token over measured memory-copy
 // bandwidth, and prompt (prefill) speed. Usage:
-//   decode_bench MODEL_DIR [NEW_TOKENS] [THREADS] [CPU_KERNELS] [DTYPE] [PROMPT_TOKENS] [mmap|read]
+//   decode_bench MODEL_DIR [NEW_TOKENS] [THREADS] [CPU_KERNELS] [DTYPE] [PROMPT_TOKENS] [mmap|read] [none|int8]
 // DTYPE is --dtype (default auto: a BF16 checkpoint's matrices read in place); PROMPT_TOKENS
 // (default 512) is the length of the prompt timed through one whole prefill; `read` loads the
-// weights into private memory (--mmap=false) instead of mapping them.
+// weights into private memory (--mmap=false) instead of mapping them; int8 is --quantize int8.
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -43,7 +43,7 @@ double CopyBandwidth(int threads) {
 
 int main(int argc, char** argv) {
   if (argc < 2) {
-    std::fprintf(stderr, "usage: %s MODEL_DIR [NEW_TOKENS] [THREADS] [CPU_KERNELS] [DTYPE] [PROMPT_TOKENS] [mmap|read]\n",
+    std::fprintf(stderr, "usage: %s MODEL_DIR [NEW_TOKENS] [THREADS] [CPU_KERNELS] [DTYPE] [PROMPT_TOKENS] [mmap|read] [none|int8]\n",
                  argv[0]);
     return 2;
   }
@@ -56,6 +56,7 @@ int main(int argc, char** argv) {
   if (argc > 5) options.dtype = argv[5];
   const int prompt_tokens = argc > 6 ? std::atoi(argv[6]) : 512;
   if (argc > 7) options.map_weights = std::strcmp(argv[7], "read") != 0;
+  if (argc > 8) options.quantize = argv[8];
   adapterd::core::LoadReport report;
   auto t0 = std::chrono::steady_clock::now();
   auto engine = adapterd::core::Engine::Load(options, &report);
@@ -66,10 +67,14 @@ int main(int argc, char** argv) {
   }
   // The bytes of every weight as served (each storage once): a step reads them all but the
   // input embedding's other rows, which a tied lm_head reads anyway.
-  const double weight_bytes = static_cast<double>(report.bytes_mapped + report.bytes_copied);
-  std::printf("model            %s (%lld parameters, %.1f MB as served: weights %s, compute %s, kv %s)\n",
+  // Quantized matrices are read as their int8 copies (a tied lm_head's: the embedding is then
+  // only looked up).
+  const double weight_bytes = static_cast<double>(report.bytes_mapped + report.bytes_copied -
+                                                  report.quantized_source_bytes + report.quantized_bytes);
+  std::printf("model            %s (%lld parameters, %.1f MB as served: weights %s%s, compute %s, kv %s)\n",
               report.architecture.c_str(), static_cast<long long>(report.parameter_count), weight_bytes / 1e6,
-              report.weights_dtype.c_str(), report.compute_dtype.c_str(), report.kv_cache_dtype.c_str());
+              report.weights_dtype.c_str(), report.quantization == "int8" ? ", matrices int8" : "",
+              report.compute_dtype.c_str(), report.kv_cache_dtype.c_str());
   std::printf("load             %.3f s (%lld bytes mapped zero-copy, %lld copied)\n", load_s,
               static_cast<long long>(report.bytes_mapped), static_cast<long long>(report.bytes_copied));
 

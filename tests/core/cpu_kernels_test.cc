@@ -88,6 +88,51 @@ TEST_P(LinearTest, HalfPrecisionWeightsEqualTheirFloat32CopiesBitForBit) {
   }
 }
 
+// int8 weights with a scale per block of 32 inputs: each weight is widened to float(q)·scale,
+// so every output equals Linear() over that dequantized float32 matrix (built here by ATen's
+// own int8 → float conversion and product), few rows and many, with a row-strided x.
+TEST_P(LinearTest, Int8WeightsEqualTheirDequantizedFloat32CopyBitForBit) {
+  at::manual_seed(11);
+  for (int64_t m : {1, 3, 4, 5, 17, 300}) {
+    for (int64_t k : {32, 96, 768}) {
+      for (int64_t n : {1, 7, 101}) {
+        const at::Tensor x = at::randn({m, k + 5}).narrow(1, 2, k);
+        const at::Tensor q = at::randint(-127, 128, {n, k}, at::kChar);
+        const at::Tensor scales = at::rand({n, k / 32}) * 0.05;
+        const at::Tensor dequantized = q.to(at::kFloat) * scales.repeat_interleave(32, 1);
+        const at::Tensor b = at::randn({n});
+        for (bool with_bias : {false, true}) {
+          const at::Tensor bias = with_bias ? b : at::Tensor();
+          const at::Tensor y = LinearInt8(x, q, scales, bias);
+          const at::Tensor want = Linear(x, dequantized, bias);
+          ASSERT_TRUE(y.defined() && want.defined()) << m << "x" << k << "x" << n;
+          EXPECT_TRUE(at::equal(y, want)) << m << "x" << k << "x" << n << " bias " << with_bias;
+          // And near the product in double, so the two paths are not wrong together.
+          const at::Tensor exact = at::linear(x.to(at::kDouble), dequantized.to(at::kDouble),
+                                              with_bias ? b.to(at::kDouble) : at::Tensor());
+          const at::Tensor bound = at::linear(x.abs().to(at::kDouble), dequantized.abs().to(at::kDouble),
+                                              with_bias ? b.abs().to(at::kDouble) : at::Tensor());
+          EXPECT_TRUE(((y.to(at::kDouble) - exact).abs() <= 1e-5 * bound).all().item<bool>())
+              << m << "x" << k << "x" << n;
+        }
+      }
+    }
+  }
+}
+
+TEST_P(LinearTest, Int8DeclinesWhatItCannotTake) {
+  const at::Tensor q = at::randint(-127, 128, {8, 64}, at::kChar);
+  const at::Tensor scales = at::rand({8, 2});
+  EXPECT_TRUE(LinearInt8(at::randn({2, 64}), q, scales, at::Tensor()).defined());
+  EXPECT_FALSE(LinearInt8(at::randn({2, 64}), q, at::rand({8, 3}), at::Tensor()).defined());
+  EXPECT_FALSE(LinearInt8(at::randn({2, 64}), q, at::rand({7, 2}), at::Tensor()).defined());
+  EXPECT_FALSE(LinearInt8(at::randn({2, 64}), q, scales.to(at::kDouble), at::Tensor()).defined());
+  EXPECT_FALSE(LinearInt8(at::randn({2, 64}), q.to(at::kFloat), scales, at::Tensor()).defined());
+  EXPECT_FALSE(LinearInt8(at::randn({2, 48}), at::randint(-127, 128, {8, 48}, at::kChar), at::rand({8, 1}),
+                          at::Tensor()).defined());  // Not whole blocks.
+  EXPECT_FALSE(LinearInt8(at::randn({2, 64}), q, scales, at::randn({7})).defined());
+}
+
 TEST_P(LinearTest, DeclinesWhatItCannotTake) {
   at::Tensor w = at::randn({8, 16});
   EXPECT_FALSE(Linear(at::randn({kLinearMaxRows + 1, 16}), w, at::Tensor()).defined());

@@ -1,8 +1,11 @@
 #include "core/model_loader.h"
 
+#include <cmath>
 #include <cstring>
 #include <fstream>
 
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
@@ -13,6 +16,7 @@ namespace {
 
 using ::testing::ElementsAre;
 using ::testing::HasSubstr;
+using ::testing::Not;
 
 struct Loaded {
   absl::StatusOr<std::unique_ptr<CausalLm>> model;
@@ -167,6 +171,91 @@ TEST(ModelLoaderTest, AutoServesFloat32CheckpointsAsFloat32) {
     EXPECT_EQ(l.report.bytes_copied, 0) << fixture;
     EXPECT_EQ((*l.model)->kv_dtype(), at::kFloat) << fixture;
   }
+}
+
+// --quantize int8 replaces every projection matrix and lm_head (tied or not) for the forward
+// pass and reports it; weights() keeps the originals, equal to the plain load's.
+TEST(ModelLoaderTest, Int8QuantizesEveryProjectionAndLmHeadAndKeepsTheOriginals) {
+  for (const char* fixture : {"llama_tied", "llama_untied", "qwen2_bias", "llama_bf16"}) {
+    SCOPED_TRACE(fixture);
+    LoadOptions o;
+    o.compute_dtype = "auto";
+    o.quantize = "int8";
+    Loaded q = Load(fixture, o);
+    ASSERT_TRUE(q.model.ok()) << q.model.status();
+    Loaded f = Load(fixture);
+    ASSERT_TRUE(f.model.ok()) << f.model.status();
+    const ModelConfig& c = (*q.model)->config();
+    int64_t source_bytes = 0, bytes = 0, matrices = 0;
+    for (const auto& [name, w] : (*q.model)->weights()) {
+      EXPECT_TRUE(at::equal(w.to(at::kFloat), (*f.model)->weights().at(name))) << name;
+      const bool projection = absl::StrContains(name, "_proj.weight") || name == kOutputEmbeddingName;
+      if (!projection) continue;
+      ++matrices;
+      source_bytes += w.nbytes();
+      bytes += w.numel() + w.numel() / 32 * 4;  // int8 values, a float32 scale per 32.
+    }
+    EXPECT_EQ(matrices, 7 * c.num_layers + 1);
+    EXPECT_EQ(q.report.quantization, "int8");
+    EXPECT_EQ(q.report.quantized_tensors, matrices);
+    EXPECT_EQ(q.report.quantized_source_bytes, source_bytes);
+    EXPECT_EQ(q.report.quantized_bytes, bytes);
+    EXPECT_EQ(q.report.ToJson()["quantized_bytes"], bytes);
+    EXPECT_THAT(q.report.ToText(), HasSubstr(absl::StrCat("quantized    int8: ", matrices, " matrices, ",
+                                                          source_bytes, " -> ", bytes, " bytes")));
+    EXPECT_EQ(f.report.quantization, "none");
+    EXPECT_THAT(f.report.ToText(), Not(HasSubstr("quantized")));
+  }
+}
+
+TEST(ModelLoaderTest, Int8RefusesWhatItCannotServe) {
+  LoadOptions o;
+  o.quantize = "int8";
+  Loaded gpt2 = Load("gpt2", o);
+  ASSERT_FALSE(gpt2.model.ok());
+  EXPECT_EQ(gpt2.model.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(std::string(gpt2.model.status().message()), HasSubstr("--quantize int8 serves Llama-family models"));
+  o.compute_dtype = "bfloat16";
+  Loaded bf16 = Load("llama_tied", o);
+  ASSERT_FALSE(bf16.model.ok());
+  EXPECT_EQ(bf16.model.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(bf16.model.status().message()), HasSubstr("quantize int8 needs float32 activations"));
+  o.compute_dtype = "auto";
+  o.quantize = "int4";
+  Loaded int4 = Load("llama_tied", o);
+  ASSERT_FALSE(int4.model.ok());
+  EXPECT_THAT(std::string(int4.model.status().message()), HasSubstr("quantize must be none or int8, got \"int4\""));
+}
+
+// The quantizer follows its formula, computed here element by element: per block of 32,
+// scale = max|w| / 127, q = w / scale rounded half to even; an all-zero block has scale 0.
+TEST(ModelLoaderTest, Int8QuantizerFollowsTheQ8Formula) {
+  at::manual_seed(12);
+  at::Tensor w = at::randn({5, 96}) * 0.2;
+  w.narrow(0, 2, 1).narrow(1, 32, 32).zero_();
+  w[3][64] = 2.54f;  // A block's maximum: q = 127 exactly.
+  const Int8Matrix m = QuantizeInt8(w.to(at::kBFloat16));
+  const at::Tensor wb = w.to(at::kBFloat16).to(at::kFloat);
+  auto wa = wb.accessor<float, 2>();
+  auto qa = m.q.accessor<int8_t, 2>();
+  auto sa = m.scales.accessor<float, 2>();
+  for (int64_t n = 0; n < 5; ++n) {
+    for (int64_t b = 0; b < 3; ++b) {
+      float amax = 0;
+      for (int64_t k = b * 32; k < b * 32 + 32; ++k) amax = std::max(amax, std::abs(wa[n][k]));
+      const float scale = amax / 127.0f;
+      EXPECT_EQ(sa[n][b], scale) << n << "," << b;
+      for (int64_t k = b * 32; k < b * 32 + 32; ++k) {
+        const float want = scale == 0 ? 0.0f : std::nearbyint(wa[n][k] * (1.0f / scale));
+        EXPECT_EQ(qa[n][k], static_cast<int8_t>(want)) << n << "," << k;
+        // Dequantized within half a step of the weight.
+        EXPECT_LE(std::abs(qa[n][k] * scale - wa[n][k]), scale * 0.5f + 1e-7f) << n << "," << k;
+      }
+    }
+  }
+  EXPECT_EQ(qa[3][64], 127);
+  const at::Tensor d = DequantizeInt8(m, 1, 3);
+  EXPECT_TRUE(at::equal(d, m.q.narrow(0, 1, 3).to(at::kFloat) * m.scales.narrow(0, 1, 3).repeat_interleave(32, 1)));
 }
 
 TEST(ModelLoaderTest, MissingKeyRefusesNamingIt) {

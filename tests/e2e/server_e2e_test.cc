@@ -465,6 +465,24 @@ TEST(E2ePrefixCacheTest, SharedPrefixesAnswerAsWithoutTheCacheAndAreCounted) {
   EXPECT_EQ(state.base().kv_cache_dtype(), "float32");
 }
 
+// --quantize int8 through the server: the model state reports what was quantized, and base and
+// adapter requests are served (the engine tests check the values).
+TEST(E2eQuantizeTest, Int8ServerReportsItAndServesAdapters) {
+  ServerProcess server(Model(), {kPreload, "--quantize=int8"});
+  ASSERT_TRUE(server.ok()) << server.log();
+  grpc::ClientContext ctx;
+  v1::ModelState state;
+  ASSERT_TRUE(server.Admin()->GetModelState(&ctx, v1::GetModelStateRequest(), &state).ok());
+  EXPECT_EQ(state.base().quantization(), "int8");
+  EXPECT_GT(state.base().quantized_tensors(), 0);
+  EXPECT_GT(state.base().quantized_source_bytes(), 3 * state.base().quantized_bytes());  // float32 → int8.
+  for (const char* adapter : {"", "qv", "pre"}) {
+    v1::GenerateResponse resp;
+    ASSERT_TRUE(Generate(server, IdsRequest({1, 2, 3, 4}, adapter, 6), &resp).ok()) << adapter;
+    EXPECT_EQ(resp.tokens_size(), 6) << adapter;
+  }
+}
+
 TEST(E2eLimitsTest, FullQueueIsRefusedAtOnce) {
   ServerProcess server(Model(), {"--max_queue=1", "--max_batch_rows=1"});
   ASSERT_TRUE(server.ok()) << server.log();

@@ -1,0 +1,92 @@
+#!/usr/bin/python3
+"""Benchmark (printed figures, not a test): what int8 weights cost in fidelity, measured with the
+independent PyTorch reference (tests/reference/reference_model.py) rather than adapterd.
+
+For a Llama-family MODEL_DIR it runs a fixed, seeded set of prompts through the reference three
+times: on the float32 weights, on the projection matrices and lm_head quantized per block of 32
+inputs (what `--quantize int8` serves: scale = max|w| / 127, q = round-half-even(w / scale)),
+and quantized per output channel (one scale per row, the other layout #11 names). For each
+scheme it prints the largest and the mean |logit error| against float32 (also relative to the
+largest |logit|), the top-1 agreement over every position, the mean KL divergence of the
+next-token distributions, and the bytes per weight.
+
+Usage: int8_fidelity.py MODEL_DIR [PROMPTS=8] [LENGTH=64]
+"""
+import json
+import os
+import sys
+
+import torch
+
+here = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(here, "..", "reference"))
+import reference_model  # noqa: E402
+
+BLOCK = 32
+
+
+def per_block(w):
+    n, k = w.shape
+    x = w.view(n, k // BLOCK, BLOCK)
+    scale = x.abs().amax(-1) / 127.0
+    inverse = torch.where(scale > 0, 1.0 / scale, torch.zeros_like(scale))
+    q = torch.round(x * inverse[..., None]).clamp(-127, 127)
+    return (q * scale[..., None]).view(n, k)
+
+
+def per_channel(w):
+    scale = w.abs().amax(-1, keepdim=True) / 127.0
+    inverse = torch.where(scale > 0, 1.0 / scale, torch.zeros_like(scale))
+    return torch.round(w * inverse).clamp(-127, 127) * scale
+
+
+def quantized(state, cfg, fn):
+    out = dict(state)
+    if "lm_head.weight" not in out and cfg.get("tie_word_embeddings", False):
+        out["lm_head.weight"] = state["model.embed_tokens.weight"]
+    for name, w in out.items():
+        if name.endswith("_proj.weight") or name == "lm_head.weight":
+            out[name] = fn(w)
+    return out
+
+
+def main():
+    if len(sys.argv) < 2:
+        print(__doc__)
+        return 2
+    model_dir = sys.argv[1]
+    prompts = int(sys.argv[2]) if len(sys.argv) > 2 else 8
+    length = int(sys.argv[3]) if len(sys.argv) > 3 else 64
+    torch.set_grad_enabled(False)
+    with open(os.path.join(model_dir, "config.json")) as f:
+        cfg = json.load(f)
+    state = reference_model.load_state(model_dir)
+    gen = torch.Generator().manual_seed(1234)
+    vocab = cfg["vocab_size"]
+    batch = [torch.randint(3, vocab, (length,), generator=gen).tolist() for _ in range(prompts)]
+    base = [reference_model.llama_logits(cfg, state, ids) for ids in batch]
+    print(f"model {model_dir}: {prompts} prompts x {length} tokens, float32 reference")
+    for label, fn, bytes_per_weight in (("per block of 32 (--quantize int8)", per_block, 1 + 4 / BLOCK),
+                                        ("per output channel", per_channel, 1.0)):
+        w = quantized(state, cfg, fn)
+        worst = total = count = agree = positions = kl = 0.0
+        largest = 0.0
+        for ids, ref in zip(batch, base):
+            got = reference_model.llama_logits(cfg, w, ids)
+            err = (got - ref).abs()
+            worst = max(worst, err.max().item())
+            total += err.sum().item()
+            count += err.numel()
+            largest = max(largest, ref.abs().max().item())
+            agree += (got.argmax(-1) == ref.argmax(-1)).sum().item()
+            positions += ref.shape[0]
+            p = torch.log_softmax(ref, -1)
+            kl += (p.exp() * (p - torch.log_softmax(got, -1))).sum(-1).sum().item()
+        print(f"{label:36s} max |err| {worst:.4f} ({100 * worst / largest:.2f}% of max |logit| {largest:.2f}), "
+              f"mean |err| {total / count:.5f}, top-1 agreement {100 * agree / positions:.2f}% "
+              f"({int(agree)}/{int(positions)}), mean KL {kl / positions:.2e}, {bytes_per_weight:.3f} bytes/weight")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
