@@ -33,14 +33,16 @@ namespace {
 // so the widened block is still in cache when the GEMM packs it.
 constexpr int64_t kWidenBytes = int64_t{4} << 20;
 
-at::Tensor WidenedLinear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b) {
-  const int64_t n = w.size(0), k = w.size(1);
+// y = x·Wᵀ + b for W [n, k] given a block of output rows at a time by widen(n0, rows), each
+// block one GEMM in x's dtype: no widened copy of W is held whole.
+template <class Widen>
+at::Tensor BlockedLinear(const at::Tensor& x, int64_t n, int64_t k, const at::Tensor& b, const Widen& widen) {
   at::Tensor y = at::empty({x.size(0), n}, x.options());
   const int64_t element = static_cast<int64_t>(x.element_size());
   const int64_t block = std::max<int64_t>(64, kWidenBytes / std::max<int64_t>(1, k * element));
   for (int64_t n0 = 0; n0 < n; n0 += block) {
     const int64_t nb = std::min(block, n - n0);
-    const at::Tensor wb = w.narrow(0, n0, nb).to(x.scalar_type());
+    const at::Tensor wb = widen(n0, nb).to(x.scalar_type());
     at::Tensor yb = y.narrow(1, n0, nb);
     if (b.defined()) {
       at::addmm_out(yb, b.narrow(0, n0, nb).to(x.scalar_type()), x, wb.t());
@@ -49,6 +51,10 @@ at::Tensor WidenedLinear(const at::Tensor& x, const at::Tensor& w, const at::Ten
     }
   }
   return y;
+}
+
+at::Tensor WidenedLinear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b) {
+  return BlockedLinear(x, w.size(0), w.size(1), b, [&](int64_t n0, int64_t nb) { return w.narrow(0, n0, nb); });
 }
 
 }  // namespace
@@ -92,20 +98,8 @@ at::Tensor DequantizeInt8(const Int8Matrix& m, int64_t row0, int64_t rows) {
 at::Tensor LinearForward(const at::Tensor& x, const Int8Matrix& w, const at::Tensor& b) {
   at::Tensor y = cpu::LinearInt8(x, w.q, w.scales, b);
   if (y.defined()) return y;
-  const int64_t n = w.q.size(0), k = w.q.size(1);
-  y = at::empty({x.size(0), n}, x.options());
-  const int64_t block = std::max<int64_t>(64, kWidenBytes / std::max<int64_t>(1, k * 4));
-  for (int64_t n0 = 0; n0 < n; n0 += block) {
-    const int64_t nb = std::min(block, n - n0);
-    const at::Tensor wb = DequantizeInt8(w, n0, nb).to(x.scalar_type());
-    at::Tensor yb = y.narrow(1, n0, nb);
-    if (b.defined()) {
-      at::addmm_out(yb, b.narrow(0, n0, nb).to(x.scalar_type()), x, wb.t());
-    } else {
-      at::mm_out(yb, x, wb.t());
-    }
-  }
-  return y;
+  return BlockedLinear(x, w.q.size(0), w.q.size(1), b,
+                       [&](int64_t n0, int64_t nb) { return DequantizeInt8(w, n0, nb); });
 }
 
 at::Tensor EmbeddingRows(const at::Tensor& table, const at::Tensor& tokens, at::ScalarType dtype) {
