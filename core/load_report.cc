@@ -65,7 +65,10 @@ std::string LoadReport::ToText() const {
                   " bytes copied\n");
   absl::StrAppend(&out, "compute      ", compute_dtype, " on ", device, "\n");
   if (!weights_dtype.empty() && weights_dtype != compute_dtype) {
-    absl::StrAppend(&out, "weights      ", weights_dtype, " (matrices read in place, widened to ", compute_dtype, ")\n");
+    const std::string how = quantization == "int8"
+                                ? std::string("embedding read in place; projections and lm_head quantized below")
+                                : absl::StrCat("matrices read in place, widened to ", compute_dtype);
+    absl::StrAppend(&out, "weights      ", weights_dtype, " (", how, ")\n");
   }
   if (quantization != "none" && !quantization.empty()) {
     absl::StrAppend(&out, "quantized    ", quantization, ": ", quantized_tensors, " matrices, ", quantized_source_bytes,

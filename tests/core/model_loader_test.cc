@@ -203,6 +203,10 @@ TEST(ModelLoaderTest, Int8QuantizesEveryProjectionAndLmHeadAndKeepsTheOriginals)
     EXPECT_EQ(q.report.ToJson()["quantized_bytes"], bytes);
     EXPECT_THAT(q.report.ToText(), HasSubstr(absl::StrCat("quantized    int8: ", matrices, " matrices, ",
                                                           source_bytes, " -> ", bytes, " bytes")));
+    if (std::string(fixture) == "llama_bf16") {
+      EXPECT_THAT(q.report.ToText(),
+                  HasSubstr("weights      bfloat16 (embedding read in place; projections and lm_head quantized below)"));
+    }
     EXPECT_EQ(f.report.quantization, "none");
     EXPECT_THAT(f.report.ToText(), Not(HasSubstr("quantized")));
   }
