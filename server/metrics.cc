@@ -113,7 +113,8 @@ Metrics::Metrics()
                                   .Register(*registry_)),
       model_info_(BuildGauge()
                       .Name("adapterd_model_info")
-                      .Help("The base model served and adapterd's version (value 1).")
+                      .Help("The base model served (the dtype its matrices are stored in, and --quantize) and "
+                            "adapterd's version (value 1).")
                       .Register(*registry_)),
       lora_info_(BuildGauge()
                      .Name("adapterd_lora_requests_info")
@@ -317,9 +318,11 @@ void Metrics::SetRetainedUnloaded(size_t n) {
 }
 
 void Metrics::SetModelInfo(const std::string& architecture, const std::string& name,
-                           int64_t parameters) {
+                           int64_t parameters, const std::string& weights_dtype,
+                           const std::string& quantization) {
   model_info_.Add({{"architecture", architecture}, {"model", name},
-                   {"parameters", absl::StrCat(parameters)}, {"version", ADAPTERD_VERSION}})
+                   {"parameters", absl::StrCat(parameters)}, {"quantization", quantization},
+                   {"version", ADAPTERD_VERSION}, {"weights_dtype", weights_dtype}})
       .Set(1);
 }
 

@@ -70,7 +70,8 @@ class Metrics {
   void SetAdapters(const std::map<std::string, int64_t>& bytes_by_adapter);
   // How many unloaded adapters keep their series (default 64; serve sets --max_adapters).
   void SetRetainedUnloaded(size_t n);
-  void SetModelInfo(const std::string& architecture, const std::string& name, int64_t parameters);
+  void SetModelInfo(const std::string& architecture, const std::string& name, int64_t parameters,
+                    const std::string& weights_dtype, const std::string& quantization);
   // Prefix reuse (--prefix_cache_bytes): the engine's running totals of prompt tokens looked
   // up and found cached, and the cache's bytes and blocks now. One caller at a time.
   void SetPrefixCache(int64_t queried_tokens, int64_t hit_tokens, int64_t bytes, int64_t blocks);

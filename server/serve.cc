@@ -255,7 +255,7 @@ int RunServe() {
   ctx->residency->SetSettledHook([scheduler = ctx->scheduler.get()] { scheduler->Wake(); });
   ctx->metrics.SetModelInfo(report.architecture,
                             report.name_or_path.empty() ? model_dir : report.name_or_path,
-                            report.parameter_count);
+                            report.parameter_count, report.weights_dtype, report.quantization);
   ctx->metrics.SetRetainedUnloaded(static_cast<size_t>(absl::GetFlag(FLAGS_max_adapters)));
   ctx->metrics.SetAdapters({});
   ctx->ready.store(true);

@@ -371,6 +371,7 @@ TEST_F(E2eTest, MetricsCountRequestsByAdapter) {
   EXPECT_THAT(out, HasSubstr("adapterd_time_to_first_token_seconds_bucket"));
   EXPECT_THAT(out, HasSubstr("adapterd_lora_requests_info{"));
   EXPECT_THAT(out, HasSubstr("adapterd_model_info{architecture=\"LlamaForCausalLM\""));
+  EXPECT_THAT(out, HasSubstr(",quantization=\"none\",version="));
 }
 
 TEST(E2eAdminSafetyTest, TokenRequiredAndPathsConfinedToTheRoot) {
@@ -481,6 +482,9 @@ TEST(E2eQuantizeTest, Int8ServerReportsItAndServesAdapters) {
     ASSERT_TRUE(Generate(server, IdsRequest({1, 2, 3, 4}, adapter, 6), &resp).ok()) << adapter;
     EXPECT_EQ(resp.tokens_size(), 6) << adapter;
   }
+  const std::string metrics = ScrapeMetrics(server);
+  EXPECT_THAT(metrics, HasSubstr(",quantization=\"int8\",version="));
+  EXPECT_THAT(metrics, HasSubstr(",weights_dtype=\"float32\"} 1"));
 }
 
 TEST(E2eLimitsTest, FullQueueIsRefusedAtOnce) {
