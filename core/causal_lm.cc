@@ -6,6 +6,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "core/cpu_kernels.h"
+#include "core/cpu_kernels_isa.h"
 
 namespace adapterd::core {
 
@@ -69,15 +70,19 @@ at::Tensor LinearForward(const at::Tensor& x, const at::Tensor& w, const at::Ten
   return y.unsqueeze(0);
 }
 
+bool Int8Quantizable(const at::Tensor& w) {
+  return w.defined() && w.dim() == 2 && w.size(1) % cpu::kInt8Block == 0;
+}
+
 Int8Matrix QuantizeInt8(const at::Tensor& w) {
-  const int64_t n = w.size(0), k = w.size(1), blocks = k / kInt8BlockSize;
+  const int64_t n = w.size(0), k = w.size(1), blocks = k / cpu::kInt8Block;
   Int8Matrix m;
   m.q = at::empty({n, k}, w.options().dtype(at::kChar));
   m.scales = at::empty({n, blocks}, w.options().dtype(at::kFloat));
   const int64_t rows = std::max<int64_t>(1, kWidenBytes / std::max<int64_t>(1, k * 4));
   for (int64_t r0 = 0; r0 < n; r0 += rows) {
     const int64_t nr = std::min(rows, n - r0);
-    const at::Tensor x = w.narrow(0, r0, nr).to(at::kFloat).view({nr, blocks, kInt8BlockSize});
+    const at::Tensor x = w.narrow(0, r0, nr).to(at::kFloat).view({nr, blocks, cpu::kInt8Block});
     const at::Tensor scale = x.abs().amax(-1).div_(127.0f);  // [nr, blocks]
     const at::Tensor inverse = at::where(scale > 0, scale.reciprocal(), at::zeros_like(scale));
     m.q.narrow(0, r0, nr).copy_(x.mul(inverse.unsqueeze(-1)).round_().clamp_(-127, 127).view({nr, k}));
@@ -90,7 +95,7 @@ at::Tensor DequantizeInt8(const Int8Matrix& m, int64_t row0, int64_t rows) {
   const int64_t k = m.q.size(1);
   return m.q.narrow(0, row0, rows)
       .to(at::kFloat)
-      .view({rows, k / kInt8BlockSize, kInt8BlockSize})
+      .view({rows, k / cpu::kInt8Block, cpu::kInt8Block})
       .mul_(m.scales.narrow(0, row0, rows).unsqueeze(-1))
       .view({rows, k});
 }

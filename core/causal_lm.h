@@ -96,8 +96,9 @@ struct Int8Matrix {
   bool defined() const { return q.defined(); }
   int64_t bytes() const { return q.defined() ? static_cast<int64_t>(q.nbytes() + scales.nbytes()) : 0; }
 };
-inline constexpr int64_t kInt8BlockSize = 32;
-// Returns `w` ([out, in], any floating dtype, in a multiple of 32) quantized: per block,
+// Whether QuantizeInt8() takes `w`: a matrix whose input width is a multiple of 32.
+bool Int8Quantizable(const at::Tensor& w);
+// Returns `w` ([out, in], any floating dtype, Int8Quantizable) quantized: per block,
 // scale = max|w| / 127 and q = round-half-even(w / scale) (0 where the block is all zeros).
 // Computed on w's device, a few MiB of rows at a time.
 Int8Matrix QuantizeInt8(const at::Tensor& w);
@@ -179,10 +180,10 @@ class CausalLm {
   // queries (at least 16) whose scores fit. Set before the first Forward.
   void set_attention_block_bytes(int64_t bytes) { attention_block_bytes_ = bytes; }
 
-  // What QuantizeInt8() replaced: the weights' names, their bytes as held before, and the
+  // What QuantizeInt8() replaced: how many matrices, their bytes as held before, and the
   // int8 copies' bytes (values and scales).
   struct Int8Summary {
-    std::vector<std::string> names;
+    int64_t matrices = 0;
     int64_t source_bytes = 0;
     int64_t bytes = 0;
   };

@@ -2,7 +2,6 @@
 // pre-norm RMSNorm, rotary embeddings (rotate_half layout) with default, linear or llama3
 // frequency scaling, grouped-query attention, SiLU-gated MLP, optional biases.
 #include <cmath>
-#include <tuple>
 
 #include "absl/strings/str_cat.h"
 #include "core/causal_lm.h"
@@ -60,31 +59,22 @@ class Llama final : public CausalLm {
 
   bool QuantizeInt8(Int8Summary* summary, const std::function<void(const at::Tensor&)>& done) override {
     std::vector<std::pair<const at::Tensor*, Int8Matrix*>> targets;
-    std::vector<std::string> names;
-    for (size_t i = 0; i < layers_.size(); ++i) {
-      LlamaLayer& l = layers_[i];
-      const std::string pre = absl::StrCat("model.layers.", i, ".");
-      for (auto [w, q, name] : {std::tuple{&l.q_w, &l.q_i8, "self_attn.q_proj"}, {&l.k_w, &l.k_i8, "self_attn.k_proj"},
-                                {&l.v_w, &l.v_i8, "self_attn.v_proj"}, {&l.o_w, &l.o_i8, "self_attn.o_proj"},
-                                {&l.gate_w, &l.gate_i8, "mlp.gate_proj"}, {&l.up_w, &l.up_i8, "mlp.up_proj"},
-                                {&l.down_w, &l.down_i8, "mlp.down_proj"}}) {
-        targets.emplace_back(w, q);
-        names.push_back(absl::StrCat(pre, name, ".weight"));
-      }
+    for (LlamaLayer& l : layers_) {
+      targets.insert(targets.end(), {{&l.q_w, &l.q_i8}, {&l.k_w, &l.k_i8}, {&l.v_w, &l.v_i8}, {&l.o_w, &l.o_i8},
+                                     {&l.gate_w, &l.gate_i8}, {&l.up_w, &l.up_i8}, {&l.down_w, &l.down_i8}});
     }
     targets.emplace_back(&lm_head_, &lm_head_i8_);
-    names.push_back(kOutputEmbeddingName);
     for (const auto& [w, q] : targets) {
-      if (w->dim() != 2 || w->size(1) % kInt8BlockSize != 0) return false;
+      if (!Int8Quantizable(*w)) return false;
     }
     *summary = Int8Summary();
-    for (size_t i = 0; i < targets.size(); ++i) {
-      *targets[i].second = core::QuantizeInt8(*targets[i].first);
-      summary->source_bytes += static_cast<int64_t>(targets[i].first->nbytes());
-      summary->bytes += targets[i].second->bytes();
-      if (done) done(*targets[i].first);
+    for (const auto& [w, q] : targets) {
+      *q = core::QuantizeInt8(*w);
+      ++summary->matrices;
+      summary->source_bytes += static_cast<int64_t>(w->nbytes());
+      summary->bytes += q->bytes();
+      if (done) done(*w);
     }
-    summary->names = std::move(names);
     return true;
   }
 

@@ -401,7 +401,7 @@ absl::StatusOr<std::unique_ptr<CausalLm>> LoadModel(const std::string& dir,
           config.architecture_name, " (hidden ", config.hidden_size, ") is not one"));
     }
     report->quantization = "int8";
-    report->quantized_tensors = static_cast<int64_t>(summary.names.size());
+    report->quantized_tensors = summary.matrices;
     report->quantized_source_bytes = summary.source_bytes;
     report->quantized_bytes = summary.bytes;
   }

@@ -948,6 +948,31 @@ TEST(AdapterBatchTest, MixedAdapterBatchEqualsEachRowAlone) {
        {40, 41, 42, 43}, {8}, {30, 31, 32}, {257, 4, 259, 6}, {70, 71, 72}, {258}});
 }
 
+// Expects engine `ea` with adapter `a` and engine `eb` with adapter `b` (either may be null) to give
+// the same logits for every position of `prompt` and the same 8 greedy steps, within `tolerance`.
+void ExpectSameModel(const core::Engine& ea, std::shared_ptr<const Adapter> a, const core::Engine& eb,
+                     std::shared_ptr<const Adapter> b, const std::vector<int32_t>& prompt, double tolerance) {
+  auto la = ea.PromptLogits(prompt, a);
+  auto lb = eb.PromptLogits(prompt, b);
+  ASSERT_TRUE(la.ok() && lb.ok());
+  EXPECT_LE(MaxDiff(*la, *lb), tolerance);
+  core::GenerateRequest req;
+  req.prompt = prompt;
+  req.max_new_tokens = 8;
+  req.ignore_eos = true;
+  req.params.top_logprobs = 3;
+  req.adapter = a;
+  auto ga = core::Generate(ea, req);
+  req.adapter = b;
+  auto gb = core::Generate(eb, req);
+  ASSERT_TRUE(ga.ok() && gb.ok());
+  ASSERT_EQ(ga->steps.size(), gb->steps.size());
+  for (size_t i = 0; i < ga->steps.size(); ++i) {
+    EXPECT_EQ(ga->steps[i].token, gb->steps[i].token) << "step " << i;
+    EXPECT_NEAR(ga->steps[i].logprob, gb->steps[i].logprob, tolerance) << "step " << i;
+  }
+}
+
 // --dtype auto serves a bfloat16 or float16 checkpoint's matrices in place: every adapter type on it gives
 // the logits of the same adapter on the float32 conversion (the CPU kernels widen exactly and
 // sum in the same order; ATen's blocks of widened weights through BLAS within 1e-5), with the
@@ -977,25 +1002,7 @@ TEST(AdapterBatchTest, AdaptersOnHalfWeightsServedInPlaceEqualTheFloat32Conversi
       auto a = Load(*in_place, name);
       auto b = Load(*converted, name);
       ASSERT_TRUE(a.ok() && b.ok()) << a.status() << " " << b.status();
-      auto la = in_place->PromptLogits(prompt, *a);
-      auto lb = converted->PromptLogits(prompt, *b);
-      ASSERT_TRUE(la.ok() && lb.ok());
-      EXPECT_LE(MaxDiff(*la, *lb), tolerance);
-      core::GenerateRequest req;
-      req.prompt = prompt;
-      req.max_new_tokens = 8;
-      req.ignore_eos = true;
-      req.params.top_logprobs = 3;
-      req.adapter = *a;
-      auto ga = core::Generate(*in_place, req);
-      req.adapter = *b;
-      auto gb = core::Generate(*converted, req);
-      ASSERT_TRUE(ga.ok() && gb.ok());
-      ASSERT_EQ(ga->steps.size(), gb->steps.size());
-      for (size_t i = 0; i < ga->steps.size(); ++i) {
-        EXPECT_EQ(ga->steps[i].token, gb->steps[i].token) << "step " << i;
-        EXPECT_NEAR(ga->steps[i].logprob, gb->steps[i].logprob, tolerance) << "step " << i;
-      }
+      ExpectSameModel(*in_place, *a, *converted, *b, prompt, tolerance);
     }
   }
 }
@@ -1070,25 +1077,7 @@ TEST(Int8Test, ServesTheFloat32ModelOfItsDequantizedWeights) {
         a = *la;
         b = *lb;
       }
-      auto logits_q = q->PromptLogits(prompt, a);
-      auto logits_d = d->PromptLogits(prompt, b);
-      ASSERT_TRUE(logits_q.ok() && logits_d.ok());
-      EXPECT_LE(MaxDiff(*logits_q, *logits_d), tolerance);
-      core::GenerateRequest req;
-      req.prompt = prompt;
-      req.max_new_tokens = 8;
-      req.ignore_eos = true;
-      req.params.top_logprobs = 3;
-      req.adapter = a;
-      auto gq = core::Generate(*q, req);
-      req.adapter = b;
-      auto gd = core::Generate(*d, req);
-      ASSERT_TRUE(gq.ok() && gd.ok());
-      ASSERT_EQ(gq->steps.size(), gd->steps.size());
-      for (size_t i = 0; i < gq->steps.size(); ++i) {
-        EXPECT_EQ(gq->steps[i].token, gd->steps[i].token) << "step " << i;
-        EXPECT_NEAR(gq->steps[i].logprob, gd->steps[i].logprob, tolerance) << "step " << i;
-      }
+      ExpectSameModel(*q, a, *d, b, prompt, tolerance);
     }
   }
   core::cpu::SelectIsa(core::cpu::SupportedIsa());
