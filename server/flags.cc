@@ -71,6 +71,11 @@ ABSL_FLAG(int64_t, max_batch_rows, 32, "Most sequences in one model step.");
 ABSL_FLAG(int64_t, max_tokens_per_step, 512,
           "Most tokens run in one step: decode rows take one each, prompts share the rest, a "
           "longer prompt is prefilled in chunks over several steps (chunked prefill).");
+ABSL_FLAG(double, max_step_slowdown, 0,
+          "0: off. Above 1: while streams are decoding, a step that also runs prompt chunks is "
+          "sized to take at most this many times a decode-only step (both measured as it runs), "
+          "so long arrivals slow running streams by at most this factor at the cost of their own "
+          "time to first token. Within --max_tokens_per_step.");
 ABSL_FLAG(int64_t, max_queue, 256, "Waiting requests before RESOURCE_EXHAUSTED.");
 ABSL_FLAG(int64_t, max_kv_bytes, int64_t{4} << 30, "KV cache budget over running requests.");
 ABSL_FLAG(int64_t, max_adapters, 64, "Most adapters resident at once.");

@@ -45,6 +45,7 @@ ABSL_DECLARE_FLAG(double, adapter_failure_ttl_s);
 ABSL_DECLARE_FLAG(std::string, adapter_dtype);
 ABSL_DECLARE_FLAG(int64_t, max_batch_rows);
 ABSL_DECLARE_FLAG(int64_t, max_tokens_per_step);
+ABSL_DECLARE_FLAG(double, max_step_slowdown);
 ABSL_DECLARE_FLAG(int64_t, max_queue);
 ABSL_DECLARE_FLAG(int64_t, max_kv_bytes);
 ABSL_DECLARE_FLAG(int64_t, max_adapters);

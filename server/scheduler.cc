@@ -48,7 +48,8 @@ Scheduler::Scheduler(const core::Engine& engine, const core::Tokenizer* tokenize
       tokenizer_(tokenizer),
       metrics_(metrics),
       options_(options),
-      eos_(options.eos_token_ids.empty() ? engine.config().eos_token_ids : options.eos_token_ids) {
+      eos_(options.eos_token_ids.empty() ? engine.config().eos_token_ids : options.eos_token_ids),
+      governor_(options.max_step_slowdown, options.max_tokens_per_step) {
   kv_bytes_per_position_ = engine.kv_bytes_per_position();
   thread_ = std::thread([this] { Loop(); });
 }
@@ -326,7 +327,8 @@ void Scheduler::RunStep() {
   // Chunked prefill: every decode row takes its one token, then the prompts still to prefill
   // share what is left of --max_tokens_per_step in arrival order, each running as much of its
   // prompt as fits (a long prompt over several steps, its chunks alongside the decodes). A
-  // prompt that finds nothing left waits for the next step; the first one always runs.
+  // prompt that finds nothing left waits for the next step; the first one always runs. With
+  // --max_step_slowdown the governor shrinks that budget while streams are decoding.
   std::vector<core::Sequence*> batch;
   std::vector<int64_t> limits;
   std::vector<Active*> rows;
@@ -345,14 +347,17 @@ void Scheduler::RunStep() {
   for (auto& a : running_set_) {
     if (a->sequence->pending_tokens() <= 1) add(*a, 1);
   }
+  const int64_t decode_rows = step_tokens;
+  const int64_t budget = governor_.Budget(decode_rows);
   for (auto& a : running_set_) {
     const int64_t pending = a->sequence->pending_tokens();
     if (pending <= 1) continue;
-    const int64_t left = options_.max_tokens_per_step - step_tokens;
+    const int64_t left = budget - step_tokens;
     if (left <= 0 && !batch.empty()) break;
     add(*a, std::min(pending, std::max<int64_t>(left, 1)));
   }
   auto outputs = engine_.Step(batch, limits);
+  governor_.Observe(Seconds(step_start, Clock::now()), decode_rows, step_tokens - decode_rows);
   if (metrics_) metrics_->Step(static_cast<int64_t>(batch.size()), step_tokens);
   auto deliver = [this](Active& a, const core::StepOutput& out, Clock::time_point at) {
     if (!out.prefill_only) Deliver(a, out, at);

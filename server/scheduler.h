@@ -26,6 +26,7 @@
 #include "core/engine.h"
 #include "core/tokenizer.h"
 #include "server/adapter_wait.h"
+#include "server/step_governor.h"
 
 namespace adapterd::server {
 
@@ -94,6 +95,9 @@ struct SchedulerOptions {
   // longer prompt runs over several steps, sharing them with the decodes). Also bounds the
   // prompt tokens admitted at once (the first request always is).
   int64_t max_tokens_per_step = 512;
+  // > 1: a step carrying prompt chunks beside decode rows is sized to take at most this many
+  // times a decode-only step (StepGovernor); 0: off, the token budget alone.
+  double max_step_slowdown = 0;
   int64_t max_queue = 256;             // Waiting requests before RESOURCE_EXHAUSTED.
   int64_t max_kv_bytes = int64_t{4} << 30;  // KV cache budget over running sequences.
   std::vector<int64_t> eos_token_ids;  // Empty: the model's (generation_)config.json ids.
@@ -183,6 +187,7 @@ class Scheduler {
   // Touched by the scheduler thread only.
   std::vector<std::unique_ptr<Active>> running_set_;
   int64_t reserved_kv_ = 0;
+  StepGovernor governor_;
 
   std::atomic<int64_t> queue_depth_{0};
   std::atomic<int64_t> running_{0};

@@ -79,6 +79,11 @@ int RunServe() {
     spdlog::error("serve: --model_dir is required");
     return 2;
   }
+  if (const double slowdown = absl::GetFlag(FLAGS_max_step_slowdown);
+      slowdown != 0 && !(slowdown > 1 && slowdown <= 100)) {
+    spdlog::error("serve: --max_step_slowdown {} must be 0 (off) or in (1, 100]", slowdown);
+    return 2;
+  }
   // Termination signals are taken by a dedicated thread (sigwait), never by a handler.
   sigset_t signals;
   sigemptyset(&signals);
@@ -248,6 +253,7 @@ int RunServe() {
   SchedulerOptions sched;
   sched.max_batch_rows = absl::GetFlag(FLAGS_max_batch_rows);
   sched.max_tokens_per_step = absl::GetFlag(FLAGS_max_tokens_per_step);
+  sched.max_step_slowdown = absl::GetFlag(FLAGS_max_step_slowdown);
   sched.max_queue = absl::GetFlag(FLAGS_max_queue);
   sched.max_kv_bytes = absl::GetFlag(FLAGS_max_kv_bytes);
   sched.eos_token_ids = core::EosTokenIds(ctx->engine->config(), ctx->tokenizer.get());

@@ -80,6 +80,17 @@ TEST(CliTest, EveryCpuKernelChoiceGivesTheReferenceContinuationAndBadOnesAreRefu
   EXPECT_THAT(bad.out, HasSubstr("cpu_kernels must be auto, avx512f, avx2 or none, got \"sse9\""));
 }
 
+TEST(CliTest, ServeRefusesAStepSlowdownThatCannotBeMet) {
+  for (const char* bad : {"1", "0.5", "-2", "1000"}) {
+    CliRun r = Adapterd(std::string("serve --listen 127.0.0.1:0 --max_step_slowdown=") + bad +
+                            " --model_dir " + testing::Fixture("llama_untied"),
+                        /*with_stderr=*/true);
+    EXPECT_EQ(r.exit_code, 2) << bad << ": " << r.out;
+    EXPECT_THAT(r.out, HasSubstr("--max_step_slowdown")) << bad;
+    EXPECT_THAT(r.out, HasSubstr("must be 0 (off) or in (1, 100]")) << bad;
+  }
+}
+
 TEST(CliTest, GenerateRejectsMalformedIds) {
   CliRun r = Adapterd("generate --model_dir " + testing::Fixture("gpt2") + " --prompt_ids 1,x");
   EXPECT_EQ(r.exit_code, 2);

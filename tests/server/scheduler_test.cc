@@ -287,6 +287,46 @@ TEST_F(SchedulerTest, ALongPromptIsPrefilledInChunksBesideRunningStreams) {
   EXPECT_GE(meanwhile[2], 7);
 }
 
+// --max_step_slowdown sizes the prompt's chunks from measured step times instead of the token
+// budget: whatever sizes that picks (they depend on the machine's timing), every answer equals
+// the one computed alone, and the long prompt completes beside the streams.
+TEST_F(SchedulerTest, AGovernedPrefillKeepsEveryAnswer) {
+  std::vector<int32_t> long_prompt = {1};
+  for (int i = 0; i < 199; ++i) long_prompt.push_back(static_cast<int32_t>(300 + 13 * i));
+  std::map<uint64_t, std::vector<int32_t>> alone;
+  {
+    Scheduler s(*engine_, nullptr, nullptr, SchedulerOptions());
+    Submit(s, Request(1, 40));
+    AwaitDone(1);
+    Submit(s, Request(2, 40, {1, 450, 4997}));
+    AwaitDone(2);
+    Submit(s, Request(3, 5, long_prompt));
+    AwaitDone(3);
+    for (uint64_t id = 1; id <= 3; ++id) alone[id] = Get(id).tokens;
+  }
+  recorder_.outcomes.clear();
+  recorder_.done = 0;
+  SchedulerOptions options;
+  options.max_step_slowdown = 1.2;
+  options.max_tokens_per_step = 64;
+  Scheduler s(*engine_, nullptr, nullptr, options);
+  Submit(s, Request(1, 40));
+  Submit(s, Request(2, 40, {1, 450, 4997}));
+  {
+    absl::MutexLock lock(&recorder_.mu);
+    auto both = [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(recorder_.mu) {
+      return !recorder_.outcomes[1].tokens.empty() && !recorder_.outcomes[2].tokens.empty();
+    };
+    ASSERT_TRUE(recorder_.mu.AwaitWithTimeout(absl::Condition(&both), absl::Seconds(60)));
+  }
+  Submit(s, Request(3, 5, long_prompt));
+  AwaitDone(3);
+  for (uint64_t id = 1; id <= 3; ++id) {
+    EXPECT_TRUE(Get(id).status.ok()) << id;
+    EXPECT_EQ(Get(id).tokens, alone[id]) << id;
+  }
+}
+
 // An adapter whose LoRA A has the wrong width: the forward pass throws for any batch that
 // holds one of its rows.
 adapters::AdapterRef BrokenAdapter(const core::Engine& engine) {
