@@ -6,11 +6,13 @@
 //   3. Chunked prefill: inter-token latency of 8 running streams while a long prompt arrives
 //      and is prefilled in chunks of --max_tokens_per_step (the scheduler's policy: every
 //      decode row first, the arrival takes the rest of the budget), over the latency without
-//      arrivals, for several budgets and for no chunking at all.
+//      arrivals, for several budgets and for no chunking at all; then with the scheduler's
+//      StepGovernor (--max_step_slowdown) sizing the chunks within 512.
 //   4. Concurrent sequences a KV budget admits, per cache dtype (from the engine's per-position
 //      byte count, the figure the scheduler's admission uses).
 // Usage: kv_bench MODEL_DIR [THREADS] [PROMPT=1000] [SHARED=960] [ARRIVAL=4000]
-// (KV_BENCH_SERIES=1 also prints every step's latency during each arrival, to stderr.)
+// (KV_BENCH_SERIES=1 also prints every step's latency during each arrival, to stderr;
+// KV_BENCH_GOVERNED_ONLY=1 skips the fixed budgets.)
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -21,6 +23,7 @@
 #include <vector>
 
 #include "core/engine.h"
+#include "server/step_governor.h"
 
 namespace {
 
@@ -28,6 +31,7 @@ using adapterd::core::Engine;
 using adapterd::core::EngineOptions;
 using adapterd::core::SamplingParams;
 using adapterd::core::Sequence;
+using adapterd::server::StepGovernor;
 using Clock = std::chrono::steady_clock;
 
 double Seconds(Clock::time_point a, Clock::time_point b) {
@@ -137,10 +141,12 @@ std::vector<double> DecodeSteps(const Engine& engine, Streams& streams, int step
 }
 
 // Step latencies of `streams` while an `arrival`-token prompt is prefilled beside them within
-// `budget` tokens per step (0: the whole prompt in one step); `ttft` gets the arrival's time
-// to its first token.
+// `budget` tokens per step (0: the whole prompt in one step), or as `governor` sizes each step
+// within that budget (the scheduler's --max_step_slowdown); `ttft` gets the arrival's time to
+// its first token.
 std::vector<double> StepsWithArrival(const Engine& engine, Streams& streams, int64_t arrival,
-                                     int64_t budget, std::mt19937& gen, double* ttft) {
+                                     int64_t budget, std::mt19937& gen, double* ttft,
+                                     StepGovernor* governor = nullptr) {
   std::vector<double> out;
   auto seq = Open(engine, RandomIds(gen, arrival, engine.config().vocab_size));
   std::vector<Sequence*> batch = streams.rows;
@@ -151,9 +157,17 @@ std::vector<double> StepsWithArrival(const Engine& engine, Streams& streams, int
   while (seq->generated() == 0) {
     // Decode rows take one token each; the arrival gets what is left (at least one).
     limits.back() = budget == 0 ? 0 : std::max<int64_t>(1, budget - rows);
+    const int64_t pending = seq->pending_tokens();
+    if (governor != nullptr) limits.back() = governor->Budget(rows) - rows;  // 0: decode-only.
     const auto t0 = Clock::now();
-    Run(engine, batch, limits);
-    out.push_back(1e3 * Seconds(t0, Clock::now()));
+    if (governor != nullptr && limits.back() == 0) {
+      Run(engine, streams.rows);
+    } else {
+      Run(engine, batch, limits);
+    }
+    const double seconds = Seconds(t0, Clock::now());
+    if (governor != nullptr) governor->Observe(seconds, rows, pending - seq->pending_tokens());
+    out.push_back(1e3 * seconds);
   }
   if (std::getenv("KV_BENCH_SERIES") != nullptr) {
     for (double ms : out) std::fprintf(stderr, "%.0f ", ms);
@@ -171,16 +185,35 @@ void ChunkedPrefill(const Engine& engine, int64_t arrival) {
   const double p50 = Percentile(alone, 0.5), p99 = Percentile(alone, 0.99);
   std::printf("chunked prefill  %d streams decoding; a %lld-token prompt arrives\n", streams_n,
               static_cast<long long>(arrival));
-  std::printf("  no arrival     ITL p50 %.1f ms, p99 %.1f ms\n", p50, p99);
-  for (const int64_t budget : {int64_t{16}, int64_t{32}, int64_t{64}, int64_t{128}, int64_t{512}, int64_t{2048}, int64_t{0}}) {
+  std::printf("  no arrival     ITL p50 %.1f ms, p99 %.1f ms over 48 steps\n", p50, p99);
+  // The streams' own contexts grow by a position a step, so over a slow arrival their steps get
+  // slower whatever the arrival does: each case is also held against twin streams (same
+  // prompts) decoding alone for as many steps ("same span"), the fair figure for long TTFTs.
+  auto report = [&](const std::string& label, int64_t budget, StepGovernor* governor) {
+    std::mt19937 twin_gen = gen;
     Streams streams = StartStreams(engine, streams_n, gen);
     double ttft = 0;
-    const std::vector<double> with = StepsWithArrival(engine, streams, arrival, budget, gen, &ttft);
-    const std::string label = budget == 0 ? std::string("unchunked") : "budget " + std::to_string(budget);
-    std::printf("  %-14s ITL p50 %.1f ms, p99 %.1f ms, max %.1f ms over %zu steps: p99 ratio %.2f "
-                "(target <= 1.5); arrival's TTFT %.2f s\n",
+    const std::vector<double> with = StepsWithArrival(engine, streams, arrival, budget, gen, &ttft, governor);
+    streams = Streams();
+    Streams twin = StartStreams(engine, streams_n, twin_gen);
+    const double span_p99 = Percentile(DecodeSteps(engine, twin, static_cast<int>(with.size())), 0.99);
+    std::printf("  %-14s ITL p50 %.1f ms, p99 %.1f ms, max %.1f ms over %zu steps: p99 ratio %.2f, "
+                "%.2f over the same span alone (p99 %.1f ms) (target <= 1.5); arrival's TTFT %.2f s\n",
                 label.c_str(), Percentile(with, 0.5), Percentile(with, 0.99),
-                *std::max_element(with.begin(), with.end()), with.size(), Percentile(with, 0.99) / p99, ttft);
+                *std::max_element(with.begin(), with.end()), with.size(), Percentile(with, 0.99) / p99,
+                Percentile(with, 0.99) / span_p99, span_p99, ttft);
+  };
+  if (std::getenv("KV_BENCH_GOVERNED_ONLY") == nullptr) {
+    for (const int64_t budget : {int64_t{16}, int64_t{32}, int64_t{64}, int64_t{128}, int64_t{512}, int64_t{2048}, int64_t{0}}) {
+      report(budget == 0 ? std::string("unchunked") : "budget " + std::to_string(budget), budget, nullptr);
+    }
+  }
+  // The scheduler's --max_step_slowdown: chunks sized from measured step times, within 512.
+  for (const double slowdown : {1.25, 1.5, 2.0}) {
+    StepGovernor governor(slowdown, 512);
+    char label[32];
+    std::snprintf(label, sizeof label, "slowdown %.2f", slowdown);
+    report(label, 512, &governor);
   }
 }
 
