@@ -21,9 +21,9 @@
 #pragma once
 
 #include <algorithm>
+#include <array>
 #include <cstdint>
 #include <cstdlib>
-#include <vector>
 
 namespace adapterd::server {
 
@@ -51,20 +51,16 @@ class StepGovernor {
   void Observe(double seconds, int64_t decode_rows, int64_t prefill_tokens) {
     if (!enabled() || decode_rows == 0) return;
     if (prefill_tokens == 0) {
-      if (samples_.empty() || RowsMoved(decode_rows)) {
-        samples_.clear();
-        next_ = 0;
+      if (count_ == 0 || RowsMoved(decode_rows)) {
+        count_ = 0;
         baseline_rows_ = decode_rows;
       }
-      if (samples_.size() < kSamples) {
-        samples_.push_back(seconds);
-      } else {
-        samples_[next_] = seconds;
-        next_ = (next_ + 1) % kSamples;
-      }
-      std::vector<double> sorted = samples_;
-      std::nth_element(sorted.begin(), sorted.begin() + static_cast<std::ptrdiff_t>(sorted.size() / 2), sorted.end());
-      baseline_ = sorted[sorted.size() / 2];
+      samples_[count_ % kSamples] = seconds;  // Once full, the oldest is replaced.
+      ++count_;
+      std::array<double, kSamples> sorted = samples_;
+      const size_t n = std::min(count_, kSamples);
+      std::nth_element(sorted.begin(), sorted.begin() + n / 2, sorted.begin() + n);
+      baseline_ = sorted[n / 2];
       since_baseline_ = 0;
       return;
     }
@@ -92,8 +88,8 @@ class StepGovernor {
   int64_t max_tokens_;
   int64_t chunk_;
   double baseline_ = 0;  // Median seconds of the decode-only samples; 0 until one is measured.
-  std::vector<double> samples_;
-  size_t next_ = 0;      // The sample the next one replaces once there are kSamples.
+  std::array<double, kSamples> samples_{};  // The last decode-only steps' seconds, a ring.
+  size_t count_ = 0;     // Samples taken since the row count last moved.
   int64_t baseline_rows_ = 0;
   int64_t since_baseline_ = 0;  // Governed steps since the last decode-only sample.
   bool ramping_ = true;         // No step has gone over the target yet: the chunk doubles.

@@ -155,10 +155,12 @@ std::vector<double> StepsWithArrival(const Engine& engine, Streams& streams, int
   std::vector<int64_t> limits(batch.size(), 0);
   const auto start = Clock::now();
   while (seq->generated() == 0) {
-    // Decode rows take one token each; the arrival gets what is left (at least one).
-    limits.back() = budget == 0 ? 0 : std::max<int64_t>(1, budget - rows);
+    // Decode rows take one token each; the arrival gets what is left (at least one), or what
+    // the governor grants (0: a decode-only step).
+    limits.back() = governor != nullptr ? governor->Budget(rows) - rows
+                    : budget == 0       ? 0
+                                        : std::max<int64_t>(1, budget - rows);
     const int64_t pending = seq->pending_tokens();
-    if (governor != nullptr) limits.back() = governor->Budget(rows) - rows;  // 0: decode-only.
     const auto t0 = Clock::now();
     if (governor != nullptr && limits.back() == 0) {
       Run(engine, streams.rows);

@@ -95,6 +95,15 @@ class SchedulerTest : public ::testing::Test {
     auto done = [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(recorder_.mu) { return recorder_.done >= n; };
     ASSERT_TRUE(recorder_.mu.AwaitWithTimeout(absl::Condition(&done), absl::Seconds(60)));
   }
+  // Waits until requests 1 and 2 both streamed a token; `events` gets the OnTokens count then.
+  void AwaitTokensFromOneAndTwo(size_t* events = nullptr) {
+    absl::MutexLock lock(&recorder_.mu);
+    auto both = [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(recorder_.mu) {
+      return !recorder_.outcomes[1].tokens.empty() && !recorder_.outcomes[2].tokens.empty();
+    };
+    ASSERT_TRUE(recorder_.mu.AwaitWithTimeout(absl::Condition(&both), absl::Seconds(60)));
+    if (events != nullptr) *events = recorder_.events.size();
+  }
   Outcome Get(uint64_t id) {
     absl::MutexLock lock(&recorder_.mu);
     return recorder_.outcomes[id];
@@ -262,14 +271,7 @@ TEST_F(SchedulerTest, ALongPromptIsPrefilledInChunksBesideRunningStreams) {
   Submit(s, Request(1, 30));
   Submit(s, Request(2, 30, {1, 450, 4997}));
   size_t submitted_at = 0;
-  {
-    absl::MutexLock lock(&recorder_.mu);
-    auto both = [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(recorder_.mu) {
-      return !recorder_.outcomes[1].tokens.empty() && !recorder_.outcomes[2].tokens.empty();
-    };
-    ASSERT_TRUE(recorder_.mu.AwaitWithTimeout(absl::Condition(&both), absl::Seconds(60)));
-    submitted_at = recorder_.events.size();
-  }
+  ASSERT_NO_FATAL_FAILURE(AwaitTokensFromOneAndTwo(&submitted_at));
   Submit(s, Request(3, 5, long_prompt));
   AwaitDone(3);
   for (uint64_t id = 1; id <= 3; ++id) {
@@ -312,13 +314,7 @@ TEST_F(SchedulerTest, AGovernedPrefillKeepsEveryAnswer) {
   Scheduler s(*engine_, nullptr, nullptr, options);
   Submit(s, Request(1, 40));
   Submit(s, Request(2, 40, {1, 450, 4997}));
-  {
-    absl::MutexLock lock(&recorder_.mu);
-    auto both = [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(recorder_.mu) {
-      return !recorder_.outcomes[1].tokens.empty() && !recorder_.outcomes[2].tokens.empty();
-    };
-    ASSERT_TRUE(recorder_.mu.AwaitWithTimeout(absl::Condition(&both), absl::Seconds(60)));
-  }
+  ASSERT_NO_FATAL_FAILURE(AwaitTokensFromOneAndTwo());
   Submit(s, Request(3, 5, long_prompt));
   AwaitDone(3);
   for (uint64_t id = 1; id <= 3; ++id) {
