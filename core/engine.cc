@@ -69,9 +69,12 @@ int64_t Sequence::prompt_length() const { return state_->prompt_length; }
 int64_t Sequence::generated() const {
   return static_cast<int64_t>(state_->tokens.size()) - state_->prompt_length;
 }
-int64_t Sequence::kv_bytes() const { return state_->cache->bytes(); }
+int64_t Sequence::kv_bytes() const { return state_->cache ? state_->cache->bytes() : 0; }
+int64_t Sequence::kv_capacity() const { return state_->cache ? state_->cache->capacity() : 0; }
+bool Sequence::preempted() const { return state_->cache == nullptr; }
 int64_t Sequence::cached_tokens() const { return state_->cached_tokens; }
 int64_t Sequence::pending_tokens() const {
+  if (state_->cache == nullptr) return static_cast<int64_t>(state_->tokens.size());
   const int64_t soft_rows = state_->soft_prompt_pending ? state_->adapter->virtual_tokens() : 0;
   const int64_t done = state_->cache->length() - (state_->virtual_positions - soft_rows);
   return static_cast<int64_t>(state_->tokens.size()) - done;
@@ -161,15 +164,55 @@ int64_t Engine::context_length() const { return model_->config().max_position_em
 int Engine::threads() { return at::get_num_threads(); }
 const char* Engine::cpu_kernels() { return cpu::IsaName(cpu::SelectedIsa()); }
 
+absl::Status Engine::OpenCache(Sequence::State& s, int64_t capacity, bool count_reuse) const {
+  const int64_t virtual_tokens = s.adapter ? s.adapter->virtual_tokens() : 0;
+  int64_t prefix_positions = 0;
+  s.cache = model_->NewCache(capacity);
+  s.virtual_positions = 0;
+  s.soft_prompt_pending = false;
+  c10::InferenceMode guard;
+  if (s.adapter) {
+    try {
+      prefix_positions = s.adapter->SeedCache(*s.cache);
+    } catch (const std::exception& e) {
+      return absl::InternalError(absl::StrCat("seeding the prefix failed: ", TorchErrorMessage(e)));
+    }
+    s.virtual_positions = prefix_positions + virtual_tokens;
+    s.soft_prompt_pending = virtual_tokens > 0;
+  }
+  if (prefix_positions + static_cast<int64_t>(s.tokens.size()) >= context_length()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "prompt has ", s.tokens.size(), " tokens (+", prefix_positions,
+        " prefix positions); the model's context holds ", context_length(),
+        " and at least one must be left to generate"));
+  }
+  if (prefix_cache_ == nullptr) return absl::OkStatus();
+  // At least the last token is run: its logits choose the next token.
+  int64_t reused = 0;
+  try {
+    reused = prefix_cache_->Reuse(s.adapter, s.tokens, static_cast<int64_t>(s.tokens.size()) - 1,
+                                  prefix_positions, virtual_tokens, *s.cache);
+  } catch (const std::exception& e) {
+    return absl::InternalError(absl::StrCat("reusing a cached prefix failed: ", TorchErrorMessage(e)));
+  }
+  if (reused > 0) s.soft_prompt_pending = false;
+  if (count_reuse) {
+    s.cached_tokens = reused;
+    prefix_queried_.fetch_add(s.prompt_length, std::memory_order_relaxed);
+    prefix_hits_.fetch_add(reused, std::memory_order_relaxed);
+  }
+  return absl::OkStatus();
+}
+
 absl::StatusOr<std::unique_ptr<Sequence>> Engine::NewSequence(
     std::vector<int32_t> prompt, const SamplingParams& params,
-    std::shared_ptr<const SequenceAdapter> adapter) const {
+    std::shared_ptr<const SequenceAdapter> adapter, int64_t kv_capacity) const {
   RETURN_IF_ERROR(ValidateSamplingParams(params));
   const ModelConfig& c = config();
   const int64_t virtual_tokens = adapter ? adapter->virtual_tokens() : 0;
-  int64_t prefix_positions = 0;
   const int64_t vocab = adapter && adapter->vocab_size() > 0 ? adapter->vocab_size() : c.vocab_size;
   RETURN_IF_ERROR(ValidatePrompt(prompt, vocab, context_length(), virtual_tokens));
+  if (kv_capacity < 0) return absl::InvalidArgumentError("kv_capacity must be 0 (default) or more");
   auto state = std::make_unique<Sequence::State>();
   state->prompt_length = static_cast<int64_t>(prompt.size());
   state->params = params;
@@ -177,41 +220,36 @@ absl::StatusOr<std::unique_ptr<Sequence>> Engine::NewSequence(
   state->is_seen.assign(vocab, 0);
   for (int32_t id : prompt) state->Remember(id);
   state->tokens = std::move(prompt);
-  state->cache = model_->NewCache(
-      std::min<int64_t>(context_length(), state->prompt_length + virtual_tokens + 64));
   state->generator = at::make_generator<at::CPUGeneratorImpl>(params.seed);
-  if (adapter) {
-    c10::InferenceMode guard;
-    try {
-      prefix_positions = adapter->SeedCache(*state->cache);
-    } catch (const std::exception& e) {
-      return absl::InternalError(absl::StrCat("seeding the prefix failed: ", TorchErrorMessage(e)));
-    }
-    if (prefix_positions + static_cast<int64_t>(state->tokens.size()) >= context_length()) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "prompt has ", state->tokens.size(), " tokens (+", prefix_positions,
-          " prefix positions); the model's context holds ", context_length(),
-          " and at least one must be left to generate"));
-    }
-    state->virtual_positions = prefix_positions + virtual_tokens;
-    state->soft_prompt_pending = virtual_tokens > 0;
-    state->adapter = std::move(adapter);
+  state->adapter = std::move(adapter);
+  if (kv_capacity == 0) {
+    kv_capacity = std::min<int64_t>(context_length(), state->prompt_length + virtual_tokens + 64);
   }
-  if (prefix_cache_ != nullptr) {
-    // At least the prompt's last token is run: its logits choose the first token.
-    c10::InferenceMode guard;
-    try {
-      state->cached_tokens = prefix_cache_->Reuse(state->adapter, state->tokens,
-                                                  state->prompt_length - 1, prefix_positions,
-                                                  virtual_tokens, *state->cache);
-    } catch (const std::exception& e) {
-      return absl::InternalError(absl::StrCat("reusing a cached prefix failed: ", TorchErrorMessage(e)));
-    }
-    if (state->cached_tokens > 0) state->soft_prompt_pending = false;
-    prefix_queried_.fetch_add(state->prompt_length, std::memory_order_relaxed);
-    prefix_hits_.fetch_add(state->cached_tokens, std::memory_order_relaxed);
-  }
+  RETURN_IF_ERROR(OpenCache(*state, kv_capacity, /*count_reuse=*/true));
   return std::unique_ptr<Sequence>(new Sequence(std::move(state)));
+}
+
+absl::Status Engine::ReserveKv(Sequence& seq, int64_t positions) const {
+  Sequence::State& s = *seq.state_;
+  if (s.cache == nullptr) return absl::FailedPreconditionError("the sequence is preempted");
+  c10::InferenceMode guard;
+  try {
+    s.cache->ReserveExactly(positions);
+  } catch (const std::exception& e) {
+    return absl::ResourceExhaustedError(
+        absl::StrCat("growing the KV cache to ", positions, " positions failed: ", TorchErrorMessage(e)));
+  }
+  return absl::OkStatus();
+}
+
+void Engine::Preempt(Sequence& seq) const { seq.state_->cache.reset(); }
+
+absl::Status Engine::Resume(Sequence& seq, int64_t kv_capacity) const {
+  Sequence::State& s = *seq.state_;
+  if (s.cache != nullptr) return absl::FailedPreconditionError("the sequence is not preempted");
+  absl::Status opened = OpenCache(s, std::max<int64_t>(kv_capacity, 1), /*count_reuse=*/false);
+  if (!opened.ok()) s.cache.reset();
+  return opened;
 }
 
 absl::StatusOr<std::vector<StepOutput>> Engine::Step(const std::vector<Sequence*>& batch,
@@ -235,6 +273,9 @@ absl::StatusOr<std::vector<StepOutput>> Engine::Step(const std::vector<Sequence*
   for (size_t i : order) {
     Sequence::State& s = *batch[i]->state_;
     const int64_t total = static_cast<int64_t>(s.tokens.size());
+    if (s.cache == nullptr) {
+      return absl::FailedPreconditionError("a preempted sequence cannot step before it is resumed");
+    }
     if (total + s.virtual_positions > context_length()) {
       return absl::FailedPreconditionError(
           absl::StrCat("sequence of ", total, " tokens cannot take another step (context ",

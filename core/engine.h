@@ -49,6 +49,10 @@ class Sequence {
   int64_t prompt_length() const;
   int64_t generated() const;
   int64_t kv_bytes() const;
+  // Positions its KV cache has room for (0 while preempted).
+  int64_t kv_capacity() const;
+  // True between Engine::Preempt and Engine::Resume: the sequence holds no KV cache.
+  bool preempted() const;
   // Tokens not yet run through the model: the whole prompt before the first step, the part
   // of it past the chunks already prefilled, 1 while decoding.
   int64_t pending_tokens() const;
@@ -127,9 +131,24 @@ class Engine {
   // Opens a sequence for `prompt`, run with `adapter` (null: the base model). InvalidArgument
   // for an empty prompt, an id outside the vocabulary, a prompt that (with the adapter's
   // virtual tokens) fills the context, or bad sampling parameters.
+  // `kv_capacity` is the positions its KV cache starts with (0: the prompt's, the adapter's
+  // virtual tokens and 64 more); it grows by doubling when a step needs more, or ahead of time
+  // with ReserveKv.
   absl::StatusOr<std::unique_ptr<Sequence>> NewSequence(
       std::vector<int32_t> prompt, const SamplingParams& params,
-      std::shared_ptr<const SequenceAdapter> adapter = nullptr) const;
+      std::shared_ptr<const SequenceAdapter> adapter = nullptr, int64_t kv_capacity = 0) const;
+  // Grows the KV cache of `seq` to exactly `positions` positions when it holds fewer (a caller
+  // that budgets KV memory grows caches itself, in its own units). ResourceExhausted when the
+  // memory cannot be had; FailedPrecondition for a preempted sequence.
+  absl::Status ReserveKv(Sequence& seq, int64_t positions) const;
+  // Preemption by recomputation: frees the KV cache of `seq` and keeps everything else (its
+  // tokens, sampling state and generator, penalty counts). It cannot step until Resume.
+  void Preempt(Sequence& seq) const;
+  // Gives a preempted sequence a KV cache of `kv_capacity` positions again: the adapter's
+  // prefix positions are seeded and leading blocks in the prefix cache reused, and its next
+  // steps prefill the rest of its tokens (prompt and generated), after which it chooses its
+  // next token as if it had never stopped.
+  absl::Status Resume(Sequence& seq, int64_t kv_capacity) const;
 
   // Runs one step over `batch` (distinct sequences, any mix of adapters) and appends each
   // row's chosen token. Outputs are in `batch` order. `limits` (empty, or one per row) caps
@@ -147,6 +166,10 @@ class Engine {
 
  private:
   Engine(std::unique_ptr<CausalLm> model, LoadReport report);
+  // Gives `s` a fresh cache of `capacity` positions: seeds prefix-tuning positions, marks a
+  // soft prompt pending, reuses cached leading blocks (counted in the prefix statistics and in
+  // `s.cached_tokens` when `count_reuse`).
+  absl::Status OpenCache(Sequence::State& s, int64_t capacity, bool count_reuse) const;
 
   std::unique_ptr<CausalLm> model_;
   LoadReport report_;

@@ -14,11 +14,21 @@ KvCache::KvCache(int64_t num_layers, int64_t kv_heads, int64_t head_dim,
 }
 
 void KvCache::Reserve(int64_t layer, int64_t needed) {
-  at::Tensor& k = keys_[layer];
-  at::Tensor& v = values_[layer];
-  int64_t cap = k.size(1);
+  int64_t cap = keys_[layer].size(1);
   if (needed <= cap) return;
   while (cap < needed) cap *= 2;
+  Grow(layer, cap);
+}
+
+void KvCache::ReserveExactly(int64_t positions) {
+  for (size_t layer = 0; layer < keys_.size(); ++layer) {
+    if (keys_[layer].size(1) < positions) Grow(static_cast<int64_t>(layer), positions);
+  }
+}
+
+void KvCache::Grow(int64_t layer, int64_t cap) {
+  at::Tensor& k = keys_[layer];
+  at::Tensor& v = values_[layer];
   at::Tensor nk = at::empty({k.size(0), cap, k.size(2)}, k.options());
   at::Tensor nv = at::empty({v.size(0), cap, v.size(2)}, v.options());
   nk.narrow(1, 0, length_).copy_(k.narrow(1, 0, length_));

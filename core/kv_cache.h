@@ -1,5 +1,6 @@
 // Per-sequence key/value cache: for each layer, keys and values of shape
-// [kv_heads, capacity, head_dim] on the model's device, grown by doubling.
+// [kv_heads, capacity, head_dim] on the model's device. Append grows it by doubling; a caller
+// that budgets memory (the server's scheduler) grows it ahead with ReserveExactly instead.
 //
 // Thread-safety: owned by one sequence and touched only by the thread that runs the model.
 #pragma once
@@ -25,6 +26,10 @@ class KvCache {
                                            const at::Tensor& v);
   // Makes room for `positions` positions in `layer` (keeping what is there).
   void Reserve(int64_t layer, int64_t positions);
+  // Grows every layer to hold exactly `positions` positions when it holds fewer.
+  void ReserveExactly(int64_t positions);
+  // Positions every layer holds room for.
+  int64_t capacity() const { return keys_.empty() ? 0 : keys_[0].size(1); }
   // The whole buffers of `layer`, [kv_heads, capacity, head_dim], contiguous; positions at
   // and after length() are scratch. For kernels that write the next position in place.
   at::Tensor& keys(int64_t layer) { return keys_[layer]; }
@@ -36,6 +41,8 @@ class KvCache {
   int64_t bytes() const;
 
  private:
+  void Grow(int64_t layer, int64_t capacity);
+
   int64_t length_ = 0;
   std::vector<at::Tensor> keys_;
   std::vector<at::Tensor> values_;

@@ -158,6 +158,19 @@ Metrics::Metrics()
                         .Help("Blocks of 16 prompt positions held by the prefix cache.")
                         .Register(*registry_)
                         .Add({});
+  preemptions_ = &BuildCounter()
+                      .Name("adapterd_preemptions_total")
+                      .Help("Running requests whose KV cache was freed for an older one to grow "
+                            "(recomputed when room returns).")
+                      .Register(*registry_)
+                      .Add({});
+  auto& kv_blocks = BuildGauge()
+                        .Name("adapterd_kv_blocks")
+                        .Help("Blocks of 16 positions of the --max_kv_bytes pool: used by running "
+                              "requests, and total.")
+                        .Register(*registry_);
+  kv_blocks_used_ = &kv_blocks.Add({{"state", "used"}});
+  kv_blocks_total_ = &kv_blocks.Add({{"state", "total"}});
 }
 
 void Metrics::SetPrefixCache(int64_t queried_tokens, int64_t hit_tokens, int64_t bytes, int64_t blocks) {
@@ -253,6 +266,13 @@ void Metrics::SetQueue(int64_t waiting, int64_t running, double kv_usage_ratio) 
   queue_depth_all_.Set(static_cast<double>(waiting));
   running_all_.Set(static_cast<double>(running));
   kv_usage_all_.Set(kv_usage_ratio);
+}
+
+void Metrics::Preempted() { preemptions_->Increment(); }
+
+void Metrics::SetKvBlocks(int64_t used, int64_t total) {
+  kv_blocks_used_->Set(static_cast<double>(used));
+  kv_blocks_total_->Set(static_cast<double>(total));
 }
 
 void Metrics::SetLoraInfo(const std::vector<std::string>& running,

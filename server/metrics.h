@@ -56,6 +56,10 @@ class Metrics {
   void InterTokenLatency(double seconds);
   void Step(int64_t rows, int64_t tokens);
   void SetQueue(int64_t waiting, int64_t running, double kv_usage_ratio);
+  // A running request gave up its KV cache (preemption by recomputation).
+  void Preempted();
+  // Blocks of the KV pool used by running requests, and the pool's size.
+  void SetKvBlocks(int64_t used, int64_t total);
   void SetLoraInfo(const std::vector<std::string>& running, const std::vector<std::string>& waiting,
                    int64_t max_lora);
   // Adapters.
@@ -134,6 +138,9 @@ class Metrics {
   prometheus::Counter* prefix_hits_ = nullptr;
   prometheus::Gauge* prefix_bytes_ = nullptr;
   prometheus::Gauge* prefix_blocks_ = nullptr;
+  prometheus::Counter* preemptions_ = nullptr;
+  prometheus::Gauge* kv_blocks_used_ = nullptr;
+  prometheus::Gauge* kv_blocks_total_ = nullptr;
   std::atomic<int64_t> prefix_queried_seen_{0};
   std::atomic<int64_t> prefix_hits_seen_{0};
 

@@ -20,7 +20,9 @@ struct Scheduler::Active {
   core::StopCriteria stop;
   std::string text;  // Stable text so far (for stop strings).
   int64_t generated = 0;
-  int64_t kv_reserved = 0;
+  uint64_t order = 0;            // Admission order: the newest is preempted first.
+  int64_t start_positions = 0;   // The cache it starts with (prompt and virtual tokens, + 1).
+  int64_t max_positions = 0;     // The most positions it can reach (prompt, virtual, max_new).
   Clock::time_point first_step, first_token, last_token;
   bool started = false;
 };
@@ -51,6 +53,7 @@ Scheduler::Scheduler(const core::Engine& engine, const core::Tokenizer* tokenize
       eos_(options.eos_token_ids.empty() ? engine.config().eos_token_ids : options.eos_token_ids),
       governor_(options.max_step_slowdown, options.max_tokens_per_step) {
   kv_bytes_per_position_ = engine.kv_bytes_per_position();
+  total_blocks_ = options.max_kv_bytes / (kKvBlock * kv_bytes_per_position_);
   thread_ = std::thread([this] { Loop(); });
 }
 
@@ -63,11 +66,21 @@ Scheduler::~Scheduler() {
   thread_.join();
 }
 
-int64_t Scheduler::KvEstimate(const GenerationRequest& r) const {
-  const int64_t positions = std::min<int64_t>(
-      engine_.context_length(), static_cast<int64_t>(r.prompt.size()) + r.max_new_tokens + 64);
-  return positions * kv_bytes_per_position_;
+int64_t Scheduler::UsedBlocks() const {
+  int64_t used = 0;
+  for (const auto& a : running_set_) {
+    if (a->sequence != nullptr) used += Blocks(a->sequence->kv_capacity());
+  }
+  return used;
 }
+
+namespace {
+
+int64_t VirtualTokens(const GenerationRequest& r) {
+  return r.adapter != nullptr ? adapters::ReportOf(r.adapter).num_virtual_tokens : 0;
+}
+
+}  // namespace
 
 absl::Status Scheduler::Submit(std::unique_ptr<GenerationRequest> request,
                                std::shared_ptr<RequestSink> sink) {
@@ -77,10 +90,16 @@ absl::Status Scheduler::Submit(std::unique_ptr<GenerationRequest> request,
     return absl::ResourceExhaustedError(absl::StrCat(
         "the admission queue is full (", options_.max_queue, " waiting requests); retry later"));
   }
-  if (const int64_t need = KvEstimate(*request); need > options_.max_kv_bytes) {
-    return absl::ResourceExhaustedError(absl::StrCat("the request needs ", need,
-                                                     " bytes of KV cache, more than the budget of ",
-                                                     options_.max_kv_bytes));
+  // Its whole length must fit the pool alone (an adapter still loading adds its virtual
+  // tokens later; Start checks again).
+  const int64_t positions = std::min<int64_t>(
+      engine_.context_length(),
+      static_cast<int64_t>(request->prompt.size()) + VirtualTokens(*request) + request->max_new_tokens);
+  if (Blocks(positions) > total_blocks_) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "the request needs ", Blocks(positions) * kKvBlock * kv_bytes_per_position_,
+        " bytes of KV cache (", positions, " positions), more than the budget of ",
+        options_.max_kv_bytes));
   }
   auto a = std::make_unique<Active>();
   a->request = std::move(request);
@@ -167,7 +186,6 @@ void Scheduler::Finish(Active& a, const absl::Status& status, core::FinishReason
                 absl::StatusCodeToString(status.code()), core::FinishReasonName(reason), stats.prompt_tokens,
                 stats.completion_tokens, stats.total_seconds);
   a.sink->OnDone(client_status, reason, stats, tail);
-  reserved_kv_ -= a.kv_reserved;
   a.sequence.reset();  // Releases the KV cache and the adapter reference.
 }
 
@@ -175,6 +193,8 @@ void Scheduler::Admit(std::vector<std::unique_ptr<Active>>& admitted) {
   absl::MutexLock lock(&mu_);
   int64_t tokens = 0;
   const auto now = Clock::now();
+  // Blocks left in the pool, less one of headroom for each running request to grow into.
+  int64_t free_blocks = total_blocks_ - UsedBlocks() - static_cast<int64_t>(running_set_.size());
   for (auto it = queue_.begin(); it != queue_.end();) {
     Active& a = **it;
     if (cancel_all_ || a.request->cancelled->load() || now >= a.request->deadline) {
@@ -184,14 +204,18 @@ void Scheduler::Admit(std::vector<std::unique_ptr<Active>>& admitted) {
     }
     const int64_t rows = static_cast<int64_t>(running_set_.size() + admitted.size());
     const int64_t need_tokens = static_cast<int64_t>(a.request->prompt.size());
-    const int64_t need_kv = KvEstimate(*a.request);
+    // Preempted requests resume before anything new starts.
+    if (!preempted_.empty()) break;
     if (rows >= options_.max_batch_rows) break;
     if (tokens > 0 && tokens + need_tokens > options_.max_tokens_per_step) break;
-    // Submit() refused any request that exceeds the budget alone, so this never starves one.
-    if (reserved_kv_ + need_kv > options_.max_kv_bytes) break;
+    const int64_t start = need_tokens + VirtualTokens(*a.request) + 1;
+    // With nothing running the pool is all free, and Submit() refused any request too long
+    // for it, so this never starves one.
+    if (Blocks(start) > free_blocks && !(rows == 0 && Blocks(start) <= total_blocks_)) break;
     tokens += need_tokens;
-    reserved_kv_ += need_kv;
-    a.kv_reserved = need_kv;
+    free_blocks -= Blocks(start) + 1;
+    a.start_positions = Blocks(start) * kKvBlock;
+    a.order = admitted_++;
     admitted.push_back(std::move(*it));
     it = queue_.erase(it);
   }
@@ -286,12 +310,21 @@ void Scheduler::Start(std::unique_ptr<Active> a) {
   // adapter that adds tokens detokenizes with its own tokenizer (alive while the sequence is).
   const core::Tokenizer* own = adapters::TokenizerOf(r.adapter);
   const core::Tokenizer* detokenizer = own != nullptr ? own : tokenizer_;
-  auto seq = engine_.NewSequence(r.prompt, r.params, adapters::ForSequence(std::move(r.adapter)));
+  auto seq = engine_.NewSequence(r.prompt, r.params, adapters::ForSequence(std::move(r.adapter)),
+                                 a->start_positions);
   if (!seq.ok()) {
     Finish(*a, seq.status(), core::FinishReason::kCancelled);
     return;
   }
   a->sequence = *std::move(seq);
+  a->max_positions = std::min<int64_t>(engine_.context_length(), a->sequence->positions() + r.max_new_tokens);
+  if (Blocks(a->max_positions) > total_blocks_) {
+    Finish(*a, absl::ResourceExhaustedError(absl::StrCat(
+                   "the request needs ", a->max_positions, " positions of KV cache with its adapter's virtual tokens, more than the budget of ",
+                   options_.max_kv_bytes, " bytes holds (", total_blocks_ * kKvBlock, ")")),
+           core::FinishReason::kCancelled);
+    return;
+  }
   if (detokenizer != nullptr) {
     a->stream = std::make_unique<core::Tokenizer::DecodeStream>(*detokenizer, r.skip_special_tokens);
   }
@@ -323,6 +356,74 @@ void Scheduler::Deliver(Active& a, const core::StepOutput& out, Clock::time_poin
   if (reason) Finish(a, absl::OkStatus(), *reason);
 }
 
+void Scheduler::PreemptNewest() {
+  std::unique_ptr<Active> a = std::move(running_set_.back());
+  running_set_.pop_back();
+  if (a->sequence == nullptr) return;  // Finished already: nothing to keep.
+  engine_.Preempt(*a->sequence);
+  preemptions_.fetch_add(1, std::memory_order_relaxed);
+  if (metrics_) metrics_->Preempted();
+  spdlog::debug("request {} preempted after {} generated tokens", a->request->id, a->generated);
+  auto at = std::upper_bound(preempted_.begin(), preempted_.end(), a->order,
+                             [](uint64_t order, const auto& p) { return order < p->order; });
+  preempted_.insert(at, std::move(a));
+}
+
+void Scheduler::MakeRoom() {
+  int64_t used = UsedBlocks();
+  for (size_t i = 0; i < running_set_.size(); ++i) {
+    Active& a = *running_set_[i];
+    if (a.sequence == nullptr) continue;
+    core::Sequence& q = *a.sequence;
+    // A prompt's rows got room for all its tokens when they started or resumed.
+    if (q.pending_tokens() > 1) continue;
+    const int64_t capacity = q.kv_capacity();
+    const int64_t need = q.positions();  // The cache's length after this step.
+    if (need <= capacity) continue;
+    // Grows by an eighth (at least a block), never past what the request can reach.
+    const int64_t want = kKvBlock * std::min(Blocks(a.max_positions),
+                                             Blocks(need + std::max(kKvBlock, capacity / 8)));
+    const int64_t extra = Blocks(want) - Blocks(capacity);
+    bool self = false;
+    while (extra > total_blocks_ - used && !self) {
+      const Active& newest = *running_set_.back();
+      self = &newest == &a;
+      if (newest.sequence != nullptr) used -= Blocks(newest.sequence->kv_capacity());
+      PreemptNewest();
+    }
+    if (self) return;  // It was the newest: the rest of the set is older and has room.
+    if (absl::Status grown = engine_.ReserveKv(q, want); !grown.ok()) {
+      Finish(a, grown, core::FinishReason::kCancelled);
+      used -= Blocks(capacity);
+      continue;
+    }
+    used += extra;
+  }
+}
+
+void Scheduler::ResumePreempted() {
+  // Resumed like new admissions: into what the pool has free less a block of headroom per
+  // running request, except that the oldest always resumes into an idle pool.
+  int64_t free_blocks = total_blocks_ - UsedBlocks() - static_cast<int64_t>(running_set_.size());
+  while (!preempted_.empty() &&
+         static_cast<int64_t>(running_set_.size()) < options_.max_batch_rows) {
+    Active& a = *preempted_.front();
+    const int64_t want = kKvBlock * std::min(Blocks(a.max_positions), Blocks(a.sequence->positions() + 1));
+    if (Blocks(want) > free_blocks && !running_set_.empty()) break;
+    std::unique_ptr<Active> p = std::move(preempted_.front());
+    preempted_.erase(preempted_.begin());
+    if (absl::Status resumed = engine_.Resume(*p->sequence, want); !resumed.ok()) {
+      Finish(*p, resumed, core::FinishReason::kCancelled);
+      continue;
+    }
+    spdlog::debug("request {} resumed: recomputing {} tokens", p->request->id, p->sequence->pending_tokens());
+    free_blocks -= Blocks(want) + 1;
+    auto at = std::upper_bound(running_set_.begin(), running_set_.end(), p->order,
+                               [](uint64_t order, const auto& r) { return order < r->order; });
+    running_set_.insert(at, std::move(p));
+  }
+}
+
 void Scheduler::RunStep() {
   // Chunked prefill: every decode row takes its one token, then the prompts still to prefill
   // share what is left of --max_tokens_per_step in arrival order, each running as much of its
@@ -333,6 +434,9 @@ void Scheduler::RunStep() {
   std::vector<int64_t> limits;
   std::vector<Active*> rows;
   int64_t step_tokens = 0;
+  MakeRoom();
+  DropFinished();
+  if (running_set_.empty()) return;
   const auto step_start = Clock::now();
   auto add = [&](Active& a, int64_t take) {
     batch.push_back(a.sequence.get());
@@ -390,12 +494,14 @@ void Scheduler::DropFinished() {
 void Scheduler::PublishGauges() {
   int64_t kv = 0;
   for (const auto& a : running_set_) kv += a->sequence->kv_bytes();
-  running_.store(static_cast<int64_t>(running_set_.size()), std::memory_order_relaxed);
+  // Preempted requests are still running for their clients (they resume before anything new).
+  running_.store(static_cast<int64_t>(running_set_.size() + preempted_.size()), std::memory_order_relaxed);
   kv_bytes_.store(kv, std::memory_order_relaxed);
   if (metrics_) {
     metrics_->SetQueue(queue_depth(), running(),
                        static_cast<double>(kv) / static_cast<double>(options_.max_kv_bytes));
     const core::PrefixCacheStats prefix = engine_.prefix_cache_stats();
+    metrics_->SetKvBlocks(UsedBlocks(), total_blocks_);
     metrics_->SetPrefixCache(prefix.queried_tokens, prefix.hit_tokens, prefix.bytes, prefix.blocks);
   }
 }
@@ -406,9 +512,9 @@ void Scheduler::Loop() {
     {
       absl::MutexLock lock(&mu_);
       auto has_work = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-        return shutdown_ || wake_ || !queue_.empty() || !running_set_.empty();
+        return shutdown_ || wake_ || !queue_.empty() || !running_set_.empty() || !preempted_.empty();
       };
-      if (running_set_.empty() && queue_.empty() && parked_.empty()) {
+      if (running_set_.empty() && preempted_.empty() && queue_.empty() && parked_.empty()) {
         idle_ = true;
         running_adapters_.clear();
       }
@@ -418,16 +524,27 @@ void Scheduler::Loop() {
         mu_.AwaitWithTimeout(absl::Condition(&has_work), absl::FromChrono(kParkedPoll));
       }
       wake_ = false;
-      if (shutdown_ && queue_.empty() && running_set_.empty() && parked_.empty()) return;
+      if (shutdown_ && queue_.empty() && running_set_.empty() && preempted_.empty() && parked_.empty()) {
+        return;
+      }
       idle_ = false;
       cancel_all = cancel_all_;
     }
     std::vector<std::pair<std::unique_ptr<Active>, absl::Status>> ended;
     Unpark(cancel_all, ended);
     for (auto& [a, status] : ended) Finish(*a, status, core::FinishReason::kCancelled);
+    const auto now = Clock::now();
+    for (auto& a : preempted_) {
+      if (absl::Status end = EndReason(*a, cancel_all, now); !end.ok()) {
+        Finish(*a, end, core::FinishReason::kCancelled);
+      }
+    }
+    preempted_.erase(std::remove_if(preempted_.begin(), preempted_.end(),
+                                    [](const auto& a) { return a->sequence == nullptr; }),
+                     preempted_.end());
+    ResumePreempted();
     std::vector<std::unique_ptr<Active>> admitted;
     Admit(admitted);
-    const auto now = Clock::now();
     for (auto& a : admitted) {
       if (absl::Status end = EndReason(*a, cancel_all, now); !end.ok()) {
         Finish(*a, end, core::FinishReason::kCancelled);

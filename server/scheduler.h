@@ -4,6 +4,13 @@
 // cancelled and expired ones, runs one Engine::Step over every running sequence — whatever
 // their adapters — and hands each request its new tokens and stable text through its sink.
 //
+// KV memory: --max_kv_bytes is a pool of blocks of kKvBlock positions. A request is admitted
+// when the blocks of its prompt (and adapter's virtual tokens) are free, and its cache grows a
+// few blocks at a time as it decodes. When a request cannot grow, the newest running request
+// is preempted (its cache freed, everything else kept) and resumed later by recomputing its
+// tokens, oldest first and before any new admission; its answer is the one it would have
+// given without the interruption.
+//
 // Thread-safety: Submit(), Cancel-by-flag, the gauges and Shutdown() from any thread. Sinks
 // are called on the scheduler thread and must not block.
 #pragma once
@@ -99,12 +106,16 @@ struct SchedulerOptions {
   // times a decode-only step (StepGovernor); 0: off, the token budget alone.
   double max_step_slowdown = 0;
   int64_t max_queue = 256;             // Waiting requests before RESOURCE_EXHAUSTED.
-  int64_t max_kv_bytes = int64_t{4} << 30;  // KV cache budget over running sequences.
+  // KV cache pool over running sequences, in blocks of Scheduler::kKvBlock positions.
+  int64_t max_kv_bytes = int64_t{4} << 30;
   std::vector<int64_t> eos_token_ids;  // Empty: the model's (generation_)config.json ids.
 };
 
 class Scheduler {
  public:
+  // Positions per block of the KV pool (the prefix cache's block size too).
+  static constexpr int64_t kKvBlock = 16;
+
   // `tokenizer` may be null (token-id-only serving). `metrics` may be null.
   Scheduler(const core::Engine& engine, const core::Tokenizer* tokenizer, Metrics* metrics,
             SchedulerOptions options);
@@ -131,6 +142,8 @@ class Scheduler {
   int64_t running() const { return running_.load(std::memory_order_relaxed); }
   int64_t kv_bytes() const { return kv_bytes_.load(std::memory_order_relaxed); }
   int64_t kv_capacity_bytes() const { return options_.max_kv_bytes; }
+  // Running requests preempted so far (their caches freed for an older request to grow).
+  int64_t preemptions() const { return preemptions_.load(std::memory_order_relaxed); }
   // Names of adapters with running / waiting requests, for LoRA-affinity routing.
   std::vector<std::string> RunningAdapters() const ABSL_LOCKS_EXCLUDED(mu_);
   std::vector<std::string> WaitingAdapters() const ABSL_LOCKS_EXCLUDED(mu_);
@@ -153,7 +166,16 @@ class Scheduler {
   int64_t Waiting() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     return static_cast<int64_t>(queue_.size() + parked_.size());
   }
-  int64_t KvEstimate(const GenerationRequest& r) const;
+  static int64_t Blocks(int64_t positions) { return (positions + kKvBlock - 1) / kKvBlock; }
+  // Blocks of the pool held by the running requests' caches.
+  int64_t UsedBlocks() const;
+  // Before a step: grows the cache of every row that needs another position, preempting the
+  // newest running requests where the pool has no room.
+  void MakeRoom();
+  // Moves running_set_'s last (newest) request to preempted_, freeing its cache.
+  void PreemptNewest();
+  // Gives preempted requests their caches back, oldest first, while the pool has room.
+  void ResumePreempted();
   // Why `a` must end now (Unavailable at the end of the grace period, DeadlineExceeded,
   // Cancelled), or OK. Scheduler thread only, as are the functions below.
   absl::Status EndReason(const Active& a, bool cancel_all, Clock::time_point now);
@@ -185,13 +207,16 @@ class Scheduler {
   bool idle_ ABSL_GUARDED_BY(mu_) = true;
 
   // Touched by the scheduler thread only.
-  std::vector<std::unique_ptr<Active>> running_set_;
-  int64_t reserved_kv_ = 0;
+  std::vector<std::unique_ptr<Active>> running_set_;  // In admission order.
+  std::vector<std::unique_ptr<Active>> preempted_;    // In admission order.
+  uint64_t admitted_ = 0;
+  int64_t total_blocks_ = 0;
   StepGovernor governor_;
 
   std::atomic<int64_t> queue_depth_{0};
   std::atomic<int64_t> running_{0};
   std::atomic<int64_t> kv_bytes_{0};
+  std::atomic<int64_t> preemptions_{0};
   std::thread thread_;
 };
 

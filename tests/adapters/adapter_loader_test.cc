@@ -592,6 +592,64 @@ TEST_P(PromptLearningTest, PrefixReuseKeepsTheColdAnswer) {
   EXPECT_EQ(cached, 16);
 }
 
+// Greedy tokens and log-probs of `prompt` with `adapter`, preempted (cache freed) after
+// `at` tokens and resumed into a cache of `capacity` positions.
+std::vector<std::pair<int32_t, float>> RunPreempted(const core::Engine& engine, const AdapterRef& adapter,
+                                                    const std::vector<int32_t>& prompt, size_t at,
+                                                    int64_t capacity) {
+  auto seq = engine.NewSequence(prompt, core::SamplingParams(), adapter);
+  EXPECT_TRUE(seq.ok()) << seq.status();
+  if (!seq.ok()) return {};
+  std::vector<std::pair<int32_t, float>> out;
+  bool preempted = false;
+  while (out.size() < 5) {
+    if (out.size() == at && !preempted) {
+      engine.Preempt(**seq);
+      absl::Status resumed = engine.Resume(**seq, capacity);
+      EXPECT_TRUE(resumed.ok()) << resumed;
+      preempted = true;
+    }
+    auto res = engine.Step({seq->get()});
+    EXPECT_TRUE(res.ok()) << res.status();
+    if (!res.ok()) break;
+    out.emplace_back((*res)[0].token, (*res)[0].logprob);
+  }
+  return out;
+}
+
+// Preemption with prompt-learning adapters: a resumed sequence gets its prefix positions
+// seeded again, or runs its soft prompt again, with the recomputation, from the prefix cache
+// too; its continuation equals the uninterrupted one.
+TEST_P(PromptLearningTest, APreemptedSequenceResumesWithItsVirtualTokens) {
+  auto plain = LoadEngine(testing::Fixture(GetParam().base));
+  auto warm = LoadWithPrefixCache(GetParam().base);
+  ASSERT_NE(plain, nullptr);
+  ASSERT_NE(warm, nullptr);
+  std::vector<int32_t> prompt;
+  for (int i = 0; i < 19; ++i) prompt.push_back(static_cast<int32_t>((3 * i + 11) % 200 + 1));
+  for (const core::Engine* engine : {plain.get(), warm.get()}) {
+    auto adapter = Load(*engine, GetParam().adapter);
+    ASSERT_TRUE(adapter.ok()) << adapter.status();
+    const auto want = RunWith(*engine, *adapter, prompt);
+    ExpectSameRun(RunPreempted(*engine, *adapter, prompt, 2, 4), want);
+    ExpectSameRun(RunPreempted(*engine, *adapter, prompt, 4, 64), want);
+  }
+}
+
+// ...and with LoRA adapters (whose deltas change the recomputed keys and values).
+TEST(PreemptAdapterTest, APreemptedLoraSequenceAnswersAsIfNeverPreempted) {
+  auto engine = LoadEngine(testing::Fixture("llama_tied"));
+  ASSERT_NE(engine, nullptr);
+  for (const char* name : {"lora_all_rslora", "dora_llama"}) {
+    auto adapter = Load(*engine, name);
+    ASSERT_TRUE(adapter.ok()) << name << ": " << adapter.status();
+    std::vector<int32_t> prompt;
+    for (int i = 0; i < 23; ++i) prompt.push_back(static_cast<int32_t>((13 * i + 4) % 220 + 1));
+    const auto want = RunWith(*engine, *adapter, prompt);
+    ExpectSameRun(RunPreempted(*engine, *adapter, prompt, 3, 8), want);
+  }
+}
+
 // Chunked prefill with prompt-learning adapters: the virtual tokens go with the first chunk,
 // and the continuation still equals PEFT's.
 TEST_P(PromptLearningTest, ChunkedPrefillKeepsTheReferenceContinuation) {

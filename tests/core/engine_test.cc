@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <set>
 
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
@@ -526,6 +527,88 @@ TEST_P(PrefixCacheTest, AChunkedPromptsBlocksAreReusableBeforeItCompletes) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Fixtures, PrefixCacheTest,
+                         ::testing::Values("llama_tied", "mistral_window", "gpt2", "qwen2_bias"));
+
+// Preemption by recomputation (the scheduler's answer to a full KV pool): Preempt frees a
+// sequence's cache and keeps its tokens and sampling state; after Resume its next steps
+// prefill prompt and generated tokens again (here also in chunks, and from the prefix cache)
+// and it goes on exactly as a run never interrupted, greedy and seeded with penalties.
+class PreemptTest : public ::testing::TestWithParam<const char*> {};
+
+TEST_P(PreemptTest, AResumedSequenceAnswersAsIfNeverPreempted) {
+  auto plain = LoadEngine(GetParam());
+  auto cached = LoadWithPrefixCache(GetParam(), 64 << 20);
+  ASSERT_NE(plain, nullptr);
+  ASSERT_NE(cached, nullptr);
+  std::vector<int32_t> prompt;
+  for (int i = 0; i < 21; ++i) prompt.push_back(static_cast<int32_t>((5 * i + 7) % 240 + 1));
+  SamplingParams greedy;
+  greedy.top_logprobs = 3;
+  SamplingParams seeded = greedy;
+  seeded.temperature = 0.8f;
+  seeded.top_k = 40;
+  seeded.seed = 1234;
+  seeded.repetition_penalty = 1.3f;
+  seeded.frequency_penalty = 0.4f;
+  constexpr int kSteps = 24;
+  for (const Engine* engine : {plain.get(), cached.get()}) {
+    for (const SamplingParams& params : {greedy, seeded}) {
+      const auto want = RunAlone(*plain, prompt, params, kSteps);
+      auto seq = engine->NewSequence(prompt, params, nullptr, 1);
+      ASSERT_TRUE(seq.ok()) << seq.status();
+      Sequence& q = **seq;
+      std::vector<StepOutput> got;
+      std::set<int> preempted_at;
+      while (static_cast<int>(got.size()) < kSteps) {
+        const int n = static_cast<int>(got.size());
+        if ((n == 3 || n == 9 || n == 17) && preempted_at.insert(n).second) {
+          engine->Preempt(q);
+          EXPECT_TRUE(q.preempted());
+          EXPECT_EQ(q.kv_bytes(), 0);
+          EXPECT_EQ(q.kv_capacity(), 0);
+          EXPECT_EQ(q.pending_tokens(), static_cast<int64_t>(q.tokens().size()));
+          EXPECT_EQ(engine->Step({&q}).status().code(), absl::StatusCode::kFailedPrecondition);
+          // Room for only part of it: the forward pass grows the cache as it needs.
+          ASSERT_TRUE(engine->Resume(q, 5).ok());
+          EXPECT_FALSE(q.preempted());
+          EXPECT_EQ(engine->Resume(q, 5).code(), absl::StatusCode::kFailedPrecondition);
+        }
+        // The second resume recomputes in chunks of 8 tokens.
+        const int64_t limit = n >= 9 && n < 17 ? 8 : 0;
+        auto step = engine->Step({&q}, {limit});
+        ASSERT_TRUE(step.ok()) << step.status();
+        if ((*step)[0].prefill_only) continue;
+        got.push_back((*step)[0]);
+      }
+      EXPECT_EQ(preempted_at.size(), 3u);
+      ExpectSameAnswers(got, want, GetParam());
+    }
+  }
+  // The recomputations found their blocks in the prefix cache: the prompt's first block at
+  // least, every time.
+  EXPECT_GT(cached->prefix_cache_stats().hit_tokens, 0);
+}
+
+// ReserveKv grows a cache to exactly what it is asked for, and never shrinks it.
+TEST(EngineKvTest, ReserveKvGrowsToExactlyThePositionsAsked) {
+  auto engine = LoadEngine("llama_tied");
+  ASSERT_NE(engine, nullptr);
+  auto seq = engine->NewSequence({1, 2, 3}, SamplingParams(), nullptr, 16);
+  ASSERT_TRUE(seq.ok()) << seq.status();
+  EXPECT_EQ((*seq)->kv_capacity(), 16);
+  EXPECT_EQ((*seq)->kv_bytes(), 16 * engine->kv_bytes_per_position());
+  ASSERT_TRUE(engine->ReserveKv(**seq, 40).ok());
+  EXPECT_EQ((*seq)->kv_capacity(), 40);
+  ASSERT_TRUE(engine->ReserveKv(**seq, 20).ok());
+  EXPECT_EQ((*seq)->kv_capacity(), 40);
+  EXPECT_EQ((*seq)->kv_bytes(), 40 * engine->kv_bytes_per_position());
+  engine->Preempt(**seq);
+  EXPECT_EQ(engine->ReserveKv(**seq, 48).code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_EQ(engine->NewSequence({1, 2}, SamplingParams(), nullptr, -1).status().code(),
+            absl::StatusCode::kInvalidArgument);
+}
+
+INSTANTIATE_TEST_SUITE_P(Fixtures, PreemptTest,
                          ::testing::Values("llama_tied", "mistral_window", "gpt2", "qwen2_bias"));
 
 // Without the CPU kernels (cpu_kernels "none": the ATen path, as on a GPU), a long prompt's

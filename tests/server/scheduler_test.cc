@@ -11,6 +11,7 @@
 #include "absl/strings/str_cat.h"
 #include "adapters/adapter.h"
 #include "core/engine.h"
+#include "server/metrics.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "tests/test_util.h"
@@ -199,27 +200,51 @@ TEST_F(SchedulerTest, ARequestParkedOnASettledLoadEndsWithoutAnotherWakeUp) {
   EXPECT_EQ(combined.load(), 1);
 }
 
+// --max_kv_bytes is a pool of blocks of kKvBlock positions; a request starts with the blocks
+// of its prompt (+1 position) and admission leaves a block of headroom per running request.
+int64_t BlockBytes(const core::Engine& engine) { return Scheduler::kKvBlock * engine.kv_bytes_per_position(); }
+
 TEST_F(SchedulerTest, TheKvBudgetHoldsFromAnIdleBatchOn) {
   SchedulerOptions options;
-  // Room for one request's estimate (prompt + max_new_tokens + 64 positions), not two.
-  const int64_t one = (3 + 20 + 64) * engine_->kv_bytes_per_position();
-  options.max_kv_bytes = one + one / 2;
+  // Two blocks: one request (3 + 20 positions) and its headroom, not two.
+  options.max_kv_bytes = 2 * BlockBytes(*engine_) + BlockBytes(*engine_) / 2;
   Scheduler s(*engine_, nullptr, nullptr, options);
   for (uint64_t id = 1; id <= 4; ++id) Submit(s, Request(id, 20));
   AwaitDone(4);
   for (uint64_t id = 1; id <= 4; ++id) EXPECT_TRUE(Get(id).status.ok()) << id;
   EXPECT_EQ(recorder_.most_streaming, 1u);
+  EXPECT_EQ(s.preemptions(), 0);
   // Once the scheduler is idle, the gauge it publishes after each step says nothing runs.
   ASSERT_TRUE(s.WaitIdle(Clock::now() + std::chrono::seconds(30)));
   EXPECT_EQ(s.kv_bytes(), 0);
   EXPECT_EQ(s.running(), 0);
-  // A request that cannot fit even alone is refused at once.
-  EXPECT_EQ(s.Submit(Request(9, 200), std::make_shared<RecordingSink>(&recorder_, 9)).code(),
-            absl::StatusCode::kResourceExhausted);
+  // A request that cannot fit even alone (3 + 30 positions: three blocks) is refused at once.
+  auto refused = s.Submit(Request(9, 30), std::make_shared<RecordingSink>(&recorder_, 9));
+  EXPECT_EQ(refused.code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_THAT(std::string(refused.message()), HasSubstr("(33 positions), more than the budget of"));
 }
 
-// --kv_cache_dtype bfloat16 halves the bytes per position, so the same --max_kv_bytes admits
-// twice the concurrent requests: room for two float32 requests' estimates holds four.
+// Requests are admitted by the blocks they hold, not by their longest possible length: eight
+// blocks run four requests of 3 + 20 positions at once (one block each to start, one of
+// headroom each, two each at the end), where reserving each one's whole length up front (as
+// before the pool) ran one.
+TEST_F(SchedulerTest, AdmissionCountsTheBlocksARequestHoldsNotItsLongestLength) {
+  SchedulerOptions options;
+  options.max_kv_bytes = 8 * BlockBytes(*engine_);
+  Scheduler s(*engine_, nullptr, nullptr, options);
+  for (uint64_t id = 1; id <= 4; ++id) Submit(s, Request(id, 20, {1, 450, static_cast<int32_t>(4990 + id)}));
+  AwaitDone(4);
+  for (uint64_t id = 1; id <= 4; ++id) {
+    EXPECT_TRUE(Get(id).status.ok()) << id;
+    EXPECT_EQ(Get(id).tokens.size(), 20u) << id;
+  }
+  EXPECT_EQ(recorder_.most_streaming, 4u);
+  EXPECT_EQ(s.preemptions(), 0);
+}
+
+// --kv_cache_dtype bfloat16 halves the bytes per position, so the same --max_kv_bytes holds
+// twice the blocks and runs twice the requests: four float32 blocks run two, eight bfloat16
+// blocks four.
 TEST_F(SchedulerTest, AHalfPrecisionKvCacheAdmitsTwiceTheRequests) {
   core::EngineOptions eo;
   eo.model_dir = testing::Fixture("llama_tok");
@@ -229,8 +254,7 @@ TEST_F(SchedulerTest, AHalfPrecisionKvCacheAdmitsTwiceTheRequests) {
   ASSERT_TRUE(half.ok()) << half.status();
   ASSERT_EQ(2 * (*half)->kv_bytes_per_position(), engine_->kv_bytes_per_position());
   SchedulerOptions options;
-  const int64_t one = (3 + 20 + 64) * engine_->kv_bytes_per_position();
-  options.max_kv_bytes = 2 * one + one / 4;
+  options.max_kv_bytes = 4 * BlockBytes(*engine_) + BlockBytes(*engine_) / 4;
   for (const core::Engine* engine : {engine_, half->get()}) {
     recorder_.outcomes.clear();
     recorder_.done = 0;
@@ -244,6 +268,96 @@ TEST_F(SchedulerTest, AHalfPrecisionKvCacheAdmitsTwiceTheRequests) {
     }
     EXPECT_EQ(recorder_.most_streaming, engine == engine_ ? 2u : 4u);
   }
+}
+
+// A pool too small for every admitted request to grow: the newest running ones are preempted
+// (caches freed) and recomputed when room returns, and every answer, greedy and seeded with
+// penalties, equals the one computed alone; the pool's bytes are never exceeded and the
+// preemptions are counted in the metrics.
+TEST_F(SchedulerTest, ATinyPoolPreemptsTheNewestAndKeepsEveryAnswer) {
+  auto request = [&](uint64_t id) {
+    auto r = Request(id, 40, {1, static_cast<int32_t>(300 + 7 * id), static_cast<int32_t>(900 + id)});
+    if (id % 2 == 0) {
+      r->params.temperature = 0.9f;
+      r->params.top_p = 0.95f;
+      r->params.seed = 100 + id;
+      r->params.presence_penalty = 0.5f;
+    }
+    return r;
+  };
+  constexpr uint64_t kRequests = 6;
+  std::map<uint64_t, std::vector<int32_t>> alone;
+  {
+    Scheduler s(*engine_, nullptr, nullptr, SchedulerOptions());
+    for (uint64_t id = 1; id <= kRequests; ++id) {
+      Submit(s, request(id));
+      AwaitDone(static_cast<int>(id));
+      alone[id] = Get(id).tokens;
+      ASSERT_EQ(alone[id].size(), 40u);
+    }
+  }
+  recorder_.outcomes.clear();
+  recorder_.done = 0;
+  Metrics metrics;
+  SchedulerOptions options;
+  // Six blocks: three requests start (one block each, one of headroom each); each needs three
+  // at its end (43 positions), so they cannot all grow.
+  options.max_kv_bytes = 6 * BlockBytes(*engine_);
+  Scheduler s(*engine_, nullptr, &metrics, options);
+  for (uint64_t id = 1; id <= kRequests; ++id) Submit(s, request(id));
+  int64_t most_kv = 0;
+  while (true) {
+    most_kv = std::max(most_kv, s.kv_bytes());
+    {
+      absl::MutexLock lock(&recorder_.mu);
+      if (recorder_.done == static_cast<int>(kRequests)) break;
+    }
+    std::this_thread::sleep_for(std::chrono::microseconds(200));
+  }
+  for (uint64_t id = 1; id <= kRequests; ++id) {
+    EXPECT_TRUE(Get(id).status.ok()) << id << ": " << Get(id).status;
+    EXPECT_EQ(Get(id).tokens, alone[id]) << id;
+  }
+  EXPECT_GT(s.preemptions(), 0);
+  EXPECT_LE(most_kv, options.max_kv_bytes);
+  ASSERT_TRUE(s.WaitIdle(Clock::now() + std::chrono::seconds(30)));
+  const std::string scrape = metrics.Scrape();
+  EXPECT_THAT(scrape, HasSubstr(absl::StrCat("adapterd_preemptions_total ", s.preemptions())));
+  EXPECT_THAT(scrape, HasSubstr("adapterd_kv_blocks{state=\"total\"} 6"));
+  EXPECT_THAT(scrape, HasSubstr("adapterd_kv_blocks{state=\"used\"} 0"));
+}
+
+// A request cancelled while preempted ends CANCELLED with the tokens it had; the one that
+// preempted it is unaffected.
+TEST_F(SchedulerTest, ARequestCancelledWhilePreemptedEndsCancelled) {
+  std::vector<int32_t> alone;
+  {
+    Scheduler s(*engine_, nullptr, nullptr, SchedulerOptions());
+    Submit(s, Request(1, 200));
+    AwaitDone(1);
+    alone = Get(1).tokens;
+  }
+  recorder_.outcomes.clear();
+  recorder_.done = 0;
+  SchedulerOptions options;
+  // Thirteen blocks: request 1 alone grows to all of them (203 positions); request 2 starts
+  // beside it and is preempted when both pass 80 positions, then waits for room that only
+  // request 1's end gives back.
+  options.max_kv_bytes = 13 * BlockBytes(*engine_);
+  Scheduler s(*engine_, nullptr, nullptr, options);
+  Submit(s, Request(1, 200));
+  auto two = Request(2, 200, {1, 450, 4997});
+  auto cancelled = two->cancelled;
+  Submit(s, std::move(two));
+  const auto give_up = Clock::now() + std::chrono::seconds(60);
+  while (s.preemptions() == 0 && Clock::now() < give_up) std::this_thread::sleep_for(std::chrono::microseconds(100));
+  ASSERT_EQ(s.preemptions(), 1);
+  cancelled->store(true);
+  AwaitDone(2);
+  EXPECT_EQ(Get(2).status.code(), absl::StatusCode::kCancelled);
+  EXPECT_LT(Get(2).tokens.size(), 200u);
+  EXPECT_TRUE(Get(1).status.ok()) << Get(1).status;
+  EXPECT_EQ(Get(1).tokens, alone);
 }
 
 // Chunked prefill: a long prompt arriving while two streams decode runs a chunk per step
