@@ -18,6 +18,7 @@ namespace {
 
 namespace v1 = adapterd::v1;
 using ::testing::HasSubstr;
+using ::testing::Not;
 
 const char* const kPreload =
     "--preload=qv=lora_qv,pre=prefix_llama,pt=prompt_llama";
@@ -464,6 +465,58 @@ TEST(E2ePrefixCacheTest, SharedPrefixesAnswerAsWithoutTheCacheAndAreCounted) {
   v1::ModelState state;
   ASSERT_TRUE(cached.Admin()->GetModelState(&ctx, state_req, &state).ok());
   EXPECT_EQ(state.base().kv_cache_dtype(), "float32");
+}
+
+// A --max_kv_bytes pool of 6 blocks (16 positions of 512 bytes on this fixture) where no two
+// of these requests (up to 70 positions: 4 prompt tokens, up to 6 virtual, 60 generated) can
+// both reach their end: the newest are preempted and recomputed, and every answer over gRPC
+// (base, LoRA, prefix and prompt tuning; greedy and seeded) equals the one a roomy server
+// gives each request alone, with the prefix cache on too. The metrics count the preemptions
+// and the pool.
+TEST(E2eKvPoolTest, ATinyPoolPreemptsAndEveryAnswerStaysTheSame) {
+  constexpr int64_t kBlockBytes = 16 * 2 * 2 * 2 * 16 * 4;  // Positions·layers·(K,V)·heads·dim·f32.
+  ServerProcess roomy(Model(), {kPreload});
+  ServerProcess tiny(Model(), {kPreload, "--max_kv_bytes=" + std::to_string(6 * kBlockBytes),
+                               "--prefix_cache_bytes=1048576"});
+  ASSERT_TRUE(roomy.ok()) << roomy.log();
+  ASSERT_TRUE(tiny.ok()) << tiny.log();
+  const std::vector<std::string> adapters = {"", "qv", "pre", "pt"};
+  std::vector<v1::GenerateRequest> requests;
+  for (int i = 0; i < 8; ++i) {
+    v1::GenerateRequest req = IdsRequest({1, 450, static_cast<int32_t>(300 + 37 * i), 4996}, adapters[i % 4], 60);
+    req.set_ignore_eos(true);
+    req.set_top_logprobs(1);
+    if (i % 2 == 1) {
+      req.set_temperature(0.9f);
+      req.set_seed(40 + i);
+    }
+    requests.push_back(req);
+  }
+  std::vector<v1::GenerateResponse> want(requests.size()), got(requests.size());
+  for (size_t i = 0; i < requests.size(); ++i) ASSERT_TRUE(Generate(roomy, requests[i], &want[i]).ok()) << i;
+  std::vector<grpc::Status> status(requests.size());
+  std::vector<std::thread> threads;
+  for (size_t i = 0; i < requests.size(); ++i) {
+    threads.emplace_back([&, i] { status[i] = Generate(tiny, requests[i], &got[i]); });
+  }
+  for (auto& t : threads) t.join();
+  for (size_t i = 0; i < requests.size(); ++i) {
+    ASSERT_TRUE(status[i].ok()) << i << ": " << status[i].error_message() << "\n" << tiny.log();
+    EXPECT_EQ(got[i].tokens_size(), 60) << i;
+    EXPECT_EQ(Ids(got[i]), Ids(want[i])) << i;
+    for (int k = 0; k < got[i].tokens_size() && k < want[i].tokens_size(); ++k) {
+      EXPECT_EQ(got[i].tokens(k).logprob(), want[i].tokens(k).logprob()) << i << " token " << k;
+    }
+  }
+  const std::string out = ScrapeMetrics(tiny);
+  EXPECT_THAT(out, HasSubstr("adapterd_kv_blocks{state=\"total\"} 6"));
+  EXPECT_THAT(out, Not(HasSubstr("adapterd_preemptions_total 0\n")));
+  EXPECT_THAT(out, HasSubstr("adapterd_preemptions_total "));
+  // A request that could not finish even alone in the pool is refused at once.
+  v1::GenerateResponse refused;
+  grpc::Status too_long = Generate(tiny, IdsRequest({1, 2, 3}, "", 100), &refused);
+  EXPECT_EQ(too_long.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED);
+  EXPECT_THAT(too_long.error_message(), HasSubstr("more than the budget of 49152"));
 }
 
 // --quantize int8 through the server: the model state reports what was quantized, and base and
