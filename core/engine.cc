@@ -154,6 +154,10 @@ PrefixCacheStats Engine::prefix_cache_stats() const {
   return s;
 }
 
+void Engine::ShrinkPrefixCache(int64_t max_bytes) const {
+  if (prefix_cache_ != nullptr) prefix_cache_->Shrink(std::max<int64_t>(max_bytes, 0));
+}
+
 const ModelConfig& Engine::config() const { return model_->config(); }
 int64_t Engine::kv_bytes_per_position() const {
   const ModelConfig& c = model_->config();

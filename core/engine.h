@@ -123,6 +123,9 @@ class Engine {
   // tokens take part of it.
   int64_t context_length() const;
   PrefixCacheStats prefix_cache_stats() const;
+  // Drops the least recently used prefix-cache blocks until it holds at most `max_bytes`
+  // (a KV pool that needs their room for running requests). Thread-safe.
+  void ShrinkPrefixCache(int64_t max_bytes) const;
   // Returns the number of intra-op threads LibTorch uses.
   static int threads();
   // Returns the instruction set of the CPU kernels in use ("avx512f", "avx2" or "none").

@@ -155,12 +155,21 @@ void PrefixCache::Insert(const std::shared_ptr<const SequenceAdapter>& adapter,
     auto e = entries_.find(*it);
     if (e != entries_.end()) Touch(e->second);
   }
-  while (bytes_ > max_bytes_ && !lru_.empty()) {
+  EvictTo(max_bytes_);
+}
+
+void PrefixCache::EvictTo(int64_t max_bytes) {
+  while (bytes_ > max_bytes && !lru_.empty()) {
     auto e = entries_.find(lru_.back());
     bytes_ -= e->second.bytes;
     entries_.erase(e);
     lru_.pop_back();
   }
+}
+
+void PrefixCache::Shrink(int64_t max_bytes) {
+  std::lock_guard<std::mutex> lock(mu_);
+  EvictTo(max_bytes);
 }
 
 int64_t PrefixCache::bytes() const {

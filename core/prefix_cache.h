@@ -51,6 +51,9 @@ class PrefixCache {
               const std::vector<int32_t>& tokens, int64_t length, int64_t first,
               int64_t soft_rows, KvCache& cache);
 
+  // Drops least recently used entries until the cache holds at most `max_bytes`.
+  void Shrink(int64_t max_bytes);
+
   int64_t bytes() const;
   int64_t blocks() const;
   int64_t max_bytes() const { return max_bytes_; }
@@ -74,6 +77,7 @@ class PrefixCache {
   void Store(uint64_t key, const std::shared_ptr<const SequenceAdapter>& adapter, uint64_t parent,
              const int32_t* tokens, int64_t n, KvCache& cache, int64_t position, int64_t length);
   void Touch(Entry& e);
+  void EvictTo(int64_t max_bytes);  // With mu_ held.
 
   const int64_t max_bytes_;
   mutable std::mutex mu_;

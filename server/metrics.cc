@@ -167,9 +167,11 @@ Metrics::Metrics()
   auto& kv_blocks = BuildGauge()
                         .Name("adapterd_kv_blocks")
                         .Help("Blocks of 16 positions of the --max_kv_bytes pool: used by running "
-                              "requests, and total.")
+                              "requests, cached (prefix blocks, dropped first when room is needed), "
+                              "and total.")
                         .Register(*registry_);
   kv_blocks_used_ = &kv_blocks.Add({{"state", "used"}});
+  kv_blocks_cached_ = &kv_blocks.Add({{"state", "cached"}});
   kv_blocks_total_ = &kv_blocks.Add({{"state", "total"}});
 }
 
@@ -270,8 +272,9 @@ void Metrics::SetQueue(int64_t waiting, int64_t running, double kv_usage_ratio) 
 
 void Metrics::Preempted() { preemptions_->Increment(); }
 
-void Metrics::SetKvBlocks(int64_t used, int64_t total) {
+void Metrics::SetKvBlocks(int64_t used, int64_t cached, int64_t total) {
   kv_blocks_used_->Set(static_cast<double>(used));
+  kv_blocks_cached_->Set(static_cast<double>(cached));
   kv_blocks_total_->Set(static_cast<double>(total));
 }
 

@@ -58,8 +58,8 @@ class Metrics {
   void SetQueue(int64_t waiting, int64_t running, double kv_usage_ratio);
   // A running request gave up its KV cache (preemption by recomputation).
   void Preempted();
-  // Blocks of the KV pool used by running requests, and the pool's size.
-  void SetKvBlocks(int64_t used, int64_t total);
+  // Blocks of the KV pool used by running requests, held by the prefix cache, and in all.
+  void SetKvBlocks(int64_t used, int64_t cached, int64_t total);
   void SetLoraInfo(const std::vector<std::string>& running, const std::vector<std::string>& waiting,
                    int64_t max_lora);
   // Adapters.
@@ -140,6 +140,7 @@ class Metrics {
   prometheus::Gauge* prefix_blocks_ = nullptr;
   prometheus::Counter* preemptions_ = nullptr;
   prometheus::Gauge* kv_blocks_used_ = nullptr;
+  prometheus::Gauge* kv_blocks_cached_ = nullptr;
   prometheus::Gauge* kv_blocks_total_ = nullptr;
   std::atomic<int64_t> prefix_queried_seen_{0};
   std::atomic<int64_t> prefix_hits_seen_{0};

@@ -53,7 +53,8 @@ Scheduler::Scheduler(const core::Engine& engine, const core::Tokenizer* tokenize
       eos_(options.eos_token_ids.empty() ? engine.config().eos_token_ids : options.eos_token_ids),
       governor_(options.max_step_slowdown, options.max_tokens_per_step) {
   kv_bytes_per_position_ = engine.kv_bytes_per_position();
-  total_blocks_ = options.max_kv_bytes / (kKvBlock * kv_bytes_per_position_);
+  block_bytes_ = kKvBlock * kv_bytes_per_position_;
+  total_blocks_ = options.max_kv_bytes / block_bytes_;
   thread_ = std::thread([this] { Loop(); });
 }
 
@@ -72,6 +73,24 @@ int64_t Scheduler::UsedBlocks() const {
     if (a->sequence != nullptr) used += Blocks(a->sequence->kv_capacity());
   }
   return used;
+}
+
+int64_t Scheduler::CachedBlocks() const {
+  return (engine_.prefix_cache_stats().bytes + block_bytes_ - 1) / block_bytes_;
+}
+
+int64_t Scheduler::FreeBlocks(int64_t reserved, int64_t need) {
+  int64_t cached = CachedBlocks();
+  if (total_blocks_ - reserved - cached < need && cached > 0) {
+    engine_.ShrinkPrefixCache(std::max<int64_t>(total_blocks_ - reserved - need, 0) * block_bytes_);
+    cached = CachedBlocks();
+  }
+  return total_blocks_ - reserved - cached;
+}
+
+void Scheduler::TrimPrefixCache() {
+  const int64_t room = total_blocks_ - UsedBlocks();
+  if (CachedBlocks() > room) engine_.ShrinkPrefixCache(std::max<int64_t>(room, 0) * block_bytes_);
 }
 
 namespace {
@@ -193,8 +212,8 @@ void Scheduler::Admit(std::vector<std::unique_ptr<Active>>& admitted) {
   absl::MutexLock lock(&mu_);
   int64_t tokens = 0;
   const auto now = Clock::now();
-  // Blocks left in the pool, less one of headroom for each running request to grow into.
-  int64_t free_blocks = total_blocks_ - UsedBlocks() - static_cast<int64_t>(running_set_.size());
+  // Blocks taken: the running caches and one of headroom for each to grow into.
+  int64_t reserved = UsedBlocks() + static_cast<int64_t>(running_set_.size());
   for (auto it = queue_.begin(); it != queue_.end();) {
     Active& a = **it;
     if (cancel_all_ || a.request->cancelled->load() || now >= a.request->deadline) {
@@ -209,11 +228,13 @@ void Scheduler::Admit(std::vector<std::unique_ptr<Active>>& admitted) {
     if (rows >= options_.max_batch_rows) break;
     if (tokens > 0 && tokens + need_tokens > options_.max_tokens_per_step) break;
     const int64_t start = need_tokens + VirtualTokens(*a.request) + 1;
-    // With nothing running the pool is all free, and Submit() refused any request too long
-    // for it, so this never starves one.
-    if (Blocks(start) > free_blocks && !(rows == 0 && Blocks(start) <= total_blocks_)) break;
+    // Prefix blocks make way. With nothing running the pool is all free (Submit() refused
+    // any request too long for it), so this never starves one.
+    if (Blocks(start) > FreeBlocks(reserved, Blocks(start)) && !(rows == 0 && Blocks(start) <= total_blocks_)) {
+      break;
+    }
     tokens += need_tokens;
-    free_blocks -= Blocks(start) + 1;
+    reserved += Blocks(start) + 1;
     a.start_positions = Blocks(start) * kKvBlock;
     a.order = admitted_++;
     admitted.push_back(std::move(*it));
@@ -385,7 +406,8 @@ void Scheduler::MakeRoom() {
                                              Blocks(need + std::max(kKvBlock, capacity / 8)));
     const int64_t extra = Blocks(want) - Blocks(capacity);
     bool self = false;
-    while (extra > total_blocks_ - used && !self) {
+    // Prefix blocks make way first; then the newest requests, down to this one.
+    while (extra > FreeBlocks(used, extra) && !self) {
       const Active& newest = *running_set_.back();
       self = &newest == &a;
       if (newest.sequence != nullptr) used -= Blocks(newest.sequence->kv_capacity());
@@ -404,12 +426,12 @@ void Scheduler::MakeRoom() {
 void Scheduler::ResumePreempted() {
   // Resumed like new admissions: into what the pool has free less a block of headroom per
   // running request, except that the oldest always resumes into an idle pool.
-  int64_t free_blocks = total_blocks_ - UsedBlocks() - static_cast<int64_t>(running_set_.size());
+  int64_t reserved = UsedBlocks() + static_cast<int64_t>(running_set_.size());
   while (!preempted_.empty() &&
          static_cast<int64_t>(running_set_.size()) < options_.max_batch_rows) {
     Active& a = *preempted_.front();
     const int64_t want = kKvBlock * std::min(Blocks(a.max_positions), Blocks(a.sequence->positions() + 1));
-    if (Blocks(want) > free_blocks && !running_set_.empty()) break;
+    if (Blocks(want) > FreeBlocks(reserved, Blocks(want)) && !running_set_.empty()) break;
     std::unique_ptr<Active> p = std::move(preempted_.front());
     preempted_.erase(preempted_.begin());
     if (absl::Status resumed = engine_.Resume(*p->sequence, want); !resumed.ok()) {
@@ -417,7 +439,7 @@ void Scheduler::ResumePreempted() {
       continue;
     }
     spdlog::debug("request {} resumed: recomputing {} tokens", p->request->id, p->sequence->pending_tokens());
-    free_blocks -= Blocks(want) + 1;
+    reserved += Blocks(want) + 1;
     auto at = std::upper_bound(running_set_.begin(), running_set_.end(), p->order,
                                [](uint64_t order, const auto& r) { return order < r->order; });
     running_set_.insert(at, std::move(p));
@@ -501,7 +523,7 @@ void Scheduler::PublishGauges() {
     metrics_->SetQueue(queue_depth(), running(),
                        static_cast<double>(kv) / static_cast<double>(options_.max_kv_bytes));
     const core::PrefixCacheStats prefix = engine_.prefix_cache_stats();
-    metrics_->SetKvBlocks(UsedBlocks(), total_blocks_);
+    metrics_->SetKvBlocks(UsedBlocks(), CachedBlocks(), total_blocks_);
     metrics_->SetPrefixCache(prefix.queried_tokens, prefix.hit_tokens, prefix.bytes, prefix.blocks);
   }
 }
@@ -569,6 +591,7 @@ void Scheduler::Loop() {
     }
     if (!running_set_.empty()) RunStep();
     DropFinished();
+    TrimPrefixCache();
     PublishGauges();
   }
 }

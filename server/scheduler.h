@@ -169,6 +169,14 @@ class Scheduler {
   static int64_t Blocks(int64_t positions) { return (positions + kKvBlock - 1) / kKvBlock; }
   // Blocks of the pool held by the running requests' caches.
   int64_t UsedBlocks() const;
+  // Blocks of the pool held by the prefix cache (--prefix_cache_bytes), rounded up.
+  int64_t CachedBlocks() const;
+  // Blocks free beside `reserved` ones and the prefix cache's, after dropping least recently
+  // used prefix blocks where that makes room for `need` more.
+  int64_t FreeBlocks(int64_t reserved, int64_t need);
+  // After a step (whose prefills may have added prefix blocks): drops prefix blocks until the
+  // running caches and the prefix cache fit the pool together.
+  void TrimPrefixCache();
   // Before a step: grows the cache of every row that needs another position, preempting the
   // newest running requests where the pool has no room.
   void MakeRoom();
@@ -211,6 +219,7 @@ class Scheduler {
   std::vector<std::unique_ptr<Active>> preempted_;    // In admission order.
   uint64_t admitted_ = 0;
   int64_t total_blocks_ = 0;
+  int64_t block_bytes_ = 0;
   StepGovernor governor_;
 
   std::atomic<int64_t> queue_depth_{0};

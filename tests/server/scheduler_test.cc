@@ -327,6 +327,65 @@ TEST_F(SchedulerTest, ATinyPoolPreemptsTheNewestAndKeepsEveryAnswer) {
   EXPECT_THAT(scrape, HasSubstr("adapterd_kv_blocks{state=\"used\"} 0"));
 }
 
+// The prefix cache lives in the pool: its blocks count against --max_kv_bytes and the least
+// recently used make way when a request needs their room (before anyone waits or is
+// preempted), so the cache never holds what running requests need; answers stay the same.
+TEST_F(SchedulerTest, PrefixBlocksMakeWayInTheKvPool) {
+  core::EngineOptions eo;
+  eo.model_dir = testing::Fixture("llama_tok");
+  eo.prefix_cache_bytes = 64 << 20;
+  core::LoadReport report;
+  auto loaded = core::Engine::Load(eo, &report);
+  ASSERT_TRUE(loaded.ok()) << loaded.status();
+  const core::Engine& warm = **loaded;
+  const int64_t block = BlockBytes(warm);
+  auto prompt = [](int n, int salt) {
+    std::vector<int32_t> p = {1};
+    for (int i = 1; i < n; ++i) p.push_back(static_cast<int32_t>(200 + (salt * 31 + 7 * i) % 900));
+    return p;
+  };
+  const std::vector<int32_t> a = prompt(40, 1), b = prompt(70, 2);
+  std::map<uint64_t, std::vector<int32_t>> alone;
+  {
+    Scheduler s(*engine_, nullptr, nullptr, SchedulerOptions());
+    Submit(s, Request(1, 8, a));
+    Submit(s, Request(2, 10, b));
+    AwaitDone(2);
+    alone[1] = Get(1).tokens;
+    alone[2] = Get(2).tokens;
+  }
+  recorder_.outcomes.clear();
+  recorder_.done = 0;
+  Metrics metrics;
+  SchedulerOptions options;
+  options.max_kv_bytes = 6 * block;
+  Scheduler s(warm, nullptr, &metrics, options);
+  auto idle = [&] { ASSERT_TRUE(s.WaitIdle(Clock::now() + std::chrono::seconds(30))); };
+  // A (3 blocks at most) leaves its prompt's 2 full blocks cached: 5 of 6 in all.
+  Submit(s, Request(1, 8, a));
+  AwaitDone(1);
+  ASSERT_NO_FATAL_FAILURE(idle());
+  EXPECT_EQ(warm.prefix_cache_stats().blocks, 2);
+  EXPECT_THAT(metrics.Scrape(), HasSubstr("adapterd_kv_blocks{state=\"cached\"} 2"));
+  // B needs 5 blocks from its start: one of A's goes at once, and of B's own 4 prompt blocks
+  // only the one its running cache leaves room for stays.
+  Submit(s, Request(2, 10, b));
+  AwaitDone(2);
+  ASSERT_NO_FATAL_FAILURE(idle());
+  EXPECT_LE(warm.prefix_cache_stats().bytes, block);
+  EXPECT_EQ(warm.prefix_cache_stats().blocks, 1);
+  // The block kept is B's first (the most recently used): B again reuses it, nothing is
+  // preempted, and every answer is the one computed alone.
+  const int64_t hits = warm.prefix_cache_stats().hit_tokens;
+  Submit(s, Request(3, 10, b));
+  AwaitDone(3);
+  EXPECT_EQ(warm.prefix_cache_stats().hit_tokens - hits, 16);
+  EXPECT_EQ(Get(1).tokens, alone[1]);
+  EXPECT_EQ(Get(2).tokens, alone[2]);
+  EXPECT_EQ(Get(3).tokens, alone[2]);
+  EXPECT_EQ(s.preemptions(), 0);
+}
+
 // A request cancelled while preempted ends CANCELLED with the tokens it had; the one that
 // preempted it is unaffected.
 TEST_F(SchedulerTest, ARequestCancelledWhilePreemptedEndsCancelled) {
