@@ -8,6 +8,7 @@ requests sent, answered by status, lost, RSS at start and end, p50/p99 latency.
 Traffic goes to 127.0.0.1 only, and every loop is bounded by the duration.
 
 Usage: tests/soak/soak.py [--duration 600] [--build build] [--model DIR] [--clients 32]
+                          [--max_kv_bytes N]
 Exit code 0 when lost == 0 and no unexpected status was seen.
 """
 import argparse
@@ -64,6 +65,12 @@ def counted_requests(metrics_port):
     return int(total), by_code
 
 
+def preemptions(metrics_port):
+    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
+    m = re.search(r"^adapterd_preemptions_total (\S+)$", text, re.M)
+    return int(float(m.group(1))) if m else 0
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--duration", type=float, default=600)
@@ -71,6 +78,8 @@ def main():
     ap.add_argument("--model", help="model folder (default: the build's llama_tok fixture)")
     ap.add_argument("--clients", type=int, default=32, help="concurrent clients (4x --max_batch_rows 8)")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--max_kv_bytes", type=int, default=0,
+                    help="the server's KV pool (default: its own); a small one soaks preemption")
     args = ap.parse_args()
     fixtures = os.path.join(args.build, "fixtures")
     stubs = load_stubs(os.path.join(ROOT, "proto"))
@@ -81,6 +90,8 @@ def main():
              "--grace_period_s=30"]
     if args.model:
         extra.append("--model_dir=" + args.model)
+    if args.max_kv_bytes > 0:
+        extra.append("--max_kv_bytes=%d" % args.max_kv_bytes)
     server = Adapterd(os.path.join(args.build, "server", "adapterd"), fixtures, extra)
     channel = grpc.insecure_channel(server.addr)
     stub = gen_grpc.GenerationStub(channel)
@@ -200,6 +211,7 @@ def main():
         time.sleep(0.5)
         counted, by_code = counted_requests(server.metrics_port)
     rss_end = rss_kib(server.process.pid)
+    preempted = preemptions(server.metrics_port)
     exit_code = server.stop()
     lost = expected_total - counted
     latencies.sort()
@@ -210,6 +222,7 @@ def main():
     print(f"answered by status (client side): {dict(sorted(statuses.items()))}")
     print(f"counted by the server: {counted} {dict(sorted(by_code.items()))}")
     print(f"lost: {lost}")
+    print(f"preemptions (KV pool full): {preempted}")
     print(f"RSS: {rss_start / 1024:.1f} MiB at start, {rss_end / 1024:.1f} MiB at end")
     print(f"latency of OK requests: p50 {pct(0.5) * 1000:.1f} ms, p99 {pct(0.99) * 1000:.1f} ms")
     print(f"server exit code after SIGTERM: {exit_code}")
