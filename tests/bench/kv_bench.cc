@@ -8,21 +8,25 @@
 //      decode row first, the arrival takes the rest of the budget), over the latency without
 //      arrivals, for several budgets and for no chunking at all; then with the scheduler's
 //      StepGovernor (--max_step_slowdown) sizing the chunks within 512.
-//   4. Concurrent sequences a KV budget admits, per cache dtype (from the engine's per-position
-//      byte count, the figure the scheduler's admission uses).
+//   4. Concurrent 512-position sequences a fixed --max_kv_bytes runs, per cache dtype, measured
+//      through the server's own Scheduler (its block pool and admission): the most requests of
+//      500 prompt + 12 generated tokens seen running at once.
 // Usage: kv_bench MODEL_DIR [THREADS] [PROMPT=1000] [SHARED=960] [ARRIVAL=4000]
 // (KV_BENCH_SERIES=1 also prints every step's latency during each arrival, to stderr;
-// KV_BENCH_GOVERNED_ONLY=1 skips the fixed budgets.)
+// KV_BENCH_GOVERNED_ONLY=1 skips the fixed budgets; KV_BENCH_POOL_ONLY=1 runs only 4.)
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <memory>
 #include <random>
 #include <string>
 #include <thread>
 #include <vector>
 
 #include "core/engine.h"
+#include "server/scheduler.h"
 #include "server/step_governor.h"
 
 namespace {
@@ -219,6 +223,50 @@ void ChunkedPrefill(const Engine& engine, int64_t arrival) {
   }
 }
 
+// Counts finished requests (the scheduler calls it on its thread).
+class CountingSink final : public adapterd::server::RequestSink {
+ public:
+  explicit CountingSink(std::atomic<int>* done) : done_(done) {}
+  void OnTokens(const std::vector<adapterd::core::StepOutput>&, const std::string&) override {}
+  void OnDone(const absl::Status& status, adapterd::core::FinishReason, const adapterd::server::GenerationStats&,
+              const std::string&) override {
+    if (!status.ok()) std::fprintf(stderr, "request failed: %s\n", std::string(status.message()).c_str());
+    done_->fetch_add(1);
+  }
+
+ private:
+  std::atomic<int>* done_;
+};
+
+// The most requests of `prompt` + `generated` tokens the scheduler runs at once with a pool of
+// `budget` bytes (submitting a few more than fit, so that admission is what limits them); -1
+// when one fails.
+int64_t MostRunning(const Engine& engine, int64_t budget, int64_t prompt, int64_t generated) {
+  adapterd::server::SchedulerOptions so;
+  so.max_kv_bytes = budget;
+  so.max_batch_rows = 256;
+  so.max_tokens_per_step = 1 << 16;
+  adapterd::server::Scheduler s(engine, nullptr, nullptr, so);
+  const int64_t fit = budget / ((prompt + generated) * engine.kv_bytes_per_position());
+  const int count = static_cast<int>(fit + 4);
+  std::atomic<int> done{0};
+  std::mt19937 gen(11);
+  for (int i = 0; i < count; ++i) {
+    auto r = std::make_unique<adapterd::server::GenerationRequest>();
+    r->id = static_cast<uint64_t>(i + 1);
+    r->prompt = RandomIds(gen, prompt, engine.config().vocab_size);
+    r->max_new_tokens = generated;
+    r->ignore_eos = true;
+    if (!s.Submit(std::move(r), std::make_shared<CountingSink>(&done)).ok()) return -1;
+  }
+  int64_t most = 0;
+  while (done.load() < count) {
+    most = std::max(most, s.running());
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  return s.preemptions() > 0 ? -1 : most;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -254,18 +302,20 @@ int main(int argc, char** argv) {
     std::printf("(the arrival is cut to %lld tokens to fit the context)\n", static_cast<long long>(arrival));
   }
 
-  PrefixReuse(e, prompt, shared);
+  if (std::getenv("KV_BENCH_POOL_ONLY") == nullptr) {
+    PrefixReuse(e, prompt, shared);
 
-  const int64_t long_context = std::min<int64_t>(2000, context - 64);
-  const double short_ms = DecodeMs(e, 100, 32), long_ms = DecodeMs(e, long_context, 32);
-  std::printf("decode           %.2f ms/token at 100 tokens of context, %.2f at %lld: %.2fx the tokens/s\n",
-              short_ms, long_ms, static_cast<long long>(long_context), short_ms / long_ms);
+    const int64_t long_context = std::min<int64_t>(2000, context - 64);
+    const double short_ms = DecodeMs(e, 100, 32), long_ms = DecodeMs(e, long_context, 32);
+    std::printf("decode           %.2f ms/token at 100 tokens of context, %.2f at %lld: %.2fx the tokens/s\n",
+                short_ms, long_ms, static_cast<long long>(long_context), short_ms / long_ms);
 
-  ChunkedPrefill(e, arrival);
+    ChunkedPrefill(e, arrival);
+  }
 
-  // Sequences of 512 positions that --max_kv_bytes (its default, 4 GiB) admits per cache dtype.
-  const int64_t budget = int64_t{4} << 30;
-  std::printf("KV budget        4 GiB holds, of 512-token sequences:");
+  // Sequences of 512 positions running at once in a 256 MiB pool, per cache dtype.
+  const int64_t budget = int64_t{256} << 20;
+  std::printf("KV pool          256 MiB runs at once, of 512-position sequences:");
   std::vector<int64_t> held;
   for (const char* dtype : {"float32", "bfloat16"}) {
     EngineOptions o = options;
@@ -274,9 +324,11 @@ int main(int argc, char** argv) {
     adapterd::core::LoadReport r;
     auto other = Engine::Load(o, &r);
     if (!other.ok()) return 1;
-    const int64_t n = budget / (512 * (*other)->kv_bytes_per_position());
-    held.push_back(n);
-    std::printf(" %s %lld", dtype, static_cast<long long>(n));
+    const int64_t most = MostRunning(**other, budget, 500, 12);
+    if (most < 0) return 1;
+    held.push_back(most);
+    std::printf(" %s %lld", dtype, static_cast<long long>(most));
+    std::fflush(stdout);
   }
   std::printf(" (%.2fx; target >= 2x)\n", static_cast<double>(held[1]) / static_cast<double>(held[0]));
   return 0;
