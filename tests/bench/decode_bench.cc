@@ -5,7 +5,9 @@
 // DTYPE is --dtype (default auto: a BF16 checkpoint's matrices read in place); PROMPT_TOKENS
 // (default 512) is the length of the prompt timed through one whole prefill; `read` loads the
 // weights into private memory (--mmap=false) instead of mapping them; int8 is --quantize int8.
+#include <algorithm>
 #include <chrono>
+#include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -36,6 +38,42 @@ double CopyBandwidth(int threads) {
     for (auto& th : pool) th.join();
     best = std::max(best, bytes / Seconds(t0, std::chrono::steady_clock::now()));
   }
+  return best;
+}
+
+// Returns bytes read per second by `threads` threads each summing its share of a buffer far
+// larger than the caches, without asking for huge pages (as mapped weights get none): what a decode step does with
+// its weights (it reads them, writes nothing). memcpy's figure counts each byte once though it
+// moves it twice, so it understates what a reading kernel can reach.
+double ReadBandwidth(int threads) {
+  const size_t words = (size_t{1} << 30) / sizeof(uint64_t);
+  std::vector<uint64_t> buf(words);
+  for (size_t i = 0; i < words; ++i) buf[i] = i;
+  std::vector<uint64_t> sums(threads);
+  double best = 0;
+  for (int rep = 0; rep < 5; ++rep) {
+    auto t0 = std::chrono::steady_clock::now();
+    std::vector<std::thread> pool;
+    const size_t chunk = words / threads / 8 * 8;
+    for (int t = 0; t < threads; ++t) {
+      pool.emplace_back([&, t] {
+        const uint64_t* p = buf.data() + t * chunk;
+        uint64_t s[8] = {};
+        for (size_t i = 0; i < chunk; i += 8) {
+          for (int u = 0; u < 8; ++u) s[u] += p[i + u];
+        }
+        sums[t] = s[0] + s[1] + s[2] + s[3] + s[4] + s[5] + s[6] + s[7];
+      });
+    }
+    for (auto& th : pool) th.join();
+    best = std::max(best, static_cast<double>(chunk * threads * sizeof(uint64_t)) /
+                              Seconds(t0, std::chrono::steady_clock::now()));
+  }
+  // The threads' sums add up to 0 + 1 + ... + (n - 1): a check that every word was read.
+  uint64_t total = 0;
+  for (uint64_t s : sums) total += s;
+  const uint64_t n = words / threads / 8 * 8 * threads;
+  if (total != n * (n - 1) / 2) std::fprintf(stderr, "read bandwidth: the sums are wrong\n");
   return best;
 }
 
@@ -91,6 +129,8 @@ int main(int argc, char** argv) {
   const double tps = new_tokens / decode_s;
   const double bw = CopyBandwidth(threads);
   const double limit = bw / weight_bytes;
+  const double read_bw = ReadBandwidth(threads);
+  const double read_limit = read_bw / weight_bytes;
   std::printf("threads          %d, CPU kernels %s\n", adapterd::core::Engine::threads(),
               adapterd::core::Engine::cpu_kernels());
   std::printf("decode           %.2f tokens/s (%.2f ms/token over %d tokens)\n", tps,
@@ -98,6 +138,9 @@ int main(int argc, char** argv) {
   std::printf("memcpy bandwidth %.2f GB/s\n", bw / 1e9);
   std::printf("limit            %.2f tokens/s (weight bytes per token / bandwidth)\n", limit);
   std::printf("ratio            %.2f of the limit\n", tps / limit);
+  std::printf("read bandwidth   %.2f GB/s (summing a 1 GiB buffer, no huge pages asked for)\n", read_bw / 1e9);
+  std::printf("read limit       %.2f tokens/s (weight bytes per token / read bandwidth)\n", read_limit);
+  std::printf("read ratio       %.2f of the read limit\n", tps / read_limit);
 
   // Prefill: one prompt of prompt_tokens in one step (after a warm-up of the same length).
   if (prompt_tokens > 0) {
