@@ -103,13 +103,19 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "load failed: %s\n", std::string(engine.status().message()).c_str());
     return 1;
   }
-  // The bytes of every weight as served (each storage once): a step reads them all but the
-  // input embedding's other rows, which a tied lm_head reads anyway.
-  // Quantized matrices are read as their int8 copies (a tied lm_head's: the embedding is then
-  // only looked up).
+  // The bytes a step reads: every weight as served (each storage once), quantized matrices as
+  // their int8 copies, less an untied input embedding, of which a step reads one row per token
+  // (a tied one is read whole as lm_head, or as lm_head's int8 copy).
+  const adapterd::core::ModelConfig& config = (*engine)->config();
+  const bool tied = !report.tied.empty();
+  const double embedding_bytes =
+      tied ? 0.0
+           : static_cast<double>(config.vocab_size) * config.hidden_size *
+                 (report.weights_dtype == "float32" ? 4 : 2);
   const double weight_bytes = static_cast<double>(report.bytes_mapped + report.bytes_copied -
-                                                  report.quantized_source_bytes + report.quantized_bytes);
-  std::printf("model            %s (%lld parameters, %.1f MB as served: weights %s%s, compute %s, kv %s)\n",
+                                                  report.quantized_source_bytes + report.quantized_bytes) -
+                              embedding_bytes;
+  std::printf("model            %s (%lld parameters, %.1f MB read per token: weights %s%s, compute %s, kv %s)\n",
               report.architecture.c_str(), static_cast<long long>(report.parameter_count), weight_bytes / 1e6,
               report.weights_dtype.c_str(), report.quantization == "int8" ? ", matrices int8" : "",
               report.compute_dtype.c_str(), report.kv_cache_dtype.c_str());
