@@ -1,10 +1,12 @@
 // Benchmark (not a test): single-stream decode speed and cold load time of a model, printed
 // next to the machine's limit — weight bytes read per token over measured memory-copy
 // bandwidth, and prompt (prefill) speed. Usage:
-//   decode_bench MODEL_DIR [NEW_TOKENS] [THREADS] [CPU_KERNELS] [DTYPE] [PROMPT_TOKENS] [mmap|read] [none|int8]
+//   decode_bench MODEL_DIR [NEW_TOKENS] [THREADS] [CPU_KERNELS] [DTYPE] [PROMPT_TOKENS] [mmap|read] [none|int8] [BATCH_ROWS]
 // DTYPE is --dtype (default auto: a BF16 checkpoint's matrices read in place); PROMPT_TOKENS
 // (default 512) is the length of the prompt timed through one whole prefill; `read` loads the
-// weights into private memory (--mmap=false) instead of mapping them; int8 is --quantize int8.
+// weights into private memory (--mmap=false) instead of mapping them; int8 is --quantize int8;
+// BATCH_ROWS (default 32, 0 for none) is the largest batch of the batched-decode figures (an
+// 8B model takes minutes over all of them).
 #include <algorithm>
 #include <chrono>
 #include <cstdint>
@@ -12,6 +14,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <thread>
+#include <sys/resource.h>
 #include <vector>
 
 #include "core/engine.h"
@@ -81,7 +84,7 @@ double ReadBandwidth(int threads) {
 
 int main(int argc, char** argv) {
   if (argc < 2) {
-    std::fprintf(stderr, "usage: %s MODEL_DIR [NEW_TOKENS] [THREADS] [CPU_KERNELS] [DTYPE] [PROMPT_TOKENS] [mmap|read] [none|int8]\n",
+    std::fprintf(stderr, "usage: %s MODEL_DIR [NEW_TOKENS] [THREADS] [CPU_KERNELS] [DTYPE] [PROMPT_TOKENS] [mmap|read] [none|int8] [BATCH_ROWS]\n",
                  argv[0]);
     return 2;
   }
@@ -95,6 +98,7 @@ int main(int argc, char** argv) {
   const int prompt_tokens = argc > 6 ? std::atoi(argv[6]) : 512;
   if (argc > 7) options.map_weights = std::strcmp(argv[7], "read") != 0;
   if (argc > 8) options.quantize = argv[8];
+  const int max_rows = argc > 9 ? std::atoi(argv[9]) : 32;
   adapterd::core::LoadReport report;
   auto t0 = std::chrono::steady_clock::now();
   auto engine = adapterd::core::Engine::Load(options, &report);
@@ -133,6 +137,11 @@ int main(int argc, char** argv) {
   const double decode_s = Seconds(t0, std::chrono::steady_clock::now());
   if (!step.ok()) return 1;
   const double tps = new_tokens / decode_s;
+  // Peak resident memory so far (mapped weight pages count): taken before the bandwidth
+  // measurements allocate their buffers.
+  rusage usage{};
+  getrusage(RUSAGE_SELF, &usage);
+  const double peak_rss_mb = usage.ru_maxrss / 1024.0;
   const double bw = CopyBandwidth(threads);
   const double limit = bw / weight_bytes;
   const double read_bw = ReadBandwidth(threads);
@@ -141,6 +150,7 @@ int main(int argc, char** argv) {
               adapterd::core::Engine::cpu_kernels());
   std::printf("decode           %.2f tokens/s (%.2f ms/token over %d tokens)\n", tps,
               1e3 * decode_s / new_tokens, new_tokens);
+  std::printf("peak RSS         %.0f MB (after load and decode)\n", peak_rss_mb);
   std::printf("memcpy bandwidth %.2f GB/s\n", bw / 1e9);
   std::printf("limit            %.2f tokens/s (weight bytes per token / bandwidth)\n", limit);
   std::printf("ratio            %.2f of the limit\n", tps / limit);
@@ -168,6 +178,7 @@ int main(int argc, char** argv) {
   // Batched decode: B sequences step together (what the server's scheduler does with B
   // streams), without gRPC; aggregate tokens/s and the speed-up over one row.
   for (int rows : {1, 4, 8, 16, 32}) {
+    if (rows > max_rows) break;
     std::vector<std::unique_ptr<adapterd::core::Sequence>> seqs;
     std::vector<adapterd::core::Sequence*> batch;
     for (int r = 0; r < rows; ++r) {
