@@ -1,6 +1,6 @@
 // Benchmark (not a test): single-stream decode speed and cold load time of a model, printed
-// next to the machine's limit — weight bytes read per token over measured memory-copy
-// bandwidth, and prompt (prefill) speed. Usage:
+// next to the machine's limit — weight bytes read per token over measured memory-copy and
+// read bandwidth — with peak RSS, prompt (prefill) speed and batched decode. Usage:
 //   decode_bench MODEL_DIR [NEW_TOKENS] [THREADS] [CPU_KERNELS] [DTYPE] [PROMPT_TOKENS] [mmap|read] [none|int8] [BATCH_ROWS]
 // DTYPE is --dtype (default auto: a BF16 checkpoint's matrices read in place); PROMPT_TOKENS
 // (default 512) is the length of the prompt timed through one whole prefill; `read` loads the
@@ -14,8 +14,9 @@
 #include <cstdlib>
 #include <cstring>
 #include <thread>
-#include <sys/resource.h>
 #include <vector>
+
+#include <sys/resource.h>
 
 #include "core/engine.h"
 
@@ -25,59 +26,56 @@ double Seconds(std::chrono::steady_clock::time_point a, std::chrono::steady_cloc
   return std::chrono::duration<double>(b - a).count();
 }
 
-// Returns bytes copied per second by memcpy over a buffer far larger than the caches, split
-// across `threads` threads as the model's matrix-vector products are.
-double CopyBandwidth(int threads) {
-  const size_t bytes = size_t{1} << 30;
-  std::vector<char> src(bytes, 1), dst(bytes, 0);
+// Returns the best of 5 rates of `bytes` over the time `threads` threads take to each run
+// work(t) once.
+template <class Work>
+double BestRate(int threads, double bytes, const Work& work) {
   double best = 0;
   for (int rep = 0; rep < 5; ++rep) {
     auto t0 = std::chrono::steady_clock::now();
     std::vector<std::thread> pool;
-    const size_t chunk = bytes / threads;
-    for (int t = 0; t < threads; ++t) {
-      pool.emplace_back([&, t] { std::memcpy(dst.data() + t * chunk, src.data() + t * chunk, chunk); });
-    }
+    for (int t = 0; t < threads; ++t) pool.emplace_back([&work, t] { work(t); });
     for (auto& th : pool) th.join();
     best = std::max(best, bytes / Seconds(t0, std::chrono::steady_clock::now()));
   }
   return best;
 }
 
+// Returns bytes copied per second by memcpy over a buffer far larger than the caches, split
+// across `threads` threads as the model's matrix-vector products are.
+double CopyBandwidth(int threads) {
+  const size_t bytes = size_t{1} << 30;
+  std::vector<char> src(bytes, 1), dst(bytes, 0);
+  const size_t chunk = bytes / threads;
+  return BestRate(threads, static_cast<double>(chunk * threads), [&](int t) {
+    std::memcpy(dst.data() + t * chunk, src.data() + t * chunk, chunk);
+  });
+}
+
 // Returns bytes read per second by `threads` threads each summing its share of a buffer far
-// larger than the caches, without asking for huge pages (as mapped weights get none): what a decode step does with
-// its weights (it reads them, writes nothing). memcpy's figure counts each byte once though it
-// moves it twice, so it understates what a reading kernel can reach.
+// larger than the caches, without asking for huge pages (as mapped weights get none): what a
+// decode step does with its weights (it reads them, writes nothing). memcpy's figure counts
+// each byte once though it moves it twice, so it understates what a reading kernel can reach.
 double ReadBandwidth(int threads) {
   const size_t words = (size_t{1} << 30) / sizeof(uint64_t);
   std::vector<uint64_t> buf(words);
   for (size_t i = 0; i < words; ++i) buf[i] = i;
   std::vector<uint64_t> sums(threads);
-  double best = 0;
-  for (int rep = 0; rep < 5; ++rep) {
-    auto t0 = std::chrono::steady_clock::now();
-    std::vector<std::thread> pool;
-    const size_t chunk = words / threads / 8 * 8;
-    for (int t = 0; t < threads; ++t) {
-      pool.emplace_back([&, t] {
-        const uint64_t* p = buf.data() + t * chunk;
-        uint64_t s[8] = {};
-        for (size_t i = 0; i < chunk; i += 8) {
-          for (int u = 0; u < 8; ++u) s[u] += p[i + u];
-        }
-        sums[t] = s[0] + s[1] + s[2] + s[3] + s[4] + s[5] + s[6] + s[7];
-      });
+  const size_t chunk = words / threads / 8 * 8;
+  const double rate = BestRate(threads, static_cast<double>(chunk * threads * sizeof(uint64_t)), [&](int t) {
+    const uint64_t* p = buf.data() + t * chunk;
+    uint64_t s[8] = {};
+    for (size_t i = 0; i < chunk; i += 8) {
+      for (int u = 0; u < 8; ++u) s[u] += p[i + u];
     }
-    for (auto& th : pool) th.join();
-    best = std::max(best, static_cast<double>(chunk * threads * sizeof(uint64_t)) /
-                              Seconds(t0, std::chrono::steady_clock::now()));
-  }
+    sums[t] = s[0] + s[1] + s[2] + s[3] + s[4] + s[5] + s[6] + s[7];
+  });
   // The threads' sums add up to 0 + 1 + ... + (n - 1): a check that every word was read.
   uint64_t total = 0;
   for (uint64_t s : sums) total += s;
-  const uint64_t n = words / threads / 8 * 8 * threads;
+  const uint64_t n = chunk * threads;
   if (total != n * (n - 1) / 2) std::fprintf(stderr, "read bandwidth: the sums are wrong\n");
-  return best;
+  return rate;
 }
 
 }  // namespace
