@@ -100,7 +100,73 @@ at::Tensor DequantizeInt8(const Int8Matrix& m, int64_t row0, int64_t rows) {
       .view({rows, k});
 }
 
+Int8Matrix QuantizeW8A8(const at::Tensor& w) {
+  constexpr int64_t kPanel = cpu::kW8A8Panel;
+  const int64_t n = w.size(0), k = w.size(1), blocks = k / cpu::kInt8Block;
+  const int64_t count = (n + kPanel - 1) / kPanel;
+  Int8Matrix m;
+  m.out = n;
+  m.panels = at::zeros({count, k / 4, kPanel, 4}, w.options().dtype(at::kChar));
+  m.panel_scales = at::zeros({count, blocks, kPanel}, w.options().dtype(at::kFloat));
+  // Whole panels at a time, a few MiB of rows each; a short last panel is padded with zeros.
+  const int64_t rows = std::max<int64_t>(1, kWidenBytes / std::max<int64_t>(1, k * 4 * kPanel)) * kPanel;
+  for (int64_t r0 = 0; r0 < n; r0 += rows) {
+    const int64_t nr = std::min(rows, n - r0), pc = (nr + kPanel - 1) / kPanel;
+    Int8Matrix part = QuantizeInt8(w.narrow(0, r0, nr));
+    if (nr % kPanel != 0) {
+      part.q = at::cat({part.q, at::zeros({pc * kPanel - nr, k}, part.q.options())});
+      part.scales = at::cat({part.scales, at::zeros({pc * kPanel - nr, blocks}, part.scales.options())});
+    }
+    m.panels.narrow(0, r0 / kPanel, pc).copy_(part.q.view({pc, kPanel, k / 4, 4}).permute({0, 2, 1, 3}));
+    m.panel_scales.narrow(0, r0 / kPanel, pc).copy_(part.scales.view({pc, kPanel, blocks}).permute({0, 2, 1}));
+  }
+  return m;
+}
+
+Int8Matrix UnpackPanels(const Int8Matrix& m, int64_t row0, int64_t rows) {
+  constexpr int64_t kPanel = cpu::kW8A8Panel;
+  const int64_t k = m.panels.size(1) * 4, blocks = m.panel_scales.size(1);
+  const int64_t p0 = row0 / kPanel, pc = (rows + kPanel - 1) / kPanel;
+  Int8Matrix out;
+  out.q = m.panels.narrow(0, p0, pc).permute({0, 2, 1, 3}).reshape({pc * kPanel, k}).narrow(0, 0, rows);
+  out.scales = m.panel_scales.narrow(0, p0, pc).permute({0, 2, 1}).reshape({pc * kPanel, blocks}).narrow(0, 0, rows);
+  return out;
+}
+
+namespace {
+
+// The w8a8 product in ATen (CUDA, or no CPU kernel): per block, integer-valued float32
+// products whose sums stay exact (|sum| <= 32·127·127 < 2^24), scaled by both scales.
+at::Tensor W8A8Linear(const at::Tensor& x, const Int8Matrix& w, const at::Tensor& b) {
+  constexpr int64_t kPanel = cpu::kW8A8Panel;
+  const int64_t m = x.size(0), k = x.size(1), blocks = k / cpu::kInt8Block, n = w.out;
+  const at::Tensor xv = x.to(at::kFloat).reshape({m, blocks, cpu::kInt8Block});
+  const at::Tensor xs = xv.abs().amax(-1).div_(127.0f);  // [m, blocks]
+  const at::Tensor inverse = at::where(xs > 0, xs.reciprocal(), at::zeros_like(xs));
+  const at::Tensor xq = xv.mul(inverse.unsqueeze(-1)).round_().clamp_(-127, 127).permute({1, 0, 2});  // [blocks, m, 32]
+  at::Tensor y = at::empty({m, n}, x.options().dtype(at::kFloat));
+  // Output rows per pass: the [blocks, m, rows] products within ~64 MiB.
+  const int64_t per = std::max<int64_t>(1, (int64_t{64} << 20) / std::max<int64_t>(1, blocks * m * 4 * kPanel));
+  const int64_t rows = per * kPanel;
+  for (int64_t n0 = 0; n0 < n; n0 += rows) {
+    const int64_t nb = std::min(rows, n - n0);
+    const Int8Matrix part = UnpackPanels(w, n0, nb);
+    const at::Tensor wq = part.q.to(at::kFloat).view({nb, blocks, cpu::kInt8Block}).permute({1, 2, 0});  // [blocks, 32, nb]
+    at::Tensor sums = at::bmm(xq, wq);                                   // [blocks, m, nb]
+    sums.mul_(xs.t().unsqueeze(2) * part.scales.t().unsqueeze(1));       // × xs[i, b]·ws[n, b]
+    y.narrow(1, n0, nb).copy_(sums.sum(0));
+  }
+  if (b.defined()) y.add_(b.to(at::kFloat));
+  return y.to(x.scalar_type());
+}
+
+}  // namespace
+
 at::Tensor LinearForward(const at::Tensor& x, const Int8Matrix& w, const at::Tensor& b) {
+  if (w.panels.defined()) {
+    at::Tensor y = cpu::LinearW8A8(x, w.panels, w.panel_scales, w.out, b);
+    return y.defined() ? y : W8A8Linear(x, w, b);
+  }
   at::Tensor y = cpu::LinearInt8(x, w.q, w.scales, b);
   if (y.defined()) return y;
   return BlockedLinear(x, w.q.size(0), w.q.size(1), b,

@@ -90,11 +90,21 @@ class SequenceAdapter {
 // A weight matrix quantized to int8 (`--quantize int8`): symmetric, one float32 scale per
 // block of 32 inputs as llama.cpp's Q8_0 (which stores it in float16). q [out, in] int8,
 // scales [out, in / 32] float32; weight (n, k) stands for float(q[n, k])·scales[n, k / 32].
+// `--quantize w8a8` holds the same values in the w8a8 kernel's layout instead (q and scales
+// then undefined): panels [ceil(out / 8), in / 4, 8, 4] int8 and panel_scales [ceil(out / 8),
+// in / 32, 8] float32, for `out` rows (cpu::LinearW8A8), and its forward pass quantizes the
+// activations too.
 struct Int8Matrix {
   at::Tensor q;
   at::Tensor scales;
-  bool defined() const { return q.defined(); }
-  int64_t bytes() const { return q.defined() ? static_cast<int64_t>(q.nbytes() + scales.nbytes()) : 0; }
+  at::Tensor panels;
+  at::Tensor panel_scales;
+  int64_t out = 0;
+  bool defined() const { return q.defined() || panels.defined(); }
+  int64_t bytes() const {
+    if (panels.defined()) return static_cast<int64_t>(panels.nbytes() + panel_scales.nbytes());
+    return q.defined() ? static_cast<int64_t>(q.nbytes() + scales.nbytes()) : 0;
+  }
 };
 // Whether QuantizeInt8() takes `w`: a matrix whose input width is a multiple of 32.
 bool Int8Quantizable(const at::Tensor& w);
@@ -105,9 +115,20 @@ Int8Matrix QuantizeInt8(const at::Tensor& w);
 // Returns rows [row0, row0 + rows) of the matrix `m` stands for, in float32: float(q)·scale,
 // rounded once, which is what the CPU kernel multiplies by.
 at::Tensor DequantizeInt8(const Int8Matrix& m, int64_t row0, int64_t rows);
-// LinearForward over an int8 matrix: the CPU kernel (cpu::LinearInt8) for few rows, else the
-// matrix dequantized ~4 MiB of output rows at a time, one GEMM per block. Both equal x·Wᵀ + b
-// over the dequantized W (the kernel bit for bit, as its float32 copy would give).
+// Returns QuantizeInt8(w)'s values and scales in panels (Int8Matrix, `--quantize w8a8`).
+Int8Matrix QuantizeW8A8(const at::Tensor& w);
+// Returns rows [row0, row0 + rows) (row0 and rows multiples of 8, or rows reaching the end) of
+// a panel matrix in QuantizeInt8's layout: q [rows, in] and scales [rows, in / 32].
+Int8Matrix UnpackPanels(const Int8Matrix& m, int64_t row0, int64_t rows);
+// LinearForward over an int8 matrix.
+// - Weight-only (q): the CPU kernel (cpu::LinearInt8) for few rows, else the matrix
+//   dequantized ~4 MiB of output rows at a time, one GEMM per block. Both equal x·Wᵀ + b
+//   over the dequantized W (the kernel bit for bit, as its float32 copy would give).
+// - w8a8 (panels): x quantized per row and block of 32 as the weights are, the products of
+//   each block summed exactly, then scaled by both blocks' scales: the CPU kernel
+//   (cpu::LinearW8A8) for any number of rows, else the same sums in ATen (integer-valued
+//   float32 products, exact below 2^24), which may differ from the kernel in the last bits
+//   of the sum over blocks.
 at::Tensor LinearForward(const at::Tensor& x, const Int8Matrix& w, const at::Tensor& b);
 
 // One row of a packed batch: tokens [offset, offset + length) of the batch belong to it and
@@ -188,13 +209,14 @@ class CausalLm {
     int64_t bytes = 0;
   };
   // `--quantize int8`: the forward pass reads every projection matrix and the output
-  // projection from int8 copies (QuantizeInt8) from now on; weights() keeps the originals,
+  // projection from int8 copies (QuantizeInt8; with `w8a8`, QuantizeW8A8: the activations
+  // are quantized too) from now on; weights() keeps the originals,
   // which adapters read (DoRA's norms, saved-module checks) and embeddings are looked up in.
   // Returns false, changing nothing, for an architecture without an int8 path (GPT-2) or a
   // matrix whose input width is not a multiple of 32. `done`, when given, is called with each
   // original right after its copy is made (the loader hands its pages back there, so a large
   // model never holds both whole). Call before the first Forward.
-  virtual bool QuantizeInt8(Int8Summary* /*summary*/,
+  virtual bool QuantizeInt8(bool /*w8a8*/, Int8Summary* /*summary*/,
                             const std::function<void(const at::Tensor&)>& /*done*/ = nullptr) {
     return false;
   }

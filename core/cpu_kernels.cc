@@ -161,6 +161,52 @@ at::Tensor LinearInt8(const at::Tensor& x, const at::Tensor& q, const at::Tensor
   return RunLinear(x, q, b, args);
 }
 
+at::Tensor LinearW8A8(const at::Tensor& x, const at::Tensor& panels, const at::Tensor& panel_scales, int64_t n,
+                      const at::Tensor& b) {
+  if (SelectedIsa() == Isa::kNone || !IsCpuFloat(x) || x.dim() != 2 || x.stride(1) != 1 || !panels.defined() ||
+      !panels.device().is_cpu() || panels.scalar_type() != at::kChar || !panels.is_contiguous() || panels.dim() != 4 ||
+      !IsCpuFloat(panel_scales) || !panel_scales.is_contiguous() || panel_scales.dim() != 3) {
+    return at::Tensor();
+  }
+  const int64_t m = x.size(0), k = x.size(1), count = (n + kW8A8Panel - 1) / kW8A8Panel;
+  if (k % kInt8Block != 0 || n < 1 || panels.size(0) != count || panels.size(1) != k / 4 ||
+      panels.size(2) != kW8A8Panel || panels.size(3) != 4 || panel_scales.size(0) != count ||
+      panel_scales.size(1) != k / kInt8Block || panel_scales.size(2) != kW8A8Panel ||
+      (b.defined() && (!IsCpuFloat(b) || !b.is_contiguous() || b.dim() != 1 || b.size(0) != n))) {
+    return at::Tensor();
+  }
+  at::Tensor y = at::empty({m, n}, x.options());
+  if (m == 0) return y;
+  // The rows quantized once for every panel: k bytes of values and k of magnitudes per row,
+  // then the scales.
+  std::vector<int8_t> q(static_cast<size_t>(m * k));
+  std::vector<uint8_t> magnitude(q.size());
+  std::vector<float> scales(static_cast<size_t>(m * (k / kInt8Block)));
+  const QuantizedRows rows{q.data(), magnitude.data(), scales.data()};
+  const float* xp = x.data_ptr<float>();
+  const int64_t ldx = x.stride(0);
+  ForChunks(m, 16, m * k >= 2 * kParallelWork, [&](int64_t begin, int64_t end) {
+    QuantizedRows part{rows.q + begin * k, rows.magnitude + begin * k, rows.scales + begin * (k / kInt8Block)};
+    QuantizeRowsAvx2(xp + begin * ldx, ldx, end - begin, k, part);
+  });
+  W8A8Args args{};
+  args.x = rows;
+  args.m = m;
+  args.k = k;
+  args.panels = panels.data_ptr<int8_t>();
+  args.panel_scales = panel_scales.data_ptr<float>();
+  args.n = n;
+  args.b = b.defined() ? b.data_ptr<float>() : nullptr;
+  args.y = y.data_ptr<float>();
+  args.ldy = n;
+  // Six panels (48 outputs) a task for a few rows; one when many rows make each panel a lot
+  // of work.
+  const int64_t chunk = m >= 16 ? 1 : 6;
+  ForChunks(count, chunk, count * kW8A8Panel * k * m >= 2 * kParallelWork,
+            [&](int64_t begin, int64_t end) { W8A8Avx2(args, begin, end); });
+  return y;
+}
+
 bool LoraSegments(const at::Tensor& x, at::Tensor& y, const std::vector<LoraSegment>& segments) {
   const Isa isa = SelectedIsa();
   if (isa == Isa::kNone || !IsCpuFloat(x) || !IsCpuFloat(y) || x.dim() != 2 || y.dim() != 2 ||

@@ -64,6 +64,16 @@ at::Tensor Linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b)
 // bit. Undefined when the kernel does not apply.
 at::Tensor LinearInt8(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scales, const at::Tensor& b);
 
+// `--quantize w8a8`: y = x·Wᵀ + b for the [n, k] int8 matrix held as panels ([ceil(n / 8),
+// k / 4, 8, 4] int8, contiguous) and their scales ([ceil(n / 8), k / 32, 8] float32, contiguous;
+// see cpu_kernels_isa.h), with x's rows quantized per block of 32 inputs as the weights are and
+// every block's products summed exactly in int32 (W8A8Args says how the float steps round).
+// Any number of rows; a row's result depends only on that row. Undefined when the kernel does
+// not apply: no AVX2 (or kernels off), x not CPU float32 [m, k] with unit stride along k, or
+// shapes that do not match.
+at::Tensor LinearW8A8(const at::Tensor& x, const at::Tensor& panels, const at::Tensor& panel_scales, int64_t n,
+                      const at::Tensor& b);
+
 // The rows [offset, offset + length) of a packed batch that one LoRA adapter applies to, with
 // its factors: a [rank, in] and bt = Bᵀ [rank, out], float32 or bfloat16, and the scaling
 // applied to x·aᵀ·bt (1 when folded into bt).

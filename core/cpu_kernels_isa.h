@@ -105,6 +105,40 @@ inline constexpr int64_t kAttendRows = 16;
 // Keys per tile: 64 × head_dim 128 in float32 is 32 KB.
 inline constexpr int64_t kAttendKeys = 64;
 
+// `--quantize w8a8`: int8 weights times int8 activations, summed in int32. The weights of
+// outputs [8p, 8p + 8) form panel p: [k / 4][8][4] int8, the four consecutive inputs of each
+// output side by side (a 32-byte load covers 8 outputs × 4 inputs), then the panel's scales
+// [k / kInt8Block][8] float32. Outputs past n in the last panel are zero.
+inline constexpr int64_t kW8A8Panel = 8;
+
+// Activations quantized per row and block of kInt8Block inputs as the weights are (Q8_0):
+// s = max|x| / 127, q = round-half-even(x · (1 / s)) (0 where the block is all zeros), and
+// |q| beside q (the magnitudes the unsigned × signed products take).
+struct QuantizedRows {
+  int8_t* q;           // [m, k]
+  uint8_t* magnitude;  // [m, k]
+  float* scales;       // [m, k / kInt8Block]
+};
+
+// y[i, n] = sum over blocks b, in order, of fma(float(sum_{k in b} xq[i, k]·wq[n, k]),
+// xs[i, b]·ws[n, b], ·) from zero (+ bias[n]) for rows i < m and the outputs of panels
+// [p0, p1) below n. The block sums are exact integers, so only the float steps round.
+struct W8A8Args {
+  QuantizedRows x;
+  int64_t m;
+  int64_t k;
+  const int8_t* panels;
+  const float* panel_scales;
+  int64_t n;
+  const float* b;  // Null: no bias.
+  float* y;
+  int64_t ldy;
+};
+
+// Quantizes rows i < m of x (k a multiple of kInt8Block) into `out`'s arrays.
+void QuantizeRowsAvx2(const float* x, int64_t ldx, int64_t m, int64_t k, const QuantizedRows& out);
+void W8A8Avx2(const W8A8Args& args, int64_t p0, int64_t p1);
+
 void LinearAvx512(const LinearArgs& args, int64_t n0, int64_t n1);
 void LinearAvx2(const LinearArgs& args, int64_t n0, int64_t n1);
 void AttendAvx512(const AttendArgs& args);

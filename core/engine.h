@@ -82,7 +82,7 @@ struct EngineOptions {
   // supports), "avx512f", "avx2" or "none" (ATen/BLAS only). Process-wide.
   std::string cpu_kernels = "auto";
   bool map_weights = true;  // See LoadOptions::map_weights (core/model_loader.h).
-  std::string quantize = "none";  // "none" | "int8": see LoadOptions::quantize.
+  std::string quantize = "none";  // "none" | "int8" | "w8a8": see LoadOptions::quantize.
   // The dtype of the KV cache: "auto" (the dtype the weights are served in, `dtype`),
   // "float32", "bfloat16" or "float16". A half-precision cache holds twice the positions in
   // the same bytes; attention reads it in the compute dtype.

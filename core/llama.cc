@@ -57,7 +57,7 @@ class Llama final : public CausalLm {
     inv_freq_ = InverseFrequencies(config).to(options.device());
   }
 
-  bool QuantizeInt8(Int8Summary* summary, const std::function<void(const at::Tensor&)>& done) override {
+  bool QuantizeInt8(bool w8a8, Int8Summary* summary, const std::function<void(const at::Tensor&)>& done) override {
     std::vector<std::pair<const at::Tensor*, Int8Matrix*>> targets;
     for (LlamaLayer& l : layers_) {
       targets.insert(targets.end(), {{&l.q_w, &l.q_i8}, {&l.k_w, &l.k_i8}, {&l.v_w, &l.v_i8}, {&l.o_w, &l.o_i8},
@@ -69,7 +69,7 @@ class Llama final : public CausalLm {
     }
     *summary = Int8Summary();
     for (const auto& [w, q] : targets) {
-      *q = core::QuantizeInt8(*w);
+      *q = w8a8 ? core::QuantizeW8A8(*w) : core::QuantizeInt8(*w);
       ++summary->matrices;
       summary->source_bytes += static_cast<int64_t>(w->nbytes());
       summary->bytes += q->bytes();

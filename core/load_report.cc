@@ -65,14 +65,15 @@ std::string LoadReport::ToText() const {
                   " bytes copied\n");
   absl::StrAppend(&out, "compute      ", compute_dtype, " on ", device, "\n");
   if (!weights_dtype.empty() && weights_dtype != compute_dtype) {
-    const std::string how = quantization == "int8"
+    const std::string how = quantization != "none" && !quantization.empty()
                                 ? std::string("embedding read in place; projections and lm_head quantized below")
                                 : absl::StrCat("matrices read in place, widened to ", compute_dtype);
     absl::StrAppend(&out, "weights      ", weights_dtype, " (", how, ")\n");
   }
   if (quantization != "none" && !quantization.empty()) {
     absl::StrAppend(&out, "quantized    ", quantization, ": ", quantized_tensors, " matrices, ", quantized_source_bytes,
-                    " -> ", quantized_bytes, " bytes (blocks of 32 inputs, a float32 scale each)\n");
+                    " -> ", quantized_bytes, " bytes (blocks of 32 inputs, a float32 scale each",
+                    quantization == "w8a8" ? "; inputs quantized per block of 32 at run time, int32 sums" : "", ")\n");
   }
   if (!kv_cache_dtype.empty()) absl::StrAppend(&out, "kv cache     ", kv_cache_dtype, "\n");
   for (const std::string& c : conversions) absl::StrAppend(&out, "converted    ", c, "\n");

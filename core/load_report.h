@@ -52,8 +52,8 @@ struct LoadReport {
   // float32 activations (--dtype auto).
   std::string weights_dtype;
   std::string kv_cache_dtype;  // The KV cache's dtype (--kv_cache_dtype), e.g. "bfloat16".
-  // --quantize: "none" or "int8". With int8, the matrices quantized (every projection and
-  // lm_head), their bytes as held before and the int8 copies' bytes (values and scales).
+  // --quantize: "none", "int8" or "w8a8". Otherwise, the matrices quantized (every projection
+  // and lm_head), their bytes as held before and the int8 copies' bytes (values and scales).
   std::string quantization = "none";
   int64_t quantized_tensors = 0;
   int64_t quantized_source_bytes = 0;

@@ -1073,7 +1073,7 @@ std::unique_ptr<core::Engine> LoadInt8Engine(const std::string& dir, const std::
   core::EngineOptions o;
   o.model_dir = dir;
   o.cpu_kernels = cpu_kernels;
-  o.dtype = quantize == "int8" ? "auto" : "float32";
+  o.dtype = quantize != "none" ? "auto" : "float32";
   o.quantize = quantize;
   o.kv_cache_dtype = "float32";
   core::LoadReport local;
@@ -1148,10 +1148,15 @@ TEST(Int8Test, ServesTheFloat32ModelOfItsDequantizedWeights) {
 // 11 or 12 of the 12 positions (near ties of a random model). These tiny random models (hidden 64, weights of std 0.15) have no outlier
 // structure for int8 to lose; the bound only has to catch a broken quantizer, which gives
 // errors of the logits' own size.
+// w8a8 quantizes each projection's input too, which on rows of 64 (two blocks) costs more:
+// 2.9-5.5% measured here, so its logits are held within 8%, with the same top-1 and greedy
+// bounds.
 TEST(Int8Test, StaysCloseToTheFloat32ModelAndKeepsTheReferenceContinuation) {
-  for (const char* fixture : {"llama_tied", "llama_untied", "qwen2_bias", "mistral_window"}) {
-    SCOPED_TRACE(fixture);
-    auto q = LoadInt8Engine(testing::Fixture(fixture), "int8");
+  for (const auto& [fixture, quantize] :
+       {std::pair{"llama_tied", "int8"}, {"llama_untied", "int8"}, {"qwen2_bias", "int8"}, {"mistral_window", "int8"},
+        {"llama_tied", "w8a8"}, {"llama_untied", "w8a8"}, {"qwen2_bias", "w8a8"}, {"mistral_window", "w8a8"}}) {
+    SCOPED_TRACE(absl::StrCat(fixture, " ", quantize));
+    auto q = LoadInt8Engine(testing::Fixture(fixture), quantize);
     auto f = LoadInt8Engine(testing::Fixture(fixture), "none");
     ASSERT_TRUE(q && f);
     const auto ref = testing::ReadJson(testing::Fixture(fixture) + "/reference.json");
@@ -1181,9 +1186,9 @@ TEST(Int8Test, StaysCloseToTheFloat32ModelAndKeepsTheReferenceContinuation) {
         };
         same_top += top(*lq) == top(*lf);
       }
-      std::printf("int8 %s %s: max |logit error| %.4f of max |logit| %.3f; top-1 equal at %zu of %zu positions\n",
-                  fixture, name.c_str(), err, range, same_top, prompt.size());
-      EXPECT_LT(err, 0.05 * range);
+      std::printf("%s %s %s: max |logit error| %.4f of max |logit| %.3f; top-1 equal at %zu of %zu positions\n",
+                  quantize, fixture, name.c_str(), err, range, same_top, prompt.size());
+      EXPECT_LT(err, (std::string(quantize) == "w8a8" ? 0.08 : 0.05) * range);
       EXPECT_GE(same_top * 10, prompt.size() * 8);
       if (name.empty()) {
         core::GenerateRequest req;
@@ -1198,6 +1203,19 @@ TEST(Int8Test, StaysCloseToTheFloat32ModelAndKeepsTheReferenceContinuation) {
       }
     }
   }
+}
+
+// Under w8a8 each row's activations are quantized with their own scales, so a batch of mixed
+// prompt lengths and adapters (prefill rows past the few-row kernels' limit included) gives
+// each row what it gets alone.
+TEST(Int8Test, W8A8BatchEqualsEachRowAlone) {
+  auto q = LoadInt8Engine(testing::Fixture("llama_tied"), "w8a8");
+  ASSERT_NE(q, nullptr);
+  std::vector<int32_t> long_prompt;
+  for (int32_t t = 0; t < 40; ++t) long_prompt.push_back((t * 37 + 5) % 250 + 1);
+  ExpectBatchEqualsRowsAlone(*q, {nullptr, *Load(*q, "lora_qv"), *Load(*q, "prefix_llama"), nullptr,
+                                  *Load(*q, "lora_all_rslora")},
+                             {{5, 9, 22}, {7, 7, 8}, {100, 3, 44, 19}, long_prompt, {250, 11}});
 }
 
 // Every adapter type on one GPT-2 base in one batch: soft prompts, prefixes, IA3, DoRA, a mix,

@@ -2,10 +2,12 @@
 """Benchmark (printed figures, not a test): what int8 weights cost in fidelity, measured with the
 independent PyTorch reference (tests/reference/reference_model.py) rather than adapterd.
 
-For a Llama-family MODEL_DIR it runs a fixed, seeded set of prompts through the reference three
+For a Llama-family MODEL_DIR it runs a fixed, seeded set of prompts through the reference four
 times: on the float32 weights, on the projection matrices and lm_head quantized per block of 32
 inputs (what `--quantize int8` serves: scale = max|w| / 127, q = round-half-even(w / scale)),
-and quantized per output channel (one scale per row, the other layout #11 names). For each
+quantized per output channel (one scale per row, the other layout #11 names), and per block of
+32 with every projection's input rows quantized the same way at run time (`--quantize w8a8`,
+llama.cpp's Q8_0 x Q8_0). For each
 scheme it prints the largest and the mean |logit error| against float32 (also relative to the
 largest |logit|), the top-1 agreement over every position, the mean KL divergence of the
 next-token distributions, and the bytes per weight.
@@ -40,6 +42,37 @@ def per_channel(w):
     return torch.round(w * inverse).clamp(-127, 127) * scale
 
 
+def per_block_rows(x):
+    """x's rows quantized per block of 32 along the last axis, as --quantize w8a8 quantizes a
+    projection's input at run time (the same formula as the weights), dequantized."""
+    shape = x.shape
+    v = x.reshape(-1, shape[-1] // BLOCK, BLOCK)
+    scale = v.abs().amax(-1) / 127.0
+    inverse = torch.where(scale > 0, 1.0 / scale, torch.zeros_like(scale))
+    return (torch.round(v * inverse[..., None]).clamp(-127, 127) * scale[..., None]).reshape(shape)
+
+
+class QuantizedInputs:
+    """A weight matrix in place of the reference's `w[name]`: the reference computes x @ w.T,
+    which comes here (torch hands an unknown right operand to its __rmatmul__) and multiplies
+    x's quantized rows by the weights. The block sums of integers are exact in float32 here as
+    in adapterd's int32, so only the order of the float steps differs."""
+
+    def __init__(self, weight):
+        self.weight = weight
+
+    @property
+    def T(self):
+        return self
+
+    def __rmatmul__(self, x):
+        return per_block_rows(x) @ self.weight.T
+
+
+def w8a8(w):
+    return QuantizedInputs(per_block(w))
+
+
 def quantized(state, cfg, fn):
     out = dict(state)
     if "lm_head.weight" not in out and cfg.get("tie_word_embeddings", False):
@@ -67,7 +100,8 @@ def main():
     base = [reference_model.llama_logits(cfg, state, ids) for ids in batch]
     print(f"model {model_dir}: {prompts} prompts x {length} tokens, float32 reference")
     for label, fn, bytes_per_weight in (("per block of 32 (--quantize int8)", per_block, 1 + 4 / BLOCK),
-                                        ("per output channel", per_channel, 1.0)):
+                                        ("per output channel", per_channel, 1.0),
+                                        ("w8a8, inputs too (--quantize w8a8)", w8a8, 1 + 4 / BLOCK)):
         w = quantized(state, cfg, fn)
         worst = total = count = agree = positions = kl = 0.0
         largest = 0.0

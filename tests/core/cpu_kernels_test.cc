@@ -2,12 +2,15 @@
 // the formulas), on every instruction set this machine supports.
 #include "core/cpu_kernels.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <fstream>
 #include <set>
 #include <sstream>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "gtest/gtest.h"
 
@@ -131,6 +134,105 @@ TEST_P(LinearTest, Int8DeclinesWhatItCannotTake) {
   EXPECT_FALSE(LinearInt8(at::randn({2, 48}), at::randint(-127, 128, {8, 48}, at::kChar), at::rand({8, 1}),
                           at::Tensor()).defined());  // Not whole blocks.
   EXPECT_FALSE(LinearInt8(at::randn({2, 64}), q, scales, at::randn({7})).defined());
+}
+
+// w8a8 written from its definition, one scalar at a time: x's rows quantized per block of 32
+// (s = max|x| / 127, q = round-half-even(x / s) as x·(1/s)), integer block sums, then per block
+// acc = fma(float(sum), xs·ws, acc) in order, plus the bias.
+at::Tensor W8A8Reference(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scales, const at::Tensor& b) {
+  const int64_t m = x.size(0), k = x.size(1), n = q.size(0), blocks = k / 32;
+  at::Tensor y = at::empty({m, n});
+  auto xa = x.accessor<float, 2>();
+  auto qa = q.accessor<int8_t, 2>();
+  auto sa = scales.accessor<float, 2>();
+  for (int64_t i = 0; i < m; ++i) {
+    std::vector<int> xq(k);
+    std::vector<float> xs(blocks);
+    for (int64_t bl = 0; bl < blocks; ++bl) {
+      float amax = 0;
+      for (int64_t t = 0; t < 32; ++t) amax = std::max(amax, std::fabs(xa[i][bl * 32 + t]));
+      xs[bl] = amax / 127.0f;
+      const float inverse = xs[bl] > 0 ? 1.0f / xs[bl] : 0.0f;
+      for (int64_t t = 0; t < 32; ++t) {
+        const float v = std::nearbyint(xa[i][bl * 32 + t] * inverse);
+        xq[bl * 32 + t] = static_cast<int>(std::min(127.0f, std::max(-127.0f, v)));
+      }
+    }
+    for (int64_t o = 0; o < n; ++o) {
+      float acc = 0;
+      for (int64_t bl = 0; bl < blocks; ++bl) {
+        int32_t sum = 0;
+        for (int64_t t = bl * 32; t < (bl + 1) * 32; ++t) sum += xq[t] * qa[o][t];
+        acc = std::fma(static_cast<float>(sum), xs[bl] * sa[o][bl], acc);
+      }
+      y[i][o] = b.defined() ? acc + b[o].item<float>() : acc;
+    }
+  }
+  return y;
+}
+
+// The panels of q [n, k] and scales [n, k / 32] (cpu_kernels_isa.h), element by element.
+std::pair<at::Tensor, at::Tensor> Panels(const at::Tensor& q, const at::Tensor& scales) {
+  const int64_t n = q.size(0), k = q.size(1), count = (n + 7) / 8;
+  at::Tensor panels = at::zeros({count, k / 4, 8, 4}, at::kChar);
+  at::Tensor panel_scales = at::zeros({count, k / 32, 8});
+  auto pa = panels.accessor<int8_t, 4>();
+  auto ps = panel_scales.accessor<float, 3>();
+  auto qa = q.accessor<int8_t, 2>();
+  auto sa = scales.accessor<float, 2>();
+  for (int64_t o = 0; o < n; ++o) {
+    for (int64_t t = 0; t < k; ++t) pa[o / 8][t / 4][o % 8][t % 4] = qa[o][t];
+    for (int64_t bl = 0; bl < k / 32; ++bl) ps[o / 8][bl][o % 8] = sa[o][bl];
+  }
+  return {panels, panel_scales};
+}
+
+// The w8a8 kernel equals its scalar definition bit for bit (the block sums are exact integers
+// and the float steps are the same operations), for row counts below and past the kernel's
+// row pairs, outputs that leave a short last panel, a row-strided x, with and without a bias;
+// and it stays near the float32 product of x and the dequantized weights.
+TEST_P(LinearTest, W8A8EqualsItsDefinitionBitForBit) {
+  at::manual_seed(12);
+  for (int64_t m : {1, 2, 3, 17, 40}) {
+    for (int64_t k : {32, 96, 768}) {
+      for (int64_t n : {1, 7, 8, 9, 101}) {
+        at::Tensor x = at::randn({m, k + 5}).narrow(1, 2, k);
+        x[0].narrow(0, 0, 32).zero_();  // An all-zero block: scale 0.
+        const at::Tensor q = at::randint(-127, 128, {n, k}, at::kChar);
+        const at::Tensor scales = at::rand({n, k / 32}) * 0.05;
+        const auto [panels, panel_scales] = Panels(q, scales);
+        const at::Tensor b = at::randn({n});
+        for (bool with_bias : {false, true}) {
+          const at::Tensor bias = with_bias ? b : at::Tensor();
+          const at::Tensor y = LinearW8A8(x, panels, panel_scales, n, bias);
+          ASSERT_TRUE(y.defined()) << m << "x" << k << "x" << n;
+          EXPECT_TRUE(at::equal(y, W8A8Reference(x.contiguous(), q, scales, bias)))
+              << m << "x" << k << "x" << n << " bias " << with_bias;
+          // Quantizing x costs at most half a step (s / 2) per input: bounded by the sum of
+          // |w|·s/2 over k (in double, against the dequantized weights).
+          const at::Tensor dequantized = (q.to(at::kFloat) * scales.repeat_interleave(32, 1)).to(at::kDouble);
+          const at::Tensor exact = at::linear(x.to(at::kDouble), dequantized, with_bias ? b.to(at::kDouble) : at::Tensor());
+          const at::Tensor step = x.abs().view({m, k / 32, 32}).amax(-1).div(127.0).repeat_interleave(32, 1);
+          const at::Tensor bound = at::linear(step.to(at::kDouble) * 0.5, dequantized.abs()) + 1e-4;
+          EXPECT_TRUE(((y.to(at::kDouble) - exact).abs() <= bound).all().item<bool>()) << m << "x" << k << "x" << n;
+        }
+      }
+    }
+  }
+}
+
+TEST_P(LinearTest, W8A8DeclinesWhatItCannotTake) {
+  const auto [panels, scales] = Panels(at::randint(-127, 128, {12, 64}, at::kChar), at::rand({12, 2}));
+  EXPECT_TRUE(LinearW8A8(at::randn({2, 64}), panels, scales, 12, at::Tensor()).defined());
+  EXPECT_TRUE(LinearW8A8(at::randn({2, 64}), panels, scales, 9, at::Tensor()).defined());
+  EXPECT_FALSE(LinearW8A8(at::randn({2, 64}), panels, scales, 17, at::Tensor()).defined());  // 3 panels.
+  EXPECT_FALSE(LinearW8A8(at::randn({2, 64}), panels, scales, 8, at::Tensor()).defined());   // 1 panel.
+  EXPECT_FALSE(LinearW8A8(at::randn({2, 96}), panels, scales, 12, at::Tensor()).defined());
+  EXPECT_FALSE(LinearW8A8(at::randn({2, 64}).to(at::kDouble), panels, scales, 12, at::Tensor()).defined());
+  EXPECT_FALSE(LinearW8A8(at::randn({2, 64}), panels.to(at::kFloat), scales, 12, at::Tensor()).defined());
+  EXPECT_FALSE(LinearW8A8(at::randn({2, 64}), panels, scales.to(at::kDouble), 12, at::Tensor()).defined());
+  EXPECT_FALSE(LinearW8A8(at::randn({2, 64}), panels, scales, 12, at::randn({11})).defined());
+  EXPECT_FALSE(LinearW8A8(at::randn({64, 2}).t(), panels, scales, 12, at::Tensor()).defined());  // Strided k.
 }
 
 TEST_P(LinearTest, DeclinesWhatItCannotTake) {

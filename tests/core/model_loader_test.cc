@@ -3,9 +3,12 @@
 #include <cmath>
 #include <cstring>
 #include <fstream>
+#include <utility>
+#include <vector>
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "core/cpu_kernels.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
@@ -175,12 +178,15 @@ TEST(ModelLoaderTest, AutoServesFloat32CheckpointsAsFloat32) {
 
 // --quantize int8 replaces every projection matrix and lm_head (tied or not) for the forward
 // pass and reports it; weights() keeps the originals, equal to the plain load's.
+// w8a8 holds the same values in panels of 8 rows (a short last panel padded with zeros).
 TEST(ModelLoaderTest, Int8QuantizesEveryProjectionAndLmHeadAndKeepsTheOriginals) {
-  for (const char* fixture : {"llama_tied", "llama_untied", "qwen2_bias", "llama_bf16"}) {
-    SCOPED_TRACE(fixture);
+  for (const auto& [fixture, quantize] :
+       {std::pair{"llama_tied", "int8"}, {"llama_untied", "int8"}, {"qwen2_bias", "int8"}, {"llama_bf16", "int8"},
+        {"llama_untied", "w8a8"}, {"llama_bf16", "w8a8"}}) {
+    SCOPED_TRACE(absl::StrCat(fixture, " ", quantize));
     LoadOptions o;
     o.compute_dtype = "auto";
-    o.quantize = "int8";
+    o.quantize = quantize;
     Loaded q = Load(fixture, o);
     ASSERT_TRUE(q.model.ok()) << q.model.status();
     Loaded f = Load(fixture);
@@ -193,15 +199,17 @@ TEST(ModelLoaderTest, Int8QuantizesEveryProjectionAndLmHeadAndKeepsTheOriginals)
       if (!projection) continue;
       ++matrices;
       source_bytes += w.nbytes();
-      bytes += w.numel() + w.numel() / 32 * 4;  // int8 values, a float32 scale per 32.
+      // int8 values, a float32 scale per 32; w8a8 counts whole panels of 8 rows.
+      const int64_t rows = std::string(quantize) == "w8a8" ? (w.size(0) + 7) / 8 * 8 : w.size(0);
+      bytes += rows * w.size(1) + rows * w.size(1) / 32 * 4;
     }
     EXPECT_EQ(matrices, 7 * c.num_layers + 1);
-    EXPECT_EQ(q.report.quantization, "int8");
+    EXPECT_EQ(q.report.quantization, quantize);
     EXPECT_EQ(q.report.quantized_tensors, matrices);
     EXPECT_EQ(q.report.quantized_source_bytes, source_bytes);
     EXPECT_EQ(q.report.quantized_bytes, bytes);
     EXPECT_EQ(q.report.ToJson()["quantized_bytes"], bytes);
-    EXPECT_THAT(q.report.ToText(), HasSubstr(absl::StrCat("quantized    int8: ", matrices, " matrices, ",
+    EXPECT_THAT(q.report.ToText(), HasSubstr(absl::StrCat("quantized    ", quantize, ": ", matrices, " matrices, ",
                                                           source_bytes, " -> ", bytes, " bytes")));
     if (std::string(fixture) == "llama_bf16") {
       EXPECT_THAT(q.report.ToText(),
@@ -228,7 +236,51 @@ TEST(ModelLoaderTest, Int8RefusesWhatItCannotServe) {
   o.quantize = "int4";
   Loaded int4 = Load("llama_tied", o);
   ASSERT_FALSE(int4.model.ok());
-  EXPECT_THAT(std::string(int4.model.status().message()), HasSubstr("quantize must be none or int8, got \"int4\""));
+  EXPECT_THAT(std::string(int4.model.status().message()),
+              HasSubstr("quantize must be none, int8 or w8a8, got \"int4\""));
+  o.quantize = "w8a8";
+  o.compute_dtype = "float16";
+  Loaded f16 = Load("llama_tied", o);
+  ASSERT_FALSE(f16.model.ok());
+  EXPECT_THAT(std::string(f16.model.status().message()), HasSubstr("quantize w8a8 needs float32 activations"));
+  o.compute_dtype = "auto";
+  Loaded gpt2_w8a8 = Load("gpt2", o);
+  ASSERT_FALSE(gpt2_w8a8.model.ok());
+  EXPECT_THAT(std::string(gpt2_w8a8.model.status().message()), HasSubstr("--quantize w8a8 serves Llama-family models"));
+}
+
+// QuantizeW8A8 lays QuantizeInt8's values and scales out in panels (UnpackPanels gives them
+// back, a short last panel's padding dropped), and its product (the CPU kernel, or ATen without
+// one) stays within the error of quantizing x: half a step of x per input, times |w|.
+TEST(ModelLoaderTest, W8A8PanelsHoldTheInt8ValuesAndBothPathsAgree) {
+  at::manual_seed(13);
+  for (int64_t n : {5, 8, 19}) {
+    const at::Tensor w = at::randn({n, 96}) * 0.2;
+    const Int8Matrix q = QuantizeInt8(w);
+    const Int8Matrix p = QuantizeW8A8(w);
+    EXPECT_EQ(p.out, n);
+    EXPECT_EQ(p.panels.sizes(), (std::vector<int64_t>{(n + 7) / 8, 24, 8, 4}));
+    const Int8Matrix u = UnpackPanels(p, 0, n);
+    EXPECT_TRUE(at::equal(u.q, q.q));
+    EXPECT_TRUE(at::equal(u.scales, q.scales));
+    if (n > 8) {
+      EXPECT_TRUE(at::equal(UnpackPanels(p, 8, n - 8).q, q.q.narrow(0, 8, n - 8)));
+    }
+    const at::Tensor x = at::randn({3, 96});
+    const at::Tensor b = at::randn({n});
+    const at::Tensor kernel = LinearForward(x, p, b);
+    ASSERT_TRUE(cpu::SelectIsa(cpu::Isa::kNone));
+    const at::Tensor aten = LinearForward(x, p, b);
+    cpu::SelectIsa(cpu::SupportedIsa());
+    const at::Tensor dequantized = DequantizeInt8(q, 0, n).to(at::kDouble);
+    const at::Tensor exact = at::linear(x.to(at::kDouble), dequantized, b.to(at::kDouble));
+    const at::Tensor step = x.abs().view({3, 3, 32}).amax(-1).div(127.0).repeat_interleave(32, 1);
+    const at::Tensor bound = at::linear(step.to(at::kDouble) * 0.5, dequantized.abs()) + 1e-4;
+    EXPECT_TRUE(((kernel.to(at::kDouble) - exact).abs() <= bound).all().item<bool>());
+    EXPECT_TRUE(((aten.to(at::kDouble) - exact).abs() <= bound).all().item<bool>());
+    // The two differ only in how the per-block terms are added up.
+    EXPECT_TRUE(at::allclose(kernel, aten, 1e-5, 1e-5)) << (kernel - aten).abs().max();
+  }
 }
 
 // The quantizer follows its formula, computed here element by element: per block of 32,
