@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <utility>
 
 #include "absl/strings/str_cat.h"
 #include "core/cpu_kernels.h"
@@ -74,6 +75,21 @@ bool Int8Quantizable(const at::Tensor& w) {
   return w.defined() && w.dim() == 2 && w.size(1) % cpu::kInt8Block == 0;
 }
 
+namespace {
+
+// Rows [r, k] (any floating dtype, k a multiple of 32) quantized per block of 32: scale =
+// max|x| / 127 ([r, k / 32] float32) and the values round-half-even(x · (1 / scale)), clamped
+// to ±127 ([r, k / 32, 32], integer-valued float32); 0 where a block is all zeros. The weights
+// at load and, under w8a8 without the CPU kernel, the activations at run time.
+std::pair<at::Tensor, at::Tensor> QuantizeBlocks(const at::Tensor& rows) {
+  const at::Tensor x = rows.to(at::kFloat).reshape({rows.size(0), rows.size(1) / cpu::kInt8Block, cpu::kInt8Block});
+  at::Tensor scale = x.abs().amax(-1).div_(127.0f);
+  const at::Tensor inverse = at::where(scale > 0, scale.reciprocal(), at::zeros_like(scale));
+  return {x.mul(inverse.unsqueeze(-1)).round_().clamp_(-127, 127), scale};
+}
+
+}  // namespace
+
 Int8Matrix QuantizeInt8(const at::Tensor& w) {
   const int64_t n = w.size(0), k = w.size(1), blocks = k / cpu::kInt8Block;
   Int8Matrix m;
@@ -82,10 +98,8 @@ Int8Matrix QuantizeInt8(const at::Tensor& w) {
   const int64_t rows = std::max<int64_t>(1, kWidenBytes / std::max<int64_t>(1, k * 4));
   for (int64_t r0 = 0; r0 < n; r0 += rows) {
     const int64_t nr = std::min(rows, n - r0);
-    const at::Tensor x = w.narrow(0, r0, nr).to(at::kFloat).view({nr, blocks, cpu::kInt8Block});
-    const at::Tensor scale = x.abs().amax(-1).div_(127.0f);  // [nr, blocks]
-    const at::Tensor inverse = at::where(scale > 0, scale.reciprocal(), at::zeros_like(scale));
-    m.q.narrow(0, r0, nr).copy_(x.mul(inverse.unsqueeze(-1)).round_().clamp_(-127, 127).view({nr, k}));
+    const auto [q, scale] = QuantizeBlocks(w.narrow(0, r0, nr));
+    m.q.narrow(0, r0, nr).copy_(q.view({nr, k}));
     m.scales.narrow(0, r0, nr).copy_(scale);
   }
   return m;
@@ -139,11 +153,9 @@ namespace {
 // products whose sums stay exact (|sum| <= 32·127·127 < 2^24), scaled by both scales.
 at::Tensor W8A8Linear(const at::Tensor& x, const Int8Matrix& w, const at::Tensor& b) {
   constexpr int64_t kPanel = cpu::kW8A8Panel;
-  const int64_t m = x.size(0), k = x.size(1), blocks = k / cpu::kInt8Block, n = w.out;
-  const at::Tensor xv = x.to(at::kFloat).reshape({m, blocks, cpu::kInt8Block});
-  const at::Tensor xs = xv.abs().amax(-1).div_(127.0f);  // [m, blocks]
-  const at::Tensor inverse = at::where(xs > 0, xs.reciprocal(), at::zeros_like(xs));
-  const at::Tensor xq = xv.mul(inverse.unsqueeze(-1)).round_().clamp_(-127, 127).permute({1, 0, 2});  // [blocks, m, 32]
+  const int64_t m = x.size(0), blocks = x.size(1) / cpu::kInt8Block, n = w.out;
+  const auto [values, xs] = QuantizeBlocks(x);      // [m, blocks, 32], [m, blocks]
+  const at::Tensor xq = values.permute({1, 0, 2});  // [blocks, m, 32]
   at::Tensor y = at::empty({m, n}, x.options().dtype(at::kFloat));
   // Output rows per pass: the [blocks, m, rows] products within ~64 MiB.
   const int64_t per = std::max<int64_t>(1, (int64_t{64} << 20) / std::max<int64_t>(1, blocks * m * 4 * kPanel));

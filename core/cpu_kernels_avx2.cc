@@ -131,7 +131,6 @@ void W8A8Rows(const W8A8Args& a, int64_t p) {
   if (i < a.m) W8A8Tile<1, P>(a, i, p);
 }
 
-
 }  // namespace
 
 void LinearAvx2(const LinearArgs& args, int64_t n0, int64_t n1) { LinearTiles(args, n0, n1); }
