@@ -22,6 +22,22 @@ Isa Detect() {
   return Isa::kNone;
 }
 
+// AVX-512 VNNI with the VL (256-bit forms) and BW extensions: the w8a8 kernel's vpdpbusd.
+bool DetectVnni() {
+#if defined(ADAPTERD_X86_KERNELS)
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl") &&
+         __builtin_cpu_supports("avx512bw");
+#else
+  return false;
+#endif
+}
+
+bool HasVnni() {
+  static const bool vnni = DetectVnni();
+  return vnni;
+}
+
 std::atomic<Isa>& Selected() {
   static std::atomic<Isa> isa{Detect()};
   return isa;
@@ -102,6 +118,15 @@ bool IsaFromName(const std::string& name, Isa* isa) {
     }
   }
   return false;
+}
+
+const char* W8A8KernelName() {
+  switch (SelectedIsa()) {
+    case Isa::kNone: return "none";
+    case Isa::kAvx2: return "avx2";
+    case Isa::kAvx512: return HasVnni() ? "avx512vnni" : "avx2";
+  }
+  return "?";
 }
 
 namespace {
@@ -202,8 +227,9 @@ at::Tensor LinearW8A8(const at::Tensor& x, const at::Tensor& panels, const at::T
   // Six panels (48 outputs) a task for a few rows; one when many rows make each panel a lot
   // of work.
   const int64_t chunk = m >= 16 ? 1 : 6;
+  auto* kernel = SelectedIsa() == Isa::kAvx512 && HasVnni() ? &W8A8Vnni : &W8A8Avx2;
   ForChunks(count, chunk, count * kW8A8Panel * k * m >= 2 * kParallelWork,
-            [&](int64_t begin, int64_t end) { W8A8Avx2(args, begin, end); });
+            [&](int64_t begin, int64_t end) { kernel(args, begin, end); });
   return y;
 }
 

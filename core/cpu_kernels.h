@@ -73,6 +73,10 @@ at::Tensor LinearInt8(const at::Tensor& x, const at::Tensor& q, const at::Tensor
 // shapes that do not match.
 at::Tensor LinearW8A8(const at::Tensor& x, const at::Tensor& panels, const at::Tensor& panel_scales, int64_t n,
                       const at::Tensor& b);
+// The kernel LinearW8A8() runs now: "avx512vnni" (AVX-512 selected on a CPU with AVX-512 VNNI,
+// VL and BW: vpdpbusd), "avx2" (vpmaddubsw; AVX2 selected, or AVX-512 without VNNI) or "none".
+// Both give the same results bit for bit.
+const char* W8A8KernelName();
 
 // The rows [offset, offset + length) of a packed batch that one LoRA adapter applies to, with
 // its factors: a [rank, in] and bt = Bᵀ [rank, out], float32 or bfloat16, and the scaling

@@ -57,79 +57,15 @@ struct Vec {
 
 #include "core/cpu_kernels_impl.inc"
 
-// The w8a8 kernel (cpu_kernels_isa.h). It is AVX2 only: an AVX-512 CPU runs it too.
+// The w8a8 kernel (cpu_kernels_isa.h), for CPUs without VNNI: vpmaddubsw pairs, vpmaddwd to
+// int32, then an add. Two rows a tile, as the 16 registers allow.
+struct Int8Dot {
+  static __m256i Add(__m256i sums, __m256i u, __m256i s) {
+    return _mm256_add_epi32(sums, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
+  }
+};
 
-// Rows R × panels P of W8A8Args: per block of 32 inputs, an int32 sum per (row, output) from
-// 8 groups of 4 inputs, then one float fma per block. The products take the usual trick for
-// an unsigned × signed byte multiply (vpmaddubsw): |x| times w with x's sign moved onto w,
-// exact since |x|, |w| <= 127 keep each pair's sum within int16.
-template <int R, int P>
-void W8A8Tile(const W8A8Args& a, int64_t i0, int64_t p) {
-  const int64_t blocks = a.k / kInt8Block;
-  const int8_t* w[P];
-  const float* ws[P];
-  for (int j = 0; j < P; ++j) {
-    w[j] = a.panels + (p + j) * a.k * kW8A8Panel;
-    ws[j] = a.panel_scales + (p + j) * blocks * kW8A8Panel;
-  }
-  const int8_t* xq[R];
-  const uint8_t* xm[R];
-  const float* xs[R];
-  for (int i = 0; i < R; ++i) {
-    xq[i] = a.x.q + (i0 + i) * a.k;
-    xm[i] = a.x.magnitude + (i0 + i) * a.k;
-    xs[i] = a.x.scales + (i0 + i) * blocks;
-  }
-  const __m256i ones = _mm256_set1_epi16(1);
-  __m256 acc[R][P];
-  for (int i = 0; i < R; ++i) {
-    for (int j = 0; j < P; ++j) acc[i][j] = _mm256_setzero_ps();
-  }
-  for (int64_t b = 0; b < blocks; ++b) {
-    __m256i sums[R][P];
-    for (int i = 0; i < R; ++i) {
-      for (int j = 0; j < P; ++j) sums[i][j] = _mm256_setzero_si256();
-    }
-    for (int64_t k = b * kInt8Block; k < (b + 1) * kInt8Block; k += 4) {
-      __m256i wv[P];
-      for (int j = 0; j < P; ++j) wv[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w[j] + k * kW8A8Panel));
-      for (int i = 0; i < R; ++i) {
-        int32_t q4, m4;
-        __builtin_memcpy(&q4, xq[i] + k, 4);
-        __builtin_memcpy(&m4, xm[i] + k, 4);
-        const __m256i sign = _mm256_set1_epi32(q4);
-        const __m256i magnitude = _mm256_set1_epi32(m4);
-        for (int j = 0; j < P; ++j) {
-          const __m256i pairs = _mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(wv[j], sign));
-          sums[i][j] = _mm256_add_epi32(sums[i][j], _mm256_madd_epi16(pairs, ones));
-        }
-      }
-    }
-    for (int j = 0; j < P; ++j) {
-      const __m256 scale = _mm256_loadu_ps(ws[j] + b * kW8A8Panel);
-      for (int i = 0; i < R; ++i) {
-        const __m256 d = _mm256_mul_ps(scale, _mm256_set1_ps(xs[i][b]));
-        acc[i][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums[i][j]), Vec::Materialize(d), acc[i][j]);
-      }
-    }
-  }
-  for (int i = 0; i < R; ++i) {
-    for (int j = 0; j < P; ++j) {
-      alignas(32) float out[kW8A8Panel];
-      _mm256_store_ps(out, acc[i][j]);
-      const int64_t n0 = (p + j) * kW8A8Panel;
-      float* y = a.y + (i0 + i) * a.ldy + n0;
-      for (int64_t o = 0; o < kW8A8Panel && n0 + o < a.n; ++o) y[o] = a.b != nullptr ? out[o] + a.b[n0 + o] : out[o];
-    }
-  }
-}
-
-template <int P>
-void W8A8Rows(const W8A8Args& a, int64_t p) {
-  int64_t i = 0;
-  for (; i + 2 <= a.m; i += 2) W8A8Tile<2, P>(a, i, p);
-  if (i < a.m) W8A8Tile<1, P>(a, i, p);
-}
+#include "core/cpu_kernels_w8a8.inc"
 
 }  // namespace
 
@@ -137,11 +73,7 @@ void LinearAvx2(const LinearArgs& args, int64_t n0, int64_t n1) { LinearTiles(ar
 void AttendAvx2(const AttendArgs& args) { AttendHead(args); }
 void ExpandAvx2(const ExpandArgs& args, int64_t o0, int64_t o1) { Expand(args, o0, o1); }
 
-void W8A8Avx2(const W8A8Args& args, int64_t p0, int64_t p1) {
-  int64_t p = p0;
-  for (; p + 2 <= p1; p += 2) W8A8Rows<2>(args, p);
-  if (p < p1) W8A8Rows<1>(args, p);
-}
+void W8A8Avx2(const W8A8Args& args, int64_t p0, int64_t p1) { W8A8Panels<2>(args, p0, p1); }
 
 void QuantizeRowsAvx2(const float* x, int64_t ldx, int64_t m, int64_t k, const QuantizedRows& out) {
   const int64_t blocks = k / kInt8Block;

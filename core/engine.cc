@@ -167,6 +167,7 @@ int64_t Engine::kv_bytes_per_position() const {
 int64_t Engine::context_length() const { return model_->config().max_position_embeddings; }
 int Engine::threads() { return at::get_num_threads(); }
 const char* Engine::cpu_kernels() { return cpu::IsaName(cpu::SelectedIsa()); }
+const char* Engine::w8a8_kernel() { return cpu::W8A8KernelName(); }
 
 absl::Status Engine::OpenCache(Sequence::State& s, int64_t capacity, bool count_reuse) const {
   const int64_t virtual_tokens = s.adapter ? s.adapter->virtual_tokens() : 0;

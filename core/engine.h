@@ -130,6 +130,8 @@ class Engine {
   static int threads();
   // Returns the instruction set of the CPU kernels in use ("avx512f", "avx2" or "none").
   static const char* cpu_kernels();
+  // Returns the kernel of --quantize w8a8's products ("avx512vnni", "avx2" or "none": ATen).
+  static const char* w8a8_kernel();
 
   // Opens a sequence for `prompt`, run with `adapter` (null: the base model). InvalidArgument
   // for an empty prompt, an id outside the vocabulary, a prompt that (with the adapter's

@@ -144,8 +144,8 @@ int main(int argc, char** argv) {
   const double limit = bw / weight_bytes;
   const double read_bw = ReadBandwidth(threads);
   const double read_limit = read_bw / weight_bytes;
-  std::printf("threads          %d, CPU kernels %s\n", adapterd::core::Engine::threads(),
-              adapterd::core::Engine::cpu_kernels());
+  std::printf("threads          %d, CPU kernels %s, w8a8 kernel %s\n", adapterd::core::Engine::threads(),
+              adapterd::core::Engine::cpu_kernels(), adapterd::core::Engine::w8a8_kernel());
   std::printf("decode           %.2f tokens/s (%.2f ms/token over %d tokens)\n", tps,
               1e3 * decode_s / new_tokens, new_tokens);
   std::printf("peak RSS         %.0f MB (after load and decode)\n", peak_rss_mb);

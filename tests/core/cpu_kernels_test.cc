@@ -187,13 +187,13 @@ std::pair<at::Tensor, at::Tensor> Panels(const at::Tensor& q, const at::Tensor& 
   return {panels, panel_scales};
 }
 
-// The w8a8 kernel equals its scalar definition bit for bit (the block sums are exact integers
-// and the float steps are the same operations), for row counts below and past the kernel's
-// row pairs, outputs that leave a short last panel, a row-strided x, with and without a bias;
+// The w8a8 kernel (each of them: AVX2's, and VNNI's where the CPU has it) equals its scalar
+// definition bit for bit (the block sums are exact integers and the float steps are the same
+// operations), for row counts below and past the kernels' row tiles (2 and 4), outputs that leave a short last panel, a row-strided x, with and without a bias;
 // and it stays near the float32 product of x and the dequantized weights.
 TEST_P(LinearTest, W8A8EqualsItsDefinitionBitForBit) {
   at::manual_seed(12);
-  for (int64_t m : {1, 2, 3, 17, 40}) {
+  for (int64_t m : {1, 2, 3, 6, 17, 40}) {
     for (int64_t k : {32, 96, 768}) {
       for (int64_t n : {1, 7, 8, 9, 101}) {
         at::Tensor x = at::randn({m, k + 5}).narrow(1, 2, k);
@@ -618,6 +618,7 @@ TEST(CpuKernelsTest, NoneTurnsTheKernelsOff) {
 
 TEST(CpuKernelsTest, DetectsWhatTheKernelReportsInProcCpuinfo) {
   Isa want = Isa::kNone;
+  bool vnni = false;
 #if defined(__x86_64__)
   std::ifstream in("/proc/cpuinfo");
   std::string line;
@@ -634,8 +635,19 @@ TEST(CpuKernelsTest, DetectsWhatTheKernelReportsInProcCpuinfo) {
   } else if (flags.count("avx2") && flags.count("fma")) {
     want = Isa::kAvx2;
   }
+  vnni = flags.count("avx512_vnni") && flags.count("avx512vl") && flags.count("avx512bw");
 #endif
   EXPECT_EQ(IsaName(SupportedIsa()), std::string(IsaName(want)));
+  // The w8a8 kernel: vpdpbusd where AVX-512 comes with VNNI, else AVX2's, and the AVX2 one
+  // whenever AVX2 is selected.
+  ASSERT_TRUE(SelectIsa(SupportedIsa()));
+  const char* w8a8 = want == Isa::kNone ? "none" : want == Isa::kAvx512 && vnni ? "avx512vnni" : "avx2";
+  EXPECT_STREQ(W8A8KernelName(), w8a8);
+  if (want != Isa::kNone) {
+    ASSERT_TRUE(SelectIsa(Isa::kAvx2));
+    EXPECT_STREQ(W8A8KernelName(), "avx2");
+    ASSERT_TRUE(SelectIsa(SupportedIsa()));
+  }
 }
 
 TEST(CpuKernelsTest, SelectsAnInstructionSetOnlyWhenTheCpuHasIt) {
