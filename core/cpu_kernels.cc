@@ -225,9 +225,10 @@ at::Tensor LinearW8A8(const at::Tensor& x, const at::Tensor& panels, const at::T
   args.y = y.data_ptr<float>();
   args.ldy = n;
   // Six panels (48 outputs) a task for a few rows; one when many rows make each panel a lot
-  // of work.
-  const int64_t chunk = m >= 16 ? 1 : 6;
-  auto* kernel = SelectedIsa() == Isa::kAvx512 && HasVnni() ? &W8A8Vnni : &W8A8Avx2;
+  // of work. The VNNI kernel takes multiples of four (its 512-bit tiles).
+  const bool vnni = SelectedIsa() == Isa::kAvx512 && HasVnni();
+  const int64_t chunk = m >= 16 ? (vnni ? 4 : 1) : (vnni ? 8 : 6);
+  auto* kernel = vnni ? &W8A8Vnni : &W8A8Avx2;
   ForChunks(count, chunk, count * kW8A8Panel * k * m >= 2 * kParallelWork,
             [&](int64_t begin, int64_t end) { kernel(args, begin, end); });
   return y;

@@ -138,7 +138,10 @@ struct W8A8Args {
 // Quantizes rows i < m of x (k a multiple of kInt8Block) into `out`'s arrays.
 void QuantizeRowsAvx2(const float* x, int64_t ldx, int64_t m, int64_t k, const QuantizedRows& out);
 void W8A8Avx2(const W8A8Args& args, int64_t p0, int64_t p1);
-// The same sums with AVX-512 VNNI's vpdpbusd: bit for bit W8A8Avx2's results.
+// The same sums with AVX-512 VNNI's vpdpbusd: bit for bit W8A8Avx2's results. From
+// kW8A8WideRows rows on, runs of four panels take 512-bit vectors (and tasks should hand it
+// panels four at a time).
+inline constexpr int64_t kW8A8WideRows = 4;
 void W8A8Vnni(const W8A8Args& args, int64_t p0, int64_t p1);
 
 void LinearAvx512(const LinearArgs& args, int64_t n0, int64_t n1);

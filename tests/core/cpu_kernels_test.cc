@@ -189,13 +189,15 @@ std::pair<at::Tensor, at::Tensor> Panels(const at::Tensor& q, const at::Tensor& 
 
 // The w8a8 kernel (each of them: AVX2's, and VNNI's where the CPU has it) equals its scalar
 // definition bit for bit (the block sums are exact integers and the float steps are the same
-// operations), for row counts below and past the kernels' row tiles (2 and 4), outputs that leave a short last panel, a row-strided x, with and without a bias;
+// operations), for row counts below and past the kernels' row tiles (2 and 4), runs of
+// panels the VNNI kernel takes four at a time in 512-bit vectors (with a short last panel
+// inside a run, n = 30, and outside, n = 101) or one by one, outputs that leave a short last panel, a row-strided x, with and without a bias;
 // and it stays near the float32 product of x and the dequantized weights.
 TEST_P(LinearTest, W8A8EqualsItsDefinitionBitForBit) {
   at::manual_seed(12);
   for (int64_t m : {1, 2, 3, 6, 17, 40}) {
     for (int64_t k : {32, 96, 768}) {
-      for (int64_t n : {1, 7, 8, 9, 101}) {
+      for (int64_t n : {1, 7, 8, 9, 30, 101}) {
         at::Tensor x = at::randn({m, k + 5}).narrow(1, 2, k);
         x[0].narrow(0, 0, 32).zero_();  // An all-zero block: scale 0.
         const at::Tensor q = at::randint(-127, 128, {n, k}, at::kChar);
