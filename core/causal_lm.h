@@ -87,10 +87,10 @@ class SequenceAdapter {
   virtual const at::Tensor* OutputEmbedding() const { return nullptr; }
 };
 
-// A weight matrix quantized to int8 (`--quantize int8`): symmetric, one float32 scale per
+// A weight matrix quantized to int8 (`--quantize int8_weight_only`): symmetric, one float32 scale per
 // block of 32 inputs as llama.cpp's Q8_0 (which stores it in float16). q [out, in] int8,
 // scales [out, in / 32] float32; weight (n, k) stands for float(q[n, k])·scales[n, k / 32].
-// `--quantize w8a8` holds the same values in the w8a8 kernel's layout instead (q and scales
+// `--quantize int8` holds the same values in the w8a8 kernel's layout instead (q and scales
 // then undefined): panels [ceil(out / 8), in / 4, 8, 4] int8 and panel_scales [ceil(out / 8),
 // in / 32, 8] float32, for `out` rows (cpu::LinearW8A8), and its forward pass quantizes the
 // activations too.
@@ -115,7 +115,7 @@ Int8Matrix QuantizeInt8(const at::Tensor& w);
 // Returns rows [row0, row0 + rows) of the matrix `m` stands for, in float32: float(q)·scale,
 // rounded once, which is what the CPU kernel multiplies by.
 at::Tensor DequantizeInt8(const Int8Matrix& m, int64_t row0, int64_t rows);
-// Returns QuantizeInt8(w)'s values and scales in panels (Int8Matrix, `--quantize w8a8`).
+// Returns QuantizeInt8(w)'s values and scales in panels (Int8Matrix, `--quantize int8`).
 Int8Matrix QuantizeW8A8(const at::Tensor& w);
 // Returns rows [row0, row0 + rows) (row0 and rows multiples of 8, or rows reaching the end) of
 // a panel matrix in QuantizeInt8's layout: q [rows, in] and scales [rows, in / 32].
@@ -208,9 +208,9 @@ class CausalLm {
     int64_t source_bytes = 0;
     int64_t bytes = 0;
   };
-  // `--quantize int8`: the forward pass reads every projection matrix and the output
-  // projection from int8 copies (QuantizeInt8; with `w8a8`, QuantizeW8A8: the activations
-  // are quantized too) from now on; weights() keeps the originals,
+  // `--quantize int8_weight_only` and `int8`: the forward pass reads every projection matrix
+  // and the output projection from int8 copies (QuantizeInt8; with `w8a8` (`--quantize int8`),
+  // QuantizeW8A8: the activations are quantized too) from now on; weights() keeps the originals,
   // which adapters read (DoRA's norms, saved-module checks) and embeddings are looked up in.
   // Returns false, changing nothing, for an architecture without an int8 path (GPT-2) or a
   // matrix whose input width is not a multiple of 32. `done`, when given, is called with each

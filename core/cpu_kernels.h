@@ -64,7 +64,7 @@ at::Tensor Linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b)
 // bit. Undefined when the kernel does not apply.
 at::Tensor LinearInt8(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scales, const at::Tensor& b);
 
-// `--quantize w8a8`: y = x·Wᵀ + b for the [n, k] int8 matrix held as panels ([ceil(n / 8),
+// `--quantize int8` (w8a8): y = x·Wᵀ + b for the [n, k] int8 matrix held as panels ([ceil(n / 8),
 // k / 4, 8, 4] int8, contiguous) and their scales ([ceil(n / 8), k / 32, 8] float32, contiguous;
 // see cpu_kernels_isa.h), with x's rows quantized per block of 32 inputs as the weights are and
 // every block's products summed exactly in int32 (W8A8Args says how the float steps round).

@@ -105,7 +105,7 @@ inline constexpr int64_t kAttendRows = 16;
 // Keys per tile: 64 × head_dim 128 in float32 is 32 KB.
 inline constexpr int64_t kAttendKeys = 64;
 
-// `--quantize w8a8`: int8 weights times int8 activations, summed in int32. The weights of
+// `--quantize int8` (w8a8): int8 weights times int8 activations, summed in int32. The weights of
 // outputs [8p, 8p + 8) form panel p: [k / 4][8][4] int8, the four consecutive inputs of each
 // output side by side (a 32-byte load covers 8 outputs × 4 inputs), then the panel's scales
 // [k / kInt8Block][8] float32. Outputs past n in the last panel are zero.

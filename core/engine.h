@@ -82,7 +82,7 @@ struct EngineOptions {
   // supports), "avx512f", "avx2" or "none" (ATen/BLAS only). Process-wide.
   std::string cpu_kernels = "auto";
   bool map_weights = true;  // See LoadOptions::map_weights (core/model_loader.h).
-  std::string quantize = "none";  // "none" | "int8" | "w8a8": see LoadOptions::quantize.
+  std::string quantize = "none";  // "none" | "int8" | "int8_weight_only": see LoadOptions::quantize.
   // The dtype of the KV cache: "auto" (the dtype the weights are served in, `dtype`),
   // "float32", "bfloat16" or "float16". A half-precision cache holds twice the positions in
   // the same bytes; attention reads it in the compute dtype.
@@ -130,7 +130,7 @@ class Engine {
   static int threads();
   // Returns the instruction set of the CPU kernels in use ("avx512f", "avx2" or "none").
   static const char* cpu_kernels();
-  // Returns the kernel of --quantize w8a8's products ("avx512vnni", "avx2" or "none": ATen).
+  // Returns the kernel of --quantize int8's (w8a8) products ("avx512vnni", "avx2" or "none": ATen).
   static const char* w8a8_kernel();
 
   // Opens a sequence for `prompt`, run with `adapter` (null: the base model). InvalidArgument

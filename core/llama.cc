@@ -13,7 +13,7 @@ struct LlamaLayer {
   at::Tensor input_norm, post_norm;
   at::Tensor q_w, q_b, k_w, k_b, v_w, v_b, o_w, o_b;
   at::Tensor gate_w, gate_b, up_w, up_b, down_w, down_b;
-  // --quantize int8: the matrices above as the forward pass reads them instead.
+  // --quantize int8 / int8_weight_only: the matrices above as the forward pass reads them instead.
   Int8Matrix q_i8, k_i8, v_i8, o_i8, gate_i8, up_i8, down_i8;
   int64_t window = 0;
 };

@@ -74,7 +74,9 @@ std::string LoadReport::ToText() const {
   if (quantized) {
     absl::StrAppend(&out, "quantized    ", quantization, ": ", quantized_tensors, " matrices, ", quantized_source_bytes,
                     " -> ", quantized_bytes, " bytes (blocks of 32 inputs, a float32 scale each",
-                    quantization == "w8a8" ? "; inputs quantized per block of 32 at run time, int32 sums" : "", ")\n");
+                    quantization == "int8" ? "; inputs quantized per block of 32 at run time, int32 sums"
+                                           : "; float32 inputs times the dequantized weights",
+                    ")\n");
   }
   if (!kv_cache_dtype.empty()) absl::StrAppend(&out, "kv cache     ", kv_cache_dtype, "\n");
   for (const std::string& c : conversions) absl::StrAppend(&out, "converted    ", c, "\n");

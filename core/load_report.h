@@ -52,7 +52,7 @@ struct LoadReport {
   // float32 activations (--dtype auto).
   std::string weights_dtype;
   std::string kv_cache_dtype;  // The KV cache's dtype (--kv_cache_dtype), e.g. "bfloat16".
-  // --quantize: "none", "int8" or "w8a8". Otherwise, the matrices quantized (every projection
+  // --quantize: "none", "int8" (inputs quantized too) or "int8_weight_only". Otherwise, the matrices quantized (every projection
   // and lm_head), their bytes as held before and the int8 copies' bytes (values and scales).
   std::string quantization = "none";
   int64_t quantized_tensors = 0;

@@ -211,12 +211,14 @@ absl::StatusOr<std::unique_ptr<CausalLm>> LoadModel(const std::string& dir,
   report->compute_dtype = options.compute_dtype;
   report->device = options.device;
   ASSIGN_OR_RETURN(at::TensorOptions tensor_options, ComputeOptions(options));
-  if (options.quantize != "none" && options.quantize != "int8" && options.quantize != "w8a8") {
+  // "w8a8" (its earlier name) is "int8".
+  const std::string quantize = options.quantize == "w8a8" ? "int8" : options.quantize;
+  if (quantize != "none" && quantize != "int8" && quantize != "int8_weight_only") {
     return absl::InvalidArgumentError(
-        absl::StrCat("quantize must be none, int8 or w8a8, got \"", options.quantize, "\""));
+        absl::StrCat("quantize must be none, int8 or int8_weight_only, got \"", options.quantize, "\""));
   }
-  if (options.quantize != "none" && tensor_options.dtype().toScalarType() != at::kFloat) {
-    return absl::InvalidArgumentError(absl::StrCat("quantize ", options.quantize,
+  if (quantize != "none" && tensor_options.dtype().toScalarType() != at::kFloat) {
+    return absl::InvalidArgumentError(absl::StrCat("quantize ", quantize,
                                                    " needs float32 activations (dtype auto or float32), not ",
                                                    options.compute_dtype));
   }
@@ -378,7 +380,7 @@ absl::StatusOr<std::unique_ptr<CausalLm>> LoadModel(const std::string& dir,
   }
   // The KV cache defaults to the dtype the weights are served in.
   if (!kept.empty()) model->set_kv_dtype(*kept.begin());
-  if (options.quantize != "none") {
+  if (quantize != "none") {
     CausalLm::Int8Summary summary;
     // Matrices read in place from the mapping give their pages back as soon as they are
     // quantized: the forward pass no longer touches them (the loader's scan did), and an
@@ -390,7 +392,7 @@ absl::StatusOr<std::unique_ptr<CausalLm>> LoadModel(const std::string& dir,
     };
     bool done = false;
     try {
-      done = model->QuantizeInt8(options.quantize == "w8a8", &summary, release);
+      done = model->QuantizeInt8(/*w8a8=*/quantize == "int8", &summary, release);
     } catch (const std::exception& e) {
       finish();
       return absl::InternalError(absl::StrCat(dir, ": quantizing to int8 failed: ", TorchErrorMessage(e)));
@@ -398,11 +400,11 @@ absl::StatusOr<std::unique_ptr<CausalLm>> LoadModel(const std::string& dir,
     if (!done) {
       finish();
       return absl::FailedPreconditionError(absl::StrCat(
-          dir, ": --quantize ", options.quantize,
+          dir, ": --quantize ", quantize,
           " serves Llama-family models whose matrices' input widths are multiples of 32; ",
           config.architecture_name, " (hidden ", config.hidden_size, ") is not one"));
     }
-    report->quantization = options.quantize;
+    report->quantization = quantize;
     report->quantized_tensors = summary.matrices;
     report->quantized_source_bytes = summary.source_bytes;
     report->quantized_bytes = summary.bytes;

@@ -28,9 +28,10 @@ struct LoadOptions {
   // Map the weight files (zero copy; update them only by atomic rename while serving), or
   // read them into private memory (immune to any later change of the files).
   bool map_weights = true;
-  // "none" | "int8" | "w8a8": serve every projection matrix and lm_head of a Llama-family model
-  // as int8 (CausalLm::QuantizeInt8), quantized here from the loaded weights; w8a8 quantizes
-  // each projection's input rows too and sums the products in int32. Needs float32
+  // "none" | "int8" | "int8_weight_only" ("w8a8": "int8"): serve every projection matrix and
+  // lm_head of a Llama-family model as int8 (CausalLm::QuantizeInt8), quantized here from the
+  // loaded weights; int8 quantizes each projection's input rows too and sums the products in
+  // int32 (w8a8), int8_weight_only multiplies float32 inputs by the dequantized weights. Needs float32
   // activations (compute_dtype float32 or auto). The originals stay available to adapters;
   // those read in place from the mapping give their resident pages back to the page cache.
   std::string quantize = "none";

@@ -231,7 +231,7 @@ int RunServe() {
                "CPU kernels {}",
                report.architecture, report.parameter_count, report.load_seconds,
                core::Engine::threads(), core::Engine::cpu_kernels());
-  if (report.quantization == "w8a8") spdlog::info("w8a8 products: {} kernel", core::Engine::w8a8_kernel());
+  if (report.quantization == "int8") spdlog::info("int8 products: {} kernel", core::Engine::w8a8_kernel());
   auto tokenizer = core::Tokenizer::FromModelDir(model_dir);
   if (tokenizer.ok()) {
     ctx->tokenizer = *std::move(tokenizer);

@@ -1065,7 +1065,7 @@ TEST(AdapterBatchTest, AdaptersOnHalfWeightsServedInPlaceEqualTheFloat32Conversi
   }
 }
 
-// Loads `fixture` with --quantize int8 (`dtype` auto) or, with quantize "none", as float32;
+// Loads `fixture` with --quantize `quantize` (`dtype` auto) or, with quantize "none", as float32;
 // float32 KV cache either way.
 std::unique_ptr<core::Engine> LoadInt8Engine(const std::string& dir, const std::string& quantize,
                                              core::LoadReport* report = nullptr,
@@ -1083,7 +1083,7 @@ std::unique_ptr<core::Engine> LoadInt8Engine(const std::string& dir, const std::
 }
 
 // Writes `fixture` with every projection matrix and lm_head replaced by its int8 quantization
-// dequantized (float32), the embedding kept: the float32 model an int8 server stands for.
+// dequantized (float32), the embedding kept: the float32 model an int8_weight_only server stands for.
 std::string WriteDequantizedCheckpoint(const std::string& fixture) {
   auto f = LoadInt8Engine(testing::Fixture(fixture), "none");
   const std::string dir = testing::TempDir("dequantized_" + fixture);
@@ -1097,7 +1097,7 @@ std::string WriteDequantizedCheckpoint(const std::string& fixture) {
   return dir;
 }
 
-// --quantize int8 serves exactly the float32 model of its dequantized weights: the CPU kernel
+// --quantize int8_weight_only serves exactly the float32 model of its dequantized weights: the CPU kernel
 // widens each int8 weight to float(q)·scale and sums as over float32 weights. Base rows and every
 // adapter type that does not read the base weights themselves give the same logits and
 // continuations bit for bit on every kernel set (within 1e-5 on ATen, whose blocks of dequantized
@@ -1113,10 +1113,10 @@ TEST(Int8Test, ServesTheFloat32ModelOfItsDequantizedWeights) {
     }
     SCOPED_TRACE(absl::StrCat(fixture, " ", kernels));
     core::LoadReport report;
-    auto q = LoadInt8Engine(testing::Fixture(fixture), "int8", &report, kernels);
+    auto q = LoadInt8Engine(testing::Fixture(fixture), "int8_weight_only", &report, kernels);
     auto d = LoadInt8Engine(WriteDequantizedCheckpoint(fixture), "none", nullptr, kernels);
     ASSERT_TRUE(q && d);
-    ASSERT_EQ(report.quantization, "int8");
+    ASSERT_EQ(report.quantization, "int8_weight_only");
     const double tolerance = core::cpu::SelectedIsa() == core::cpu::Isa::kNone ? 1e-5 : 0.0;
     const std::vector<int32_t> prompt = {5, 9, 22, 31, 100, 3, 44, 19, 2, 250, 11};
     std::vector<std::string> adapters = {""};
@@ -1148,13 +1148,14 @@ TEST(Int8Test, ServesTheFloat32ModelOfItsDequantizedWeights) {
 // 11 or 12 of the 12 positions (near ties of a random model). These tiny random models (hidden 64, weights of std 0.15) have no outlier
 // structure for int8 to lose; the bound only has to catch a broken quantizer, which gives
 // errors of the logits' own size.
-// w8a8 quantizes each projection's input too, which on rows of 64 (two blocks) costs more:
-// 2.9-5.5% measured here, so its logits are held within 8%, with the same top-1 and greedy
-// bounds.
+// int8 (w8a8) quantizes each projection's input too, which on rows of 64 (two blocks) costs
+// more: 2.9-5.5% measured here, so its logits are held within 8%, with the same top-1 and
+// greedy bounds.
 TEST(Int8Test, StaysCloseToTheFloat32ModelAndKeepsTheReferenceContinuation) {
   for (const auto& [fixture, quantize] :
-       {std::pair{"llama_tied", "int8"}, {"llama_untied", "int8"}, {"qwen2_bias", "int8"}, {"mistral_window", "int8"},
-        {"llama_tied", "w8a8"}, {"llama_untied", "w8a8"}, {"qwen2_bias", "w8a8"}, {"mistral_window", "w8a8"}}) {
+       {std::pair{"llama_tied", "int8_weight_only"}, {"llama_untied", "int8_weight_only"},
+        {"qwen2_bias", "int8_weight_only"}, {"mistral_window", "int8_weight_only"}, {"llama_tied", "int8"},
+        {"llama_untied", "int8"}, {"qwen2_bias", "int8"}, {"mistral_window", "int8"}}) {
     SCOPED_TRACE(absl::StrCat(fixture, " ", quantize));
     auto q = LoadInt8Engine(testing::Fixture(fixture), quantize);
     auto f = LoadInt8Engine(testing::Fixture(fixture), "none");
@@ -1188,7 +1189,7 @@ TEST(Int8Test, StaysCloseToTheFloat32ModelAndKeepsTheReferenceContinuation) {
       }
       std::printf("%s %s %s: max |logit error| %.4f of max |logit| %.3f; top-1 equal at %zu of %zu positions\n",
                   quantize, fixture, name.c_str(), err, range, same_top, prompt.size());
-      EXPECT_LT(err, (std::string(quantize) == "w8a8" ? 0.08 : 0.05) * range);
+      EXPECT_LT(err, (std::string(quantize) == "int8" ? 0.08 : 0.05) * range);
       EXPECT_GE(same_top * 10, prompt.size() * 8);
       if (name.empty()) {
         core::GenerateRequest req;
@@ -1205,11 +1206,11 @@ TEST(Int8Test, StaysCloseToTheFloat32ModelAndKeepsTheReferenceContinuation) {
   }
 }
 
-// Under w8a8 each row's activations are quantized with their own scales, so a batch of mixed
+// Under int8 (w8a8) each row's activations are quantized with their own scales, so a batch of mixed
 // prompt lengths and adapters (prefill rows past the few-row kernels' limit included) gives
 // each row what it gets alone.
 TEST(Int8Test, W8A8BatchEqualsEachRowAlone) {
-  auto q = LoadInt8Engine(testing::Fixture("llama_tied"), "w8a8");
+  auto q = LoadInt8Engine(testing::Fixture("llama_tied"), "int8");
   ASSERT_NE(q, nullptr);
   std::vector<int32_t> long_prompt;
   for (int32_t t = 0; t < 40; ++t) long_prompt.push_back((t * 37 + 5) % 250 + 1);

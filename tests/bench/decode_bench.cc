@@ -1,10 +1,10 @@
 // Benchmark (not a test): single-stream decode speed and cold load time of a model, printed
 // next to the machine's limit — weight bytes read per token over measured memory-copy and
 // read bandwidth — with peak RSS, prompt (prefill) speed and batched decode. Usage:
-//   decode_bench MODEL_DIR [NEW_TOKENS] [THREADS] [CPU_KERNELS] [DTYPE] [PROMPT_TOKENS] [mmap|read] [none|int8|w8a8] [BATCH_ROWS]
+//   decode_bench MODEL_DIR [NEW_TOKENS] [THREADS] [CPU_KERNELS] [DTYPE] [PROMPT_TOKENS] [mmap|read] [none|int8|int8_weight_only] [BATCH_ROWS]
 // DTYPE is --dtype (default auto: a BF16 checkpoint's matrices read in place); PROMPT_TOKENS
 // (default 512) is the length of the prompt timed through one whole prefill; `read` loads the
-// weights into private memory (--mmap=false) instead of mapping them; int8 and w8a8 are --quantize's;
+// weights into private memory (--mmap=false) instead of mapping them; int8 and int8_weight_only are --quantize's;
 // BATCH_ROWS (default 32, 0 for none) is the largest batch of the batched-decode figures (an
 // 8B model takes minutes over all of them).
 #include <algorithm>
@@ -82,7 +82,7 @@ double ReadBandwidth(int threads) {
 
 int main(int argc, char** argv) {
   if (argc < 2) {
-    std::fprintf(stderr, "usage: %s MODEL_DIR [NEW_TOKENS] [THREADS] [CPU_KERNELS] [DTYPE] [PROMPT_TOKENS] [mmap|read] [none|int8|w8a8] [BATCH_ROWS]\n",
+    std::fprintf(stderr, "usage: %s MODEL_DIR [NEW_TOKENS] [THREADS] [CPU_KERNELS] [DTYPE] [PROMPT_TOKENS] [mmap|read] [none|int8|int8_weight_only] [BATCH_ROWS]\n",
                  argv[0]);
     return 2;
   }
@@ -119,7 +119,7 @@ int main(int argc, char** argv) {
                               embedding_bytes;
   std::printf("model            %s (%lld parameters, %.1f MB read per token: weights %s%s, compute %s, kv %s)\n",
               report.architecture.c_str(), static_cast<long long>(report.parameter_count), weight_bytes / 1e6,
-              report.weights_dtype.c_str(), report.quantization == "int8" ? ", matrices int8" : report.quantization == "w8a8" ? ", matrices w8a8" : "",
+              report.weights_dtype.c_str(), report.quantization == "int8" ? ", matrices int8 (w8a8)" : report.quantization == "int8_weight_only" ? ", matrices int8, weight-only" : "",
               report.compute_dtype.c_str(), report.kv_cache_dtype.c_str());
   std::printf("load             %.3f s (%lld bytes mapped zero-copy, %lld copied)\n", load_s,
               static_cast<long long>(report.bytes_mapped), static_cast<long long>(report.bytes_copied));

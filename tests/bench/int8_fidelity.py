@@ -4,10 +4,10 @@ independent PyTorch reference (tests/reference/reference_model.py) rather than a
 
 For a Llama-family MODEL_DIR it runs a fixed, seeded set of prompts through the reference four
 times: on the float32 weights, on the projection matrices and lm_head quantized per block of 32
-inputs (what `--quantize int8` serves: scale = max|w| / 127, q = round-half-even(w / scale)),
+inputs (what `--quantize int8_weight_only` serves: scale = max|w| / 127, q = round-half-even(w / scale)),
 quantized per output channel (one scale per row, the other layout #11 names), and per block of
-32 with every projection's input rows quantized the same way at run time (`--quantize w8a8`,
-llama.cpp's Q8_0 x Q8_0). For each
+32 with every projection's input rows quantized the same way at run time (`--quantize int8`,
+w8a8: llama.cpp's Q8_0 x Q8_0). For each
 scheme it prints the largest and the mean |logit error| against float32 (also relative to the
 largest |logit|), the top-1 agreement over every position, the mean KL divergence of the
 next-token distributions, and the bytes per weight.
@@ -43,7 +43,7 @@ def per_channel(w):
 
 
 def per_block_rows(x):
-    """x's rows quantized per block of 32 along the last axis, as --quantize w8a8 quantizes a
+    """x's rows quantized per block of 32 along the last axis, as --quantize int8 quantizes a
     projection's input at run time (the same formula as the weights), dequantized."""
     shape = x.shape
     v = x.reshape(-1, shape[-1] // BLOCK, BLOCK)
@@ -99,9 +99,9 @@ def main():
     batch = [torch.randint(3, vocab, (length,), generator=gen).tolist() for _ in range(prompts)]
     base = [reference_model.llama_logits(cfg, state, ids) for ids in batch]
     print(f"model {model_dir}: {prompts} prompts x {length} tokens, float32 reference")
-    for label, fn, bytes_per_weight in (("per block of 32 (--quantize int8)", per_block, 1 + 4 / BLOCK),
+    for label, fn, bytes_per_weight in (("per block of 32 (--quantize int8_weight_only)", per_block, 1 + 4 / BLOCK),
                                         ("per output channel", per_channel, 1.0),
-                                        ("w8a8, inputs too (--quantize w8a8)", w8a8, 1 + 4 / BLOCK)):
+                                        ("w8a8, inputs too (--quantize int8)", w8a8, 1 + 4 / BLOCK)):
         w = quantized(state, cfg, fn)
         worst = total = count = agree = positions = kl = 0.0
         largest = 0.0

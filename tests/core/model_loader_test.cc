@@ -176,14 +176,18 @@ TEST(ModelLoaderTest, AutoServesFloat32CheckpointsAsFloat32) {
   }
 }
 
-// --quantize int8 replaces every projection matrix and lm_head (tied or not) for the forward
-// pass and reports it; weights() keeps the originals, equal to the plain load's.
-// w8a8 holds the same values in panels of 8 rows (a short last panel padded with zeros).
+// --quantize int8_weight_only replaces every projection matrix and lm_head (tied or not) for
+// the forward pass and reports it; weights() keeps the originals, equal to the plain load's.
+// int8 (w8a8; "w8a8" is its other name) holds the same values in panels of 8 rows (a short
+// last panel padded with zeros).
 TEST(ModelLoaderTest, Int8QuantizesEveryProjectionAndLmHeadAndKeepsTheOriginals) {
   for (const auto& [fixture, quantize] :
-       {std::pair{"llama_tied", "int8"}, {"llama_untied", "int8"}, {"qwen2_bias", "int8"}, {"llama_bf16", "int8"},
-        {"llama_untied", "w8a8"}, {"llama_bf16", "w8a8"}}) {
+       {std::pair{"llama_tied", "int8_weight_only"}, {"llama_untied", "int8_weight_only"},
+        {"qwen2_bias", "int8_weight_only"}, {"llama_bf16", "int8_weight_only"}, {"llama_tied", "int8"},
+        {"llama_untied", "int8"}, {"llama_bf16", "int8"}, {"llama_untied", "w8a8"}}) {
     SCOPED_TRACE(absl::StrCat(fixture, " ", quantize));
+    // What the report names it.
+    const std::string reported = std::string(quantize) == "w8a8" ? "int8" : quantize;
     LoadOptions o;
     o.compute_dtype = "auto";
     o.quantize = quantize;
@@ -199,18 +203,20 @@ TEST(ModelLoaderTest, Int8QuantizesEveryProjectionAndLmHeadAndKeepsTheOriginals)
       if (!projection) continue;
       ++matrices;
       source_bytes += w.nbytes();
-      // int8 values, a float32 scale per 32; w8a8 counts whole panels of 8 rows.
-      const int64_t rows = std::string(quantize) == "w8a8" ? (w.size(0) + 7) / 8 * 8 : w.size(0);
+      // int8 values, a float32 scale per 32; the panels (int8) count whole panels of 8 rows.
+      const int64_t rows = reported == "int8" ? (w.size(0) + 7) / 8 * 8 : w.size(0);
       bytes += rows * w.size(1) + rows * w.size(1) / 32 * 4;
     }
     EXPECT_EQ(matrices, 7 * c.num_layers + 1);
-    EXPECT_EQ(q.report.quantization, quantize);
+    EXPECT_EQ(q.report.quantization, reported);
     EXPECT_EQ(q.report.quantized_tensors, matrices);
     EXPECT_EQ(q.report.quantized_source_bytes, source_bytes);
     EXPECT_EQ(q.report.quantized_bytes, bytes);
     EXPECT_EQ(q.report.ToJson()["quantized_bytes"], bytes);
-    EXPECT_THAT(q.report.ToText(), HasSubstr(absl::StrCat("quantized    ", quantize, ": ", matrices, " matrices, ",
+    EXPECT_THAT(q.report.ToText(), HasSubstr(absl::StrCat("quantized    ", reported, ": ", matrices, " matrices, ",
                                                           source_bytes, " -> ", bytes, " bytes")));
+    EXPECT_THAT(q.report.ToText(), HasSubstr(reported == "int8" ? "inputs quantized per block of 32 at run time"
+                                                                : "float32 inputs times the dequantized weights"));
     if (std::string(fixture) == "llama_bf16") {
       EXPECT_THAT(q.report.ToText(),
                   HasSubstr("weights      bfloat16 (embedding read in place; projections and lm_head quantized below)"));
@@ -237,16 +243,16 @@ TEST(ModelLoaderTest, Int8RefusesWhatItCannotServe) {
   Loaded int4 = Load("llama_tied", o);
   ASSERT_FALSE(int4.model.ok());
   EXPECT_THAT(std::string(int4.model.status().message()),
-              HasSubstr("quantize must be none, int8 or w8a8, got \"int4\""));
-  o.quantize = "w8a8";
+              HasSubstr("quantize must be none, int8 or int8_weight_only, got \"int4\""));
+  o.quantize = "int8_weight_only";
   o.compute_dtype = "float16";
   Loaded f16 = Load("llama_tied", o);
   ASSERT_FALSE(f16.model.ok());
-  EXPECT_THAT(std::string(f16.model.status().message()), HasSubstr("quantize w8a8 needs float32 activations"));
+  EXPECT_THAT(std::string(f16.model.status().message()), HasSubstr("quantize int8_weight_only needs float32 activations"));
   o.compute_dtype = "auto";
-  Loaded gpt2_w8a8 = Load("gpt2", o);
-  ASSERT_FALSE(gpt2_w8a8.model.ok());
-  EXPECT_THAT(std::string(gpt2_w8a8.model.status().message()), HasSubstr("--quantize w8a8 serves Llama-family models"));
+  Loaded gpt2_weight_only = Load("gpt2", o);
+  ASSERT_FALSE(gpt2_weight_only.model.ok());
+  EXPECT_THAT(std::string(gpt2_weight_only.model.status().message()), HasSubstr("--quantize int8_weight_only serves Llama-family models"));
 }
 
 // QuantizeW8A8 lays QuantizeInt8's values and scales out in panels (UnpackPanels gives them

@@ -519,25 +519,34 @@ TEST(E2eKvPoolTest, ATinyPoolPreemptsAndEveryAnswerStaysTheSame) {
   EXPECT_THAT(too_long.error_message(), HasSubstr("more than the budget of 49152"));
 }
 
-// --quantize int8 through the server: the model state reports what was quantized, and base and
-// adapter requests are served (the engine tests check the values).
+// --quantize int8 and int8_weight_only through the server: the model state and the info metric
+// report what was quantized, int8 logs its products' kernel, and base and adapter requests are
+// served (the engine tests check the values).
 TEST(E2eQuantizeTest, Int8ServerReportsItAndServesAdapters) {
-  ServerProcess server(Model(), {kPreload, "--quantize=int8"});
-  ASSERT_TRUE(server.ok()) << server.log();
-  grpc::ClientContext ctx;
-  v1::ModelState state;
-  ASSERT_TRUE(server.Admin()->GetModelState(&ctx, v1::GetModelStateRequest(), &state).ok());
-  EXPECT_EQ(state.base().quantization(), "int8");
-  EXPECT_GT(state.base().quantized_tensors(), 0);
-  EXPECT_GT(state.base().quantized_source_bytes(), 3 * state.base().quantized_bytes());  // float32 → int8.
-  for (const char* adapter : {"", "qv", "pre"}) {
-    v1::GenerateResponse resp;
-    ASSERT_TRUE(Generate(server, IdsRequest({1, 2, 3, 4}, adapter, 6), &resp).ok()) << adapter;
-    EXPECT_EQ(resp.tokens_size(), 6) << adapter;
+  for (const std::string quantize : {"int8", "int8_weight_only"}) {
+    SCOPED_TRACE(quantize);
+    ServerProcess server(Model(), {kPreload, "--quantize=" + quantize});
+    ASSERT_TRUE(server.ok()) << server.log();
+    grpc::ClientContext ctx;
+    v1::ModelState state;
+    ASSERT_TRUE(server.Admin()->GetModelState(&ctx, v1::GetModelStateRequest(), &state).ok());
+    EXPECT_EQ(state.base().quantization(), quantize);
+    EXPECT_GT(state.base().quantized_tensors(), 0);
+    EXPECT_GT(state.base().quantized_source_bytes(), 3 * state.base().quantized_bytes());  // float32 → int8.
+    for (const char* adapter : {"", "qv", "pre"}) {
+      v1::GenerateResponse resp;
+      ASSERT_TRUE(Generate(server, IdsRequest({1, 2, 3, 4}, adapter, 6), &resp).ok()) << adapter;
+      EXPECT_EQ(resp.tokens_size(), 6) << adapter;
+    }
+    const std::string metrics = ScrapeMetrics(server);
+    EXPECT_THAT(metrics, HasSubstr(",quantization=\"" + quantize + "\",version="));
+    EXPECT_THAT(metrics, HasSubstr(",weights_dtype=\"float32\"} 1"));
+    if (quantize == "int8") {
+      EXPECT_THAT(server.log(), ::testing::ContainsRegex("int8 products: (avx512vnni|avx2|none) kernel"));
+    } else {
+      EXPECT_THAT(server.log(), Not(HasSubstr("int8 products")));
+    }
   }
-  const std::string metrics = ScrapeMetrics(server);
-  EXPECT_THAT(metrics, HasSubstr(",quantization=\"int8\",version="));
-  EXPECT_THAT(metrics, HasSubstr(",weights_dtype=\"float32\"} 1"));
 }
 
 TEST(E2eLimitsTest, FullQueueIsRefusedAtOnce) {
