@@ -38,6 +38,9 @@ bool HasVnni() {
   return vnni;
 }
 
+// Whether LinearW8A8() runs W8A8Vnni (else W8A8Avx2): AVX-512 selected on a CPU with VNNI.
+bool UseVnni() { return SelectedIsa() == Isa::kAvx512 && HasVnni(); }
+
 std::atomic<Isa>& Selected() {
   static std::atomic<Isa> isa{Detect()};
   return isa;
@@ -121,12 +124,8 @@ bool IsaFromName(const std::string& name, Isa* isa) {
 }
 
 const char* W8A8KernelName() {
-  switch (SelectedIsa()) {
-    case Isa::kNone: return "none";
-    case Isa::kAvx2: return "avx2";
-    case Isa::kAvx512: return HasVnni() ? "avx512vnni" : "avx2";
-  }
-  return "?";
+  if (SelectedIsa() == Isa::kNone) return "none";
+  return UseVnni() ? "avx512vnni" : "avx2";
 }
 
 namespace {
@@ -226,7 +225,7 @@ at::Tensor LinearW8A8(const at::Tensor& x, const at::Tensor& panels, const at::T
   args.ldy = n;
   // Six panels (48 outputs) a task for a few rows; one when many rows make each panel a lot
   // of work. The VNNI kernel takes multiples of four (its 512-bit tiles).
-  const bool vnni = SelectedIsa() == Isa::kAvx512 && HasVnni();
+  const bool vnni = UseVnni();
   const int64_t chunk = m >= 16 ? (vnni ? 4 : 1) : (vnni ? 8 : 6);
   auto* kernel = vnni ? &W8A8Vnni : &W8A8Avx2;
   ForChunks(count, chunk, count * kW8A8Panel * k * m >= 2 * kParallelWork,
