@@ -72,12 +72,15 @@ int64_t Adapter::virtual_tokens() const {
 
 int64_t Adapter::SeedCache(core::KvCache& cache) const {
   if (prefix_.empty()) return 0;
-  for (size_t layer = 0; layer < prefix_.size(); ++layer) {
-    cache.Append(static_cast<int64_t>(layer), prefix_[layer].first, prefix_[layer].second);
+  // Every request of the adapter reads the same tensors in place (they are loaded in the KV
+  // cache's dtype); nothing is copied per request.
+  std::vector<at::Tensor> keys, values;
+  for (const auto& [k, v] : prefix_) {
+    keys.push_back(k);
+    values.push_back(v);
   }
-  const int64_t n = prefix_[0].first.size(1);
-  cache.Commit(n);
-  return n;
+  cache.Share(keys, values);
+  return prefix_[0].first.size(1);
 }
 
 bool Adapter::Adapts(int64_t layer, core::Projection p) const {

@@ -598,7 +598,9 @@ absl::StatusOr<AdapterWeights> LoadPromptLearning(
     at::Tensor kv = p.view({nvt, bc.num_layers * 2, heads, bc.head_dim}).permute({1, 2, 0, 3});
     AdapterWeights weights;
     for (int64_t l = 0; l < bc.num_layers; ++l) {
-      weights.prefix.emplace_back(kv[2 * l].contiguous(), kv[2 * l + 1].contiguous());
+      // In the KV cache's dtype, so that every request's cache shares them as they are.
+      weights.prefix.emplace_back(kv[2 * l].to(base.kv_dtype()).contiguous(),
+                                  kv[2 * l + 1].to(base.kv_dtype()).contiguous());
       report.bytes += weights.prefix.back().first.nbytes() + weights.prefix.back().second.nbytes();
     }
     return weights;

@@ -41,7 +41,7 @@ class SequenceAdapter {
   virtual int64_t virtual_tokens() const { return 0; }
   // Returns the soft prompt's input embeddings, [virtual_tokens, hidden] in compute dtype.
   virtual at::Tensor soft_prompt() const { return at::Tensor(); }
-  // Writes prefix keys and values (prefix tuning) into an empty cache and commits them;
+  // Shares prefix keys and values (prefix tuning) into an empty cache (KvCache::Share);
   // returns how many positions they fill.
   virtual int64_t SeedCache(KvCache& /*cache*/) const { return 0; }
   // True when this adapter modifies projection `p` of `layer`.

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <limits>
 
 #include "core/cpu_kernels_isa.h"
 
@@ -395,6 +396,11 @@ void CachedAttention(int64_t layer, const at::Tensor& q, const at::Tensor& k, co
     const int64_t total = r.cache->length() + r.length;
     r.cache->Reserve(layer, total);
     TORCH_CHECK(KvCacheApplies(r.cache->keys(layer)), "KV cache is not CPU float32, bfloat16 or float16");
+    for (const KvCache::Segment& seg : r.cache->segments()) {
+      TORCH_CHECK(seg.keys[layer].scalar_type() == r.cache->keys(layer).scalar_type() &&
+                      KvCacheApplies(seg.keys[layer]) && KvCacheApplies(seg.values[layer]),
+                  "a shared KV segment is not in the cache's layout");
+    }
     longest = std::max(longest, total);
     // Scores and weighted sums over the positions each query sees.
     const int64_t seen = window > 0 ? r.length * std::min(total, window) : r.length * (2 * total - r.length + 1) / 2;
@@ -405,21 +411,32 @@ void CachedAttention(int64_t layer, const at::Tensor& q, const at::Tensor& k, co
   ForChunks(tasks, 1, work >= kParallelWork, [&](int64_t begin, int64_t end) {
     std::vector<float> scores(std::max(kAttendRows, group) * longest);
     std::vector<AttendTileRow> tile_rows(std::max(kAttendRows, group));
+    std::vector<KvSpan> spans;
     for (int64_t t = begin; t < end; ++t) {
       const CachedRow& r = rows[t / kv_heads];
       const int64_t h = t % kv_heads;
       at::Tensor& keys = r.cache->keys(layer);
       at::Tensor& values = r.cache->values(layer);
-      const int64_t capacity = keys.size(1);
+      const int64_t element = static_cast<int64_t>(keys.element_size());
+      // Shared segments first, then the cache's own buffer, which takes the new positions.
+      spans.clear();
+      for (const KvCache::Segment& seg : r.cache->segments()) {
+        const int64_t offset = h * seg.length * head_dim * element;
+        spans.push_back({seg.begin, seg.begin + seg.length,
+                         static_cast<const char*>(seg.keys[layer].data_ptr()) + offset,
+                         static_cast<const char*>(seg.values[layer].data_ptr()) + offset});
+      }
+      const int64_t offset = h * keys.size(1) * head_dim * element;
+      spans.push_back({r.cache->shared_length(), std::numeric_limits<int64_t>::max(),
+                       static_cast<char*>(keys.data_ptr()) + offset, static_cast<char*>(values.data_ptr()) + offset});
       AttendArgs a;
       a.q = q.data_ptr<float>() + r.index * q.stride(0) + h * group * head_dim;
       a.k = k.data_ptr<float>() + r.index * k.stride(0) + h * head_dim;
       a.v = v.data_ptr<float>() + r.index * v.stride(0) + h * head_dim;
       a.q_stride = q.stride(0);
       a.kv_stride = k.stride(0);
-      const int64_t offset = h * capacity * head_dim * static_cast<int64_t>(keys.element_size());
-      a.keys = static_cast<char*>(keys.data_ptr()) + offset;
-      a.values = static_cast<char*>(values.data_ptr()) + offset;
+      a.spans = spans.data();
+      a.num_spans = static_cast<int64_t>(spans.size());
       a.kv_type = WeightTypeOf(keys);
       a.out = out.data_ptr<float>() + r.index * out.stride(0) + h * group * head_dim;
       a.out_stride = out.stride(0);

@@ -2,6 +2,7 @@
 #include <immintrin.h>
 #include <math.h>
 
+#include <cmath>
 #include <type_traits>
 
 #include "core/cpu_kernels_isa.h"

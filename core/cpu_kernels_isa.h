@@ -78,12 +78,23 @@ struct AttendTileRow {
   int64_t to;
 };
 
+// Cached positions [begin, end) of one kv head that lie together: position p's key at
+// keys + (p - begin)·head_dim elements of kv_type, its value likewise.
+struct KvSpan {
+  int64_t begin;
+  int64_t end;
+  const void* keys;
+  const void* values;
+};
+
 struct AttendArgs {
   const float* q;    // Position c's query heads of this kv head: group × head_dim at q + c·q_stride.
   const float* k;    // Position c's new key for this kv head: head_dim at k + c·kv_stride.
   const float* v;    // Its new value, at v + c·kv_stride.
-  void* keys;        // This kv head's cache: [capacity, head_dim] of kv_type.
-  void* values;
+  // Where the cache's positions lie, in order of position; the last span holds the new
+  // positions, which the kernel writes there first.
+  const KvSpan* spans;
+  int64_t num_spans = 1;
   float* out;        // Position c's group × head_dim at out + c·out_stride.
   float* scores;     // Scratch: max(kAttendRows, group)·(position + count) floats.
   AttendTileRow* tile_rows;  // Scratch: max(kAttendRows, group) entries.

@@ -71,6 +71,9 @@ int64_t Sequence::generated() const {
 }
 int64_t Sequence::kv_bytes() const { return state_->cache ? state_->cache->bytes() : 0; }
 int64_t Sequence::kv_capacity() const { return state_->cache ? state_->cache->capacity() : 0; }
+int64_t Sequence::kv_shared_positions() const {
+  return state_->cache ? state_->cache->shared_length() : 0;
+}
 bool Sequence::preempted() const { return state_->cache == nullptr; }
 int64_t Sequence::cached_tokens() const { return state_->cached_tokens; }
 int64_t Sequence::pending_tokens() const {
@@ -148,6 +151,7 @@ PrefixCacheStats Engine::prefix_cache_stats() const {
   s.hit_tokens = prefix_hits_.load(std::memory_order_relaxed);
   if (prefix_cache_ != nullptr) {
     s.bytes = prefix_cache_->bytes();
+    s.pinned_bytes = prefix_cache_->pinned_bytes();
     s.blocks = prefix_cache_->blocks();
     s.max_bytes = prefix_cache_->max_bytes();
   }

@@ -48,9 +48,13 @@ class Sequence {
   const std::vector<int32_t>& tokens() const;  // Prompt followed by generated ids.
   int64_t prompt_length() const;
   int64_t generated() const;
+  // Bytes of its KV cache's own buffers; the shared segments it reads (prefix-tuning
+  // positions, prefix-cache blocks) belong to the adapter and the prefix cache.
   int64_t kv_bytes() const;
-  // Positions its KV cache has room for (0 while preempted).
+  // Positions its KV cache has room for, shared and own (0 while preempted).
   int64_t kv_capacity() const;
+  // Of those, the positions it reads from shared segments rather than holds.
+  int64_t kv_shared_positions() const;
   // True between Engine::Preempt and Engine::Resume: the sequence holds no KV cache.
   bool preempted() const;
   // Tokens not yet run through the model: the whole prompt before the first step, the part
@@ -101,6 +105,7 @@ struct PrefixCacheStats {
   int64_t queried_tokens = 0;
   int64_t hit_tokens = 0;
   int64_t bytes = 0;
+  int64_t pinned_bytes = 0;  // Of `bytes`, the blocks running sequences read (not evictable).
   int64_t blocks = 0;
   int64_t max_bytes = 0;
 };

@@ -72,8 +72,9 @@ void PrefixCache::Store(uint64_t key, const std::shared_ptr<const SequenceAdapte
   e.tokens.assign(tokens, tokens + n);
   const int64_t layers = static_cast<int64_t>(cache.layers());
   for (int64_t l = 0; l < layers; ++l) {
-    e.keys.push_back(cache.keys(l).narrow(1, position, length).clone());
-    e.values.push_back(cache.values(l).narrow(1, position, length).clone());
+    auto [keys, values] = cache.Read(l, position, length);
+    e.keys.push_back(keys.clone(at::MemoryFormat::Contiguous));
+    e.values.push_back(values.clone(at::MemoryFormat::Contiguous));
     e.bytes += e.keys.back().nbytes() + e.values.back().nbytes();
   }
   lru_.push_front(key);
@@ -87,7 +88,7 @@ int64_t PrefixCache::Reuse(const std::shared_ptr<const SequenceAdapter>& adapter
                            int64_t soft_rows, KvCache& cache) {
   std::lock_guard<std::mutex> lock(mu_);
   const int64_t most = std::min<int64_t>(limit, static_cast<int64_t>(tokens.size())) / kBlock;
-  if (most <= 0 || cache.length() != first) return 0;
+  if (most <= 0 || cache.length() != first || cache.shared_length() != first) return 0;
   uint64_t parent = 0;
   Entry* soft = nullptr;
   if (soft_rows > 0) {
@@ -106,21 +107,11 @@ int64_t PrefixCache::Reuse(const std::shared_ptr<const SequenceAdapter>& adapter
     parent = key;
   }
   if (chain.empty()) return 0;
-  const int64_t layers = static_cast<int64_t>(cache.layers());
-  for (int64_t l = 0; l < layers; ++l) {
-    std::vector<at::Tensor> keys, values;
-    if (soft != nullptr) {
-      keys.push_back(soft->keys[l]);
-      values.push_back(soft->values[l]);
-    }
-    for (Entry* e : chain) {
-      keys.push_back(e->keys[l]);
-      values.push_back(e->values[l]);
-    }
-    cache.Append(l, at::cat(keys, 1), at::cat(values, 1));
-  }
+  // Shared by reference, not copied: the cache reads the entries' tensors in place, and an
+  // entry a cache holds is not evicted (EvictTo) until that cache lets go of it.
+  if (soft != nullptr) cache.Share(soft->keys, soft->values);
+  for (Entry* e : chain) cache.Share(e->keys, e->values);
   const int64_t reused = static_cast<int64_t>(chain.size()) * kBlock;
-  cache.Commit((soft != nullptr ? soft_rows : 0) + reused);
   // Children first, so that a chain's leading blocks are the last of it to be dropped.
   for (auto it = chain.rbegin(); it != chain.rend(); ++it) Touch(**it);
   if (soft != nullptr) Touch(*soft);
@@ -158,12 +149,26 @@ void PrefixCache::Insert(const std::shared_ptr<const SequenceAdapter>& adapter,
   EvictTo(max_bytes_);
 }
 
+bool PrefixCache::InUse(const Entry& e) {
+  // The entry's own handles count one each; a cache sharing the entry holds more.
+  for (const std::vector<at::Tensor>* part : {&e.keys, &e.values}) {
+    for (const at::Tensor& t : *part) {
+      if (t.use_count() > 1 || t.storage().use_count() > 1) return true;
+    }
+  }
+  return false;
+}
+
 void PrefixCache::EvictTo(int64_t max_bytes) {
-  while (bytes_ > max_bytes && !lru_.empty()) {
-    auto e = entries_.find(lru_.back());
+  // Least recently used first, passing over the entries running sequences read.
+  auto it = lru_.end();
+  while (bytes_ > max_bytes && it != lru_.begin()) {
+    --it;
+    auto e = entries_.find(*it);
+    if (InUse(e->second)) continue;
     bytes_ -= e->second.bytes;
     entries_.erase(e);
-    lru_.pop_back();
+    it = lru_.erase(it);
   }
 }
 
@@ -175,6 +180,15 @@ void PrefixCache::Shrink(int64_t max_bytes) {
 int64_t PrefixCache::bytes() const {
   std::lock_guard<std::mutex> lock(mu_);
   return bytes_;
+}
+
+int64_t PrefixCache::pinned_bytes() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  int64_t pinned = 0;
+  for (const auto& [key, e] : entries_) {
+    if (InUse(e)) pinned += e.bytes;
+  }
+  return pinned;
 }
 
 int64_t PrefixCache::blocks() const {

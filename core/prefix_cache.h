@@ -1,8 +1,8 @@
 // Automatic prefix reuse across requests: the keys and values of every full block of
 // kBlock prompt positions a prefill computed, content-addressed by the adapter the sequence
 // runs with and the token ids up to and including the block. A new sequence of the same
-// adapter whose prompt starts with cached blocks copies them into its cache and prefills only
-// the rest. Prompt-tuning adapters' soft-prompt positions are cached as one more segment
+// adapter whose prompt starts with cached blocks shares them (its cache reads them in place,
+// core/kv_cache.h) and prefills only the rest. Prompt-tuning adapters' soft-prompt positions are cached as one more segment
 // (the same for every request of the adapter).
 //
 // Identity: an entry remembers its adapter by a weak reference and matches only that very
@@ -10,8 +10,10 @@
 // the same name, or a new one at a recycled address, never meets the old one's blocks. The
 // base model is the null adapter.
 //
-// Memory: entries are copies (a sequence's cache stays its own, and a cached block outlives
-// the request that made it); the least recently used are dropped past `max_bytes`.
+// Memory: an entry is a copy of the block made once, when the prefill that computed it
+// stores it (a cached block outlives the request that made it); every later request of the
+// same prefix reads that one copy. Past `max_bytes` the least recently used entries that no
+// running sequence reads are dropped; entries in use stay until their readers finish.
 //
 // Thread-safety: every method may be called from any thread (one mutex).
 #pragma once
@@ -37,9 +39,10 @@ class PrefixCache {
 
   explicit PrefixCache(int64_t max_bytes) : max_bytes_(max_bytes) {}
 
-  // Copies into `cache` (whose first `first` positions are already written: a prefix-tuning
-  // adapter's seeded ones) the soft prompt of `adapter` when it has one (`soft_rows` > 0) and
-  // the cached leading blocks of `tokens`, at most `limit` tokens' worth, and commits them.
+  // Shares into `cache` (whose first `first` positions are already there: a prefix-tuning
+  // adapter's seeded ones; it must have no positions of its own yet) the soft prompt of
+  // `adapter` when it has one (`soft_rows` > 0) and the cached leading blocks of `tokens`, at
+  // most `limit` tokens' worth, committed.
   // Returns the number of tokens covered (0 when nothing was reused; the soft prompt is
   // reused only together with at least one block).
   int64_t Reuse(const std::shared_ptr<const SequenceAdapter>& adapter,
@@ -51,10 +54,13 @@ class PrefixCache {
               const std::vector<int32_t>& tokens, int64_t length, int64_t first,
               int64_t soft_rows, KvCache& cache);
 
-  // Drops least recently used entries until the cache holds at most `max_bytes`.
+  // Drops least recently used entries no cache reads until the cache holds at most
+  // `max_bytes` (or only entries in use are left).
   void Shrink(int64_t max_bytes);
 
   int64_t bytes() const;
+  // Bytes of the entries running sequences read (not evictable now).
+  int64_t pinned_bytes() const;
   int64_t blocks() const;
   int64_t max_bytes() const { return max_bytes_; }
 
@@ -77,6 +83,7 @@ class PrefixCache {
   void Store(uint64_t key, const std::shared_ptr<const SequenceAdapter>& adapter, uint64_t parent,
              const int32_t* tokens, int64_t n, KvCache& cache, int64_t position, int64_t length);
   void Touch(Entry& e);
+  static bool InUse(const Entry& e);
   void EvictTo(int64_t max_bytes);  // With mu_ held.
 
   const int64_t max_bytes_;

@@ -67,10 +67,16 @@ Scheduler::~Scheduler() {
   thread_.join();
 }
 
+int64_t Scheduler::OwnBlocks(const core::Sequence& q) {
+  return Blocks(q.kv_capacity() - q.kv_shared_positions());
+}
+
 int64_t Scheduler::UsedBlocks() const {
+  // Shared positions are counted where they live: prefix-cache blocks in CachedBlocks(),
+  // prefix-tuning positions in their adapter's memory.
   int64_t used = 0;
   for (const auto& a : running_set_) {
-    if (a->sequence != nullptr) used += Blocks(a->sequence->kv_capacity());
+    if (a->sequence != nullptr) used += OwnBlocks(*a->sequence);
   }
   return used;
 }
@@ -404,19 +410,20 @@ void Scheduler::MakeRoom() {
     // Grows by an eighth (at least a block), never past what the request can reach.
     const int64_t want = kKvBlock * std::min(Blocks(a.max_positions),
                                              Blocks(need + std::max(kKvBlock, capacity / 8)));
-    const int64_t extra = Blocks(want) - Blocks(capacity);
+    const int64_t shared = q.kv_shared_positions();
+    const int64_t extra = Blocks(want - shared) - Blocks(capacity - shared);
     bool self = false;
     // Prefix blocks make way first; then the newest requests, down to this one.
     while (extra > FreeBlocks(used, extra) && !self) {
       const Active& newest = *running_set_.back();
       self = &newest == &a;
-      if (newest.sequence != nullptr) used -= Blocks(newest.sequence->kv_capacity());
+      if (newest.sequence != nullptr) used -= OwnBlocks(*newest.sequence);
       PreemptNewest();
     }
     if (self) return;  // It was the newest: the rest of the set is older and has room.
     if (absl::Status grown = engine_.ReserveKv(q, want); !grown.ok()) {
       Finish(a, grown, core::FinishReason::kCancelled);
-      used -= Blocks(capacity);
+      used -= Blocks(capacity - shared);
       continue;
     }
     used += extra;
@@ -514,7 +521,8 @@ void Scheduler::DropFinished() {
 }
 
 void Scheduler::PublishGauges() {
-  int64_t kv = 0;
+  // The running sequences' own buffers and the prefix-cache blocks they read.
+  int64_t kv = engine_.prefix_cache_stats().pinned_bytes;
   for (const auto& a : running_set_) kv += a->sequence->kv_bytes();
   // Preempted requests are still running for their clients (they resume before anything new).
   running_.store(static_cast<int64_t>(running_set_.size() + preempted_.size()), std::memory_order_relaxed);

@@ -678,10 +678,11 @@ TEST_P(PromptLearningTest, ChunkedPrefillKeepsTheReferenceContinuation) {
   EXPECT_EQ(tokens, greedy);
 }
 
-// With a bfloat16 KV cache, a prefix adapter's virtual keys and values are written into it
-// rounded like every other position: the greedy continuation still equals PEFT's, the logits
-// stay within the engine's bfloat16-cache tolerance (2% of the largest, see engine_test.cc),
-// and the virtual positions hold the adapter's prefix as torch rounds it.
+// With a bfloat16 KV cache, a prefix adapter's virtual keys and values are held in it rounded
+// like every other position: the greedy continuation still equals PEFT's, the logits stay
+// within the engine's bfloat16-cache tolerance (2% of the largest, see engine_test.cc), the
+// virtual positions hold the adapter's float32 prefix as torch rounds it, and every request's
+// cache reads the one rounded copy in place.
 TEST_P(PromptLearningTest, ABfloat16KvCacheKeepsTheReferenceContinuation) {
   auto base = LoadEngine(testing::Fixture(GetParam().base), "bfloat16");
   ASSERT_NE(base, nullptr);
@@ -707,13 +708,27 @@ TEST_P(PromptLearningTest, ABfloat16KvCacheKeepsTheReferenceContinuation) {
   const int64_t seeded = (*adapter)->SeedCache(*cache);
   if (seeded > 0) {
     ASSERT_EQ(cache->keys(0).scalar_type(), at::kBFloat16);
-    auto fresh = LoadEngine(testing::Fixture(GetParam().base), "float32")->model().NewCache(4);
-    ASSERT_EQ((*adapter)->SeedCache(*fresh), seeded);
+    auto f32 = LoadEngine(testing::Fixture(GetParam().base), "float32");
+    ASSERT_NE(f32, nullptr);
+    auto f32_adapter = Load(*f32, GetParam().adapter);
+    ASSERT_TRUE(f32_adapter.ok()) << f32_adapter.status();
+    auto fresh = f32->model().NewCache(4);
+    ASSERT_EQ((*f32_adapter)->SeedCache(*fresh), seeded);
+    // Every request of the adapter reads the same prefix tensors: a second cache holds none of
+    // its own copy.
+    auto second = base->model().NewCache(4);
+    ASSERT_EQ((*adapter)->SeedCache(*second), seeded);
+    EXPECT_EQ(second->shared_length(), seeded);
+    EXPECT_EQ(second->bytes(), cache->bytes());
+    EXPECT_EQ(second->own_capacity(), std::max<int64_t>(4 - seeded, 1));
     for (int64_t layer = 0; layer < base->config().num_layers; ++layer) {
-      EXPECT_TRUE(at::equal(cache->keys(layer).narrow(1, 0, seeded),
-                            fresh->keys(layer).narrow(1, 0, seeded).to(at::kBFloat16)));
-      EXPECT_TRUE(at::equal(cache->values(layer).narrow(1, 0, seeded),
-                            fresh->values(layer).narrow(1, 0, seeded).to(at::kBFloat16)));
+      auto [keys, values] = cache->Read(layer, 0, seeded);
+      auto [fresh_keys, fresh_values] = fresh->Read(layer, 0, seeded);
+      EXPECT_EQ(fresh_keys.scalar_type(), at::kFloat);
+      EXPECT_TRUE(at::equal(keys, fresh_keys.to(at::kBFloat16)));
+      EXPECT_TRUE(at::equal(values, fresh_values.to(at::kBFloat16)));
+      EXPECT_EQ(second->Read(layer, 0, seeded).first.data_ptr(), keys.data_ptr());
+      EXPECT_EQ(second->Read(layer, 0, seeded).second.data_ptr(), values.data_ptr());
     }
   }
 }

@@ -409,6 +409,70 @@ TEST_P(CachedAttentionTest, ChunksAndSinglePositionsGiveTheSameBits) {
   }
 }
 
+// A cache whose past lies partly in shared segments (a prefix adapter's 5 positions, four
+// prefix-cache blocks of 16, held by reference) and partly in its own buffer gives the bits of
+// the same past in one buffer: a 40-position chunk across key tiles, then decode rows, with
+// and without a window, over float32, bfloat16 and float16. Sharing copies nothing, and the
+// new positions land in the own buffer.
+TEST_P(CachedAttentionTest, SharedSegmentsGiveTheBitsOfOneBuffer) {
+  at::manual_seed(33);
+  for (const at::ScalarType dtype : {at::kFloat, at::kBFloat16, at::kHalf}) {
+    for (const int64_t window : {int64_t{0}, int64_t{20}}) {
+      const int64_t layers = 2, heads = 8, kv_heads = 2, d = 40, past = 5 + 4 * 16 + 3;
+      const at::TensorOptions options = at::TensorOptions().dtype(dtype);
+      at::Tensor past_k = at::randn({layers, kv_heads, past, d}).to(dtype);
+      at::Tensor past_v = at::randn({layers, kv_heads, past, d}).to(dtype);
+      KvCache whole(layers, kv_heads, d, 4, options);
+      KvCache split(layers, kv_heads, d, 200, options);
+      for (int64_t layer = 0; layer < layers; ++layer) whole.Append(layer, past_k[layer], past_v[layer]);
+      whole.Commit(past);
+      int64_t at_position = 0;
+      for (const int64_t n : {5, 16, 16, 16, 16}) {
+        std::vector<at::Tensor> keys, values;
+        for (int64_t layer = 0; layer < layers; ++layer) {
+          keys.push_back(past_k[layer].narrow(1, at_position, n).contiguous());
+          values.push_back(past_v[layer].narrow(1, at_position, n).contiguous());
+        }
+        split.Share(keys, values);
+        EXPECT_EQ(split.Read(1, at_position, n).first.data_ptr(), keys[1].data_ptr());
+        EXPECT_EQ(split.Read(1, at_position, n).second.data_ptr(), values[1].data_ptr());
+        at_position += n;
+      }
+      EXPECT_EQ(split.length(), 69);
+      EXPECT_EQ(split.shared_length(), 69);
+      EXPECT_EQ(split.capacity(), 200);
+      EXPECT_EQ(split.bytes(), 2 * layers * kv_heads * (200 - 69) * d * static_cast<int64_t>(c10::elementSize(dtype)));
+      for (int64_t layer = 0; layer < layers; ++layer) {
+        split.Append(layer, past_k[layer].narrow(1, 69, 3), past_v[layer].narrow(1, 69, 3));
+      }
+      split.Commit(3);
+      EXPECT_THROW(split.Share({past_k[0].narrow(1, 0, 1)}, {past_v[0].narrow(1, 0, 1)}), c10::Error);
+      EXPECT_TRUE(at::equal(split.Read(1, 0, past).first, past_k[1]));
+      EXPECT_TRUE(at::equal(split.Read(1, 3, 40).second, past_v[1].narrow(1, 3, 40)));
+      const double scale = 0.2;
+      for (const int64_t len : {40, 1, 1, 1}) {
+        at::Tensor q = at::randn({len, heads * d});
+        at::Tensor k = at::randn({len, kv_heads * d});
+        at::Tensor v = at::randn({len, kv_heads * d});
+        at::Tensor want = at::zeros({len, heads * d});
+        at::Tensor got = at::zeros({len, heads * d});
+        for (const int64_t layer : {int64_t{0}, int64_t{1}}) {
+          std::vector<CachedRow> a = {{0, &whole, len}}, b = {{0, &split, len}};
+          CachedAttention(layer, q, k, v, a, heads, kv_heads, d, scale, window, want);
+          CachedAttention(layer, q, k, v, b, heads, kv_heads, d, scale, window, got);
+          EXPECT_TRUE(at::equal(got, want)) << c10::toString(dtype) << " window " << window << " len " << len;
+        }
+        whole.Commit(len);
+        split.Commit(len);
+      }
+      for (int64_t layer = 0; layer < layers; ++layer) {
+        EXPECT_TRUE(at::equal(split.Read(layer, 0, past + 43).first, whole.Read(layer, 0, past + 43).first));
+        EXPECT_TRUE(at::equal(split.Read(layer, 0, past + 43).second, whole.Read(layer, 0, past + 43).second));
+      }
+    }
+  }
+}
+
 // The kernel's bfloat16 and float16 rounding equals ATen's bit for bit, at ties (to even), NaN,
 // infinities, signed zero, subnormals and values that round past the largest finite value.
 TEST_P(CachedAttentionTest, RoundsToHalfPrecisionAsAtenDoes) {

@@ -526,6 +526,55 @@ TEST_P(PrefixCacheTest, AChunkedPromptsBlocksAreReusableBeforeItCompletes) {
   ExpectSameAnswers(rest, RunAlone(*cold, prompt, greedy, 4), GetParam());
 }
 
+// Reused blocks are read in place, not copied: two sequences that reuse the same two blocks
+// hold only their own positions, the blocks count once (pinned while read, so a shrink to
+// nothing keeps them), both answer as cold runs, and once they finish the blocks can go.
+TEST_P(PrefixCacheTest, ReusedBlocksAreSharedAndKeptWhileRead) {
+  auto cold = LoadEngine(GetParam());
+  auto warm = LoadWithPrefixCache(GetParam(), 64 << 20);
+  ASSERT_NE(cold, nullptr);
+  ASSERT_NE(warm, nullptr);
+  std::vector<int32_t> prompt;
+  for (int i = 0; i < 37; ++i) prompt.push_back(static_cast<int32_t>((5 * i + 2) % 250 + 1));
+  SamplingParams greedy;
+  greedy.top_logprobs = 2;
+  RunAlone(*warm, prompt, greedy, 1);
+  const int64_t block_bytes = 16 * warm->kv_bytes_per_position();
+  EXPECT_EQ(warm->prefix_cache_stats().blocks, 2);
+  EXPECT_EQ(warm->prefix_cache_stats().bytes, 2 * block_bytes);
+  EXPECT_EQ(warm->prefix_cache_stats().pinned_bytes, 0);
+  std::vector<std::vector<int32_t>> prompts;
+  std::vector<std::unique_ptr<Sequence>> seqs;
+  for (int32_t t : {201, 202}) {
+    prompts.emplace_back(prompt.begin(), prompt.begin() + 32);
+    prompts.back().insert(prompts.back().end(), {t, 7, t});
+    auto seq = warm->NewSequence(prompts.back(), greedy, nullptr, 48);
+    ASSERT_TRUE(seq.ok()) << seq.status();
+    EXPECT_EQ((*seq)->cached_tokens(), 32);
+    EXPECT_EQ((*seq)->kv_shared_positions(), 32);
+    EXPECT_EQ((*seq)->kv_capacity(), 48);
+    EXPECT_EQ((*seq)->kv_bytes(), 16 * warm->kv_bytes_per_position());
+    seqs.push_back(*std::move(seq));
+  }
+  EXPECT_EQ(warm->prefix_cache_stats().pinned_bytes, 2 * block_bytes);
+  warm->ShrinkPrefixCache(0);
+  EXPECT_EQ(warm->prefix_cache_stats().blocks, 2);
+  for (size_t i = 0; i < seqs.size(); ++i) {
+    std::vector<StepOutput> got;
+    for (int s = 0; s < 4; ++s) {
+      auto step = warm->Step({seqs[i].get()});
+      ASSERT_TRUE(step.ok()) << step.status();
+      got.push_back((*step)[0]);
+    }
+    ExpectSameAnswers(got, RunAlone(*cold, prompts[i], greedy, 4), GetParam());
+  }
+  seqs.clear();
+  EXPECT_EQ(warm->prefix_cache_stats().pinned_bytes, 0);
+  warm->ShrinkPrefixCache(0);
+  EXPECT_EQ(warm->prefix_cache_stats().blocks, 0);
+  EXPECT_EQ(warm->prefix_cache_stats().bytes, 0);
+}
+
 INSTANTIATE_TEST_SUITE_P(Fixtures, PrefixCacheTest,
                          ::testing::Values("llama_tied", "mistral_window", "gpt2", "qwen2_bias"));
 
