@@ -162,6 +162,14 @@ void Engine::ShrinkPrefixCache(int64_t max_bytes) const {
   if (prefix_cache_ != nullptr) prefix_cache_->Shrink(std::max<int64_t>(max_bytes, 0));
 }
 
+int64_t Engine::CachedPrefixPositions(const std::shared_ptr<const SequenceAdapter>& adapter,
+                                      const std::vector<int32_t>& prompt) const {
+  if (prefix_cache_ == nullptr || prompt.empty()) return 0;
+  // As OpenCache asks: the last token always runs.
+  return prefix_cache_->Cached(adapter, prompt, static_cast<int64_t>(prompt.size()) - 1,
+                               adapter ? adapter->virtual_tokens() : 0);
+}
+
 const ModelConfig& Engine::config() const { return model_->config(); }
 int64_t Engine::kv_bytes_per_position() const {
   const ModelConfig& c = model_->config();

@@ -131,6 +131,11 @@ class Engine {
   // Drops the least recently used prefix-cache blocks until it holds at most `max_bytes`
   // (a KV pool that needs their room for running requests). Thread-safe.
   void ShrinkPrefixCache(int64_t max_bytes) const;
+  // Positions the prefix cache would let a new sequence of `prompt` with `adapter` read in
+  // place now (a prompt-tuning adapter's soft prompt and the prompt's cached leading blocks; 0
+  // with the cache off). An eviction before the sequence is made may lower it.
+  int64_t CachedPrefixPositions(const std::shared_ptr<const SequenceAdapter>& adapter,
+                                const std::vector<int32_t>& prompt) const;
   // Returns the number of intra-op threads LibTorch uses.
   static int threads();
   // Returns the instruction set of the CPU kernels in use ("avx512f", "avx2" or "none").

@@ -83,29 +83,47 @@ void PrefixCache::Store(uint64_t key, const std::shared_ptr<const SequenceAdapte
   entries_.emplace(key, std::move(e));
 }
 
-int64_t PrefixCache::Reuse(const std::shared_ptr<const SequenceAdapter>& adapter,
-                           const std::vector<int32_t>& tokens, int64_t limit, int64_t first,
-                           int64_t soft_rows, KvCache& cache) {
-  std::lock_guard<std::mutex> lock(mu_);
+PrefixCache::Entry* PrefixCache::Chain(const std::shared_ptr<const SequenceAdapter>& adapter,
+                                       const std::vector<int32_t>& tokens, int64_t limit, int64_t soft_rows,
+                                       std::vector<Entry*>* chain) {
+  chain->clear();
   const int64_t most = std::min<int64_t>(limit, static_cast<int64_t>(tokens.size())) / kBlock;
-  if (most <= 0 || cache.length() != first || cache.shared_length() != first) return 0;
+  if (most <= 0) return nullptr;
   uint64_t parent = 0;
   Entry* soft = nullptr;
   if (soft_rows > 0) {
     const uint64_t key = KeyOf(adapter.get(), kSoftParent, nullptr, 0);
     soft = Find(key, adapter, kSoftParent, nullptr, 0);
-    if (soft == nullptr) return 0;
+    if (soft == nullptr) return nullptr;
     parent = key;
   }
-  std::vector<Entry*> chain;
   for (int64_t b = 0; b < most; ++b) {
     const int32_t* block = tokens.data() + b * kBlock;
     const uint64_t key = KeyOf(adapter.get(), parent, block, kBlock);
     Entry* e = Find(key, adapter, parent, block, kBlock);
     if (e == nullptr) break;
-    chain.push_back(e);
+    chain->push_back(e);
     parent = key;
   }
+  return chain->empty() ? nullptr : soft;
+}
+
+int64_t PrefixCache::Cached(const std::shared_ptr<const SequenceAdapter>& adapter,
+                            const std::vector<int32_t>& tokens, int64_t limit, int64_t soft_rows) {
+  std::lock_guard<std::mutex> lock(mu_);
+  std::vector<Entry*> chain;
+  Entry* soft = Chain(adapter, tokens, limit, soft_rows, &chain);
+  if (chain.empty()) return 0;
+  return (soft != nullptr ? soft_rows : 0) + static_cast<int64_t>(chain.size()) * kBlock;
+}
+
+int64_t PrefixCache::Reuse(const std::shared_ptr<const SequenceAdapter>& adapter,
+                           const std::vector<int32_t>& tokens, int64_t limit, int64_t first,
+                           int64_t soft_rows, KvCache& cache) {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (cache.length() != first || cache.shared_length() != first) return 0;
+  std::vector<Entry*> chain;
+  Entry* soft = Chain(adapter, tokens, limit, soft_rows, &chain);
   if (chain.empty()) return 0;
   // Shared by reference, not copied: the cache reads the entries' tensors in place, and an
   // entry a cache holds is not evicted (EvictTo) until that cache lets go of it.

@@ -48,6 +48,9 @@ class PrefixCache {
   int64_t Reuse(const std::shared_ptr<const SequenceAdapter>& adapter,
                 const std::vector<int32_t>& tokens, int64_t limit, int64_t first,
                 int64_t soft_rows, KvCache& cache);
+  // The positions Reuse would share now (the soft prompt's and the blocks'), touching nothing.
+  int64_t Cached(const std::shared_ptr<const SequenceAdapter>& adapter, const std::vector<int32_t>& tokens,
+                 int64_t limit, int64_t soft_rows);
   // Stores the soft prompt (positions [first, first + soft_rows) of `cache`) and every full
   // block of the first `length` tokens (positions from first + soft_rows on) not yet cached.
   void Insert(const std::shared_ptr<const SequenceAdapter>& adapter,
@@ -77,6 +80,11 @@ class PrefixCache {
 
   static uint64_t KeyOf(const SequenceAdapter* adapter, uint64_t parent, const int32_t* tokens,
                         int64_t n);
+  // The cached leading blocks of `tokens` (at most `limit` tokens' worth) into `chain`, after
+  // the soft-prompt entry when `soft_rows` > 0, which it returns (null when not cached: then
+  // the chain is empty too). With mu_ held.
+  Entry* Chain(const std::shared_ptr<const SequenceAdapter>& adapter, const std::vector<int32_t>& tokens,
+               int64_t limit, int64_t soft_rows, std::vector<Entry*>* chain);
   // The entry under `key` when it is this adapter's, with this parent and these tokens.
   Entry* Find(uint64_t key, const std::shared_ptr<const SequenceAdapter>& adapter, uint64_t parent,
               const int32_t* tokens, int64_t n);

@@ -21,7 +21,7 @@ struct Scheduler::Active {
   std::string text;  // Stable text so far (for stop strings).
   int64_t generated = 0;
   uint64_t order = 0;            // Admission order: the newest is preempted first.
-  int64_t start_positions = 0;   // The cache it starts with (prompt and virtual tokens, + 1).
+  int64_t start_positions = 0;   // The cache it starts with (prompt and virtual tokens, + 1), shared and own.
   int64_t max_positions = 0;     // The most positions it can reach (prompt, virtual, max_new).
   Clock::time_point first_step, first_token, last_token;
   bool started = false;
@@ -220,6 +220,7 @@ void Scheduler::Admit(std::vector<std::unique_ptr<Active>>& admitted) {
   const auto now = Clock::now();
   // Blocks taken: the running caches and one of headroom for each to grow into.
   int64_t reserved = UsedBlocks() + static_cast<int64_t>(running_set_.size());
+  bool counted_on_cache = false;  // An admission of this round counts on cached blocks.
   for (auto it = queue_.begin(); it != queue_.end();) {
     Active& a = **it;
     if (cancel_all_ || a.request->cancelled->load() || now >= a.request->deadline) {
@@ -233,15 +234,24 @@ void Scheduler::Admit(std::vector<std::unique_ptr<Active>>& admitted) {
     if (!preempted_.empty()) break;
     if (rows >= options_.max_batch_rows) break;
     if (tokens > 0 && tokens + need_tokens > options_.max_tokens_per_step) break;
-    const int64_t start = need_tokens + VirtualTokens(*a.request) + 1;
+    // Positions the prefix cache holds for it are read in place, not taken from the pool.
+    const std::shared_ptr<const core::SequenceAdapter> adapter = adapters::ForSequence(a.request->adapter);
+    const int64_t reuse = engine_.CachedPrefixPositions(adapter, a.request->prompt);
+    const int64_t start = need_tokens + VirtualTokens(*a.request) + 1 - reuse;
+    // Making room evicts cached blocks, maybe ones an earlier admission of this round counts
+    // on and does not hold yet: that waits for the next round, when they are held.
+    if (counted_on_cache && Blocks(start) > total_blocks_ - reserved - CachedBlocks()) break;
     // Prefix blocks make way. With nothing running the pool is all free (Submit() refused
     // any request too long for it), so this never starves one.
     if (Blocks(start) > FreeBlocks(reserved, Blocks(start)) && !(rows == 0 && Blocks(start) <= total_blocks_)) {
       break;
     }
+    // Its own blocks were among those that made way: counted again next round.
+    if (reuse > 0 && engine_.CachedPrefixPositions(adapter, a.request->prompt) < reuse) break;
+    counted_on_cache = counted_on_cache || reuse > 0;
     tokens += need_tokens;
     reserved += Blocks(start) + 1;
-    a.start_positions = Blocks(start) * kKvBlock;
+    a.start_positions = Blocks(start) * kKvBlock + reuse;
     a.order = admitted_++;
     admitted.push_back(std::move(*it));
     it = queue_.erase(it);

@@ -386,6 +386,58 @@ TEST_F(SchedulerTest, PrefixBlocksMakeWayInTheKvPool) {
   EXPECT_EQ(s.preemptions(), 0);
 }
 
+// Requests whose prompts start with cached blocks read them in place, so admission counts
+// only what they add: after one request of a 64-token system prompt, four more with their own
+// tails run at once in a pool of 12 blocks (4 cached + 1 own each, growing to 2), where
+// counting their whole prompts would fit 1 or 2; nothing is preempted and every answer is
+// the one computed alone without the cache.
+TEST_F(SchedulerTest, CachedPrefixBlocksAreNotTakenFromThePoolTwice) {
+  core::EngineOptions eo;
+  eo.model_dir = testing::Fixture("llama_tok");
+  eo.prefix_cache_bytes = 64 << 20;
+  core::LoadReport report;
+  auto loaded = core::Engine::Load(eo, &report);
+  ASSERT_TRUE(loaded.ok()) << loaded.status();
+  const core::Engine& warm = **loaded;
+  std::vector<int32_t> system = {1};
+  for (int i = 1; i < 64; ++i) system.push_back(static_cast<int32_t>(300 + (13 * i) % 700));
+  auto prompt = [&](int32_t salt) {
+    std::vector<int32_t> p = system;
+    p.insert(p.end(), {static_cast<int32_t>(2000 + salt), 29889, static_cast<int32_t>(3000 + salt)});
+    return p;
+  };
+  std::map<uint64_t, std::vector<int32_t>> alone;
+  {
+    Scheduler s(*engine_, nullptr, nullptr, SchedulerOptions());
+    for (uint64_t id = 1; id <= 5; ++id) {
+      Submit(s, Request(id, 20, prompt(static_cast<int32_t>(id))));
+      AwaitDone(static_cast<int>(id));
+      alone[id] = Get(id).tokens;
+    }
+  }
+  recorder_.outcomes.clear();
+  recorder_.done = 0;
+  recorder_.most_streaming = 0;
+  SchedulerOptions options;
+  options.max_kv_bytes = 12 * BlockBytes(warm);
+  Scheduler s(warm, nullptr, nullptr, options);
+  Submit(s, Request(1, 20, prompt(1)));
+  AwaitDone(1);
+  ASSERT_TRUE(s.WaitIdle(Clock::now() + std::chrono::seconds(30)));
+  ASSERT_EQ(warm.prefix_cache_stats().blocks, 4);
+  ASSERT_EQ(warm.CachedPrefixPositions(nullptr, prompt(2)), 64);
+  recorder_.most_streaming = 0;
+  for (uint64_t id = 2; id <= 5; ++id) Submit(s, Request(id, 20, prompt(static_cast<int32_t>(id))));
+  AwaitDone(5);
+  for (uint64_t id = 1; id <= 5; ++id) {
+    EXPECT_TRUE(Get(id).status.ok()) << id << ": " << Get(id).status;
+    EXPECT_EQ(Get(id).tokens, alone[id]) << id;
+  }
+  EXPECT_EQ(recorder_.most_streaming, 4u);
+  EXPECT_EQ(s.preemptions(), 0);
+  EXPECT_EQ(warm.prefix_cache_stats().hit_tokens, 4 * 64);
+}
+
 // A request cancelled while preempted ends CANCELLED with the tokens it had; the one that
 // preempted it is unaffected.
 TEST_F(SchedulerTest, ARequestCancelledWhilePreemptedEndsCancelled) {
