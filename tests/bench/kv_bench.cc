@@ -258,27 +258,39 @@ class CountingSink final : public adapterd::server::RequestSink {
 
 // The most requests of `prompt` + `generated` tokens the scheduler runs at once with a pool of
 // `budget` bytes (submitting a few more than fit, so that admission is what limits them); -1
-// when one fails.
-int64_t MostRunning(const Engine& engine, int64_t budget, int64_t prompt, int64_t generated) {
+// when one fails or any is preempted. With `shared` > 0 every prompt starts with the same
+// `shared` tokens, and one such request runs first, so that (with the engine's prefix cache
+// on) the others find its blocks cached.
+int64_t MostRunning(const Engine& engine, int64_t budget, int64_t prompt, int64_t generated, int64_t shared = 0) {
   adapterd::server::SchedulerOptions so;
   so.max_kv_bytes = budget;
   so.max_batch_rows = 256;
   so.max_tokens_per_step = 1 << 16;
   adapterd::server::Scheduler s(engine, nullptr, nullptr, so);
-  const int64_t fit = budget / ((prompt + generated) * engine.kv_bytes_per_position());
-  const int count = static_cast<int>(fit + 4);
+  const int64_t fit = budget / ((prompt - shared + generated) * engine.kv_bytes_per_position());
+  const int count = static_cast<int>(std::min<int64_t>(fit + 4, 250));
   std::atomic<int> done{0};
   std::mt19937 gen(11);
-  for (int i = 0; i < count; ++i) {
+  const std::vector<int32_t> head = RandomIds(gen, shared, engine.config().vocab_size);
+  auto submit = [&](int i) {
     auto r = std::make_unique<adapterd::server::GenerationRequest>();
     r->id = static_cast<uint64_t>(i + 1);
-    r->prompt = RandomIds(gen, prompt, engine.config().vocab_size);
+    r->prompt = head;
+    for (int32_t id : RandomIds(gen, prompt - shared, engine.config().vocab_size)) r->prompt.push_back(id);
     r->max_new_tokens = generated;
     r->ignore_eos = true;
-    if (!s.Submit(std::move(r), std::make_shared<CountingSink>(&done)).ok()) return -1;
+    return s.Submit(std::move(r), std::make_shared<CountingSink>(&done)).ok();
+  };
+  int first = 0;
+  if (shared > 0) {
+    if (!submit(first++)) return -1;
+    while (done.load() < 1) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  for (int i = 0; i < count; ++i) {
+    if (!submit(first + i)) return -1;
   }
   int64_t most = 0;
-  while (done.load() < count) {
+  while (done.load() < first + count) {
     most = std::max(most, s.running());
     std::this_thread::sleep_for(std::chrono::milliseconds(1));
   }
@@ -349,5 +361,21 @@ int main(int argc, char** argv) {
     std::fflush(stdout);
   }
   std::printf(" (%.2fx; target >= 2x)\n", static_cast<double>(held[1]) / static_cast<double>(held[0]));
+  // The same with the first 448 prompt tokens shared and the prefix cache on: the cached
+  // blocks are read in place, so each request takes only its own positions from the pool.
+  std::printf("  448 of the 500 prompt tokens shared, prefix cache on:");
+  for (const char* dtype : {"float32", "bfloat16"}) {
+    EngineOptions o = options;
+    o.prefix_cache_bytes = budget;
+    o.kv_cache_dtype = dtype;
+    adapterd::core::LoadReport r;
+    auto other = Engine::Load(o, &r);
+    if (!other.ok()) return 1;
+    const int64_t most = MostRunning(**other, budget, 500, 12, 448);
+    if (most < 0) return 1;
+    std::printf(" %s %lld", dtype, static_cast<long long>(most));
+    std::fflush(stdout);
+  }
+  std::printf("\n");
   return 0;
 }
