@@ -110,6 +110,17 @@ class SchedulerTest : public ::testing::Test {
     return recorder_.outcomes[id];
   }
 
+  // The same fixture with a 64 MiB prefix cache; null when it does not load.
+  static std::unique_ptr<core::Engine> LoadWithPrefixCache() {
+    core::EngineOptions eo;
+    eo.model_dir = testing::Fixture("llama_tok");
+    eo.prefix_cache_bytes = 64 << 20;
+    core::LoadReport report;
+    auto loaded = core::Engine::Load(eo, &report);
+    EXPECT_TRUE(loaded.ok()) << loaded.status();
+    return loaded.ok() ? *std::move(loaded) : nullptr;
+  }
+
   static core::Engine* engine_;
   Recorder recorder_;
 };
@@ -331,13 +342,9 @@ TEST_F(SchedulerTest, ATinyPoolPreemptsTheNewestAndKeepsEveryAnswer) {
 // recently used make way when a request needs their room (before anyone waits or is
 // preempted), so the cache never holds what running requests need; answers stay the same.
 TEST_F(SchedulerTest, PrefixBlocksMakeWayInTheKvPool) {
-  core::EngineOptions eo;
-  eo.model_dir = testing::Fixture("llama_tok");
-  eo.prefix_cache_bytes = 64 << 20;
-  core::LoadReport report;
-  auto loaded = core::Engine::Load(eo, &report);
-  ASSERT_TRUE(loaded.ok()) << loaded.status();
-  const core::Engine& warm = **loaded;
+  std::unique_ptr<core::Engine> loaded = LoadWithPrefixCache();
+  ASSERT_NE(loaded, nullptr);
+  const core::Engine& warm = *loaded;
   const int64_t block = BlockBytes(warm);
   auto prompt = [](int n, int salt) {
     std::vector<int32_t> p = {1};
@@ -392,13 +399,9 @@ TEST_F(SchedulerTest, PrefixBlocksMakeWayInTheKvPool) {
 // counting their whole prompts would fit 1 or 2; nothing is preempted and every answer is
 // the one computed alone without the cache.
 TEST_F(SchedulerTest, CachedPrefixBlocksAreNotTakenFromThePoolTwice) {
-  core::EngineOptions eo;
-  eo.model_dir = testing::Fixture("llama_tok");
-  eo.prefix_cache_bytes = 64 << 20;
-  core::LoadReport report;
-  auto loaded = core::Engine::Load(eo, &report);
-  ASSERT_TRUE(loaded.ok()) << loaded.status();
-  const core::Engine& warm = **loaded;
+  std::unique_ptr<core::Engine> loaded = LoadWithPrefixCache();
+  ASSERT_NE(loaded, nullptr);
+  const core::Engine& warm = *loaded;
   std::vector<int32_t> system = {1};
   for (int i = 1; i < 64; ++i) system.push_back(static_cast<int32_t>(300 + (13 * i) % 700));
   auto prompt = [&](int32_t salt) {
