@@ -396,11 +396,7 @@ void CachedAttention(int64_t layer, const at::Tensor& q, const at::Tensor& k, co
     const int64_t total = r.cache->length() + r.length;
     r.cache->Reserve(layer, total);
     TORCH_CHECK(KvCacheApplies(r.cache->keys(layer)), "KV cache is not CPU float32, bfloat16 or float16");
-    for (const KvCache::Segment& seg : r.cache->segments()) {
-      TORCH_CHECK(seg.keys[layer].scalar_type() == r.cache->keys(layer).scalar_type() &&
-                      KvCacheApplies(seg.keys[layer]) && KvCacheApplies(seg.values[layer]),
-                  "a shared KV segment is not in the cache's layout");
-    }
+    // Shared segments have the own buffer's dtype, device and contiguity (KvCache::Share).
     longest = std::max(longest, total);
     // Scores and weighted sums over the positions each query sees.
     const int64_t seen = window > 0 ? r.length * std::min(total, window) : r.length * (2 * total - r.length + 1) / 2;

@@ -532,7 +532,8 @@ void Scheduler::DropFinished() {
 
 void Scheduler::PublishGauges() {
   // The running sequences' own buffers and the prefix-cache blocks they read.
-  int64_t kv = engine_.prefix_cache_stats().pinned_bytes;
+  const core::PrefixCacheStats prefix = engine_.prefix_cache_stats();
+  int64_t kv = prefix.pinned_bytes;
   for (const auto& a : running_set_) kv += a->sequence->kv_bytes();
   // Preempted requests are still running for their clients (they resume before anything new).
   running_.store(static_cast<int64_t>(running_set_.size() + preempted_.size()), std::memory_order_relaxed);
@@ -540,7 +541,6 @@ void Scheduler::PublishGauges() {
   if (metrics_) {
     metrics_->SetQueue(queue_depth(), running(),
                        static_cast<double>(kv) / static_cast<double>(options_.max_kv_bytes));
-    const core::PrefixCacheStats prefix = engine_.prefix_cache_stats();
     metrics_->SetKvBlocks(UsedBlocks(), CachedBlocks(), total_blocks_);
     metrics_->SetPrefixCache(prefix.queried_tokens, prefix.hit_tokens, prefix.bytes, prefix.blocks);
   }
