@@ -369,7 +369,7 @@ void CausalLm::Attend(int64_t layer, const at::Tensor& q, const at::Tensor& k,
                       const at::Tensor& v, const std::vector<RowSpan>& rows, double scale,
                       int64_t window, at::Tensor& out) const {
   const bool fuse = !rows.empty() && cpu::CachedAttentionApplies(q, k, v, out) &&
-                    cpu::KvCacheApplies(rows.front().cache->keys(layer));
+                    cpu::KvCacheApplies(*rows.front().cache);
   if (!fuse) {
     for (const RowSpan& r : rows) {
       RowAttention(layer, q.narrow(0, r.offset, r.length), k.narrow(0, r.offset, r.length),

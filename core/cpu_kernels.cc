@@ -86,13 +86,15 @@ bool IsCpuMatrix(const at::Tensor& t) {
   return IsCpuWeight(t) || (t.defined() && t.device().is_cpu() && t.scalar_type() == at::kHalf);
 }
 
-WeightType WeightTypeOf(const at::Tensor& w) {
-  switch (w.scalar_type()) {
+WeightType WeightTypeOf(at::ScalarType type) {
+  switch (type) {
     case at::kBFloat16: return WeightType::kBf16;
     case at::kHalf: return WeightType::kF16;
     default: return WeightType::kF32;
   }
 }
+
+WeightType WeightTypeOf(const at::Tensor& w) { return WeightTypeOf(w.scalar_type()); }
 
 }  // namespace
 
@@ -379,10 +381,9 @@ bool CachedAttentionApplies(const at::Tensor& q, const at::Tensor& k, const at::
          out.is_contiguous();
 }
 
-bool KvCacheApplies(const at::Tensor& keys) {
-  return keys.is_cpu() && keys.is_contiguous() &&
-         (keys.scalar_type() == at::kFloat || keys.scalar_type() == at::kBFloat16 ||
-          keys.scalar_type() == at::kHalf);
+bool KvCacheApplies(const KvCache& cache) {
+  const at::TensorOptions& o = cache.options();
+  return o.device().is_cpu() && (o.dtype() == at::kFloat || o.dtype() == at::kBFloat16 || o.dtype() == at::kHalf);
 }
 
 void CachedAttention(int64_t layer, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -391,12 +392,25 @@ void CachedAttention(int64_t layer, const at::Tensor& q, const at::Tensor& k, co
   const int64_t group = num_heads / kv_heads;
   int64_t work = 0;
   int64_t longest = 0;
-  for (const CachedRow& r : rows) {
+  // Per row, where kv head 0 of each segment lies (shared segments, then the own blocks), and
+  // how far on in bytes the next head starts: the tasks add h times that.
+  std::vector<std::vector<KvSpan>> row_spans(rows.size());
+  std::vector<std::vector<int64_t>> head_bytes(rows.size());
+  for (size_t i = 0; i < rows.size(); ++i) {
+    const CachedRow& r = rows[i];
     TORCH_CHECK(r.length >= 1, "a cached-attention row needs at least one position");
     const int64_t total = r.cache->length() + r.length;
-    r.cache->Reserve(layer, total);
-    TORCH_CHECK(KvCacheApplies(r.cache->keys(layer)), "KV cache is not CPU float32, bfloat16 or float16");
-    // Shared segments have the own buffer's dtype, device and contiguity (KvCache::Share).
+    r.cache->Reserve(total);
+    TORCH_CHECK(KvCacheApplies(*r.cache), "KV cache is not CPU float32, bfloat16 or float16");
+    // Every segment has the cache's dtype, device and contiguity (KvCache::Share, the blocks).
+    const int64_t element = static_cast<int64_t>(r.cache->options().dtype().itemsize());
+    for (const std::vector<KvCache::Segment>* part : {&r.cache->segments(), &r.cache->blocks()}) {
+      for (const KvCache::Segment& seg : *part) {
+        row_spans[i].push_back({seg.begin, seg.begin + seg.length, seg.keys[layer].data_ptr(),
+                                seg.values[layer].data_ptr()});
+        head_bytes[i].push_back(seg.length * head_dim * element);
+      }
+    }
     longest = std::max(longest, total);
     // Scores and weighted sums over the positions each query sees.
     const int64_t seen = window > 0 ? r.length * std::min(total, window) : r.length * (2 * total - r.length + 1) / 2;
@@ -409,22 +423,15 @@ void CachedAttention(int64_t layer, const at::Tensor& q, const at::Tensor& k, co
     std::vector<AttendTileRow> tile_rows(std::max(kAttendRows, group));
     std::vector<KvSpan> spans;
     for (int64_t t = begin; t < end; ++t) {
-      const CachedRow& r = rows[t / kv_heads];
+      const size_t ri = static_cast<size_t>(t / kv_heads);
+      const CachedRow& r = rows[ri];
       const int64_t h = t % kv_heads;
-      at::Tensor& keys = r.cache->keys(layer);
-      at::Tensor& values = r.cache->values(layer);
-      const int64_t element = static_cast<int64_t>(keys.element_size());
-      // Shared segments first, then the cache's own buffer, which takes the new positions.
-      spans.clear();
-      for (const KvCache::Segment& seg : r.cache->segments()) {
-        const int64_t offset = h * seg.length * head_dim * element;
-        spans.push_back({seg.begin, seg.begin + seg.length,
-                         static_cast<const char*>(seg.keys[layer].data_ptr()) + offset,
-                         static_cast<const char*>(seg.values[layer].data_ptr()) + offset});
+      spans = row_spans[ri];
+      for (size_t s = 0; s < spans.size(); ++s) {
+        const int64_t offset = h * head_bytes[ri][s];
+        spans[s].keys = static_cast<const char*>(spans[s].keys) + offset;
+        spans[s].values = static_cast<const char*>(spans[s].values) + offset;
       }
-      const int64_t offset = h * keys.size(1) * head_dim * element;
-      spans.push_back({r.cache->shared_length(), std::numeric_limits<int64_t>::max(),
-                       static_cast<char*>(keys.data_ptr()) + offset, static_cast<char*>(values.data_ptr()) + offset});
       AttendArgs a;
       a.q = q.data_ptr<float>() + r.index * q.stride(0) + h * group * head_dim;
       a.k = k.data_ptr<float>() + r.index * k.stride(0) + h * head_dim;
@@ -433,7 +440,7 @@ void CachedAttention(int64_t layer, const at::Tensor& q, const at::Tensor& k, co
       a.kv_stride = k.stride(0);
       a.spans = spans.data();
       a.num_spans = static_cast<int64_t>(spans.size());
-      a.kv_type = WeightTypeOf(keys);
+      a.kv_type = WeightTypeOf(c10::typeMetaToScalarType(r.cache->options().dtype()));
       a.out = out.data_ptr<float>() + r.index * out.stride(0) + h * group * head_dim;
       a.out_stride = out.stride(0);
       a.scores = scores.data();

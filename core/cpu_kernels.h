@@ -120,9 +120,9 @@ struct CachedRow {
 bool CachedAttentionApplies(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                             const at::Tensor& out);
 
-// Returns true when CachedAttention() can read and write a cache layer holding `keys` (and
-// values of the same dtype): contiguous CPU float32, bfloat16 or float16.
-bool KvCacheApplies(const at::Tensor& keys);
+// Returns true when CachedAttention() can read and write `cache`: on the CPU, in float32,
+// bfloat16 or float16.
+bool KvCacheApplies(const KvCache& cache);
 
 // For every row: writes its keys and values ([kv_heads·d] at tokens [index, index + length) of
 // k and v) into `layer` of its cache at positions [cache->length(), + length) (not committed),

@@ -91,8 +91,8 @@ struct AttendArgs {
   const float* q;    // Position c's query heads of this kv head: group × head_dim at q + c·q_stride.
   const float* k;    // Position c's new key for this kv head: head_dim at k + c·kv_stride.
   const float* v;    // Its new value, at v + c·kv_stride.
-  // Where the cache's positions lie, in order of position; the last span holds the new
-  // positions, which the kernel writes there first.
+  // Where the cache's positions lie, in order of position, up to position + count at least;
+  // the spans holding the new positions (own blocks) are written there first.
   const KvSpan* spans;
   int64_t num_spans = 1;
   float* out;        // Position c's group × head_dim at out + c·out_stride.

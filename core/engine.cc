@@ -21,6 +21,9 @@
 
 namespace adapterd::core {
 
+static_assert(KvCache::kBlock == Engine::kKvBlockPositions && PrefixCache::kBlock == Engine::kKvBlockPositions,
+              "a KV cache grows by the blocks the prefix cache shares and the scheduler counts");
+
 struct Sequence::State {
   std::vector<int32_t> tokens;
   int64_t prompt_length = 0;
@@ -251,7 +254,7 @@ absl::Status Engine::ReserveKv(Sequence& seq, int64_t positions) const {
   if (s.cache == nullptr) return absl::FailedPreconditionError("the sequence is preempted");
   c10::InferenceMode guard;
   try {
-    s.cache->ReserveExactly(positions);
+    s.cache->Reserve(positions);
   } catch (const std::exception& e) {
     return absl::ResourceExhaustedError(
         absl::StrCat("growing the KV cache to ", positions, " positions failed: ", TorchErrorMessage(e)));

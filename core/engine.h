@@ -48,7 +48,7 @@ class Sequence {
   const std::vector<int32_t>& tokens() const;  // Prompt followed by generated ids.
   int64_t prompt_length() const;
   int64_t generated() const;
-  // Bytes of its KV cache's own buffers; the shared segments it reads (prefix-tuning
+  // Bytes of its KV cache's own blocks; the shared segments it reads (prefix-tuning
   // positions, prefix-cache blocks) belong to the adapter and the prefix cache.
   int64_t kv_bytes() const;
   // Positions its KV cache has room for, shared and own (0 while preempted).
@@ -112,6 +112,9 @@ struct PrefixCacheStats {
 
 class Engine {
  public:
+  // Positions of a KV cache block: the unit a cache grows by and the prefix cache shares.
+  static constexpr int64_t kKvBlockPositions = 16;
+
   // Loads the model. `report` is filled also when loading fails.
   static absl::StatusOr<std::unique_ptr<Engine>> Load(const EngineOptions& options,
                                                       LoadReport* report);
@@ -146,14 +149,14 @@ class Engine {
   // Opens a sequence for `prompt`, run with `adapter` (null: the base model). InvalidArgument
   // for an empty prompt, an id outside the vocabulary, a prompt that (with the adapter's
   // virtual tokens) fills the context, or bad sampling parameters.
-  // `kv_capacity` is the positions its KV cache starts with (0: the prompt's, the adapter's
-  // virtual tokens and 64 more); it grows by doubling when a step needs more, or ahead of time
-  // with ReserveKv.
+  // `kv_capacity` is the positions its KV cache starts with room for (0: the prompt's, the
+  // adapter's virtual tokens and 64 more), in blocks of kKvBlockPositions; a step that needs
+  // more adds blocks, or ReserveKv does ahead of time. Nothing cached is ever moved.
   absl::StatusOr<std::unique_ptr<Sequence>> NewSequence(
       std::vector<int32_t> prompt, const SamplingParams& params,
       std::shared_ptr<const SequenceAdapter> adapter = nullptr, int64_t kv_capacity = 0) const;
-  // Grows the KV cache of `seq` to exactly `positions` positions when it holds fewer (a caller
-  // that budgets KV memory grows caches itself, in its own units). ResourceExhausted when the
+  // Grows the KV cache of `seq` to the blocks that hold `positions` positions when it holds
+  // fewer (a caller that budgets KV memory grows caches itself, in the same blocks). ResourceExhausted when the
   // memory cannot be had; FailedPrecondition for a preempted sequence.
   absl::Status ReserveKv(Sequence& seq, int64_t positions) const;
   // Preemption by recomputation: frees the KV cache of `seq` and keeps everything else (its

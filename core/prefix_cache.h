@@ -35,7 +35,7 @@ class SequenceAdapter;
 
 class PrefixCache {
  public:
-  static constexpr int64_t kBlock = 16;
+  static constexpr int64_t kBlock = KvCache::kBlock;
 
   explicit PrefixCache(int64_t max_bytes) : max_bytes_(max_bytes) {}
 

@@ -531,7 +531,7 @@ void Scheduler::DropFinished() {
 }
 
 void Scheduler::PublishGauges() {
-  // The running sequences' own buffers and the prefix-cache blocks they read.
+  // The running sequences' own blocks and the prefix-cache blocks they read.
   const core::PrefixCacheStats prefix = engine_.prefix_cache_stats();
   int64_t kv = prefix.pinned_bytes;
   for (const auto& a : running_set_) kv += a->sequence->kv_bytes();

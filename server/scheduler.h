@@ -113,8 +113,9 @@ struct SchedulerOptions {
 
 class Scheduler {
  public:
-  // Positions per block of the KV pool (the prefix cache's block size too).
-  static constexpr int64_t kKvBlock = 16;
+  // Positions per block of the KV pool: the blocks the caches grow by and the prefix cache
+  // shares.
+  static constexpr int64_t kKvBlock = core::Engine::kKvBlockPositions;
 
   // `tokenizer` may be null (token-id-only serving). `metrics` may be null.
   Scheduler(const core::Engine& engine, const core::Tokenizer* tokenizer, Metrics* metrics,

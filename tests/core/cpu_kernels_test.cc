@@ -326,7 +326,7 @@ void CheckCachedAttention(at::ScalarType kv_dtype) {
     std::vector<CachedRow> cached;
     for (int64_t r = 0; r < rows; ++r) cached.push_back({index[r], caches[r].get(), lengths[r]});
     ASSERT_TRUE(CachedAttentionApplies(q, k, v, out));
-    ASSERT_TRUE(KvCacheApplies(caches[0]->keys(1)));
+    ASSERT_TRUE(KvCacheApplies(*caches[0]));
     const double scale = 1.0 / std::sqrt(static_cast<double>(c.head_dim));
     const int64_t layer = 1;
     CachedAttention(layer, q, k, v, cached, c.heads, c.kv_heads, c.head_dim, scale, c.window, out);
@@ -342,13 +342,13 @@ void CheckCachedAttention(at::ScalarType kv_dtype) {
           const int64_t kvh = h / group;
           // The new key and value were stored at position past + p of this row's cache,
           // converted as ATen converts (bfloat16: rounded to nearest even).
-          at::Tensor stored_k = cache.keys(layer)[kvh][pasts[r] + p];
-          at::Tensor stored_v = cache.values(layer)[kvh][pasts[r] + p];
+          at::Tensor stored_k = cache.Read(layer, pasts[r] + p, 1).first[kvh][0];
+          at::Tensor stored_v = cache.Read(layer, pasts[r] + p, 1).second[kvh][0];
           EXPECT_TRUE(at::equal(stored_k, k[row].narrow(0, kvh * c.head_dim, c.head_dim).to(kv_dtype)));
           EXPECT_TRUE(at::equal(stored_v, v[row].narrow(0, kvh * c.head_dim, c.head_dim).to(kv_dtype)));
-          at::Tensor keys = cache.keys(layer)[kvh].narrow(0, first, total - first).to(at::kFloat).contiguous();
-          at::Tensor values =
-              cache.values(layer)[kvh].narrow(0, first, total - first).to(at::kFloat).contiguous();
+          auto [cached_keys, cached_values] = cache.Read(layer, first, total - first);
+          at::Tensor keys = cached_keys[kvh].to(at::kFloat).contiguous();
+          at::Tensor values = cached_values[kvh].to(at::kFloat).contiguous();
           const float* qh = q[row].data_ptr<float>() + h * c.head_dim;
           std::vector<double> want = Attention(qh, keys, values, scale);
           const float* got = out[row].data_ptr<float>() + h * c.head_dim;
@@ -410,11 +410,12 @@ TEST_P(CachedAttentionTest, ChunksAndSinglePositionsGiveTheSameBits) {
 }
 
 // A cache whose past lies partly in shared segments (a prefix adapter's 5 positions, four
-// prefix-cache blocks of 16, held by reference) and partly in its own buffer gives the bits of
-// the same past in one buffer: a 40-position chunk across key tiles, then decode rows, with
-// and without a window, over float32, bfloat16 and float16. Sharing copies nothing, and the
-// new positions land in the own buffer.
-TEST_P(CachedAttentionTest, SharedSegmentsGiveTheBitsOfOneBuffer) {
+// prefix-cache blocks of 16, held by reference) and partly in its own blocks gives the bits of
+// the same past held as one segment: a 40-position chunk across key tiles, then decode rows,
+// with and without a window, over float32, bfloat16 and float16. The new positions cross own
+// block boundaries that differ between the two caches (own blocks start at 69 in one, at 72 in
+// the other). Sharing copies nothing, and growing by blocks moves nothing already cached.
+TEST_P(CachedAttentionTest, SharedSegmentsAndBlocksGiveTheBitsOfOneBuffer) {
   at::manual_seed(33);
   for (const at::ScalarType dtype : {at::kFloat, at::kBFloat16, at::kHalf}) {
     for (const int64_t window : {int64_t{0}, int64_t{20}}) {
@@ -423,9 +424,18 @@ TEST_P(CachedAttentionTest, SharedSegmentsGiveTheBitsOfOneBuffer) {
       at::Tensor past_k = at::randn({layers, kv_heads, past, d}).to(dtype);
       at::Tensor past_v = at::randn({layers, kv_heads, past, d}).to(dtype);
       KvCache whole(layers, kv_heads, d, 4, options);
+      {
+        std::vector<at::Tensor> keys, values;
+        for (int64_t layer = 0; layer < layers; ++layer) {
+          keys.push_back(past_k[layer].contiguous());
+          values.push_back(past_v[layer].contiguous());
+        }
+        whole.Share(keys, values);
+      }
+      ASSERT_EQ(whole.length(), past);
+      ASSERT_EQ(whole.blocks().size(), 1u);
       KvCache split(layers, kv_heads, d, 200, options);
-      for (int64_t layer = 0; layer < layers; ++layer) whole.Append(layer, past_k[layer], past_v[layer]);
-      whole.Commit(past);
+      EXPECT_EQ(split.capacity(), 208);  // 13 blocks.
       int64_t at_position = 0;
       for (const int64_t n : {5, 16, 16, 16, 16}) {
         std::vector<at::Tensor> keys, values;
@@ -440,8 +450,10 @@ TEST_P(CachedAttentionTest, SharedSegmentsGiveTheBitsOfOneBuffer) {
       }
       EXPECT_EQ(split.length(), 69);
       EXPECT_EQ(split.shared_length(), 69);
-      EXPECT_EQ(split.capacity(), 200);
-      EXPECT_EQ(split.bytes(), 2 * layers * kv_heads * (200 - 69) * d * static_cast<int64_t>(c10::elementSize(dtype)));
+      // The room asked for in all is kept: 208 - 69 positions in 9 own blocks from 69 on.
+      EXPECT_EQ(split.own_capacity(), 144);
+      EXPECT_EQ(split.blocks().front().begin, 69);
+      EXPECT_EQ(split.bytes(), 2 * layers * kv_heads * 144 * d * static_cast<int64_t>(c10::elementSize(dtype)));
       for (int64_t layer = 0; layer < layers; ++layer) {
         split.Append(layer, past_k[layer].narrow(1, 69, 3), past_v[layer].narrow(1, 69, 3));
       }
@@ -449,6 +461,7 @@ TEST_P(CachedAttentionTest, SharedSegmentsGiveTheBitsOfOneBuffer) {
       EXPECT_THROW(split.Share({past_k[0].narrow(1, 0, 1)}, {past_v[0].narrow(1, 0, 1)}), c10::Error);
       EXPECT_TRUE(at::equal(split.Read(1, 0, past).first, past_k[1]));
       EXPECT_TRUE(at::equal(split.Read(1, 3, 40).second, past_v[1].narrow(1, 3, 40)));
+      const void* first_block = whole.blocks().front().keys[1].data_ptr();
       const double scale = 0.2;
       for (const int64_t len : {40, 1, 1, 1}) {
         at::Tensor q = at::randn({len, heads * d});
@@ -469,6 +482,9 @@ TEST_P(CachedAttentionTest, SharedSegmentsGiveTheBitsOfOneBuffer) {
         EXPECT_TRUE(at::equal(split.Read(layer, 0, past + 43).first, whole.Read(layer, 0, past + 43).first));
         EXPECT_TRUE(at::equal(split.Read(layer, 0, past + 43).second, whole.Read(layer, 0, past + 43).second));
       }
+      // `whole` grew from one own block to three as the positions came; the first stayed put.
+      EXPECT_EQ(whole.blocks().size(), 3u);
+      EXPECT_EQ(whole.blocks().front().keys[1].data_ptr(), first_block);
     }
   }
 }
@@ -494,7 +510,7 @@ TEST_P(CachedAttentionTest, RoundsToHalfPrecisionAsAtenDoes) {
     std::vector<CachedRow> decode = {{0, &cache}};
     CachedAttention(0, q, k, v, decode, 1, 1, d, 1.0, 0, out);
     at::Tensor want = k[0].to(dtype);
-    at::Tensor got = cache.keys(0)[0][0];
+    at::Tensor got = cache.Read(0, 0, 1).first[0][0];
     const uint16_t exponent = dtype == at::kHalf ? 0x7C00 : 0x7F80;
     for (int64_t i = 0; i < d; ++i) {
       uint16_t w = 0, g = 0;

@@ -638,8 +638,8 @@ TEST_P(PreemptTest, AResumedSequenceAnswersAsIfNeverPreempted) {
   EXPECT_GT(cached->prefix_cache_stats().hit_tokens, 0);
 }
 
-// ReserveKv grows a cache to exactly what it is asked for, and never shrinks it.
-TEST(EngineKvTest, ReserveKvGrowsToExactlyThePositionsAsked) {
+// ReserveKv grows a cache by whole blocks to hold the positions asked, and never shrinks it.
+TEST(EngineKvTest, ReserveKvGrowsToTheBlocksOfThePositionsAsked) {
   auto engine = LoadEngine("llama_tied");
   ASSERT_NE(engine, nullptr);
   auto seq = engine->NewSequence({1, 2, 3}, SamplingParams(), nullptr, 16);
@@ -647,10 +647,10 @@ TEST(EngineKvTest, ReserveKvGrowsToExactlyThePositionsAsked) {
   EXPECT_EQ((*seq)->kv_capacity(), 16);
   EXPECT_EQ((*seq)->kv_bytes(), 16 * engine->kv_bytes_per_position());
   ASSERT_TRUE(engine->ReserveKv(**seq, 40).ok());
-  EXPECT_EQ((*seq)->kv_capacity(), 40);
+  EXPECT_EQ((*seq)->kv_capacity(), 48);
   ASSERT_TRUE(engine->ReserveKv(**seq, 20).ok());
-  EXPECT_EQ((*seq)->kv_capacity(), 40);
-  EXPECT_EQ((*seq)->kv_bytes(), 40 * engine->kv_bytes_per_position());
+  EXPECT_EQ((*seq)->kv_capacity(), 48);
+  EXPECT_EQ((*seq)->kv_bytes(), 48 * engine->kv_bytes_per_position());
   engine->Preempt(**seq);
   EXPECT_EQ(engine->ReserveKv(**seq, 48).code(), absl::StatusCode::kFailedPrecondition);
   EXPECT_EQ(engine->NewSequence({1, 2}, SamplingParams(), nullptr, -1).status().code(),
