@@ -48,8 +48,9 @@ class Sequence {
   const std::vector<int32_t>& tokens() const;  // Prompt followed by generated ids.
   int64_t prompt_length() const;
   int64_t generated() const;
-  // Bytes of its KV cache's own blocks; the shared segments it reads (prefix-tuning
-  // positions, prefix-cache blocks) belong to the adapter and the prefix cache.
+  // Bytes of the KV cache blocks it alone holds; the shared segments it reads (prefix-tuning
+  // positions, prefix-cache blocks) belong to the adapter and the prefix cache, and so do its
+  // own full prompt blocks once the prefix cache holds them too.
   int64_t kv_bytes() const;
   // Positions its KV cache has room for, shared and own (0 while preempted).
   int64_t kv_capacity() const;

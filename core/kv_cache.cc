@@ -103,9 +103,19 @@ std::pair<at::Tensor, at::Tensor> KvCache::Read(int64_t layer, int64_t position,
   return {at::cat(keys, 1), at::cat(values, 1)};
 }
 
+const KvCache::Segment* KvCache::OwnBlockAt(int64_t position) const {
+  const int64_t offset = position - shared_length_;
+  if (offset < 0 || offset % kBlock != 0 || offset / kBlock >= static_cast<int64_t>(blocks_.size())) return nullptr;
+  return &blocks_[static_cast<size_t>(offset / kBlock)];
+}
+
 int64_t KvCache::bytes() const {
-  return static_cast<int64_t>(blocks_.size()) * 2 * static_cast<int64_t>(num_layers_) * kv_heads_ * kBlock *
-         head_dim_ * static_cast<int64_t>(options_.dtype().itemsize());
+  int64_t alone = 0;
+  for (const Segment& b : blocks_) {
+    if (b.keys.front().use_count() == 1) ++alone;
+  }
+  return alone * 2 * static_cast<int64_t>(num_layers_) * kv_heads_ * kBlock * head_dim_ *
+         static_cast<int64_t>(options_.dtype().itemsize());
 }
 
 int64_t KvCache::shared_bytes() const {

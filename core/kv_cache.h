@@ -51,7 +51,11 @@ class KvCache {
   const std::vector<Segment>& segments() const { return segments_; }
   // The own blocks, in order: block i holds positions [shared_length() + i·kBlock, + kBlock).
   // Positions at and after length() are scratch, for kernels that write the next ones in place.
+  // A block whose positions are all committed is never written again, so others (the prefix
+  // cache) may hold its tensors and read them.
   const std::vector<Segment>& blocks() const { return blocks_; }
+  // The own block that starts at `position`, or null.
+  const Segment* OwnBlockAt(int64_t position) const;
 
   // Writes `k`, `v` ([kv_heads, t, head_dim]) for `layer` at positions [length, length + t)
   // and returns every cached key and value up to length + t (a view when they lie in one
@@ -72,7 +76,8 @@ class KvCache {
   void Commit(int64_t t) { length_ += t; }
   size_t layers() const { return num_layers_; }
   const at::TensorOptions& options() const { return options_; }
-  // Bytes of the own blocks (room, not length). Shared segments are their owners'.
+  // Bytes of the own blocks that this cache alone holds (room, not length). Shared segments
+  // are their owners', and so are own blocks someone else holds too (the prefix cache).
   int64_t bytes() const;
   // Bytes of the shared segments this cache reads.
   int64_t shared_bytes() const;

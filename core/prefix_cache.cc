@@ -71,10 +71,19 @@ void PrefixCache::Store(uint64_t key, const std::shared_ptr<const SequenceAdapte
   e.parent = parent;
   e.tokens.assign(tokens, tokens + n);
   const int64_t layers = static_cast<int64_t>(cache.layers());
+  // A full own block of the cache that lies exactly where the entry does becomes the entry:
+  // the same tensors, no copy (the cache never writes a committed block again). Else, as for
+  // a soft prompt, or token blocks a soft prompt shifts off the own blocks, a copy.
+  const KvCache::Segment* block = length == KvCache::kBlock ? cache.OwnBlockAt(position) : nullptr;
   for (int64_t l = 0; l < layers; ++l) {
-    auto [keys, values] = cache.Read(l, position, length);
-    e.keys.push_back(keys.clone(at::MemoryFormat::Contiguous));
-    e.values.push_back(values.clone(at::MemoryFormat::Contiguous));
+    if (block != nullptr) {
+      e.keys.push_back(block->keys[static_cast<size_t>(l)]);
+      e.values.push_back(block->values[static_cast<size_t>(l)]);
+    } else {
+      auto [keys, values] = cache.Read(l, position, length);
+      e.keys.push_back(keys.clone(at::MemoryFormat::Contiguous));
+      e.values.push_back(values.clone(at::MemoryFormat::Contiguous));
+    }
     e.bytes += e.keys.back().nbytes() + e.values.back().nbytes();
   }
   lru_.push_front(key);

@@ -10,10 +10,13 @@
 // the same name, or a new one at a recycled address, never meets the old one's blocks. The
 // base model is the null adapter.
 //
-// Memory: an entry is a copy of the block made once, when the prefill that computed it
-// stores it (a cached block outlives the request that made it); every later request of the
-// same prefix reads that one copy. Past `max_bytes` the least recently used entries that no
-// running sequence reads are dropped; entries in use stay until their readers finish.
+// Memory: an entry is the very own block of the KV cache whose prefill computed it (held by
+// reference: that cache never writes a committed block again, and the block outlives the
+// request when the entry does). Only where a prompt-tuning soft prompt of other than whole
+// blocks shifts the token blocks off the cache's own blocks is an entry a copy, made once.
+// Every later request of the same prefix reads that one block. Past `max_bytes` the least
+// recently used entries that no running sequence reads are dropped; entries in use (by the
+// request that made them too) stay until their readers finish.
 //
 // Thread-safety: every method may be called from any thread (one mutex).
 #pragma once

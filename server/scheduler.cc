@@ -67,8 +67,9 @@ Scheduler::~Scheduler() {
   thread_.join();
 }
 
-int64_t Scheduler::OwnBlocks(const core::Sequence& q) {
-  return Blocks(q.kv_capacity() - q.kv_shared_positions());
+int64_t Scheduler::OwnBlocks(const core::Sequence& q) const {
+  // The blocks its cache alone holds: those it handed to the prefix cache count there.
+  return (q.kv_bytes() + block_bytes_ - 1) / block_bytes_;
 }
 
 int64_t Scheduler::UsedBlocks() const {
@@ -432,8 +433,8 @@ void Scheduler::MakeRoom() {
     }
     if (self) return;  // It was the newest: the rest of the set is older and has room.
     if (absl::Status grown = engine_.ReserveKv(q, want); !grown.ok()) {
+      used -= OwnBlocks(q);
       Finish(a, grown, core::FinishReason::kCancelled);
-      used -= Blocks(capacity - shared);
       continue;
     }
     used += extra;

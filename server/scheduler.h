@@ -168,8 +168,9 @@ class Scheduler {
     return static_cast<int64_t>(queue_.size() + parked_.size());
   }
   static int64_t Blocks(int64_t positions) { return (positions + kKvBlock - 1) / kKvBlock; }
-  // Pool blocks a sequence's own KV buffers take (not the shared segments it reads).
-  static int64_t OwnBlocks(const core::Sequence& q);
+  // Pool blocks a sequence's cache alone holds (not the shared segments it reads, nor the own
+  // blocks it handed to the prefix cache, which count in CachedBlocks()).
+  int64_t OwnBlocks(const core::Sequence& q) const;
   // Blocks of the pool held by the running requests' caches.
   int64_t UsedBlocks() const;
   // Blocks of the pool held by the prefix cache (--prefix_cache_bytes), rounded up.

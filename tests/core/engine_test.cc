@@ -10,6 +10,7 @@
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "core/cpu_kernels.h"
+#include "core/prefix_cache.h"
 #include "tests/test_util.h"
 
 namespace adapterd::core {
@@ -575,8 +576,104 @@ TEST_P(PrefixCacheTest, ReusedBlocksAreSharedAndKeptWhileRead) {
   EXPECT_EQ(warm->prefix_cache_stats().bytes, 0);
 }
 
+// A prefill hands its full prompt blocks to the prefix cache without a copy: the entries are
+// the sequence's own blocks, so they count once (the sequence's kv_bytes drop by them, the
+// cache holds them, pinned while the sequence reads them), a later request reads them in
+// place, and both answer as cold runs.
+TEST_P(PrefixCacheTest, PrefillHandsItsFullBlocksOverWithoutACopy) {
+  auto cold = LoadEngine(GetParam());
+  auto warm = LoadWithPrefixCache(GetParam(), 64 << 20);
+  ASSERT_NE(cold, nullptr);
+  ASSERT_NE(warm, nullptr);
+  std::vector<int32_t> prompt;
+  for (int i = 0; i < 37; ++i) prompt.push_back(static_cast<int32_t>((3 * i + 5) % 250 + 1));
+  SamplingParams greedy;
+  greedy.top_logprobs = 2;
+  const int64_t block_bytes = 16 * warm->kv_bytes_per_position();
+  auto first = warm->NewSequence(prompt, greedy, nullptr, 64);
+  ASSERT_TRUE(first.ok()) << first.status();
+  EXPECT_EQ((*first)->kv_bytes(), 4 * block_bytes);
+  std::vector<StepOutput> first_got;
+  auto step = warm->Step({first->get()});
+  ASSERT_TRUE(step.ok()) << step.status();
+  first_got.push_back((*step)[0]);
+  EXPECT_EQ(warm->prefix_cache_stats().blocks, 2);
+  EXPECT_EQ(warm->prefix_cache_stats().bytes, 2 * block_bytes);
+  EXPECT_EQ(warm->prefix_cache_stats().pinned_bytes, 2 * block_bytes);
+  EXPECT_EQ((*first)->kv_bytes(), 2 * block_bytes) << "the handed-over blocks count in the prefix cache only";
+  std::vector<int32_t> other(prompt.begin(), prompt.begin() + 32);
+  other.insert(other.end(), {201, 7, 201});
+  auto second = warm->NewSequence(other, greedy, nullptr, 48);
+  ASSERT_TRUE(second.ok()) << second.status();
+  EXPECT_EQ((*second)->cached_tokens(), 32);
+  EXPECT_EQ((*second)->kv_bytes(), block_bytes);
+  std::vector<StepOutput> second_got;
+  for (int s = 0; s < 4; ++s) {
+    auto a = warm->Step({first->get(), second->get()});
+    ASSERT_TRUE(a.ok()) << a.status();
+    first_got.push_back((*a)[0]);
+    second_got.push_back((*a)[1]);
+  }
+  ExpectSameAnswers(first_got, RunAlone(*cold, prompt, greedy, 5), GetParam());
+  ExpectSameAnswers(second_got, RunAlone(*cold, other, greedy, 4), GetParam());
+  first->reset();
+  EXPECT_EQ(warm->prefix_cache_stats().pinned_bytes, 2 * block_bytes) << "the second request still reads both";
+  second->reset();
+  EXPECT_EQ(warm->prefix_cache_stats().pinned_bytes, 0);
+  warm->ShrinkPrefixCache(0);
+  EXPECT_EQ(warm->prefix_cache_stats().bytes, 0);
+}
+
 INSTANTIATE_TEST_SUITE_P(Fixtures, PrefixCacheTest,
                          ::testing::Values("llama_tied", "mistral_window", "gpt2", "qwen2_bias"));
+
+// The prefix cache stores a full own block of a KV cache by reference: a later cache reads the
+// very tensors the first one wrote, while the first goes on writing its next block. Token
+// blocks that a soft prompt of other than whole blocks shifts off the own blocks are copied.
+TEST(PrefixCacheBlocksTest, FullOwnBlocksAreStoredByReference) {
+  at::manual_seed(5);
+  const at::TensorOptions options = at::TensorOptions().dtype(at::kFloat);
+  const int64_t layers = 2, heads = 2, d = 8;
+  const int64_t block_bytes = 2 * layers * heads * 16 * d * 4;
+  PrefixCache prefix(1 << 20);
+  std::vector<int32_t> tokens;
+  for (int32_t i = 1; i <= 45; ++i) tokens.push_back(i);
+  at::Tensor k = at::randn({layers, heads, 45, d}), v = at::randn({layers, heads, 45, d});
+  KvCache first(layers, heads, d, 48, options);
+  for (int64_t layer = 0; layer < layers; ++layer) first.Append(layer, k[layer].narrow(1, 0, 40), v[layer].narrow(1, 0, 40));
+  first.Commit(40);
+  prefix.Insert(nullptr, tokens, 40, 0, 0, first);
+  EXPECT_EQ(prefix.blocks(), 2);
+  EXPECT_EQ(prefix.bytes(), 2 * block_bytes);
+  EXPECT_EQ(prefix.pinned_bytes(), 2 * block_bytes);
+  EXPECT_EQ(first.bytes(), block_bytes);
+  KvCache second(layers, heads, d, 48, options);
+  EXPECT_EQ(prefix.Reuse(nullptr, tokens, 39, 0, 0, second), 32);
+  for (int64_t layer = 0; layer < layers; ++layer) {
+    for (int64_t b = 0; b < 2; ++b) {
+      EXPECT_EQ(second.Read(layer, 16 * b, 16).first.data_ptr(), first.blocks()[b].keys[layer].data_ptr());
+      EXPECT_EQ(second.Read(layer, 16 * b, 16).second.data_ptr(), first.blocks()[b].values[layer].data_ptr());
+    }
+    // The first cache writes on into its third block; what the second reads stays as it was.
+    first.Append(layer, k[layer].narrow(1, 40, 5), v[layer].narrow(1, 40, 5));
+    EXPECT_TRUE(at::equal(second.Read(layer, 0, 32).first, k[layer].narrow(1, 0, 32)));
+    EXPECT_TRUE(at::equal(second.Read(layer, 0, 32).second, v[layer].narrow(1, 0, 32)));
+  }
+  // A 5-position soft prompt: its segment and the blocks after it are copies.
+  KvCache shifted(layers, heads, d, 48, options);
+  for (int64_t layer = 0; layer < layers; ++layer) shifted.Append(layer, k[layer], v[layer]);
+  shifted.Commit(45);
+  prefix.Insert(nullptr, tokens, 40, 0, 5, shifted);
+  EXPECT_EQ(prefix.blocks(), 5);
+  EXPECT_EQ(shifted.bytes(), 3 * block_bytes);
+  KvCache third(layers, heads, d, 48, options);
+  EXPECT_EQ(prefix.Reuse(nullptr, tokens, 39, 0, 5, third), 32);
+  for (int64_t layer = 0; layer < layers; ++layer) {
+    EXPECT_NE(third.Read(layer, 5, 16).first.data_ptr(), shifted.Read(layer, 5, 16).first.data_ptr());
+    EXPECT_TRUE(at::equal(third.Read(layer, 0, 37).first, k[layer].narrow(1, 0, 37)));
+    EXPECT_TRUE(at::equal(third.Read(layer, 0, 37).second, v[layer].narrow(1, 0, 37)));
+  }
+}
 
 // Preemption by recomputation (the scheduler's answer to a full KV pool): Preempt frees a
 // sequence's cache and keeps its tokens and sampling state; after Resume its next steps

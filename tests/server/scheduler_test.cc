@@ -374,19 +374,19 @@ TEST_F(SchedulerTest, PrefixBlocksMakeWayInTheKvPool) {
   ASSERT_NO_FATAL_FAILURE(idle());
   EXPECT_EQ(warm.prefix_cache_stats().blocks, 2);
   EXPECT_THAT(metrics.Scrape(), HasSubstr("adapterd_kv_blocks{state=\"cached\"} 2"));
-  // B needs 5 blocks from its start: one of A's goes at once, and of B's own 4 prompt blocks
-  // only the one its running cache leaves room for stays.
+  // B needs 5 blocks from its start: one of A's goes at once. B's 4 full prompt blocks go to
+  // the prefix cache as they are (its own blocks, counted once, not copies that would need
+  // room of their own), so all of them stay: 5 cached of 6.
   Submit(s, Request(2, 10, b));
   AwaitDone(2);
   ASSERT_NO_FATAL_FAILURE(idle());
-  EXPECT_LE(warm.prefix_cache_stats().bytes, block);
-  EXPECT_EQ(warm.prefix_cache_stats().blocks, 1);
-  // The block kept is B's first (the most recently used): B again reuses it, nothing is
-  // preempted, and every answer is the one computed alone.
+  EXPECT_EQ(warm.prefix_cache_stats().bytes, 5 * block);
+  EXPECT_EQ(warm.prefix_cache_stats().blocks, 5);
+  // B again reuses all 4, nothing is preempted, and every answer is the one computed alone.
   const int64_t hits = warm.prefix_cache_stats().hit_tokens;
   Submit(s, Request(3, 10, b));
   AwaitDone(3);
-  EXPECT_EQ(warm.prefix_cache_stats().hit_tokens - hits, 16);
+  EXPECT_EQ(warm.prefix_cache_stats().hit_tokens - hits, 64);
   EXPECT_EQ(Get(1).tokens, alone[1]);
   EXPECT_EQ(Get(2).tokens, alone[2]);
   EXPECT_EQ(Get(3).tokens, alone[2]);
@@ -439,6 +439,38 @@ TEST_F(SchedulerTest, CachedPrefixBlocksAreNotTakenFromThePoolTwice) {
   EXPECT_EQ(recorder_.most_streaming, 4u);
   EXPECT_EQ(s.preemptions(), 0);
   EXPECT_EQ(warm.prefix_cache_stats().hit_tokens, 4 * 64);
+}
+
+// A prompt's full blocks that the prefill hands to the prefix cache are the request's own
+// blocks, not copies, and count once in the pool: a 150-token prompt growing to 180 positions
+// runs in a 12-block pool with the prefix cache on and no preemption, answering as alone.
+// (Counted twice, as the request's and the cache's, its 9 prompt blocks made it 21 blocks and
+// it preempted itself.)
+TEST_F(SchedulerTest, PromptBlocksHandedToThePrefixCacheCountOnce) {
+  std::unique_ptr<core::Engine> loaded = LoadWithPrefixCache();
+  ASSERT_NE(loaded, nullptr);
+  const core::Engine& warm = *loaded;
+  std::vector<int32_t> prompt = {1};
+  for (int i = 1; i < 150; ++i) prompt.push_back(static_cast<int32_t>(300 + (17 * i) % 700));
+  std::vector<int32_t> alone;
+  {
+    Scheduler s(*engine_, nullptr, nullptr, SchedulerOptions());
+    Submit(s, Request(1, 30, prompt));
+    AwaitDone(1);
+    alone = Get(1).tokens;
+  }
+  ASSERT_EQ(alone.size(), 30u);
+  recorder_.outcomes.clear();
+  recorder_.done = 0;
+  SchedulerOptions options;
+  options.max_kv_bytes = 12 * BlockBytes(warm);
+  Scheduler s(warm, nullptr, nullptr, options);
+  Submit(s, Request(1, 30, prompt));
+  AwaitDone(1);
+  EXPECT_TRUE(Get(1).status.ok()) << Get(1).status;
+  EXPECT_EQ(Get(1).tokens, alone);
+  EXPECT_EQ(s.preemptions(), 0);
+  EXPECT_EQ(warm.prefix_cache_stats().blocks, 9);
 }
 
 // A request cancelled while preempted ends CANCELLED with the tokens it had; the one that
