@@ -393,7 +393,8 @@ void CachedAttention(int64_t layer, const at::Tensor& q, const at::Tensor& k, co
   int64_t work = 0;
   int64_t longest = 0;
   // Per row, where kv head 0 of each segment lies (shared segments, then the own blocks), and
-  // how far on in bytes the next head starts: the tasks add h times that.
+  // how far on in bytes the next head starts (a block's heads lie kBlock positions apart even
+  // where it holds fewer, see KvCache::AlignBlocks): the tasks add h times that.
   std::vector<std::vector<KvSpan>> row_spans(rows.size());
   std::vector<std::vector<int64_t>> head_bytes(rows.size());
   for (size_t i = 0; i < rows.size(); ++i) {
@@ -402,13 +403,13 @@ void CachedAttention(int64_t layer, const at::Tensor& q, const at::Tensor& k, co
     const int64_t total = r.cache->length() + r.length;
     r.cache->Reserve(total);
     TORCH_CHECK(KvCacheApplies(*r.cache), "KV cache is not CPU float32, bfloat16 or float16");
-    // Every segment has the cache's dtype, device and contiguity (KvCache::Share, the blocks).
+    // Every segment has the cache's dtype and device, each head's rows contiguous (KvCache).
     const int64_t element = static_cast<int64_t>(r.cache->options().dtype().itemsize());
     for (const std::vector<KvCache::Segment>* part : {&r.cache->segments(), &r.cache->blocks()}) {
       for (const KvCache::Segment& seg : *part) {
         row_spans[i].push_back({seg.begin, seg.begin + seg.length, seg.keys[layer].data_ptr(),
                                 seg.values[layer].data_ptr()});
-        head_bytes[i].push_back(seg.length * head_dim * element);
+        head_bytes[i].push_back(seg.keys[layer].stride(0) * element);
       }
     }
     longest = std::max(longest, total);

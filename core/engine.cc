@@ -74,6 +74,9 @@ int64_t Sequence::generated() const {
 }
 int64_t Sequence::kv_bytes() const { return state_->cache ? state_->cache->bytes() : 0; }
 int64_t Sequence::kv_capacity() const { return state_->cache ? state_->cache->capacity() : 0; }
+int64_t Sequence::kv_blocks_for(int64_t positions) const {
+  return state_->cache ? state_->cache->BlocksFor(positions) : 0;
+}
 int64_t Sequence::kv_shared_positions() const {
   return state_->cache ? state_->cache->shared_length() : 0;
 }
@@ -216,6 +219,15 @@ absl::Status Engine::OpenCache(Sequence::State& s, int64_t capacity, bool count_
     return absl::InternalError(absl::StrCat("reusing a cached prefix failed: ", TorchErrorMessage(e)));
   }
   if (reused > 0) s.soft_prompt_pending = false;
+  // A soft prompt of other than whole blocks would shift the prompt's blocks off the cache's
+  // own ones, and the prefix cache could only copy them: the blocks start after it instead.
+  if (s.soft_prompt_pending) {
+    try {
+      s.cache->AlignBlocks(prefix_positions + virtual_tokens);
+    } catch (const std::exception& e) {
+      return absl::InternalError(absl::StrCat("aligning the KV blocks failed: ", TorchErrorMessage(e)));
+    }
+  }
   if (count_reuse) {
     s.cached_tokens = reused;
     prefix_queried_.fetch_add(s.prompt_length, std::memory_order_relaxed);

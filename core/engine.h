@@ -56,6 +56,9 @@ class Sequence {
   int64_t kv_capacity() const;
   // Of those, the positions it reads from shared segments rather than holds.
   int64_t kv_shared_positions() const;
+  // The own blocks its KV cache holds once it has room for `positions` positions (at least
+  // those it holds now; 0 while preempted).
+  int64_t kv_blocks_for(int64_t positions) const;
   // True between Engine::Preempt and Engine::Resume: the sequence holds no KV cache.
   bool preempted() const;
   // Tokens not yet run through the model: the whole prompt before the first step, the part

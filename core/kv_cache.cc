@@ -7,7 +7,7 @@
 namespace adapterd::core {
 namespace {
 
-int64_t BlocksFor(int64_t positions) { return (std::max<int64_t>(positions, 1) + KvCache::kBlock - 1) / KvCache::kBlock; }
+int64_t BlocksOf(int64_t positions) { return (std::max<int64_t>(positions, 1) + KvCache::kBlock - 1) / KvCache::kBlock; }
 
 }  // namespace
 
@@ -31,6 +31,7 @@ KvCache::Segment KvCache::NewBlock(int64_t begin) const {
 
 void KvCache::Share(const std::vector<at::Tensor>& keys, const std::vector<at::Tensor>& values) {
   TORCH_CHECK(length_ == shared_length_, "KV segments can be shared only before own positions");
+  TORCH_CHECK(skip_ == 0, "KV segments can be shared only before the own blocks are aligned");
   TORCH_CHECK(keys.size() == num_layers_ && values.size() == num_layers_,
               "a shared KV segment needs every layer's keys and values");
   Segment s;
@@ -55,12 +56,34 @@ void KvCache::Share(const std::vector<at::Tensor>& keys, const std::vector<at::T
   }
   // The own blocks keep the room asked for in all: shared positions no longer need it. They
   // hold nothing yet, so they only move up.
-  const int64_t keep = BlocksFor(own_capacity() - s.length);
+  const int64_t keep = BlocksOf(own_capacity() - s.length);
   if (static_cast<int64_t>(blocks_.size()) > keep) blocks_.resize(static_cast<size_t>(keep));
   length_ += s.length;
   shared_length_ += s.length;
   for (size_t i = 0; i < blocks_.size(); ++i) blocks_[i].begin = shared_length_ + static_cast<int64_t>(i) * kBlock;
   segments_.push_back(std::move(s));
+}
+
+void KvCache::AlignBlocks(int64_t position) {
+  TORCH_CHECK(length_ == shared_length_ && skip_ == 0 && position >= shared_length_,
+              "KV blocks can be aligned only once, before own positions");
+  const int64_t skip = (kBlock - (position - shared_length_) % kBlock) % kBlock;
+  if (skip == 0) return;
+  const int64_t room = capacity();
+  Segment& first = blocks_.front();
+  for (size_t l = 0; l < num_layers_; ++l) {
+    first.keys[l] = first.keys[l].narrow(1, skip, kBlock - skip);
+    first.values[l] = first.values[l].narrow(1, skip, kBlock - skip);
+  }
+  first.length = kBlock - skip;
+  skip_ = skip;
+  for (size_t i = 1; i < blocks_.size(); ++i) blocks_[i].begin = shared_length_ - skip + static_cast<int64_t>(i) * kBlock;
+  Reserve(room);
+}
+
+int64_t KvCache::BlocksFor(int64_t positions) const {
+  const int64_t held = static_cast<int64_t>(blocks_.size());
+  return std::max({held, int64_t{1}, (positions - shared_length_ + skip_ + kBlock - 1) / kBlock});
 }
 
 void KvCache::Reserve(int64_t positions) {
@@ -73,7 +96,7 @@ std::pair<at::Tensor, at::Tensor> KvCache::Append(int64_t layer, const at::Tenso
   Reserve(length_ + t);
   for (int64_t done = 0; done < t;) {
     const int64_t position = length_ + done;
-    Segment& b = blocks_[static_cast<size_t>((position - shared_length_) / kBlock)];
+    Segment& b = blocks_[static_cast<size_t>((position - shared_length_ + skip_) / kBlock)];
     const int64_t n = std::min(t - done, b.begin + b.length - position);
     b.keys[layer].narrow(1, position - b.begin, n).copy_(k.narrow(1, done, n));
     b.values[layer].narrow(1, position - b.begin, n).copy_(v.narrow(1, done, n));
@@ -104,8 +127,8 @@ std::pair<at::Tensor, at::Tensor> KvCache::Read(int64_t layer, int64_t position,
 }
 
 const KvCache::Segment* KvCache::OwnBlockAt(int64_t position) const {
-  const int64_t offset = position - shared_length_;
-  if (offset < 0 || offset % kBlock != 0 || offset / kBlock >= static_cast<int64_t>(blocks_.size())) return nullptr;
+  const int64_t offset = position - shared_length_ + skip_;
+  if (offset < skip_ || offset % kBlock != 0 || offset / kBlock >= static_cast<int64_t>(blocks_.size())) return nullptr;
   return &blocks_[static_cast<size_t>(offset / kBlock)];
 }
 

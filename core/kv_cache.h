@@ -27,8 +27,9 @@ class KvCache {
   // Positions of an own block.
   static constexpr int64_t kBlock = 16;
 
-  // Positions [begin, begin + length): per layer keys and values [kv_heads, length, head_dim],
-  // contiguous, in the cache's dtype.
+  // Positions [begin, begin + length): per layer keys and values [kv_heads, length, head_dim]
+  // in the cache's dtype, each head's rows contiguous, heads keys[l].stride(0) elements apart
+  // (contiguous but for an aligned cache's first own block, see AlignBlocks).
   struct Segment {
     int64_t begin = 0;
     int64_t length = 0;
@@ -49,13 +50,19 @@ class KvCache {
   // Positions held by reference: the own blocks start here.
   int64_t shared_length() const { return shared_length_; }
   const std::vector<Segment>& segments() const { return segments_; }
-  // The own blocks, in order: block i holds positions [shared_length() + i·kBlock, + kBlock).
+  // The own blocks, in order: block i holds positions [shared_length() + i·kBlock, + kBlock)
+  // (shifted down by the skip of AlignBlocks, the first block starting at shared_length()).
   // Positions at and after length() are scratch, for kernels that write the next ones in place.
   // A block whose positions are all committed is never written again, so others (the prefix
   // cache) may hold its tensors and read them.
   const std::vector<Segment>& blocks() const { return blocks_; }
-  // The own block that starts at `position`, or null.
+  // The full own block that starts at `position`, or null.
   const Segment* OwnBlockAt(int64_t position) const;
+  // Makes the own block boundaries fall at `position` + k·kBlock (a prompt-tuning soft prompt's
+  // end, so that token blocks are whole own blocks the prefix cache can hold): the first own
+  // block then leaves its first positions unused. Before own positions, after any Share; the
+  // room there was is kept.
+  void AlignBlocks(int64_t position);
 
   // Writes `k`, `v` ([kv_heads, t, head_dim]) for `layer` at positions [length, length + t)
   // and returns every cached key and value up to length + t (a view when they lie in one
@@ -68,10 +75,12 @@ class KvCache {
   // Adds own blocks until there is room for `positions` positions (shared and own). Never
   // shrinks.
   void Reserve(int64_t positions);
+  // The own blocks there are after Reserve(positions).
+  int64_t BlocksFor(int64_t positions) const;
   // Positions there is room for, shared and own.
   int64_t capacity() const { return shared_length_ + own_capacity(); }
   // Positions the own blocks hold room for.
-  int64_t own_capacity() const { return static_cast<int64_t>(blocks_.size()) * kBlock; }
+  int64_t own_capacity() const { return static_cast<int64_t>(blocks_.size()) * kBlock - skip_; }
   // Makes `t` appended positions part of the past once every layer has written them.
   void Commit(int64_t t) { length_ += t; }
   size_t layers() const { return num_layers_; }
@@ -91,6 +100,7 @@ class KvCache {
   at::TensorOptions options_;
   int64_t length_ = 0;
   int64_t shared_length_ = 0;
+  int64_t skip_ = 0;  // Unused positions at the start of the first own block (AlignBlocks).
   std::vector<Segment> segments_;
   std::vector<Segment> blocks_;
 };

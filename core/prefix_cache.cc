@@ -73,7 +73,7 @@ void PrefixCache::Store(uint64_t key, const std::shared_ptr<const SequenceAdapte
   const int64_t layers = static_cast<int64_t>(cache.layers());
   // A full own block of the cache that lies exactly where the entry does becomes the entry:
   // the same tensors, no copy (the cache never writes a committed block again). Else, as for
-  // a soft prompt, or token blocks a soft prompt shifts off the own blocks, a copy.
+  // a soft prompt's segment, a copy.
   const KvCache::Segment* block = length == KvCache::kBlock ? cache.OwnBlockAt(position) : nullptr;
   for (int64_t l = 0; l < layers; ++l) {
     if (block != nullptr) {

@@ -12,8 +12,9 @@
 //
 // Memory: an entry is the very own block of the KV cache whose prefill computed it (held by
 // reference: that cache never writes a committed block again, and the block outlives the
-// request when the entry does). Only where a prompt-tuning soft prompt of other than whole
-// blocks shifts the token blocks off the cache's own blocks is an entry a copy, made once.
+// request when the entry does; a cache after a soft prompt aligns its blocks to the token
+// blocks, KvCache::AlignBlocks). Only a soft prompt's segment, or a block that lies across own
+// blocks, is a copy, made once.
 // Every later request of the same prefix reads that one block. Past `max_bytes` the least
 // recently used entries that no running sequence reads are dropped; entries in use (by the
 // request that made them too) stay until their readers finish.

@@ -421,8 +421,7 @@ void Scheduler::MakeRoom() {
     // Grows by an eighth (at least a block), never past what the request can reach.
     const int64_t want = kKvBlock * std::min(Blocks(a.max_positions),
                                              Blocks(need + std::max(kKvBlock, capacity / 8)));
-    const int64_t shared = q.kv_shared_positions();
-    const int64_t extra = Blocks(want - shared) - Blocks(capacity - shared);
+    const int64_t extra = q.kv_blocks_for(want) - q.kv_blocks_for(capacity);
     bool self = false;
     // Prefix blocks make way first; then the newest requests, down to this one.
     while (extra > FreeBlocks(used, extra) && !self) {

@@ -590,6 +590,24 @@ TEST_P(PromptLearningTest, PrefixReuseKeepsTheColdAnswer) {
   prompt.back() += 1;  // Same first block, another tail.
   ExpectSameRun(RunWith(*warm, *adapter, prompt, &cached), RunWith(*cold, *adapter, prompt));
   EXPECT_EQ(cached, 16);
+  // A new prompt's two full blocks go to the prefix cache by reference: right after its
+  // prefill they are pinned, read by the request that computed them (copies would not be).
+  // After a soft prompt of 6 or 3 positions that takes the request's blocks aligned to it.
+  ASSERT_EQ(warm->prefix_cache_stats().pinned_bytes, 0);
+  std::vector<int32_t> longer;
+  for (int i = 0; i < 40; ++i) longer.push_back(static_cast<int32_t>((11 * i + 4) % 200 + 1));
+  auto seq = warm->NewSequence(longer, core::SamplingParams(), *adapter);
+  ASSERT_TRUE(seq.ok()) << seq.status();
+  auto step = warm->Step({seq->get()});
+  ASSERT_TRUE(step.ok()) << step.status();
+  EXPECT_EQ(warm->prefix_cache_stats().pinned_bytes, 2 * 16 * warm->kv_bytes_per_position());
+  std::vector<std::pair<int32_t, float>> got = {{(*step)[0].token, (*step)[0].logprob}};
+  for (int i = 1; i < 5; ++i) {
+    step = warm->Step({seq->get()});
+    ASSERT_TRUE(step.ok()) << step.status();
+    got.emplace_back((*step)[0].token, (*step)[0].logprob);
+  }
+  ExpectSameRun(got, RunWith(*cold, *adapter, longer));
 }
 
 // Greedy tokens and log-probs of `prompt` with `adapter`, preempted (cache freed) after

@@ -629,7 +629,8 @@ INSTANTIATE_TEST_SUITE_P(Fixtures, PrefixCacheTest,
 
 // The prefix cache stores a full own block of a KV cache by reference: a later cache reads the
 // very tensors the first one wrote, while the first goes on writing its next block. Token
-// blocks that a soft prompt of other than whole blocks shifts off the own blocks are copied.
+// blocks that a soft prompt of other than whole blocks shifts off the own blocks are copied,
+// unless the cache aligned its blocks after the soft prompt.
 TEST(PrefixCacheBlocksTest, FullOwnBlocksAreStoredByReference) {
   at::manual_seed(5);
   const at::TensorOptions options = at::TensorOptions().dtype(at::kFloat);
@@ -672,6 +673,30 @@ TEST(PrefixCacheBlocksTest, FullOwnBlocksAreStoredByReference) {
     EXPECT_NE(third.Read(layer, 5, 16).first.data_ptr(), shifted.Read(layer, 5, 16).first.data_ptr());
     EXPECT_TRUE(at::equal(third.Read(layer, 0, 37).first, k[layer].narrow(1, 0, 37)));
     EXPECT_TRUE(at::equal(third.Read(layer, 0, 37).second, v[layer].narrow(1, 0, 37)));
+  }
+  // With the own blocks aligned after the soft prompt (the first one leaves 11 positions
+  // unused), the token blocks are whole own blocks again and are stored by reference.
+  std::vector<int32_t> other_tokens;
+  for (int32_t t : tokens) other_tokens.push_back(t + 100);
+  KvCache aligned(layers, heads, d, 48, options);
+  aligned.AlignBlocks(5);
+  EXPECT_GE(aligned.capacity(), 48);
+  ASSERT_EQ(aligned.blocks().size(), 4u);
+  EXPECT_EQ(aligned.blocks()[0].length, 5);
+  EXPECT_EQ(aligned.blocks()[1].begin, 5);
+  for (int64_t layer = 0; layer < layers; ++layer) aligned.Append(layer, k[layer], v[layer]);
+  aligned.Commit(45);
+  prefix.Insert(nullptr, other_tokens, 40, 0, 5, aligned);
+  EXPECT_EQ(prefix.blocks(), 7);  // Two more blocks; the soft-prompt segment is cached already.
+  EXPECT_EQ(aligned.bytes(), 2 * block_bytes);
+  KvCache fourth(layers, heads, d, 48, options);
+  EXPECT_EQ(prefix.Reuse(nullptr, other_tokens, 39, 0, 5, fourth), 32);
+  for (int64_t layer = 0; layer < layers; ++layer) {
+    EXPECT_EQ(fourth.Read(layer, 5, 16).first.data_ptr(), aligned.blocks()[1].keys[layer].data_ptr());
+    EXPECT_EQ(fourth.Read(layer, 21, 16).second.data_ptr(), aligned.blocks()[2].values[layer].data_ptr());
+    EXPECT_TRUE(at::equal(fourth.Read(layer, 0, 37).first, k[layer].narrow(1, 0, 37)));
+    EXPECT_TRUE(at::equal(fourth.Read(layer, 0, 37).second, v[layer].narrow(1, 0, 37)));
+    EXPECT_TRUE(at::equal(aligned.Read(layer, 0, 45).first, k[layer]));
   }
 }
 
