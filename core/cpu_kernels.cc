@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <limits>
 
 #include "core/cpu_kernels_isa.h"
@@ -371,6 +372,93 @@ at::Tensor LoraExpand(const at::Tensor& t, const at::Tensor& bt, float scale) {
     expand(args, begin * kExpandBlock, std::min(out, end * kExpandBlock));
   });
   return y;
+}
+
+namespace {
+
+// Row `i` of a weight vector, widened exactly to float32.
+template <class T>
+float Widen(const T* w, int64_t i) {
+  return static_cast<float>(w[i]);
+}
+
+template <class T>
+void RmsNormRows(const float* x, int64_t ldx, const T* w, float* y, int64_t begin, int64_t end, int64_t d,
+                 float eps) {
+  constexpr int64_t kLanes = 16;
+  for (int64_t i = begin; i < end; ++i) {
+    const float* row = x + i * ldx;
+    float partial[kLanes] = {};
+    int64_t j = 0;
+    for (; j + kLanes <= d; j += kLanes) {
+      for (int64_t l = 0; l < kLanes; ++l) partial[l] += row[j + l] * row[j + l];
+    }
+    for (; j < d; ++j) partial[j % kLanes] += row[j] * row[j];
+    float sum = 0;
+    for (float p : partial) sum += p;
+    const float r = 1.0f / std::sqrt(sum / static_cast<float>(d) + eps);
+    float* out = y + i * d;
+    for (j = 0; j < d; ++j) {
+      const float normed = row[j] * r;
+      out[j] = Widen(w, j) * normed;
+    }
+  }
+}
+
+}  // namespace
+
+at::Tensor RmsNorm(const at::Tensor& x, const at::Tensor& w, double eps) {
+  if (SelectedIsa() == Isa::kNone || !IsCpuFloat(x) || x.dim() != 2 || x.stride(1) != 1 || !IsCpuMatrix(w) ||
+      w.dim() != 1 || !w.is_contiguous() || w.size(0) != x.size(1)) {
+    return at::Tensor();
+  }
+  const int64_t m = x.size(0), d = x.size(1);
+  at::Tensor y = at::empty({m, d}, x.options());
+  if (m == 0 || d == 0) return y;
+  const float* xp = x.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const int64_t ldx = x.stride(0);
+  const float e = static_cast<float>(eps);
+  ForChunks(m, 16, m * d >= 8 * kParallelWork, [&](int64_t begin, int64_t end) {
+    switch (w.scalar_type()) {
+      case at::kBFloat16: RmsNormRows(xp, ldx, w.data_ptr<at::BFloat16>(), yp, begin, end, d, e); break;
+      case at::kHalf: RmsNormRows(xp, ldx, w.data_ptr<at::Half>(), yp, begin, end, d, e); break;
+      default: RmsNormRows(xp, ldx, w.data_ptr<float>(), yp, begin, end, d, e); break;
+    }
+  });
+  return y;
+}
+
+bool RotateInPlace(at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, int64_t head_dim) {
+  if (SelectedIsa() == Isa::kNone || !IsCpuFloat(x) || !IsCpuFloat(cos) || !IsCpuFloat(sin) || x.dim() != 2 ||
+      x.stride(1) != 1 || head_dim < 2 || head_dim % 2 != 0 || x.size(1) % head_dim != 0 || !cos.is_contiguous() ||
+      !sin.is_contiguous() || cos.numel() != x.size(0) * head_dim || sin.numel() != cos.numel()) {
+    return false;
+  }
+  const int64_t m = x.size(0), heads = x.size(1) / head_dim, half = head_dim / 2, ldx = x.stride(0);
+  float* xp = x.data_ptr<float>();
+  const float* cp = cos.data_ptr<float>();
+  const float* sp = sin.data_ptr<float>();
+  ForChunks(m, 16, m * x.size(1) >= 8 * kParallelWork, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const float* c = cp + i * head_dim;
+      const float* s = sp + i * head_dim;
+      for (int64_t h = 0; h < heads; ++h) {
+        float* lo = xp + i * ldx + h * head_dim;
+        float* hi = lo + half;
+        for (int64_t j = 0; j < half; ++j) {
+          const float a = lo[j], b = hi[j];
+          // Each product rounded, then the sum: no fused multiply-add (this unit is built for
+          // the baseline ISA, which has none), as ATen's x·cos + rotated·sin rounds.
+          const float lo_cos = a * c[j], lo_sin = -b * s[j];
+          const float hi_cos = b * c[j + half], hi_sin = a * s[j + half];
+          lo[j] = lo_cos + lo_sin;
+          hi[j] = hi_cos + hi_sin;
+        }
+      }
+    }
+  });
+  return true;
 }
 
 bool CachedAttentionApplies(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,

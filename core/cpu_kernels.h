@@ -106,6 +106,23 @@ bool LoraSegments(const at::Tensor& x, at::Tensor& y, const std::vector<LoraSegm
 // kernel applies.
 at::Tensor LoraExpand(const at::Tensor& t, const at::Tensor& bt, float scale);
 
+// Llama's RMSNorm of every row of x [M, d] (CPU float32, unit stride along d) with weight w
+// [d] (CPU float32, bfloat16 or float16, contiguous; widened exactly), as transformers computes
+// it in float32: y = w·(x·rsqrt(mean(x²) + eps)), two roundings per element. One call instead of
+// the formula's six ATen operations, which cost more than the arithmetic on a decode row. The
+// mean's sum runs in 16 interleaved partial sums, so it may differ from ATen's in the last bits;
+// each row depends only on itself. Returns an undefined tensor when it does not apply (kernels
+// off, other device, dtype or shape).
+at::Tensor RmsNorm(const at::Tensor& x, const at::Tensor& w, double eps);
+
+// Rotary position embedding in place, rotate_half layout: for every row i of x [M, heads·d]
+// (CPU float32, unit stride along the features) and every head, with c = cos[i], s = sin[i]
+// ([M, d] float32 contiguous, the first half equal to the second), x[j] becomes
+// x[j]·c[j] − x[j + d/2]·s[j] and x[j + d/2] becomes x[j + d/2]·c[j + d/2] + x[j]·s[j + d/2]:
+// transformers' x·cos + rotate_half(x)·sin, with the same three roundings, so the result equals
+// that formula's bit for bit. Returns false, touching nothing, when it does not apply.
+bool RotateInPlace(at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, int64_t head_dim);
+
 // A sequence's new positions in a packed batch: tokens [index, index + length) of q/k/v
 // continue the sequence in `cache` (one for a decode row, more for a prefill chunk).
 struct CachedRow {

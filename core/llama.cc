@@ -5,6 +5,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "core/causal_lm.h"
+#include "core/cpu_kernels.h"
 
 namespace adapterd::core {
 namespace {
@@ -85,8 +86,8 @@ class Llama final : public CausalLm {
     // RoPE tables in float32: freqs = pos ⊗ inv_freq, emb = cat(freqs, freqs).
     at::Tensor freqs = positions.to(at::kFloat).unsqueeze(1) * inv_freq_.unsqueeze(0);
     at::Tensor emb = at::cat({freqs, freqs}, -1);
-    at::Tensor cos = emb.cos().to(options_.dtype()).unsqueeze(1);  // [N, 1, d]
-    at::Tensor sin = emb.sin().to(options_.dtype()).unsqueeze(1);
+    const at::Tensor cos = emb.cos().to(options_.dtype());  // [N, d]
+    const at::Tensor sin = emb.sin().to(options_.dtype());
 
     const int64_t n = tokens.size(0);
     const double scale = 1.0 / std::sqrt(static_cast<double>(c.head_dim));
@@ -99,8 +100,8 @@ class Llama final : public CausalLm {
       at::Tensor q = Project(li, Projection::kQ, h, l.q_w, l.q_i8, l.q_b, adapters);
       at::Tensor k = Project(li, Projection::kK, h, l.k_w, l.k_i8, l.k_b, adapters);
       at::Tensor v = Project(li, Projection::kV, h, l.v_w, l.v_i8, l.v_b, adapters);
-      q = Rotate(q.view({n, c.num_heads, c.head_dim}), cos, sin).view({n, -1});
-      k = Rotate(k.view({n, c.num_kv_heads, c.head_dim}), cos, sin).view({n, -1});
+      q = Rotate(q, c.num_heads, cos, sin);
+      k = Rotate(k, c.num_kv_heads, cos, sin);
       at::Tensor attn = at::empty({n, c.num_heads * c.head_dim}, x.options());
       Attend(li, q, k, v, rows, scale, l.window, attn);
       x = x + Project(li, Projection::kO, attn, l.o_w, l.o_i8, l.o_b, adapters);
@@ -138,16 +139,23 @@ class Llama final : public CausalLm {
     return inv;
   }
 
+  // On the CPU kernels one fused pass per row (cpu::RmsNorm); otherwise the formula in ATen.
   at::Tensor RmsNorm(const at::Tensor& x, const at::Tensor& w) const {
+    if (at::Tensor y = cpu::RmsNorm(x, w, config_.norm_eps); y.defined()) return y;
     at::Tensor xf = x.to(at::kFloat);
     at::Tensor var = xf.pow(2).mean(-1, /*keepdim=*/true);
     return w * (xf * at::rsqrt(var + config_.norm_eps)).to(x.scalar_type());
   }
 
-  static at::Tensor Rotate(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
-    const int64_t half = x.size(-1) / 2;
-    at::Tensor rotated = at::cat({-x.narrow(-1, half, half), x.narrow(-1, 0, half)}, -1);
-    return x * cos + rotated * sin;
+  // Rotary embedding of x [N, heads·d] (a projection's fresh output) by cos/sin [N, d]: in place
+  // on the CPU kernels, the same bits as the formula, which runs in ATen otherwise.
+  at::Tensor Rotate(at::Tensor x, int64_t heads, const at::Tensor& cos, const at::Tensor& sin) const {
+    const int64_t d = config_.head_dim, half = d / 2;
+    if (cpu::RotateInPlace(x, cos, sin, d)) return x;
+    const int64_t n = x.size(0);
+    at::Tensor h = x.view({n, heads, d});
+    at::Tensor rotated = at::cat({-h.narrow(-1, half, half), h.narrow(-1, 0, half)}, -1);
+    return (h * cos.unsqueeze(1) + rotated * sin.unsqueeze(1)).view({n, -1});
   }
 
   static at::Tensor Linear(const at::Tensor& x, const at::Tensor& w, const Int8Matrix& w8, const at::Tensor& b) {

@@ -689,6 +689,86 @@ TEST_P(LoraSegmentsTest, DeclinesWhatItCannotTakeAndTouchesNothing) {
 
 INSTANTIATE_TEST_SUITE_P(Isas, LoraSegmentsTest, ::testing::Values(Isa::kAvx2, Isa::kAvx512), IsaParamName);
 
+// RMSNorm against the formula in double precision, and against itself: a row alone, and a
+// 16-bit weight against its float32 copy.
+TEST(NormAndRotaryTest, RmsNormMatchesTheFormulaAndEachRowStandsAlone) {
+  ASSERT_NE(SelectedIsa(), Isa::kNone);
+  at::manual_seed(3);
+  const double eps = 1e-5;
+  for (int64_t d : {1, 7, 16, 64, 773}) {
+    for (int64_t m : {1, 3, 40}) {
+      at::Tensor wide = at::randn({m, d + 5}) * 3;
+      at::Tensor x = wide.narrow(1, 2, d);  // Rows a stride apart, as a narrowed batch's are.
+      at::Tensor w32 = at::randn({d});
+      for (at::ScalarType type : {at::kFloat, at::kBFloat16, at::kHalf}) {
+        at::Tensor w = w32.to(type);
+        at::Tensor y = RmsNorm(x, w, eps);
+        ASSERT_TRUE(y.defined()) << d << " " << m << " " << type;
+        ASSERT_EQ(y.sizes(), x.sizes());
+        at::Tensor xd = x.to(at::kDouble);
+        at::Tensor want = w.to(at::kDouble) * xd * at::rsqrt(xd.pow(2).mean(-1, true) + eps);
+        // Three float roundings (the sum's, the normalising product's, the weight's) over
+        // values of order 1: a few parts in 10^7 of each element's size.
+        const double err = ((y.to(at::kDouble) - want).abs() / (want.abs() + 1e-3)).max().item<double>();
+        EXPECT_LT(err, 2e-6) << d << " " << m << " " << type;
+        // The ATen float formula transformers runs: equal up to the sum's order.
+        at::Tensor aten = w * (x * at::rsqrt(x.pow(2).mean(-1, true) + eps));
+        EXPECT_TRUE(at::allclose(y, aten, 1e-6, 1e-7)) << d << " " << m << " " << type;
+        EXPECT_TRUE(at::equal(y, RmsNorm(x, w.to(at::kFloat), eps))) << "16-bit weights widen exactly";
+        for (int64_t i : {int64_t{0}, m - 1}) {
+          EXPECT_TRUE(at::equal(y.narrow(0, i, 1), RmsNorm(x.narrow(0, i, 1), w, eps))) << "row " << i;
+        }
+      }
+    }
+  }
+}
+
+// The rotary embedding in place equals transformers' x·cos + rotate_half(x)·sin computed in
+// ATen, bit for bit, for query- and key-shaped rows, positions far apart and a strided batch.
+TEST(NormAndRotaryTest, RotateInPlaceEqualsTheFormulaBitForBit) {
+  ASSERT_NE(SelectedIsa(), Isa::kNone);
+  at::manual_seed(5);
+  for (int64_t d : {2, 8, 64, 128}) {
+    for (int64_t heads : {1, 3, 12}) {
+      for (int64_t m : {1, 5, 33}) {
+        at::Tensor positions = at::randint(0, 100000, {m}, at::kLong).to(at::kFloat);
+        at::Tensor inv = 1.0 / at::pow(10000.0, at::arange(0, d, 2, at::kLong).to(at::kFloat) / static_cast<double>(d));
+        at::Tensor freqs = positions.unsqueeze(1) * inv.unsqueeze(0);
+        at::Tensor emb = at::cat({freqs, freqs}, -1);
+        at::Tensor cos = emb.cos(), sin = emb.sin();
+        at::Tensor wide = at::randn({m, heads * d + 4});
+        at::Tensor x = wide.narrow(1, 4, heads * d);
+        at::Tensor h = x.reshape({m, heads, d});
+        at::Tensor rotated = at::cat({-h.narrow(-1, d / 2, d / 2), h.narrow(-1, 0, d / 2)}, -1);
+        at::Tensor want = (h * cos.unsqueeze(1) + rotated * sin.unsqueeze(1)).reshape({m, -1});
+        at::Tensor before = wide.clone();
+        ASSERT_TRUE(RotateInPlace(x, cos, sin, d));
+        EXPECT_TRUE(at::equal(x, want)) << d << " " << heads << " " << m;
+        EXPECT_TRUE(at::equal(wide.narrow(1, 0, 4), before.narrow(1, 0, 4))) << "wrote outside the rows";
+      }
+    }
+  }
+}
+
+TEST(NormAndRotaryTest, DeclineWhatTheyCannotTakeAndTouchNothing) {
+  at::Tensor x = at::randn({2, 16}), w = at::randn({16}), cos = at::randn({2, 8}), sin = at::randn({2, 8});
+  const at::Tensor original = x.clone();
+  EXPECT_FALSE(RmsNorm(x.to(at::kDouble), w, 1e-5).defined());
+  EXPECT_FALSE(RmsNorm(x, at::randn({15}), 1e-5).defined());
+  EXPECT_FALSE(RmsNorm(x.t(), w.narrow(0, 0, 2), 1e-5).defined());
+  EXPECT_FALSE(RmsNorm(x, w.to(at::kDouble), 1e-5).defined());
+  EXPECT_FALSE(RotateInPlace(x, cos, sin, 7)) << "odd head size";
+  EXPECT_FALSE(RotateInPlace(x, cos, sin, 6)) << "16 features are not whole heads of 6";
+  EXPECT_FALSE(RotateInPlace(x, cos.narrow(0, 0, 1), sin, 8)) << "a row without its angles";
+  at::Tensor xd = x.to(at::kDouble);
+  EXPECT_FALSE(RotateInPlace(xd, cos, sin, 8));
+  ASSERT_TRUE(SelectIsa(Isa::kNone));
+  EXPECT_FALSE(RmsNorm(x, w, 1e-5).defined());
+  EXPECT_FALSE(RotateInPlace(x, cos, sin, 8));
+  ASSERT_TRUE(SelectIsa(SupportedIsa()));
+  EXPECT_TRUE(at::equal(x, original));
+}
+
 TEST(CpuKernelsTest, NoneTurnsTheKernelsOff) {
   ASSERT_TRUE(SelectIsa(Isa::kNone));
   at::Tensor x = at::randn({2, 16}), w = at::randn({4, 16});
