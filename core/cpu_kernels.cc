@@ -376,12 +376,6 @@ at::Tensor LoraExpand(const at::Tensor& t, const at::Tensor& bt, float scale) {
 
 namespace {
 
-// Row `i` of a weight vector, widened exactly to float32.
-template <class T>
-float Widen(const T* w, int64_t i) {
-  return static_cast<float>(w[i]);
-}
-
 template <class T>
 void RmsNormRows(const float* x, int64_t ldx, const T* w, float* y, int64_t begin, int64_t end, int64_t d,
                  float eps) {
@@ -400,7 +394,7 @@ void RmsNormRows(const float* x, int64_t ldx, const T* w, float* y, int64_t begi
     float* out = y + i * d;
     for (j = 0; j < d; ++j) {
       const float normed = row[j] * r;
-      out[j] = Widen(w, j) * normed;
+      out[j] = static_cast<float>(w[j]) * normed;  // 16-bit weights widen exactly.
     }
   }
 }
