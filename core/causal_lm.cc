@@ -185,6 +185,22 @@ at::Tensor LinearForward(const at::Tensor& x, const Int8Matrix& w, const at::Ten
                        [&](int64_t n0, int64_t nb) { return DequantizeInt8(w, n0, nb); });
 }
 
+std::vector<at::Tensor> LinearForwardShared(const at::Tensor& x, const std::vector<const Int8Matrix*>& w,
+                                            const std::vector<const at::Tensor*>& b) {
+  std::vector<cpu::W8A8Matrix> matrices;
+  for (size_t i = 0; i < w.size(); ++i) {
+    if (!w[i]->panels.defined()) break;
+    matrices.push_back({&w[i]->panels, &w[i]->panel_scales, w[i]->out, b[i]});
+  }
+  if (matrices.size() == w.size()) {
+    std::vector<at::Tensor> y = cpu::LinearW8A8Shared(x, matrices);
+    if (!y.empty()) return y;
+  }
+  std::vector<at::Tensor> y;
+  for (size_t i = 0; i < w.size(); ++i) y.push_back(LinearForward(x, *w[i], *b[i]));
+  return y;
+}
+
 at::Tensor EmbeddingRows(const at::Tensor& table, const at::Tensor& tokens, at::ScalarType dtype) {
   at::Tensor rows = at::embedding(table, tokens);
   return rows.scalar_type() == dtype ? rows : rows.to(dtype);

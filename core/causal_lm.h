@@ -130,6 +130,11 @@ Int8Matrix UnpackPanels(const Int8Matrix& m, int64_t row0, int64_t rows);
 //   float32 products, exact below 2^24), which may differ from the kernel in the last bits
 //   of the sum over blocks.
 at::Tensor LinearForward(const at::Tensor& x, const Int8Matrix& w, const at::Tensor& b);
+// LinearForward of one x by several int8 matrices, each with its bias: when all are w8a8 and
+// the CPU kernel takes them, x is quantized once and the matrices share one parallel pass
+// (cpu::LinearW8A8Shared); otherwise one LinearForward each. Either way the same results.
+std::vector<at::Tensor> LinearForwardShared(const at::Tensor& x, const std::vector<const Int8Matrix*>& w,
+                                            const std::vector<const at::Tensor*>& b);
 
 // One row of a packed batch: tokens [offset, offset + length) of the batch belong to it and
 // continue the sequence held in `cache`.

@@ -191,22 +191,36 @@ at::Tensor LinearInt8(const at::Tensor& x, const at::Tensor& q, const at::Tensor
 
 at::Tensor LinearW8A8(const at::Tensor& x, const at::Tensor& panels, const at::Tensor& panel_scales, int64_t n,
                       const at::Tensor& b) {
-  if (SelectedIsa() == Isa::kNone || !IsCpuFloat(x) || x.dim() != 2 || x.stride(1) != 1 || !panels.defined() ||
-      !panels.device().is_cpu() || panels.scalar_type() != at::kChar || !panels.is_contiguous() || panels.dim() != 4 ||
-      !IsCpuFloat(panel_scales) || !panel_scales.is_contiguous() || panel_scales.dim() != 3) {
-    return at::Tensor();
+  std::vector<at::Tensor> y = LinearW8A8Shared(x, {W8A8Matrix{&panels, &panel_scales, n, &b}});
+  return y.empty() ? at::Tensor() : y[0];
+}
+
+std::vector<at::Tensor> LinearW8A8Shared(const at::Tensor& x, const std::vector<W8A8Matrix>& matrices) {
+  if (SelectedIsa() == Isa::kNone || !IsCpuFloat(x) || x.dim() != 2 || x.stride(1) != 1 || matrices.empty()) {
+    return {};
   }
-  const int64_t m = x.size(0), k = x.size(1), count = (n + kW8A8Panel - 1) / kW8A8Panel;
-  if (k % kInt8Block != 0 || n < 1 || panels.size(0) != count || panels.size(1) != k / 4 ||
-      panels.size(2) != kW8A8Panel || panels.size(3) != 4 || panel_scales.size(0) != count ||
-      panel_scales.size(1) != k / kInt8Block || panel_scales.size(2) != kW8A8Panel ||
-      (b.defined() && (!IsCpuFloat(b) || !b.is_contiguous() || b.dim() != 1 || b.size(0) != n))) {
-    return at::Tensor();
+  const int64_t m = x.size(0), k = x.size(1);
+  if (k % kInt8Block != 0) return {};
+  for (const W8A8Matrix& w : matrices) {
+    const at::Tensor& panels = *w.panels;
+    const at::Tensor& panel_scales = *w.panel_scales;
+    const at::Tensor& b = *w.b;
+    const int64_t n = w.n, count = (n + kW8A8Panel - 1) / kW8A8Panel;
+    if (!panels.defined() || !panels.device().is_cpu() || panels.scalar_type() != at::kChar ||
+        !panels.is_contiguous() || panels.dim() != 4 || !IsCpuFloat(panel_scales) ||
+        !panel_scales.is_contiguous() || panel_scales.dim() != 3 || n < 1 || panels.size(0) != count ||
+        panels.size(1) != k / 4 || panels.size(2) != kW8A8Panel || panels.size(3) != 4 ||
+        panel_scales.size(0) != count || panel_scales.size(1) != k / kInt8Block ||
+        panel_scales.size(2) != kW8A8Panel ||
+        (b.defined() && (!IsCpuFloat(b) || !b.is_contiguous() || b.dim() != 1 || b.size(0) != n))) {
+      return {};
+    }
   }
-  at::Tensor y = at::empty({m, n}, x.options());
-  if (m == 0) return y;
-  // The rows quantized once for every panel: k bytes of values and k of magnitudes per row,
-  // then the scales.
+  std::vector<at::Tensor> ys;
+  for (const W8A8Matrix& w : matrices) ys.push_back(at::empty({m, w.n}, x.options()));
+  if (m == 0) return ys;
+  // The rows quantized once for every panel of every matrix: k bytes of values and k of
+  // magnitudes per row, then the scales.
   std::vector<int8_t> q(static_cast<size_t>(m * k));
   std::vector<uint8_t> magnitude(q.size());
   std::vector<float> scales(static_cast<size_t>(m * (k / kInt8Block)));
@@ -217,24 +231,41 @@ at::Tensor LinearW8A8(const at::Tensor& x, const at::Tensor& panels, const at::T
     QuantizedRows part{rows.q + begin * k, rows.magnitude + begin * k, rows.scales + begin * (k / kInt8Block)};
     QuantizeRowsAvx2(xp + begin * ldx, ldx, end - begin, k, part);
   });
-  W8A8Args args{};
-  args.x = rows;
-  args.m = m;
-  args.k = k;
-  args.panels = panels.data_ptr<int8_t>();
-  args.panel_scales = panel_scales.data_ptr<float>();
-  args.n = n;
-  args.b = b.defined() ? b.data_ptr<float>() : nullptr;
-  args.y = y.data_ptr<float>();
-  args.ldy = n;
   // Six panels (48 outputs) a task for a few rows; one when many rows make each panel a lot
   // of work. The VNNI kernel takes multiples of four (its 512-bit tiles).
   const bool vnni = UseVnni();
   const int64_t chunk = m >= 16 ? (vnni ? 4 : 1) : (vnni ? 8 : 6);
   auto* kernel = vnni ? &W8A8Vnni : &W8A8Avx2;
-  ForChunks(count, chunk, count * kW8A8Panel * k * m >= 2 * kParallelWork,
-            [&](int64_t begin, int64_t end) { kernel(args, begin, end); });
-  return y;
+  // The matrices' panels numbered one after another, each matrix from a multiple of `chunk`
+  // (the numbers between are no panel), so every task lies within one matrix and starts where
+  // it would on that matrix alone.
+  std::vector<W8A8Args> args(matrices.size());
+  std::vector<int64_t> first(matrices.size() + 1, 0);
+  for (size_t i = 0; i < matrices.size(); ++i) {
+    const W8A8Matrix& w = matrices[i];
+    W8A8Args& a = args[i];
+    a.x = rows;
+    a.m = m;
+    a.k = k;
+    a.panels = w.panels->data_ptr<int8_t>();
+    a.panel_scales = w.panel_scales->data_ptr<float>();
+    a.n = w.n;
+    a.b = w.b->defined() ? w.b->data_ptr<float>() : nullptr;
+    a.y = ys[i].data_ptr<float>();
+    a.ldy = w.n;
+    const int64_t count = (w.n + kW8A8Panel - 1) / kW8A8Panel;
+    first[i + 1] = first[i] + (count + chunk - 1) / chunk * chunk;
+  }
+  const int64_t total = first.back();
+  ForChunks(total, chunk, total * kW8A8Panel * k * m >= 2 * kParallelWork, [&](int64_t begin, int64_t end) {
+    for (size_t i = 0; i < args.size(); ++i) {
+      const int64_t count = (args[i].n + kW8A8Panel - 1) / kW8A8Panel;
+      const int64_t p0 = std::max(begin, first[i]) - first[i];
+      const int64_t p1 = std::min(end - first[i], count);
+      if (p0 < p1) kernel(args[i], p0, p1);
+    }
+  });
+  return ys;
 }
 
 bool LoraSegments(const at::Tensor& x, at::Tensor& y, const std::vector<LoraSegment>& segments) {

@@ -73,6 +73,18 @@ at::Tensor LinearInt8(const at::Tensor& x, const at::Tensor& q, const at::Tensor
 // shapes that do not match.
 at::Tensor LinearW8A8(const at::Tensor& x, const at::Tensor& panels, const at::Tensor& panel_scales, int64_t n,
                       const at::Tensor& b);
+// One matrix of LinearW8A8Shared(): panels, their scales, outputs and bias as LinearW8A8 takes them.
+struct W8A8Matrix {
+  const at::Tensor* panels;
+  const at::Tensor* panel_scales;
+  int64_t n;
+  const at::Tensor* b;  // Undefined tensor: no bias.
+};
+// LinearW8A8 of one x by several matrices (a layer's q, k and v, or gate and up): x quantized
+// once and every matrix's panels in one parallel pass, so a decode step pays one quantization
+// and one fork and join for the group instead of one per matrix. Each result equals its own
+// LinearW8A8() bit for bit. Empty when the kernel does not take x or any of the matrices.
+std::vector<at::Tensor> LinearW8A8Shared(const at::Tensor& x, const std::vector<W8A8Matrix>& matrices);
 // The kernel LinearW8A8() runs now: "avx512vnni" (AVX-512 selected on a CPU with AVX-512 VNNI,
 // VL and BW: vpdpbusd), "avx2" (vpmaddubsw; AVX2 selected, or AVX-512 without VNNI) or "none".
 // Both give the same results bit for bit.

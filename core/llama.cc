@@ -97,17 +97,22 @@ class Llama final : public CausalLm {
     for (int64_t li = 0; li < c.num_layers; ++li) {
       const LlamaLayer& l = layers_[li];
       at::Tensor h = RmsNorm(x, l.input_norm);
-      at::Tensor q = Project(li, Projection::kQ, h, l.q_w, l.q_i8, l.q_b, adapters);
-      at::Tensor k = Project(li, Projection::kK, h, l.k_w, l.k_i8, l.k_b, adapters);
-      at::Tensor v = Project(li, Projection::kV, h, l.v_w, l.v_i8, l.v_b, adapters);
+      std::vector<at::Tensor> qkv = ProjectShared(li, h,
+                                                  {{Projection::kQ, &l.q_w, &l.q_i8, &l.q_b},
+                                                   {Projection::kK, &l.k_w, &l.k_i8, &l.k_b},
+                                                   {Projection::kV, &l.v_w, &l.v_i8, &l.v_b}},
+                                                  adapters);
+      at::Tensor q = std::move(qkv[0]), k = std::move(qkv[1]), v = std::move(qkv[2]);
       q = Rotate(q, c.num_heads, cos, sin);
       k = Rotate(k, c.num_kv_heads, cos, sin);
       at::Tensor attn = at::empty({n, c.num_heads * c.head_dim}, x.options());
       Attend(li, q, k, v, rows, scale, l.window, attn);
       x = x + Project(li, Projection::kO, attn, l.o_w, l.o_i8, l.o_b, adapters);
       h = RmsNorm(x, l.post_norm);
-      at::Tensor gate = Project(li, Projection::kGate, h, l.gate_w, l.gate_i8, l.gate_b, adapters);
-      at::Tensor up = Project(li, Projection::kUp, h, l.up_w, l.up_i8, l.up_b, adapters);
+      std::vector<at::Tensor> gate_up = ProjectShared(
+          li, h, {{Projection::kGate, &l.gate_w, &l.gate_i8, &l.gate_b}, {Projection::kUp, &l.up_w, &l.up_i8, &l.up_b}},
+          adapters);
+      at::Tensor gate = std::move(gate_up[0]), up = std::move(gate_up[1]);
       x = x + Project(li, Projection::kDown, at::silu(gate).mul_(up), l.down_w, l.down_i8, l.down_b, adapters);
     }
     x = FinishRows(x, rows, all_positions);
@@ -167,6 +172,41 @@ class Llama final : public CausalLm {
     if (adapters == nullptr) return Linear(x, w, w8, b);
     at::Tensor y = Linear(adapters->ScaleInputs(layer, p, x), w, w8, b);
     adapters->AddDelta(layer, p, x, y);
+    return y;
+  }
+
+  struct SharedProjection {
+    Projection p;
+    const at::Tensor* w;
+    const Int8Matrix* w8;
+    const at::Tensor* b;
+  };
+  // Project() for projections of the same x. Int8 matrices whose input no adapter of the batch
+  // scales (IA3 on inputs) go through LinearForwardShared (x quantized once, one parallel
+  // pass for the group); the adapters' deltas are added after, as Project() does.
+  static std::vector<at::Tensor> ProjectShared(int64_t layer, const at::Tensor& x,
+                                               const std::vector<SharedProjection>& group,
+                                               const AdapterBatch* adapters) {
+    bool shared = true;
+    for (const SharedProjection& g : group) {
+      shared = shared && g.w8->defined() &&
+               (adapters == nullptr || adapters->ScaleInputs(layer, g.p, x).is_same(x));
+    }
+    std::vector<at::Tensor> y;
+    if (!shared) {
+      for (const SharedProjection& g : group) y.push_back(Project(layer, g.p, x, *g.w, *g.w8, *g.b, adapters));
+      return y;
+    }
+    std::vector<const Int8Matrix*> w8;
+    std::vector<const at::Tensor*> b;
+    for (const SharedProjection& g : group) {
+      w8.push_back(g.w8);
+      b.push_back(g.b);
+    }
+    y = LinearForwardShared(x, w8, b);
+    if (adapters != nullptr) {
+      for (size_t i = 0; i < group.size(); ++i) adapters->AddDelta(layer, group[i].p, x, y[i]);
+    }
     return y;
   }
 

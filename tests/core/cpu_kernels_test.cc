@@ -237,6 +237,46 @@ TEST_P(LinearTest, W8A8DeclinesWhatItCannotTake) {
   EXPECT_FALSE(LinearW8A8(at::randn({64, 2}).t(), panels, scales, 12, at::Tensor()).defined());  // Strided k.
 }
 
+// Several matrices by one x (a layer's q, k and v) in one pass: each result equals that
+// matrix's own LinearW8A8() bit for bit (which the test above ties to the definition), for
+// decode and prefill row counts, groups whose panel counts are not multiples of a task (so
+// tasks would straddle matrices if they were not kept apart: 1, 3, 7, 13 panels), biases on
+// some and not others, and a group on which the work is too small to go parallel.
+TEST_P(LinearTest, W8A8SharedEqualsEachMatrixAlone) {
+  at::manual_seed(13);
+  for (int64_t m : {1, 2, 5, 16, 40}) {
+    for (int64_t k : {32, 768}) {
+      const at::Tensor x = at::randn({m, k + 3}).narrow(1, 1, k);
+      std::vector<int64_t> outs = {100, 8, 57, 21};
+      std::vector<at::Tensor> panels, scales, biases;
+      for (size_t i = 0; i < outs.size(); ++i) {
+        auto [p, s] = Panels(at::randint(-127, 128, {outs[i], k}, at::kChar), at::rand({outs[i], k / 32}) * 0.05);
+        panels.push_back(p);
+        scales.push_back(s);
+        biases.push_back(i % 2 == 0 ? at::randn({outs[i]}) : at::Tensor());
+      }
+      std::vector<W8A8Matrix> group;
+      for (size_t i = 0; i < outs.size(); ++i) group.push_back({&panels[i], &scales[i], outs[i], &biases[i]});
+      const std::vector<at::Tensor> y = LinearW8A8Shared(x, group);
+      ASSERT_EQ(y.size(), outs.size()) << m << "x" << k;
+      for (size_t i = 0; i < outs.size(); ++i) {
+        const at::Tensor alone = LinearW8A8(x, panels[i], scales[i], outs[i], biases[i]);
+        ASSERT_TRUE(alone.defined());
+        EXPECT_TRUE(at::equal(y[i], alone)) << m << "x" << k << " matrix " << i;
+      }
+    }
+  }
+  // Any matrix the kernel cannot take declines the group.
+  const auto [p, s] = Panels(at::randint(-127, 128, {12, 64}, at::kChar), at::rand({12, 2}));
+  const at::Tensor none, wrong_bias = at::randn({11}), other_panels = p.to(at::kFloat);
+  EXPECT_EQ(LinearW8A8Shared(at::randn({2, 64}), {{&p, &s, 12, &none}, {&p, &s, 12, &none}}).size(), 2u);
+  EXPECT_TRUE(LinearW8A8Shared(at::randn({2, 64}), {{&p, &s, 12, &none}, {&p, &s, 12, &wrong_bias}}).empty());
+  EXPECT_TRUE(LinearW8A8Shared(at::randn({2, 64}), {{&p, &s, 12, &none}, {&other_panels, &s, 12, &none}}).empty());
+  EXPECT_TRUE(LinearW8A8Shared(at::randn({2, 64}), {{&p, &s, 12, &none}, {&p, &s, 17, &none}}).empty());
+  EXPECT_TRUE(LinearW8A8Shared(at::randn({2, 96}), {{&p, &s, 12, &none}}).empty());
+  EXPECT_TRUE(LinearW8A8Shared(at::randn({2, 64}), {}).empty());
+}
+
 TEST_P(LinearTest, DeclinesWhatItCannotTake) {
   at::Tensor w = at::randn({8, 16});
   EXPECT_FALSE(Linear(at::randn({kLinearMaxRows + 1, 16}), w, at::Tensor()).defined());
