@@ -183,27 +183,29 @@ class Llama final : public CausalLm {
   };
   // Project() for projections of the same x. Int8 matrices whose input no adapter of the batch
   // scales (IA3 on inputs) go through LinearForwardShared (x quantized once, one parallel
-  // pass for the group); the adapters' deltas are added after, as Project() does.
+  // pass for the group); otherwise each takes its own (scaled) input. The adapters' deltas
+  // are added after, as Project() does.
   static std::vector<at::Tensor> ProjectShared(int64_t layer, const at::Tensor& x,
                                                const std::vector<SharedProjection>& group,
                                                const AdapterBatch* adapters) {
+    std::vector<at::Tensor> inputs;
     bool shared = true;
     for (const SharedProjection& g : group) {
-      shared = shared && g.w8->defined() &&
-               (adapters == nullptr || adapters->ScaleInputs(layer, g.p, x).is_same(x));
+      inputs.push_back(adapters != nullptr ? adapters->ScaleInputs(layer, g.p, x) : x);
+      shared = shared && g.w8->defined() && inputs.back().is_same(x);
     }
     std::vector<at::Tensor> y;
-    if (!shared) {
-      for (const SharedProjection& g : group) y.push_back(Project(layer, g.p, x, *g.w, *g.w8, *g.b, adapters));
-      return y;
+    if (shared) {
+      std::vector<const Int8Matrix*> w8;
+      std::vector<const at::Tensor*> b;
+      for (const SharedProjection& g : group) {
+        w8.push_back(g.w8);
+        b.push_back(g.b);
+      }
+      y = LinearForwardShared(x, w8, b);
+    } else {
+      for (size_t i = 0; i < group.size(); ++i) y.push_back(Linear(inputs[i], *group[i].w, *group[i].w8, *group[i].b));
     }
-    std::vector<const Int8Matrix*> w8;
-    std::vector<const at::Tensor*> b;
-    for (const SharedProjection& g : group) {
-      w8.push_back(g.w8);
-      b.push_back(g.b);
-    }
-    y = LinearForwardShared(x, w8, b);
     if (adapters != nullptr) {
       for (size_t i = 0; i < group.size(); ++i) adapters->AddDelta(layer, group[i].p, x, y[i]);
     }
