@@ -71,6 +71,16 @@ at::Tensor LinearForward(const at::Tensor& x, const at::Tensor& w, const at::Ten
   return y.unsqueeze(0);
 }
 
+std::vector<at::Tensor> LinearForwardShared(const at::Tensor& x, const std::vector<const at::Tensor*>& w,
+                                            const std::vector<const at::Tensor*>& b) {
+  std::vector<cpu::LinearMatrix> matrices;
+  for (size_t i = 0; i < w.size(); ++i) matrices.push_back({w[i], b[i]});
+  std::vector<at::Tensor> y = cpu::LinearShared(x, matrices);
+  if (!y.empty()) return y;
+  for (size_t i = 0; i < w.size(); ++i) y.push_back(LinearForward(x, *w[i], *b[i]));
+  return y;
+}
+
 bool Int8Quantizable(const at::Tensor& w) {
   return w.defined() && w.dim() == 2 && w.size(1) % cpu::kInt8Block == 0;
 }

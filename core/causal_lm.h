@@ -275,6 +275,11 @@ class CausalLm {
 // takes are widened a block of outputs at a time, each block one GEMM: no widened copy of W is
 // ever held whole.
 at::Tensor LinearForward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b);
+// LinearForward of one x by several matrices, each with its bias: when the CPU kernel takes
+// them all, one parallel pass for the group (cpu::LinearShared); otherwise one LinearForward
+// each. Either way the same results.
+std::vector<at::Tensor> LinearForwardShared(const at::Tensor& x, const std::vector<const at::Tensor*>& w,
+                                            const std::vector<const at::Tensor*>& b);
 
 // Returns `table`'s rows for `tokens` in `dtype` (an embedding served in place in half precision
 // widens only the rows it looks up).

@@ -143,37 +143,74 @@ bool LinearApplies(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b
          (!b.defined() || (IsCpuFloat(b) && b.is_contiguous() && b.dim() == 1 && b.size(0) == w.size(0)));
 }
 
-at::Tensor RunLinear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b, LinearArgs args) {
-  const int64_t m = x.size(0), n = w.size(0), k = x.size(1);
-  at::Tensor y = at::empty({m, n}, x.options());
-  if (m == 0 || n == 0) return y;
-  args.x = x.data_ptr<float>();
-  args.ldx = x.stride(0);
-  args.w = w.data_ptr();
-  args.ldw = w.stride(0);
-  args.b = b.defined() ? b.data_ptr<float>() : nullptr;
-  args.y = y.data_ptr<float>();
-  args.ldy = n;
-  args.m = m;
-  args.k = k;
-  auto* kernel = SelectedIsa() == Isa::kAvx512 ? &LinearAvx512 : &LinearAvx2;
-  // Split the outputs into blocks of 48 (a multiple of both ISAs' tile widths).
+// One matrix of RunLinear(): its weights, bias and the kernel arguments that say how to read them.
+struct LinearJob {
+  const at::Tensor* w;
+  const at::Tensor* b;
+  LinearArgs args;
+};
+
+// y = x·wᵀ + b for each job, every job's outputs in blocks of 48 (a multiple of both ISAs' tile
+// widths) taken from one parallel pass: a layer's projections of one x (q, k and v, or gate
+// and up) fork and join the threads once. Blocks are numbered job after job, so no task
+// straddles two matrices, and each output is the same sum whichever pass computes it.
+std::vector<at::Tensor> RunLinear(const at::Tensor& x, std::vector<LinearJob> jobs) {
+  const int64_t m = x.size(0), k = x.size(1);
   constexpr int64_t kBlock = 48;
-  const int64_t blocks = (n + kBlock - 1) / kBlock;
+  std::vector<at::Tensor> ys;
+  std::vector<int64_t> first_block;  // Job j's blocks are [first_block[j], first_block[j + 1]).
+  int64_t blocks = 0;
+  for (LinearJob& job : jobs) {
+    const at::Tensor& w = *job.w;
+    const int64_t n = w.size(0);
+    ys.push_back(at::empty({m, n}, x.options()));
+    LinearArgs& args = job.args;
+    args.x = x.data_ptr<float>();
+    args.ldx = x.stride(0);
+    args.w = w.data_ptr();
+    args.ldw = w.stride(0);
+    args.b = job.b->defined() ? job.b->data_ptr<float>() : nullptr;
+    args.y = ys.back().data_ptr<float>();
+    args.ldy = n;
+    args.m = m;
+    args.k = k;
+    first_block.push_back(blocks);
+    blocks += m == 0 ? 0 : (n + kBlock - 1) / kBlock;
+  }
+  first_block.push_back(blocks);
+  auto* kernel = SelectedIsa() == Isa::kAvx512 ? &LinearAvx512 : &LinearAvx2;
   const bool parallel = blocks * kBlock * k * m >= 2 * kParallelWork;
   ForChunks(blocks, 1, parallel, [&](int64_t begin, int64_t end) {
-    kernel(args, begin * kBlock, std::min(n, end * kBlock));
+    size_t j = 0;
+    while (first_block[j + 1] <= begin) ++j;
+    for (int64_t block = begin; block < end;) {
+      while (first_block[j + 1] <= block) ++j;
+      const int64_t stop = std::min(end, first_block[j + 1]), n = jobs[j].w->size(0);
+      const int64_t o0 = (block - first_block[j]) * kBlock;
+      kernel(jobs[j].args, o0, std::min(n, (stop - first_block[j]) * kBlock));
+      block = stop;
+    }
   });
-  return y;
+  return ys;
 }
 
 }  // namespace
 
 at::Tensor Linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b) {
-  if (!IsCpuMatrix(w) || !LinearApplies(x, w, b)) return at::Tensor();
-  LinearArgs args{};
-  args.w_type = WeightTypeOf(w);
-  return RunLinear(x, w, b, args);
+  std::vector<at::Tensor> y = LinearShared(x, {LinearMatrix{&w, &b}});
+  return y.empty() ? at::Tensor() : y[0];
+}
+
+std::vector<at::Tensor> LinearShared(const at::Tensor& x, const std::vector<LinearMatrix>& matrices) {
+  std::vector<LinearJob> jobs;
+  for (const LinearMatrix& matrix : matrices) {
+    if (!IsCpuMatrix(*matrix.w) || !LinearApplies(x, *matrix.w, *matrix.b)) return {};
+    LinearArgs args{};
+    args.w_type = WeightTypeOf(*matrix.w);
+    jobs.push_back({matrix.w, matrix.b, args});
+  }
+  if (jobs.empty()) return {};
+  return RunLinear(x, std::move(jobs));
 }
 
 at::Tensor LinearInt8(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scales, const at::Tensor& b) {
@@ -186,7 +223,7 @@ at::Tensor LinearInt8(const at::Tensor& x, const at::Tensor& q, const at::Tensor
   args.w_type = WeightType::kI8;
   args.w_scales = scales.data_ptr<float>();
   args.ld_scales = scales.stride(0);
-  return RunLinear(x, q, b, args);
+  return RunLinear(x, {LinearJob{&q, &b, args}})[0];
 }
 
 at::Tensor LinearW8A8(const at::Tensor& x, const at::Tensor& panels, const at::Tensor& panel_scales, int64_t n,

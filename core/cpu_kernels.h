@@ -57,6 +57,15 @@ bool IsaFromName(const std::string& name, Isa* isa);
 // bfloat16 or float16 (widened exactly: the result equals the float32 copy's), b float32 contiguous
 // [N]. Returns an undefined tensor otherwise.
 at::Tensor Linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b);
+// One matrix of LinearShared(): weights and bias as Linear() takes them.
+struct LinearMatrix {
+  const at::Tensor* w;
+  const at::Tensor* b;  // Undefined tensor: no bias.
+};
+// Linear() of one x by several matrices (a layer's q, k and v, or gate and up) in one parallel
+// pass: the threads fork and join once for the group instead of once per matrix. Each result
+// equals its own Linear() bit for bit. Empty when the kernel does not take x or any matrix.
+std::vector<at::Tensor> LinearShared(const at::Tensor& x, const std::vector<LinearMatrix>& matrices);
 
 // Linear() over int8 weights: q [N, K] int8 with K a multiple of 32, scales [N, K / 32] float32
 // (unit inner stride), one per block of 32 inputs. Each weight is widened to float(q)·scale

@@ -181,28 +181,32 @@ class Llama final : public CausalLm {
     const Int8Matrix* w8;
     const at::Tensor* b;
   };
-  // Project() for projections of the same x. Int8 matrices whose input no adapter of the batch
-  // scales (IA3 on inputs) go through LinearForwardShared (x quantized once, one parallel
-  // pass for the group); otherwise each takes its own (scaled) input. The adapters' deltas
-  // are added after, as Project() does.
+  // Project() for projections of the same x. When no adapter of the batch scales that input
+  // (IA3 on inputs) and the matrices are all int8 or all unquantized, the group goes through
+  // LinearForwardShared (one parallel pass; int8: x quantized once); otherwise each takes its
+  // own (scaled) input. The adapters' deltas are added after, as Project() does.
   static std::vector<at::Tensor> ProjectShared(int64_t layer, const at::Tensor& x,
                                                const std::vector<SharedProjection>& group,
                                                const AdapterBatch* adapters) {
     std::vector<at::Tensor> inputs;
-    bool shared = true;
+    bool same_input = true, all_int8 = true, no_int8 = true;
     for (const SharedProjection& g : group) {
       inputs.push_back(adapters != nullptr ? adapters->ScaleInputs(layer, g.p, x) : x);
-      shared = shared && g.w8->defined() && inputs.back().is_same(x);
+      same_input = same_input && inputs.back().is_same(x);
+      all_int8 = all_int8 && g.w8->defined();
+      no_int8 = no_int8 && !g.w8->defined();
     }
     std::vector<at::Tensor> y;
-    if (shared) {
+    std::vector<const at::Tensor*> b;
+    for (const SharedProjection& g : group) b.push_back(g.b);
+    if (same_input && all_int8) {
       std::vector<const Int8Matrix*> w8;
-      std::vector<const at::Tensor*> b;
-      for (const SharedProjection& g : group) {
-        w8.push_back(g.w8);
-        b.push_back(g.b);
-      }
+      for (const SharedProjection& g : group) w8.push_back(g.w8);
       y = LinearForwardShared(x, w8, b);
+    } else if (same_input && no_int8) {
+      std::vector<const at::Tensor*> w;
+      for (const SharedProjection& g : group) w.push_back(g.w);
+      y = LinearForwardShared(x, w, b);
     } else {
       for (size_t i = 0; i < group.size(); ++i) y.push_back(Linear(inputs[i], *group[i].w, *group[i].w8, *group[i].b));
     }

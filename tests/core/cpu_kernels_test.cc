@@ -277,6 +277,46 @@ TEST_P(LinearTest, W8A8SharedEqualsEachMatrixAlone) {
   EXPECT_TRUE(LinearW8A8Shared(at::randn({2, 64}), {}).empty());
 }
 
+// A layer's projections of one x in one parallel pass: matrices of every weight dtype and of
+// sizes that are and are not multiples of a task's 48 outputs, with and without biases, rows
+// few and many, k short and long enough for the parallel pass. Each result equals that
+// matrix's own Linear() (a pass of its own, split differently) bit for bit, and is the
+// product ATen computes up to float32 rounding.
+TEST_P(LinearTest, SharedEqualsEachMatrixAlone) {
+  at::manual_seed(14);
+  for (int64_t m : {1, 3, 17, 100}) {
+    for (int64_t k : {40, 773}) {
+      const at::Tensor x = at::randn({m, k + 3}).narrow(1, 1, k);
+      const std::vector<int64_t> outs = {100, 7, 48, 257};
+      const std::vector<at::ScalarType> types = {at::kBFloat16, at::kFloat, at::kHalf, at::kFloat};
+      std::vector<at::Tensor> ws, biases;
+      for (size_t i = 0; i < outs.size(); ++i) {
+        ws.push_back(at::randn({outs[i], k}).to(types[i]));
+        biases.push_back(i % 2 == 0 ? at::randn({outs[i]}) : at::Tensor());
+      }
+      std::vector<LinearMatrix> group;
+      for (size_t i = 0; i < outs.size(); ++i) group.push_back({&ws[i], &biases[i]});
+      const std::vector<at::Tensor> y = LinearShared(x, group);
+      ASSERT_EQ(y.size(), outs.size()) << m << "x" << k;
+      for (size_t i = 0; i < outs.size(); ++i) {
+        const at::Tensor alone = Linear(x, ws[i], biases[i]);
+        ASSERT_TRUE(alone.defined());
+        EXPECT_TRUE(at::equal(y[i], alone)) << m << "x" << k << " matrix " << i;
+        const at::Tensor want = at::linear(x, ws[i].to(at::kFloat), biases[i]);
+        EXPECT_TRUE(at::allclose(y[i], want, 1e-4, 1e-4)) << m << "x" << k << " matrix " << i;
+      }
+    }
+  }
+  // Any matrix the kernel cannot take declines the group.
+  const at::Tensor w = at::randn({12, 64}), none, wrong_bias = at::randn({11});
+  const at::Tensor other_k = at::randn({12, 32}), doubles = w.to(at::kDouble);
+  EXPECT_EQ(LinearShared(at::randn({2, 64}), {{&w, &none}, {&w, &none}}).size(), 2u);
+  EXPECT_TRUE(LinearShared(at::randn({2, 64}), {{&w, &none}, {&w, &wrong_bias}}).empty());
+  EXPECT_TRUE(LinearShared(at::randn({2, 64}), {{&w, &none}, {&other_k, &none}}).empty());
+  EXPECT_TRUE(LinearShared(at::randn({2, 64}), {{&w, &none}, {&doubles, &none}}).empty());
+  EXPECT_TRUE(LinearShared(at::randn({2, 64}), {}).empty());
+}
+
 TEST_P(LinearTest, DeclinesWhatItCannotTake) {
   at::Tensor w = at::randn({8, 16});
   EXPECT_FALSE(Linear(at::randn({kLinearMaxRows + 1, 16}), w, at::Tensor()).defined());
