@@ -26,12 +26,12 @@ double Seconds(std::chrono::steady_clock::time_point a, std::chrono::steady_cloc
   return std::chrono::duration<double>(b - a).count();
 }
 
-// Returns the best of 5 rates of `bytes` over the time `threads` threads take to each run
+// Returns the best of `reps` rates of `bytes` over the time `threads` threads take to each run
 // work(t) once.
 template <class Work>
-double BestRate(int threads, double bytes, const Work& work) {
+double BestRate(int threads, double bytes, const Work& work, int reps = 5) {
   double best = 0;
-  for (int rep = 0; rep < 5; ++rep) {
+  for (int rep = 0; rep < reps; ++rep) {
     auto t0 = std::chrono::steady_clock::now();
     std::vector<std::thread> pool;
     for (int t = 0; t < threads; ++t) pool.emplace_back([&work, t] { work(t); });
@@ -52,24 +52,32 @@ double CopyBandwidth(int threads) {
   });
 }
 
-// Returns bytes read per second by `threads` threads each summing its share of a buffer far
-// larger than the caches, without asking for huge pages (as mapped weights get none): what a
-// decode step does with its weights (it reads them, writes nothing). memcpy's figure counts
-// each byte once though it moves it twice, so it understates what a reading kernel can reach.
-double ReadBandwidth(int threads) {
-  const size_t words = (size_t{1} << 30) / sizeof(uint64_t);
-  std::vector<uint64_t> buf(words);
-  for (size_t i = 0; i < words; ++i) buf[i] = i;
+// Words 0, 1, 2... filling `bytes`: ReadRate()'s buffer.
+std::vector<uint64_t> Counting(size_t bytes) {
+  std::vector<uint64_t> buf(bytes / sizeof(uint64_t));
+  for (size_t i = 0; i < buf.size(); ++i) buf[i] = i;
+  return buf;
+}
+
+// Returns bytes read per second (best of `reps`) by `threads` threads each summing its share
+// of `buf` (from Counting(), far larger than the caches), without asking for huge pages (as
+// mapped weights get none): what a decode step does with its weights (it reads them, writes
+// nothing). memcpy's figure counts each byte once though it moves it twice, so it understates
+// what a reading kernel can reach.
+double ReadRate(int threads, const std::vector<uint64_t>& buf, int reps) {
   std::vector<uint64_t> sums(threads);
-  const size_t chunk = words / threads / 8 * 8;
-  const double rate = BestRate(threads, static_cast<double>(chunk * threads * sizeof(uint64_t)), [&](int t) {
-    const uint64_t* p = buf.data() + t * chunk;
-    uint64_t s[8] = {};
-    for (size_t i = 0; i < chunk; i += 8) {
-      for (int u = 0; u < 8; ++u) s[u] += p[i + u];
-    }
-    sums[t] = s[0] + s[1] + s[2] + s[3] + s[4] + s[5] + s[6] + s[7];
-  });
+  const size_t chunk = buf.size() / threads / 8 * 8;
+  const double rate = BestRate(
+      threads, static_cast<double>(chunk * threads * sizeof(uint64_t)),
+      [&](int t) {
+        const uint64_t* p = buf.data() + t * chunk;
+        uint64_t s[8] = {};
+        for (size_t i = 0; i < chunk; i += 8) {
+          for (int u = 0; u < 8; ++u) s[u] += p[i + u];
+        }
+        sums[t] = s[0] + s[1] + s[2] + s[3] + s[4] + s[5] + s[6] + s[7];
+      },
+      reps);
   // The threads' sums add up to 0 + 1 + ... + (n - 1): a check that every word was read.
   uint64_t total = 0;
   for (uint64_t s : sums) total += s;
@@ -142,7 +150,7 @@ int main(int argc, char** argv) {
   const double peak_rss_mb = usage.ru_maxrss / 1024.0;
   const double bw = CopyBandwidth(threads);
   const double limit = bw / weight_bytes;
-  const double read_bw = ReadBandwidth(threads);
+  const double read_bw = ReadRate(threads, Counting(size_t{1} << 30), 5);
   const double read_limit = read_bw / weight_bytes;
   std::printf("threads          %d, CPU kernels %s, w8a8 kernel %s\n", adapterd::core::Engine::threads(),
               adapterd::core::Engine::cpu_kernels(), adapterd::core::Engine::w8a8_kernel());
@@ -155,6 +163,26 @@ int main(int argc, char** argv) {
   std::printf("read bandwidth   %.2f GB/s (summing a 1 GiB buffer, no huge pages asked for)\n", read_bw / 1e9);
   std::printf("read limit       %.2f tokens/s (weight bytes per token / read bandwidth)\n", read_limit);
   std::printf("read ratio       %.2f of the read limit\n", tps / read_limit);
+  // The same ratio where the machine's bandwidth moves under us (a shared host's neighbours can
+  // halve it from one second to the next): windows of 16 decode tokens, each right after a
+  // read of 256 MiB, each window's tokens/s over the limit that read gives; the median.
+  {
+    const std::vector<uint64_t> probe = Counting(size_t{1} << 28);
+    constexpr int kWindows = 9, kWindowTokens = 16;
+    std::vector<double> ratios;
+    for (int w = 0; w < kWindows; ++w) {
+      const double probe_bw = ReadRate(threads, probe, 2);
+      t0 = std::chrono::steady_clock::now();
+      for (int i = 0; i < kWindowTokens; ++i) step = (*engine)->Step({seq->get()});
+      if (!step.ok()) return 1;
+      const double window_tps = kWindowTokens / Seconds(t0, std::chrono::steady_clock::now());
+      ratios.push_back(window_tps / (probe_bw / weight_bytes));
+    }
+    std::sort(ratios.begin(), ratios.end());
+    std::printf("read ratio       %.2f median of %d windows of %d tokens, each against the read bandwidth "
+                "just before it (%.2f-%.2f)\n",
+                ratios[kWindows / 2], kWindows, kWindowTokens, ratios.front(), ratios.back());
+  }
 
   // Prefill: one prompt of prompt_tokens in one step (after a warm-up of the same length).
   if (prompt_tokens > 0) {
