@@ -73,7 +73,9 @@ int main(int argc, char** argv) {
               adapterd::core::cpu::IsaName(adapterd::core::cpu::SelectedIsa()));
   at::manual_seed(1);
   const at::Tensor x = at::randn({rows, k});
+  const bool int8_only = std::getenv("LINEAR_BENCH_INT8_ONLY") != nullptr;
   for (const at::ScalarType dtype : {at::kFloat, at::kBFloat16, at::kHalf}) {
+    if (int8_only) break;
     // From memory: n × k matrices, 1.5 GB of them in float32 (0.75 GB in 16 bits).
     std::vector<at::Tensor> big;
     for (int64_t i = 0; i < (int64_t{3} << 28) / (n * k); ++i) big.push_back((at::randn({n, k}) * 0.02).to(dtype));
