@@ -182,7 +182,6 @@ std::vector<at::Tensor> RunLinear(const at::Tensor& x, std::vector<LinearJob> jo
   const bool parallel = blocks * kBlock * k * m >= 2 * kParallelWork;
   ForChunks(blocks, 1, parallel, [&](int64_t begin, int64_t end) {
     size_t j = 0;
-    while (first_block[j + 1] <= begin) ++j;
     for (int64_t block = begin; block < end;) {
       while (first_block[j + 1] <= block) ++j;
       const int64_t stop = std::min(end, first_block[j + 1]), n = jobs[j].w->size(0);
