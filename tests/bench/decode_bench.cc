@@ -46,7 +46,7 @@ double CopyBandwidth(int threads) {
 
 int main(int argc, char** argv) {
   if (argc < 2) {
-    std::fprintf(stderr, "usage: %s MODEL_DIR [NEW_TOKENS] [THREADS] [CPU_KERNELS] [DTYPE] [PROMPT_TOKENS] [mmap|read] [none|int8|int8_weight_only] [BATCH_ROWS]\n",
+    std::fprintf(stderr, "usage: %s MODEL_DIR [NEW_TOKENS] [THREADS] [CPU_KERNELS] [DTYPE] [PROMPT_TOKENS] [mmap|read] [none|int8|int8_weight_only] [BATCH_ROWS] [KV_CACHE_DTYPE]\n",
                  argv[0]);
     return 2;
   }
@@ -61,6 +61,7 @@ int main(int argc, char** argv) {
   if (argc > 7) options.map_weights = std::strcmp(argv[7], "read") != 0;
   if (argc > 8) options.quantize = argv[8];
   const int max_rows = argc > 9 ? std::atoi(argv[9]) : 32;
+  if (argc > 10) options.kv_cache_dtype = argv[10];
   adapterd::core::LoadReport report;
   auto t0 = std::chrono::steady_clock::now();
   auto engine = adapterd::core::Engine::Load(options, &report);

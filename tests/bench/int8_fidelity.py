@@ -2,12 +2,14 @@
 """Benchmark (printed figures, not a test): what int8 weights cost in fidelity, measured with the
 independent PyTorch reference (tests/reference/reference_model.py) rather than adapterd.
 
-For a Llama-family MODEL_DIR it runs a fixed, seeded set of prompts through the reference four
-times: on the float32 weights, on the projection matrices and lm_head quantized per block of 32
+For a Llama-family MODEL_DIR it runs a fixed, seeded set of prompts through the reference for
+each scheme: on the float32 weights, on the projection matrices and lm_head quantized per block of 32
 inputs (what `--quantize int8_weight_only` serves: scale = max|w| / 127, q = round-half-even(w / scale)),
 quantized per output channel (one scale per row, the other layout #11 names), and per block of
 32 with every projection's input rows quantized the same way at run time (`--quantize int8`,
-w8a8: llama.cpp's Q8_0 x Q8_0). For each
+w8a8: llama.cpp's Q8_0 x Q8_0); then w8a8 and the float32 weights each with the keys and values
+rounded to float16 and to bfloat16, as a KV cache kept in that dtype stores them (what
+`--kv_cache_dtype` chooses; `auto` under `--quantize` is float16, llama.cpp's default cache). For each
 scheme it prints the largest and the mean |logit error| against float32 (also relative to the
 largest |logit|), the top-1 agreement over every position, the mean KL divergence of the
 next-token distributions, and the bytes per weight.
@@ -99,14 +101,19 @@ def main():
     batch = [torch.randint(3, vocab, (length,), generator=gen).tolist() for _ in range(prompts)]
     base = [reference_model.llama_logits(cfg, state, ids) for ids in batch]
     print(f"model {model_dir}: {prompts} prompts x {length} tokens, float32 reference")
-    for label, fn, bytes_per_weight in (("per block of 32 (--quantize int8_weight_only)", per_block, 1 + 4 / BLOCK),
-                                        ("per output channel", per_channel, 1.0),
-                                        ("w8a8, inputs too (--quantize int8)", w8a8, 1 + 4 / BLOCK)):
-        w = quantized(state, cfg, fn)
+    schemes = (("per block of 32 (--quantize int8_weight_only)", per_block, 1 + 4 / BLOCK, None),
+               ("per output channel", per_channel, 1.0, None),
+               ("w8a8, inputs too (--quantize int8)", w8a8, 1 + 4 / BLOCK, None),
+               ("w8a8 + float16 KV cache", w8a8, 1 + 4 / BLOCK, torch.float16),
+               ("w8a8 + bfloat16 KV cache", w8a8, 1 + 4 / BLOCK, torch.bfloat16),
+               ("float32 weights, float16 KV cache", None, 4.0, torch.float16),
+               ("float32 weights, bfloat16 KV cache", None, 4.0, torch.bfloat16))
+    for label, fn, bytes_per_weight, kv_dtype in schemes:
+        w = quantized(state, cfg, fn) if fn is not None else state
         worst = total = count = agree = positions = kl = 0.0
         largest = 0.0
         for ids, ref in zip(batch, base):
-            got = reference_model.llama_logits(cfg, w, ids)
+            got = reference_model.llama_logits(cfg, w, ids, kv_dtype=kv_dtype)
             err = (got - ref).abs()
             worst = max(worst, err.max().item())
             total += err.sum().item()
@@ -116,7 +123,7 @@ def main():
             positions += ref.shape[0]
             p = torch.log_softmax(ref, -1)
             kl += (p.exp() * (p - torch.log_softmax(got, -1))).sum(-1).sum().item()
-        print(f"{label:36s} max |err| {worst:.4f} ({100 * worst / largest:.2f}% of max |logit| {largest:.2f}), "
+        print(f"{label:45s} max |err| {worst:.4f} ({100 * worst / largest:.2f}% of max |logit| {largest:.2f}), "
               f"mean |err| {total / count:.5f}, top-1 agreement {100 * agree / positions:.2f}% "
               f"({int(agree)}/{int(positions)}), mean KL {kl / positions:.2e}, {bytes_per_weight:.3f} bytes/weight")
     return 0

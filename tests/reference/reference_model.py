@@ -53,9 +53,11 @@ def rope_inv_freq(cfg, dim):
     return inv
 
 
-def llama_logits(cfg, w, ids, prefix=None, soft=None):
+def llama_logits(cfg, w, ids, prefix=None, soft=None, kv_dtype=None):
     """Logits of every real token. `prefix`: per-layer (K, V) [kv_heads, P, d] past entries
-    (prefix tuning, no rotary on them); `soft`: [S, H] embeddings prepended (prompt tuning)."""
+    (prefix tuning, no rotary on them); `soft`: [S, H] embeddings prepended (prompt tuning);
+    `kv_dtype`: keys (after rotary) and values rounded to that dtype, as a KV cache kept in it
+    stores them (a query reads its own key and value from the cache too)."""
     H = cfg["hidden_size"]
     nh = cfg["num_attention_heads"]
     nkv = cfg.get("num_key_value_heads") or nh
@@ -102,6 +104,8 @@ def llama_logits(cfg, w, ids, prefix=None, soft=None):
         v = lin(h, p + "self_attn.v_proj").view(T, nkv, d).transpose(0, 1)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
+        if kv_dtype is not None:
+            k, v = k.to(kv_dtype).float(), v.to(kv_dtype).float()
         if prefix is not None:
             k = torch.cat([prefix[layer][0], k], dim=1)
             v = torch.cat([prefix[layer][1], v], dim=1)
