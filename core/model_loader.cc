@@ -378,8 +378,15 @@ absl::StatusOr<std::unique_ptr<CausalLm>> LoadModel(const std::string& dir,
     finish();
     return absl::InternalError(absl::StrCat(dir, ": building the model failed: ", TorchErrorMessage(e)));
   }
-  // The KV cache defaults to the dtype the weights are served in.
-  if (!kept.empty()) model->set_kv_dtype(*kept.begin());
+  // The KV cache defaults to the dtype the weights are served in. Quantized float32 weights
+  // take a float16 cache, as llama.cpp's default cache is beside its Q8_0 weights: the
+  // rounding of keys and values (measured with the reference, tests/bench/int8_fidelity.py)
+  // is a small fraction of int8's own error, and a decode step reads half the cache bytes.
+  if (!kept.empty()) {
+    model->set_kv_dtype(*kept.begin());
+  } else if (quantize != "none" && model->kv_dtype() == at::kFloat) {
+    model->set_kv_dtype(at::kHalf);
+  }
   if (quantize != "none") {
     CausalLm::Int8Summary summary;
     // Matrices read in place from the mapping give their pages back as soon as they are

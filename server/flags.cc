@@ -20,9 +20,9 @@ ABSL_FLAG(std::string, cpu_kernels, "auto",
           "CPU float32 kernels for few-row steps: auto (best this CPU has), avx512f, avx2 or "
           "none (ATen/BLAS only).");
 ABSL_FLAG(std::string, kv_cache_dtype, "auto",
-          "KV cache dtype: auto (the dtype the weights are served in, --dtype), float32, bfloat16 "
-          "or float16. A half-precision cache holds twice the positions in the same "
-          "--max_kv_bytes.");
+          "KV cache dtype: auto (the dtype the weights are served in, --dtype; float16 for "
+          "float32 weights under --quantize), float32, bfloat16 or float16. A half-precision "
+          "cache holds twice the positions in the same --max_kv_bytes.");
 ABSL_FLAG(int64_t, prefix_cache_bytes, 0,
           "Bytes of prompt keys and values kept for reuse by later requests that start with the "
           "same 16-token blocks and use the same adapter; 0 turns prefix reuse off.");

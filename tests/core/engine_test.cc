@@ -312,6 +312,44 @@ TEST_P(BatchTest, APromptPrefilledInChunksEqualsItRunAtOnce) {
   auto seq = *engine->NewSequence(prompt, params);
   EXPECT_EQ(engine->Step({seq.get()}, {1, 2}).status().code(), absl::StatusCode::kInvalidArgument);
 }
+// Under --quantize the float32 weights' auto cache is float16 (llama.cpp's default beside
+// Q8_0): the same logits as asking for float16, half the bytes per position, and the greedy
+// continuation of the float32 PyTorch reference kept. A bfloat16 checkpoint's cache stays
+// bfloat16 (its embedding is served in place in it); an explicit dtype is kept.
+TEST(HalfInPlaceTest, QuantizedFloat32WeightsTakeAFloat16CacheUnderAuto) {
+  auto load = [](const char* fixture, const char* quantize, const char* kv) {
+    EngineOptions o;
+    o.model_dir = testing::Fixture(fixture);
+    o.quantize = quantize;
+    o.kv_cache_dtype = kv;
+    LoadReport report;
+    auto engine = Engine::Load(o, &report);
+    EXPECT_TRUE(engine.ok()) << fixture << ": " << engine.status();
+    return engine.ok() ? *std::move(engine) : nullptr;
+  };
+  for (const char* quantize : {"int8", "int8_weight_only"}) {
+    SCOPED_TRACE(quantize);
+    auto automatic = load("llama_tied", quantize, "auto");
+    auto half = load("llama_tied", quantize, "float16");
+    auto full = load("llama_tied", quantize, "float32");
+    auto bf16 = load("llama_bf16", quantize, "auto");
+    ASSERT_TRUE(automatic && half && full && bf16);
+    EXPECT_EQ(automatic->report().kv_cache_dtype, "float16");
+    EXPECT_EQ(full->report().kv_cache_dtype, "float32");
+    EXPECT_EQ(bf16->report().kv_cache_dtype, "bfloat16");
+    EXPECT_EQ(2 * automatic->kv_bytes_per_position(), full->kv_bytes_per_position());
+    const auto ref = testing::ReadJson(testing::Fixture("llama_tied") + "/reference.json");
+    const std::vector<int32_t> prompt = ref["prompt"].get<std::vector<int32_t>>();
+    auto a = automatic->PromptLogits(prompt);
+    auto h = half->PromptLogits(prompt);
+    auto f = full->PromptLogits(prompt);
+    ASSERT_TRUE(a.ok() && h.ok() && f.ok());
+    EXPECT_EQ(*a, *h);
+    EXPECT_NE(*a, *f);  // The cache's rounding shows: it is not a float32 cache.
+    GreedyLikeReference(*automatic, ref);
+  }
+}
+
 
 INSTANTIATE_TEST_SUITE_P(Fixtures, BatchTest,
                          ::testing::Values("llama_tied", "mistral_window", "gpt2"));
