@@ -20,11 +20,13 @@ using ::testing::HasSubstr;
 
 std::unique_ptr<Engine> LoadEngine(const std::string& fixture,
                                    const std::string& cpu_kernels = "auto",
-                                   const std::string& kv_cache_dtype = "auto") {
+                                   const std::string& kv_cache_dtype = "auto",
+                                   const std::string& quantize = "none") {
   EngineOptions o;
   o.model_dir = testing::Fixture(fixture);
   o.cpu_kernels = cpu_kernels;
   o.kv_cache_dtype = kv_cache_dtype;
+  o.quantize = quantize;
   LoadReport report;
   auto engine = Engine::Load(o, &report);
   EXPECT_TRUE(engine.ok()) << fixture << ": " << engine.status();
@@ -318,14 +320,7 @@ TEST_P(BatchTest, APromptPrefilledInChunksEqualsItRunAtOnce) {
 // bfloat16 (its embedding is served in place in it); an explicit dtype is kept.
 TEST(HalfInPlaceTest, QuantizedFloat32WeightsTakeAFloat16CacheUnderAuto) {
   auto load = [](const char* fixture, const char* quantize, const char* kv) {
-    EngineOptions o;
-    o.model_dir = testing::Fixture(fixture);
-    o.quantize = quantize;
-    o.kv_cache_dtype = kv;
-    LoadReport report;
-    auto engine = Engine::Load(o, &report);
-    EXPECT_TRUE(engine.ok()) << fixture << ": " << engine.status();
-    return engine.ok() ? *std::move(engine) : nullptr;
+    return LoadEngine(fixture, "auto", kv, quantize);
   };
   for (const char* quantize : {"int8", "int8_weight_only"}) {
     SCOPED_TRACE(quantize);
