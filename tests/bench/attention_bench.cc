@@ -11,7 +11,6 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
-#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -24,12 +23,6 @@
 #include "core/kv_cache.h"
 #include "tests/bench/bandwidth.h"
 
-namespace {
-
-using Clock = std::chrono::steady_clock;
-
-}  // namespace
-
 int main(int argc, char** argv) {
   namespace cpu = adapterd::core::cpu;
   using adapterd::core::KvCache;
@@ -40,9 +33,10 @@ int main(int argc, char** argv) {
   const int64_t kv_heads = argc > 5 ? std::atoll(argv[5]) : 12;
   const int64_t head_dim = argc > 6 ? std::atoll(argv[6]) : 64;
   if (threads < 1 || context < 1 || context > (int64_t{1} << 20) || layers < 1 || layers > 256 || kv_heads < 1 ||
-      heads < kv_heads || heads % kv_heads != 0 || head_dim < 1 || head_dim > 512) {
-    std::fprintf(stderr, "usage: %s [THREADS >= 1] [CONTEXT 1-2^20] [LAYERS 1-256] [HEADS, a multiple of KV_HEADS] "
-                 "[KV_HEADS >= 1] [HEAD_DIM 1-512]\n", argv[0]);
+      heads < kv_heads || heads % kv_heads != 0 || heads > 1024 || head_dim < 1 || head_dim > 512 ||
+      layers * kv_heads * (context + 1) * head_dim * 2 * 4 > (int64_t{2} << 30)) {
+    std::fprintf(stderr, "usage: %s [THREADS >= 1] [CONTEXT 1-2^20] [LAYERS 1-256] [HEADS 1-1024, a multiple of "
+                 "KV_HEADS] [KV_HEADS >= 1] [HEAD_DIM 1-512] (one sequence's float32 cache at most 2 GiB)\n", argv[0]);
     return 2;
   }
   at::set_num_threads(threads);
@@ -86,25 +80,21 @@ int main(int argc, char** argv) {
       const std::vector<cpu::CachedRow> rows = {{0, caches[s].get(), 1}};
       for (int64_t l = 0; l < layers; ++l) cpu::CachedAttention(l, q, k, v, rows, heads, kv_heads, head_dim, scale, 0, out);
     };
-    for (int64_t s = 0; s < sequences; ++s) step(s);  // Warm-up.
-    double best = 1e9;
-    for (int rep = 0; rep < 5; ++rep) {
-      const auto t0 = Clock::now();
+    const double all_bytes = step_bytes * static_cast<double>(sequences);
+    auto all = [&] {
       for (int64_t s = 0; s < sequences; ++s) step(s);
-      best = std::min(best, std::chrono::duration<double>(Clock::now() - t0).count());
-    }
-    const double rate = step_bytes * static_cast<double>(sequences) / best;
+    };
+    adapterd::bench::PassRate(all_bytes, 1, all);  // Warm-up.
+    const double rate = adapterd::bench::PassRate(all_bytes, 5, all);
     // From cache: one layer of one sequence, repeated (its bytes stay in L2 or L3).
     const std::vector<cpu::CachedRow> first = {{0, caches[0].get(), 1}};
-    double best_layer = 1e9;
-    for (int rep = 0; rep < 200; ++rep) {
-      const auto t0 = Clock::now();
+    const double layer_bytes = step_bytes / static_cast<double>(layers);
+    const double cache_rate = adapterd::bench::PassRate(layer_bytes, 200, [&] {
       cpu::CachedAttention(0, q, k, v, first, heads, kv_heads, head_dim, scale, 0, out);
-      best_layer = std::min(best_layer, std::chrono::duration<double>(Clock::now() - t0).count());
-    }
+    });
     std::printf("%-9s %.2f MB a step: %.3f ms a step, %.2f GB/s (%.2f of read); one layer from cache %.2f GB/s\n",
-                c10::toString(dtype), step_bytes / 1e6, 1e3 * best / static_cast<double>(sequences), rate / 1e9,
-                rate / read, step_bytes / static_cast<double>(layers) / best_layer / 1e9);
+                c10::toString(dtype), step_bytes / 1e6, 1e3 * step_bytes / rate, rate / 1e9, rate / read,
+                cache_rate / 1e9);
   }
   return 0;
 }

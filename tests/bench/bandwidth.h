@@ -26,6 +26,19 @@ inline double BestRate(int threads, double bytes, const Work& work, int reps = 5
   return best;
 }
 
+// Bytes per second of `bytes` over the fastest of `reps` runs of pass() (on this thread; a
+// kernel's own parallelism inside).
+template <class Pass>
+inline double PassRate(double bytes, int reps, const Pass& pass) {
+  double best = 1e9;
+  for (int rep = 0; rep < reps; ++rep) {
+    const auto t0 = std::chrono::steady_clock::now();
+    pass();
+    best = std::min(best, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+  }
+  return bytes / best;
+}
+
 // Words 0, 1, 2... filling `bytes`: ReadRate()'s buffer.
 inline std::vector<uint64_t> Counting(size_t bytes) {
   std::vector<uint64_t> buf(bytes / sizeof(uint64_t));

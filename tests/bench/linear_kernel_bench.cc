@@ -12,7 +12,6 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
-#include <chrono>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -26,28 +25,16 @@
 
 namespace {
 
-using Clock = std::chrono::steady_clock;
-
-// Bytes per second of `bytes` over the fastest of `reps` runs of pass().
-template <class Pass>
-double Rate(double bytes, int reps, const Pass& pass) {
-  double best = 1e9;
-  for (int rep = 0; rep < reps; ++rep) {
-    const auto t0 = Clock::now();
-    pass();
-    best = std::min(best, std::chrono::duration<double>(Clock::now() - t0).count());
-  }
-  return bytes / best;
-}
+using adapterd::bench::PassRate;
 
 // Prints a line: one pass of over(matrices) from memory and 64 of over(one) from cache.
 template <class Over>
 void Report(const char* name, int64_t rows, int64_t n, int64_t k, double big_bytes, double small_bytes, double read,
             const Over& over_big, const Over& over_small) {
-  Rate(big_bytes, 1, over_big);  // Warm-up.
-  const double memory = Rate(big_bytes, 3, over_big);
-  Rate(small_bytes, 3, over_small);
-  const double cache = Rate(small_bytes, 200, over_small);
+  PassRate(big_bytes, 1, over_big);  // Warm-up.
+  const double memory = PassRate(big_bytes, 3, over_big);
+  PassRate(small_bytes, 3, over_small);
+  const double cache = PassRate(small_bytes, 200, over_small);
   std::printf("%-9s %lld row(s) by %lld x %lld: from memory %.2f GB/s (%.2f of read), from cache %.2f GB/s\n", name,
               static_cast<long long>(rows), static_cast<long long>(n), static_cast<long long>(k), memory / 1e9,
               memory / read, cache / 1e9);

@@ -314,20 +314,18 @@ TEST_P(BatchTest, APromptPrefilledInChunksEqualsItRunAtOnce) {
   auto seq = *engine->NewSequence(prompt, params);
   EXPECT_EQ(engine->Step({seq.get()}, {1, 2}).status().code(), absl::StatusCode::kInvalidArgument);
 }
+
 // Under --quantize the float32 weights' auto cache is float16 (llama.cpp's default beside
 // Q8_0): the same logits as asking for float16, half the bytes per position, and the greedy
 // continuation of the float32 PyTorch reference kept. A bfloat16 checkpoint's cache stays
 // bfloat16 (its embedding is served in place in it); an explicit dtype is kept.
 TEST(HalfInPlaceTest, QuantizedFloat32WeightsTakeAFloat16CacheUnderAuto) {
-  auto load = [](const char* fixture, const char* quantize, const char* kv) {
-    return LoadEngine(fixture, "auto", kv, quantize);
-  };
   for (const char* quantize : {"int8", "int8_weight_only"}) {
     SCOPED_TRACE(quantize);
-    auto automatic = load("llama_tied", quantize, "auto");
-    auto half = load("llama_tied", quantize, "float16");
-    auto full = load("llama_tied", quantize, "float32");
-    auto bf16 = load("llama_bf16", quantize, "auto");
+    auto automatic = LoadEngine("llama_tied", "auto", "auto", quantize);
+    auto half = LoadEngine("llama_tied", "auto", "float16", quantize);
+    auto full = LoadEngine("llama_tied", "auto", "float32", quantize);
+    auto bf16 = LoadEngine("llama_bf16", "auto", "auto", quantize);
     ASSERT_TRUE(automatic && half && full && bf16);
     EXPECT_EQ(automatic->report().kv_cache_dtype, "float16");
     EXPECT_EQ(full->report().kv_cache_dtype, "float32");
@@ -344,7 +342,6 @@ TEST(HalfInPlaceTest, QuantizedFloat32WeightsTakeAFloat16CacheUnderAuto) {
     GreedyLikeReference(*automatic, ref);
   }
 }
-
 
 INSTANTIATE_TEST_SUITE_P(Fixtures, BatchTest,
                          ::testing::Values("llama_tied", "mistral_window", "gpt2"));
