@@ -2,6 +2,8 @@
 // the formulas), on every instruction set this machine supports.
 #include "core/cpu_kernels.h"
 
+#include <ATen/Parallel.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -275,6 +277,44 @@ TEST_P(LinearTest, W8A8SharedEqualsEachMatrixAlone) {
   EXPECT_TRUE(LinearW8A8Shared(at::randn({2, 64}), {{&p, &s, 12, &none}, {&p, &s, 17, &none}}).empty());
   EXPECT_TRUE(LinearW8A8Shared(at::randn({2, 96}), {{&p, &s, 12, &none}}).empty());
   EXPECT_TRUE(LinearW8A8Shared(at::randn({2, 64}), {}).empty());
+}
+
+// The parallel passes split a matrix's outputs into shares, one per thread, and a thread whose
+// share is done takes the others' remaining blocks: with any number of threads (more than the
+// blocks, odd counts, more than the cores) every output is computed once and equals the
+// one-thread result bit for bit, for float, bfloat16 and w8a8 matrices and a shared pass.
+TEST_P(LinearTest, AnyThreadCountGivesTheOneThreadBits) {
+  at::manual_seed(21);
+  const int previous = at::get_num_threads();
+  const int64_t k = 768;
+  const at::Tensor w = at::randn({1000, k}), w2 = at::randn({150, k}), b = at::randn({1000});
+  const at::Tensor w_bf16 = w.to(at::kBFloat16);
+  const auto [panels, scales] = Panels(at::randint(-127, 128, {1000, k}, at::kChar), at::rand({1000, k / 32}) * 0.05);
+  const at::Tensor none;
+  for (int64_t m : {1, 5}) {
+    const at::Tensor x = at::randn({m, k});
+    auto run = [&] {
+      std::vector<at::Tensor> y = {Linear(x, w, b), Linear(x, w_bf16, none),
+                                   LinearW8A8(x, panels, scales, 1000, b)};
+      for (const at::Tensor& t : LinearShared(x, {{&w, &b}, {&w2, &none}})) y.push_back(t);
+      return y;
+    };
+    at::set_num_threads(1);
+    const std::vector<at::Tensor> one = run();
+    ASSERT_EQ(one.size(), 5u);
+    for (const at::Tensor& t : one) ASSERT_TRUE(t.defined());
+    const at::Tensor want = at::linear(x.to(at::kDouble), w.to(at::kDouble), b.to(at::kDouble));
+    EXPECT_LT((one[0].to(at::kDouble) - want).abs().max().item<double>(), 1e-3);
+    for (int threads : {2, 3, 5, 8, 40}) {
+      at::set_num_threads(threads);
+      const std::vector<at::Tensor> many = run();
+      ASSERT_EQ(many.size(), one.size());
+      for (size_t i = 0; i < one.size(); ++i) {
+        EXPECT_TRUE(at::equal(many[i], one[i])) << "m " << m << ", " << threads << " threads, result " << i;
+      }
+    }
+  }
+  at::set_num_threads(previous);
 }
 
 // A layer's projections of one x in one parallel pass: matrices of every weight dtype and of
