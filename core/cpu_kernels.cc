@@ -221,7 +221,14 @@ std::vector<at::Tensor> RunLinear(const at::Tensor& x, std::vector<LinearJob> jo
       while (first_block[j + 1] <= block) ++j;
       const int64_t stop = std::min(end, first_block[j + 1]), n = jobs[j].w->size(0);
       const int64_t o0 = (block - first_block[j]) * kBlock;
-      kernel(jobs[j].args, o0, std::min(n, (stop - first_block[j]) * kBlock));
+      const int64_t o1 = std::min(n, (stop - first_block[j]) * kBlock);
+      // The next block of this matrix is most often this thread's next task (its share is
+      // contiguous): the kernel's last tiles prefetch its first rows.
+      LinearArgs args = jobs[j].args;
+      if (o1 < n) {
+        args.w_next = static_cast<const char*>(args.w) + o1 * args.ldw * jobs[j].w->element_size();
+      }
+      kernel(args, o0, o1);
       block = stop;
     }
   });

@@ -62,15 +62,19 @@ TEST_P(LinearTest, MatchesADoublePrecisionProductForAwkwardShapes) {
   }
 }
 
+// A row alone (a decode step: 16-bit weights with rows up to 2 KB take the narrow one-row
+// tiles) equals that row in a batch (the wide tiles) bit for bit, for every weight dtype.
 TEST_P(LinearTest, ARowsResultDoesNotDependOnItsBatch) {
   at::manual_seed(8);
   at::Tensor x = at::randn({300, 200});  // Past 48 rows too (prefill).
-  at::Tensor w = at::randn({130, 200});
-  at::Tensor all = Linear(x, w, at::Tensor());
-  ASSERT_TRUE(all.defined());
-  for (int64_t i = 0; i < x.size(0); ++i) {
-    at::Tensor alone = Linear(x.narrow(0, i, 1), w, at::Tensor());
-    EXPECT_TRUE(at::equal(all.narrow(0, i, 1), alone)) << "row " << i;
+  for (const at::ScalarType dtype : {at::kFloat, at::kBFloat16, at::kHalf}) {
+    at::Tensor w = at::randn({130, 200}).to(dtype);
+    at::Tensor all = Linear(x, w, at::Tensor());
+    ASSERT_TRUE(all.defined());
+    for (int64_t i = 0; i < x.size(0); ++i) {
+      at::Tensor alone = Linear(x.narrow(0, i, 1), w, at::Tensor());
+      EXPECT_TRUE(at::equal(all.narrow(0, i, 1), alone)) << c10::toString(dtype) << " row " << i;
+    }
   }
 }
 
@@ -80,7 +84,7 @@ TEST_P(LinearTest, HalfPrecisionWeightsEqualTheirFloat32CopiesBitForBit) {
   at::manual_seed(10);
   for (const at::ScalarType dtype : {at::kBFloat16, at::kHalf}) {
     for (int64_t m : {1, 3, 4, 17, 300}) {
-      for (int64_t k : {7, 64, 773}) {
+      for (int64_t k : {7, 64, 773, 1100}) {  // (1100: rows past the one-row tiles' 2 KB.)
         const at::Tensor x = at::randn({m, k});
         const at::Tensor w = at::randn({101, k}).to(dtype);
         const at::Tensor b = at::randn({101});
