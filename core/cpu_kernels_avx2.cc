@@ -14,8 +14,6 @@ struct Vec {
   using T = __m256;
   static constexpr int kLanes = 8;
   static constexpr int kTile = 3;  // 4 rows × 3 outputs: 12 accumulators of the 16 registers.
-  // No narrower one-row tile measured here: LinearTilesOf() keeps the wide tiles (as before).
-  static constexpr int kOneRowTile = kTile;
   static T Zero() { return _mm256_setzero_ps(); }
   static T Set1(float v) { return _mm256_set1_ps(v); }
   static T Load(const float* p) { return _mm256_loadu_ps(p); }

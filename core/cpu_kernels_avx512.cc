@@ -14,7 +14,6 @@ struct Vec {
   using T = __m512;
   static constexpr int kLanes = 16;
   static constexpr int kTile = 6;  // 4 rows × 6 outputs: 24 accumulators of the 32 registers.
-  static constexpr int kOneRowTile = 2;  // Two chains of 16-lane multiply-adds outrun memory.
   static T Zero() { return _mm512_setzero_ps(); }
   static T Set1(float v) { return _mm512_set1_ps(v); }
   static T Load(const float* p) { return _mm512_loadu_ps(p); }

@@ -62,18 +62,23 @@ TEST_P(LinearTest, MatchesADoublePrecisionProductForAwkwardShapes) {
   }
 }
 
-// A row alone (a decode step: 16-bit weights with rows up to 2 KB take the narrow one-row
-// tiles) equals that row in a batch (the wide tiles) bit for bit, for every weight dtype.
+// A row alone (a decode step: LinearOneRow(), each weight row read start to end) equals that
+// row in a batch (the tiles, their chains run as passes) bit for bit, for every weight dtype,
+// whatever the chains' last vectors (k = 83, 112: one and three past whole steps of 64 on
+// AVX-512; two on AVX2) and the scalar tail.
 TEST_P(LinearTest, ARowsResultDoesNotDependOnItsBatch) {
   at::manual_seed(8);
-  at::Tensor x = at::randn({300, 200});  // Past 48 rows too (prefill).
-  for (const at::ScalarType dtype : {at::kFloat, at::kBFloat16, at::kHalf}) {
-    at::Tensor w = at::randn({130, 200}).to(dtype);
-    at::Tensor all = Linear(x, w, at::Tensor());
-    ASSERT_TRUE(all.defined());
-    for (int64_t i = 0; i < x.size(0); ++i) {
-      at::Tensor alone = Linear(x.narrow(0, i, 1), w, at::Tensor());
-      EXPECT_TRUE(at::equal(all.narrow(0, i, 1), alone)) << c10::toString(dtype) << " row " << i;
+  for (const int64_t k : {200, 83, 112}) {
+    at::Tensor x = at::randn({300, k});  // Past 48 rows too (prefill).
+    for (const at::ScalarType dtype : {at::kFloat, at::kBFloat16, at::kHalf}) {
+      at::Tensor w = at::randn({130, k}).to(dtype);
+      at::Tensor all = Linear(x, w, at::Tensor());
+      ASSERT_TRUE(all.defined());
+      for (int64_t i = 0; i < x.size(0); ++i) {
+        at::Tensor alone = Linear(x.narrow(0, i, 1), w, at::Tensor());
+        EXPECT_TRUE(at::equal(all.narrow(0, i, 1), alone))
+            << c10::toString(dtype) << " k " << k << " row " << i;
+      }
     }
   }
 }
@@ -84,7 +89,7 @@ TEST_P(LinearTest, HalfPrecisionWeightsEqualTheirFloat32CopiesBitForBit) {
   at::manual_seed(10);
   for (const at::ScalarType dtype : {at::kBFloat16, at::kHalf}) {
     for (int64_t m : {1, 3, 4, 17, 300}) {
-      for (int64_t k : {7, 64, 773, 1100}) {  // (1100: rows past the one-row tiles' 2 KB.)
+      for (int64_t k : {7, 64, 773, 1100}) {
         const at::Tensor x = at::randn({m, k});
         const at::Tensor w = at::randn({101, k}).to(dtype);
         const at::Tensor b = at::randn({101});
