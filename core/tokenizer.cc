@@ -436,8 +436,11 @@ struct Piece {
 enum class Behavior { kIsolated, kRemoved, kMergedWithPrevious, kMergedWithNext, kContiguous };
 
 // Splits `p` at the matches according to `behavior` (tokenizers' NormalizedString::split).
+// `invert` swaps the roles of the matches and the text between them first, as the Split
+// pre-tokenizer's "invert" does (tokenizers' Invert pattern flips each segment's flag):
+// "Removed" with "invert" keeps only the matches (tiktoken-style splits).
 void SplitPiece(const Piece& p, const std::vector<std::pair<size_t, size_t>>& matches,
-                Behavior behavior, std::vector<Piece>& out) {
+                Behavior behavior, std::vector<Piece>& out, bool invert = false) {
   struct Seg {
     size_t b, e;
     bool match;
@@ -445,11 +448,11 @@ void SplitPiece(const Piece& p, const std::vector<std::pair<size_t, size_t>>& ma
   std::vector<Seg> segs;
   size_t last = 0;
   for (auto [b, e] : matches) {
-    if (b > last) segs.push_back({last, b, false});
-    segs.push_back({b, e, true});
+    if (b > last) segs.push_back({last, b, invert});
+    segs.push_back({b, e, !invert});
     last = e;
   }
-  if (last < p.text.size()) segs.push_back({last, p.text.size(), false});
+  if (last < p.text.size()) segs.push_back({last, p.text.size(), invert});
   std::vector<std::pair<size_t, size_t>> ranges;
   switch (behavior) {
     case Behavior::kIsolated:
@@ -517,17 +520,20 @@ class SequencePreTokenizer : public PreTokenizer {
 
 class SplitPreTokenizer : public PreTokenizer {
  public:
-  SplitPreTokenizer(Pattern pattern, Behavior behavior)
-      : pattern_(std::move(pattern)), behavior_(behavior) {}
+  SplitPreTokenizer(Pattern pattern, Behavior behavior, bool invert)
+      : pattern_(std::move(pattern)), behavior_(behavior), invert_(invert) {}
   void Split(std::vector<Piece>& pieces) const override {
     std::vector<Piece> out;
-    for (const Piece& p : pieces) SplitPiece(p, pattern_.FindAll(p.text), behavior_, out);
+    for (const Piece& p : pieces) {
+      SplitPiece(p, pattern_.FindAll(p.text), behavior_, out, invert_);
+    }
     pieces = std::move(out);
   }
 
  private:
   Pattern pattern_;
   Behavior behavior_;
+  bool invert_;
 };
 
 constexpr const char* kGpt2Pattern =
@@ -615,12 +621,9 @@ absl::StatusOr<std::unique_ptr<PreTokenizer>> ParsePreTokenizer(const Json& j,
     return std::make_unique<SequencePreTokenizer>(std::move(parts));
   }
   if (type == "Split") {
-    if (j.value("invert", false)) {
-      return absl::UnimplementedError(absl::StrCat(where, ": \"invert\": true is not supported"));
-    }
     ASSIGN_OR_RETURN(Pattern p, ParsePattern(j.value("pattern", Json()), where));
     ASSIGN_OR_RETURN(Behavior b, ParseBehavior(j.value("behavior", ""), where));
-    return std::make_unique<SplitPreTokenizer>(std::move(p), b);
+    return std::make_unique<SplitPreTokenizer>(std::move(p), b, j.value("invert", false));
   }
   if (type == "ByteLevel") {
     std::shared_ptr<const Regex> regex;

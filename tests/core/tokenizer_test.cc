@@ -135,6 +135,31 @@ TEST(TokenizerTest, NormalizedAddedTokensMatchAsHuggingFaceDoes) {
   }
 }
 
+// The Split pre-tokenizer's five behaviours, each with and without "invert" (which swaps the
+// roles of the matches and the text between them: tiktoken conversions such as gpt-4o's keep
+// only the matches with "Removed" and "invert"), for regex and string patterns: ids equal the
+// tokenizers library's on Llama 3's vocabulary with the pre-tokenizer replaced
+// (tests/tokenizer/make_golden.js), so where each piece ends shows in the merges.
+TEST(TokenizerTest, SplitBehavioursAndInvertMatchHuggingFace) {
+  auto golden = Golden("split_behaviors");
+  auto text = ReadFileToString(std::string(ADAPTERD_NPM_DIR) + "/node_modules/" +
+                               golden["tokenizer"].get<std::string>());
+  ASSERT_TRUE(text.ok()) << text.status();
+  nlohmann::json j = nlohmann::json::parse(*text);
+  ASSERT_EQ(golden["variants"].size(), 30u);
+  for (const auto& v : golden["variants"]) {
+    j["pre_tokenizer"] = v["pre_tokenizer"];
+    const std::string label = v["pre_tokenizer"]["pretokenizers"][0].dump();
+    auto tok = Tokenizer::FromJson(j.dump(), "llama3 with a Split");
+    ASSERT_TRUE(tok.ok()) << label << ": " << tok.status();
+    for (const auto& c : v["cases"]) {
+      auto ids = (*tok)->Encode(c["text"].get<std::string>(), false);
+      ASSERT_TRUE(ids.ok()) << label;
+      EXPECT_EQ(*ids, c["ids"].get<std::vector<int32_t>>()) << label << " " << c["text"];
+    }
+  }
+}
+
 TEST(TokenizerTest, StreamsOfByteFallbackTokensEndInValidUtf8) {
   // Found by the server soak: random continuations over llama2's byte tokens (<0x00>..<0xFF>
   // are ids 3..258) made Finish() cut the full decode inside a character, and a client's
@@ -169,7 +194,10 @@ TEST(TokenizerTest, StreamsOfByteFallbackTokensEndInValidUtf8) {
 }
 
 INSTANTIATE_TEST_SUITE_P(RealTokenizers, GoldenTest,
-                         ::testing::Values("llama2", "llama3", "qwen3"));
+                         ::testing::Values("llama2", "llama3", "qwen3", "llama3_1", "qwen2_5",
+                                           "gemma3", "deepseek_v3", "mistral_nemo", "gpt4o",
+                                           "gpt4", "gemma2", "gemma", "internlm2", "chatglm3",
+                                           "baichuan2", "yi", "claude"));
 
 TEST(TokenizerTest, SpecialTokensComeFromTokenizerConfig) {
   struct Want {

@@ -23,7 +23,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # Fixed so that both renderers format the same instant: 2024-07-26 13:05:09 UTC.
 NOW = 1722000309
 
-PACKAGES = ["llama3", "llama3_1", "llama3_2", "qwen2_5", "qwen3", "deepseek_v3", "gemma3"]
+PACKAGES = ["llama3", "llama3_1", "llama3_2", "qwen2_5", "qwen3", "deepseek_v3", "gemma3",
+            "mistral_nemo", "gpt4", "internlm2", "chatglm3"]
 
 
 def make_env():

