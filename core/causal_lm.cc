@@ -516,6 +516,10 @@ std::vector<ParamSpec> DeclareParameters(const ModelConfig& c) {
       p.push_back({pre + "self_attn.k_proj.bias", {KD}});
       p.push_back({pre + "self_attn.v_proj.bias", {KD}});
     }
+    if (c.qk_norm) {
+      p.push_back({pre + "self_attn.q_norm.weight", {c.head_dim}});
+      p.push_back({pre + "self_attn.k_norm.weight", {c.head_dim}});
+    }
     p.push_back({pre + "self_attn.o_proj.weight", {H, QD}});
     if (c.o_bias) p.push_back({pre + "self_attn.o_proj.bias", {H}});
     p.push_back({pre + "post_attention_layernorm.weight", {H}});

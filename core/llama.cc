@@ -1,6 +1,7 @@
-// Llama-family forward (Llama, Mistral, Qwen2), following transformers' modeling_llama:
+// Llama-family forward (Llama, Mistral, Qwen2, Qwen3), following transformers' modeling_llama:
 // pre-norm RMSNorm, rotary embeddings (rotate_half layout) with default, linear or llama3
-// frequency scaling, grouped-query attention, SiLU-gated MLP, optional biases.
+// frequency scaling, grouped-query attention, SiLU-gated MLP, optional biases, and Qwen3's
+// per-head RMSNorm of q and k before the rotation (modeling_qwen3).
 #include <cmath>
 
 #include "absl/strings/str_cat.h"
@@ -12,6 +13,7 @@ namespace {
 
 struct LlamaLayer {
   at::Tensor input_norm, post_norm;
+  at::Tensor q_norm, k_norm;  // Qwen3 only: [head_dim].
   at::Tensor q_w, q_b, k_w, k_b, v_w, v_b, o_w, o_b;
   at::Tensor gate_w, gate_b, up_w, up_b, down_w, down_b;
   // --quantize int8 / int8_weight_only: the matrices above as the forward pass reads them instead.
@@ -42,6 +44,8 @@ class Llama final : public CausalLm {
       l.k_b = Get(w, pre + "self_attn.k_proj.bias");
       l.v_w = Get(w, pre + "self_attn.v_proj.weight");
       l.v_b = Get(w, pre + "self_attn.v_proj.bias");
+      l.q_norm = Get(w, pre + "self_attn.q_norm.weight");
+      l.k_norm = Get(w, pre + "self_attn.k_norm.weight");
       l.o_w = Get(w, pre + "self_attn.o_proj.weight");
       l.o_b = Get(w, pre + "self_attn.o_proj.bias");
       l.gate_w = Get(w, pre + "mlp.gate_proj.weight");
@@ -103,6 +107,10 @@ class Llama final : public CausalLm {
                                                    {Projection::kV, &l.v_w, &l.v_i8, &l.v_b}},
                                                   adapters);
       at::Tensor q = std::move(qkv[0]), k = std::move(qkv[1]), v = std::move(qkv[2]);
+      if (c.qk_norm) {
+        q = RmsNorm(q.reshape({n * c.num_heads, c.head_dim}), l.q_norm).view({n, -1});
+        k = RmsNorm(k.reshape({n * c.num_kv_heads, c.head_dim}), l.k_norm).view({n, -1});
+      }
       q = Rotate(q, c.num_heads, cos, sin);
       k = Rotate(k, c.num_kv_heads, cos, sin);
       at::Tensor attn = at::empty({n, c.num_heads * c.head_dim}, x.options());

@@ -129,26 +129,34 @@ absl::Status ParseRope(const json& j, absl::string_view label, ModelConfig& c) {
 absl::Status ParseLlamaFamily(const json& j, absl::string_view label, ModelConfig& c) {
   Fields f(j, label);
   const bool qwen2 = c.architecture_name == "Qwen2ForCausalLM";
+  const bool qwen3 = c.architecture_name == "Qwen3ForCausalLM";
   const bool mistral = c.architecture_name == "MistralForCausalLM";
-  ASSIGN_OR_RETURN(c.vocab_size, f.Int("vocab_size", qwen2 ? 151936 : 32000));
+  // (Defaults: each family's configuration class in transformers.)
+  ASSIGN_OR_RETURN(c.vocab_size, f.Int("vocab_size", qwen2 || qwen3 ? 151936 : 32000));
   ASSIGN_OR_RETURN(c.hidden_size, f.Int("hidden_size", 4096));
   ASSIGN_OR_RETURN(c.intermediate_size,
-                   f.Int("intermediate_size", qwen2 ? 22016 : mistral ? 14336 : 11008));
+                   f.Int("intermediate_size", qwen2 || qwen3 ? 22016 : mistral ? 14336 : 11008));
   ASSIGN_OR_RETURN(c.num_layers, f.Int("num_hidden_layers", 32));
   ASSIGN_OR_RETURN(c.num_heads, f.Int("num_attention_heads", 32));
   ASSIGN_OR_RETURN(c.num_kv_heads,
                    f.Int("num_key_value_heads", mistral ? 8 : c.num_heads));
   ASSIGN_OR_RETURN(c.max_position_embeddings,
-                   f.Int("max_position_embeddings", qwen2 ? 32768 : mistral ? 131072 : 2048));
+                   f.Int("max_position_embeddings", qwen2 || qwen3 ? 32768 : mistral ? 131072 : 2048));
   ASSIGN_OR_RETURN(c.norm_eps, f.Double("rms_norm_eps", 1e-6));
   ASSIGN_OR_RETURN(c.activation, f.String("hidden_act", "silu"));
   if (c.num_heads <= 0) {
     return absl::InvalidArgumentError(absl::StrCat(label, ": num_attention_heads must be > 0"));
   }
-  ASSIGN_OR_RETURN(c.head_dim, f.Int("head_dim", c.hidden_size / c.num_heads));
+  ASSIGN_OR_RETURN(c.head_dim, f.Int("head_dim", qwen3 ? 128 : c.hidden_size / c.num_heads));
   RETURN_IF_ERROR(ParseRope(j, label, c));
-  if (qwen2) {
-    c.qkv_bias = true;
+  if (qwen2 || qwen3) {
+    if (qwen2) {
+      c.qkv_bias = true;
+    } else {
+      ASSIGN_OR_RETURN(bool attention_bias, f.Bool("attention_bias", false));
+      c.qkv_bias = c.o_bias = attention_bias;
+      c.qk_norm = true;
+    }
     ASSIGN_OR_RETURN(bool use_window, f.Bool("use_sliding_window", false));
     if (use_window) {
       ASSIGN_OR_RETURN(c.sliding_window, f.Int("sliding_window", 4096));
@@ -297,7 +305,7 @@ absl::StatusOr<ModelConfig> ModelConfig::FromJson(absl::string_view config_json,
     ASSIGN_OR_RETURN(c.torch_dtype, f.String("dtype", ""));
   }
   if (c.architecture_name == "LlamaForCausalLM" || c.architecture_name == "MistralForCausalLM" ||
-      c.architecture_name == "Qwen2ForCausalLM") {
+      c.architecture_name == "Qwen2ForCausalLM" || c.architecture_name == "Qwen3ForCausalLM") {
     c.architecture = Architecture::kLlama;
     RETURN_IF_ERROR(ParseLlamaFamily(j, label, c));
   } else if (c.architecture_name == "GPT2LMHeadModel") {
@@ -307,7 +315,7 @@ absl::StatusOr<ModelConfig> ModelConfig::FromJson(absl::string_view config_json,
     return absl::UnimplementedError(absl::StrCat(
         label, ": architecture \"", c.architecture_name,
         "\" is not supported (supported: LlamaForCausalLM, MistralForCausalLM, "
-        "Qwen2ForCausalLM, GPT2LMHeadModel)"));
+        "Qwen2ForCausalLM, Qwen3ForCausalLM, GPT2LMHeadModel)"));
   }
   const bool gpt2 = c.architecture == Architecture::kGpt2;
   ASSIGN_OR_RETURN(int64_t bos, f.Int("bos_token_id", gpt2 ? 50256 : -1));

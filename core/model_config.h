@@ -48,8 +48,11 @@ struct ModelConfig {
   // Llama family.
   double rope_theta = 10000.0;
   RopeScaling rope_scaling;
-  bool qkv_bias = false;  // Llama attention_bias, always true for Qwen2.
-  bool o_bias = false;    // Llama attention_bias only.
+  bool qkv_bias = false;  // Llama and Qwen3 attention_bias, always true for Qwen2.
+  bool o_bias = false;    // Llama and Qwen3 attention_bias only.
+  // Qwen3: an RMSNorm over each head of q and k (self_attn.q_norm / k_norm, [head_dim]) after
+  // the projection, before the rotary embedding.
+  bool qk_norm = false;
   bool mlp_bias = false;
   int64_t sliding_window = 0;  // 0 = plain causal attention.
   int64_t first_sliding_layer = 0;  // Layers >= this use the window (Qwen2 max_window_layers).

@@ -140,7 +140,7 @@ TEST_P(ReferenceTest, StepByStepDecodeEqualsFullPrefill) {
 INSTANTIATE_TEST_SUITE_P(
     Fixtures, ReferenceTest,
     ::testing::Combine(::testing::Values("llama_tied", "llama_untied", "qwen2_bias",
-                                         "mistral_window", "gpt2", "gpt2_noprefix",
+                                         "qwen3_qk_norm", "mistral_window", "gpt2", "gpt2_noprefix",
                                          "llama_sharded", "llama_bf16", "llama_f16"),
                        ::testing::Values("none", "avx2", "avx512f")),
     [](const auto& info) {
@@ -406,7 +406,8 @@ TEST_P(KvCacheDtypeTest, HalfPrecisionCacheStaysCloseToTheReference) {
 
 INSTANTIATE_TEST_SUITE_P(
     Fixtures, KvCacheDtypeTest,
-    ::testing::Combine(::testing::Values("llama_tied", "qwen2_bias", "mistral_window", "gpt2"),
+    ::testing::Combine(::testing::Values("llama_tied", "qwen2_bias", "qwen3_qk_norm",
+                                         "mistral_window", "gpt2"),
                        ::testing::Values("none", "avx2"), ::testing::Values("bfloat16", "float16")),
     [](const auto& info) {
       return std::string(std::get<0>(info.param)) + "_" + std::get<1>(info.param) + "_" +

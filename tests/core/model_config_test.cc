@@ -80,6 +80,38 @@ TEST(ModelConfigTest, Qwen2HasQkvBiasAndMistralHasAWindow) {
   EXPECT_EQ(m->num_kv_heads, 8);
 }
 
+// Qwen3 as transformers' Qwen3Config reads it: q_norm/k_norm always, head_dim 128 unless
+// given (not hidden_size / heads), attention_bias on all four attention projections (no
+// default bias, unlike Qwen2), a window only with use_sliding_window, from max_window_layers.
+TEST(ModelConfigTest, Qwen3HasQkNormItsOwnHeadDimAndOptionalBias) {
+  auto q = ModelConfig::FromJson(R"({"architectures":["Qwen3ForCausalLM"],"hidden_size":64,)"
+                                 R"("num_attention_heads":4,"sliding_window":8})",
+                                 "config.json");
+  ASSERT_TRUE(q.ok()) << q.status();
+  EXPECT_TRUE(q->qk_norm);
+  EXPECT_EQ(q->head_dim, 128);
+  EXPECT_FALSE(q->qkv_bias);
+  EXPECT_FALSE(q->o_bias);
+  EXPECT_EQ(q->sliding_window, 0);
+  EXPECT_EQ(q->vocab_size, 151936);
+  auto b = ModelConfig::FromJson(R"({"architectures":["Qwen3ForCausalLM"],"hidden_size":64,)"
+                                 R"("num_attention_heads":4,"head_dim":16,"attention_bias":true,)"
+                                 R"("use_sliding_window":true,"sliding_window":8,)"
+                                 R"("max_window_layers":1,"num_hidden_layers":2})",
+                                 "config.json");
+  ASSERT_TRUE(b.ok()) << b.status();
+  EXPECT_EQ(b->head_dim, 16);
+  EXPECT_TRUE(b->qkv_bias);
+  EXPECT_TRUE(b->o_bias);
+  EXPECT_EQ(b->sliding_window, 8);
+  EXPECT_EQ(b->first_sliding_layer, 1);
+  auto l = ModelConfig::FromJson(R"({"architectures":["LlamaForCausalLM"],"hidden_size":64,)"
+                                 R"("num_attention_heads":4})",
+                                 "config.json");
+  ASSERT_TRUE(l.ok()) << l.status();
+  EXPECT_FALSE(l->qk_norm);
+}
+
 TEST(ModelConfigTest, ReadsV5RopeParameters) {
   auto c = ModelConfig::FromJson(
       R"({"architectures":["LlamaForCausalLM"],"hidden_size":64,"num_attention_heads":4,)"

@@ -66,12 +66,13 @@ def llama_logits(cfg, w, ids, prefix=None, soft=None, kv_dtype=None):
     S = 0 if soft is None else soft.shape[0]
     P = 0 if prefix is None else prefix[0][0].shape[1]
     T = len(ids) + S
-    qwen = cfg["model_type"] == "qwen2"
+    qwen = cfg["model_type"] in ("qwen2", "qwen3")
+    qk_norm = cfg["model_type"] == "qwen3"  # modeling_qwen3: RMSNorm per head of q and k
     window = None
     if cfg["model_type"] == "mistral":
         window = cfg.get("sliding_window", 4096)
     if qwen and cfg.get("use_sliding_window"):
-        raise NotImplementedError("qwen2 sliding window fixture")
+        raise NotImplementedError("qwen sliding window fixture")
 
     def rms(x, weight):
         v = x.pow(2).mean(-1, keepdim=True)
@@ -102,6 +103,9 @@ def llama_logits(cfg, w, ids, prefix=None, soft=None, kv_dtype=None):
         q = lin(h, p + "self_attn.q_proj").view(T, nh, d).transpose(0, 1)
         k = lin(h, p + "self_attn.k_proj").view(T, nkv, d).transpose(0, 1)
         v = lin(h, p + "self_attn.v_proj").view(T, nkv, d).transpose(0, 1)
+        if qk_norm:  # over head_dim, before the rotation
+            q = rms(q, w[p + "self_attn.q_norm.weight"])
+            k = rms(k, w[p + "self_attn.k_norm.weight"])
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
         if kv_dtype is not None:
