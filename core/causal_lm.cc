@@ -61,8 +61,9 @@ at::Tensor WidenedLinear(const at::Tensor& x, const at::Tensor& w, const at::Ten
 
 }  // namespace
 
-at::Tensor LinearForward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b) {
-  at::Tensor y = cpu::Linear(x, w, b);
+at::Tensor LinearForward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
+                         cpu::MatmulPrecision precision) {
+  at::Tensor y = cpu::Linear(x, w, b, precision);
   if (y.defined()) return y;
   if (w.scalar_type() != x.scalar_type()) return WidenedLinear(x, w, b);
   if (x.size(0) != 1) return at::linear(x, w, b);
@@ -71,13 +72,15 @@ at::Tensor LinearForward(const at::Tensor& x, const at::Tensor& w, const at::Ten
   return y.unsqueeze(0);
 }
 
-std::vector<at::Tensor> LinearForwardShared(const at::Tensor& x, const std::vector<const at::Tensor*>& w,
-                                            const std::vector<const at::Tensor*>& b) {
+std::vector<at::Tensor> LinearForwardShared(const at::Tensor& x,
+                                            const std::vector<const at::Tensor*>& w,
+                                            const std::vector<const at::Tensor*>& b,
+                                            cpu::MatmulPrecision precision) {
   std::vector<cpu::LinearMatrix> matrices;
   for (size_t i = 0; i < w.size(); ++i) matrices.push_back({w[i], b[i]});
-  std::vector<at::Tensor> y = cpu::LinearShared(x, matrices);
+  std::vector<at::Tensor> y = cpu::LinearShared(x, matrices, precision);
   if (!y.empty()) return y;
-  for (size_t i = 0; i < w.size(); ++i) y.push_back(LinearForward(x, *w[i], *b[i]));
+  for (size_t i = 0; i < w.size(); ++i) y.push_back(LinearForward(x, *w[i], *b[i], precision));
   return y;
 }
 
@@ -317,12 +320,13 @@ at::Tensor AdapterBatch::Embed(const at::Tensor& table, const at::Tensor& tokens
   return x;
 }
 
-at::Tensor AdapterBatch::OutputLogits(const at::Tensor& x, const at::Tensor& lm_head, int64_t output_layer,
-                                      const std::vector<RowSpan>& rows, bool all_positions,
-                                      const Int8Matrix& lm_head_int8) const {
+at::Tensor AdapterBatch::OutputLogits(const at::Tensor& x, const at::Tensor& lm_head,
+                                      int64_t output_layer, const std::vector<RowSpan>& rows,
+                                      bool all_positions, const Int8Matrix& lm_head_int8,
+                                      cpu::MatmulPrecision precision) const {
   auto base_logits = [&] {
     return (lm_head_int8.defined() ? LinearForward(x, lm_head_int8, at::Tensor())
-                                   : LinearForward(x, lm_head, at::Tensor()))
+                                   : LinearForward(x, lm_head, at::Tensor(), precision))
         .to(at::kFloat);
   };
   // The ranges in rows of `x`: each row's last token when not all_positions.

@@ -16,6 +16,7 @@
 #include <string>
 #include <vector>
 
+#include "core/cpu_kernels.h"
 #include "core/kv_cache.h"
 #include "core/model_config.h"
 
@@ -179,7 +180,8 @@ class AdapterBatch {
   // come from it (an adapter's own lm_head stays in full precision).
   at::Tensor OutputLogits(const at::Tensor& x, const at::Tensor& lm_head, int64_t output_layer,
                           const std::vector<RowSpan>& rows, bool all_positions,
-                          const Int8Matrix& lm_head_int8 = Int8Matrix()) const;
+                          const Int8Matrix& lm_head_int8 = Int8Matrix(),
+                          cpu::MatmulPrecision precision = cpu::MatmulPrecision::kHighest) const;
 
  private:
   std::vector<Range> ranges_;  // Only ranges with an adapter; adjacent equal ones merged.
@@ -205,6 +207,11 @@ class CausalLm {
   // Bytes of attention scores a prefill computes at once: longer prompts go in blocks of
   // queries (at least 16) whose scores fit. Set before the first Forward.
   void set_attention_block_bytes(int64_t bytes) { attention_block_bytes_ = bytes; }
+  // How the base model's matrix products treat bfloat16 weights (`--matmul_precision`, see
+  // cpu::MatmulPrecision); adapters' factors always take kHighest. Llama family only (GPT-2's
+  // Conv1D matrices are float32). Set before the first Forward.
+  cpu::MatmulPrecision matmul_precision() const { return matmul_precision_; }
+  void set_matmul_precision(cpu::MatmulPrecision precision) { matmul_precision_ = precision; }
 
   // What QuantizeInt8() replaced: how many matrices, their bytes as held before, and the
   // int8 copies' bytes (values and scales).
@@ -264,22 +271,27 @@ class CausalLm {
   at::TensorOptions options_;
   at::ScalarType kv_dtype_;
   int64_t attention_block_bytes_ = int64_t{8} << 20;
+  cpu::MatmulPrecision matmul_precision_ = cpu::MatmulPrecision::kHighest;
   std::map<std::string, at::Tensor> weights_;
 };
 
 // y = x·Wᵀ + b for nn.Linear weights W [out, in]. A few rows on the CPU in float32 go through
-// cpu::Linear (weights read once, unpacked, bfloat16/float16 widened in registers); otherwise a single
-// row goes through a matrix-vector product (OpenBLAS streams the weights 2-3x faster that way
-// than through a one-row GEMM) and more rows through at::linear. Weights held in another dtype
-// than x (bfloat16/float16 served in place under float32 activations, `--dtype auto`) that no kernel
-// takes are widened a block of outputs at a time, each block one GEMM: no widened copy of W is
-// ever held whole.
-at::Tensor LinearForward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b);
+// cpu::Linear (weights read once, unpacked, bfloat16/float16 widened in registers); otherwise a
+// single row goes through a matrix-vector product (OpenBLAS streams the weights 2-3x faster that
+// way than through a one-row GEMM) and more rows through at::linear. Weights held in another dtype
+// than x (bfloat16/float16 served in place under float32 activations, `--dtype auto`) that no
+// kernel takes are widened a block of outputs at a time, each block one GEMM: no widened copy of W
+// is ever held whole. `precision`: how cpu::Linear multiplies by bfloat16 weights (the other paths
+// compute at kHighest).
+at::Tensor LinearForward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
+                         cpu::MatmulPrecision precision = cpu::MatmulPrecision::kHighest);
 // LinearForward of one x by several matrices, each with its bias: when the CPU kernel takes
 // them all, one parallel pass for the group (cpu::LinearShared); otherwise one LinearForward
 // each. Either way the same results.
-std::vector<at::Tensor> LinearForwardShared(const at::Tensor& x, const std::vector<const at::Tensor*>& w,
-                                            const std::vector<const at::Tensor*>& b);
+std::vector<at::Tensor> LinearForwardShared(
+    const at::Tensor& x, const std::vector<const at::Tensor*>& w,
+    const std::vector<const at::Tensor*>& b,
+    cpu::MatmulPrecision precision = cpu::MatmulPrecision::kHighest);
 
 // Returns `table`'s rows for `tokens` in `dtype` (an embedding served in place in half precision
 // widens only the rows it looks up).

@@ -36,6 +36,15 @@ bool DetectVnni() {
 #endif
 }
 
+bool DetectBf16Dot() {
+#if defined(ADAPTERD_X86_KERNELS)
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512bf16");
+#else
+  return false;
+#endif
+}
+
 bool HasVnni() {
   static const bool vnni = DetectVnni();
   return vnni;
@@ -189,9 +198,29 @@ struct LinearJob {
 // widths) taken from one parallel pass: a layer's projections of one x (q, k and v, or gate
 // and up) fork and join the threads once. Blocks are numbered job after job, so no task
 // straddles two matrices, and each output is the same sum whichever pass computes it.
-std::vector<at::Tensor> RunLinear(const at::Tensor& x, std::vector<LinearJob> jobs) {
+// `bf16_products`: the bfloat16 matrices take LinearBf16Dot over x rounded once to bfloat16.
+std::vector<at::Tensor> RunLinear(const at::Tensor& x, std::vector<LinearJob> jobs,
+                                  bool bf16_products = false) {
   const int64_t m = x.size(0), k = x.size(1);
   constexpr int64_t kBlock = 48;
+  std::vector<uint16_t> xb;
+  if (bf16_products) {
+    bool any = false;
+    for (const LinearJob& job : jobs) any = any || job.args.w_type == WeightType::kBf16;
+    if (any) {
+      xb.resize(static_cast<size_t>(m * k));
+      const float* xp = x.data_ptr<float>();
+      const int64_t ldx = x.stride(0);
+      ForChunks(m, 16, m * k >= 2 * kParallelWork, [&](int64_t begin, int64_t end) {
+        RoundRowsBf16(xp + begin * ldx, ldx, end - begin, k, xb.data() + begin * k);
+      });
+      for (LinearJob& job : jobs) {
+        if (job.args.w_type != WeightType::kBf16) continue;
+        job.args.xb = xb.data();
+        job.args.ldxb = k;
+      }
+    }
+  }
   std::vector<at::Tensor> ys;
   std::vector<int64_t> first_block;  // Job j's blocks are [first_block[j], first_block[j + 1]).
   int64_t blocks = 0;
@@ -228,7 +257,11 @@ std::vector<at::Tensor> RunLinear(const at::Tensor& x, std::vector<LinearJob> jo
       if (o1 < n) {
         args.w_next = static_cast<const char*>(args.w) + o1 * args.ldw * jobs[j].w->element_size();
       }
-      kernel(args, o0, o1);
+      if (args.xb != nullptr) {
+        LinearBf16Dot(args, o0, o1);
+      } else {
+        kernel(args, o0, o1);
+      }
       block = stop;
     }
   });
@@ -238,11 +271,33 @@ std::vector<at::Tensor> RunLinear(const at::Tensor& x, std::vector<LinearJob> jo
 }  // namespace
 
 at::Tensor Linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b) {
-  std::vector<at::Tensor> y = LinearShared(x, {LinearMatrix{&w, &b}});
+  return Linear(x, w, b, MatmulPrecision::kHighest);
+}
+
+bool MatmulPrecisionFromName(const std::string& name, MatmulPrecision* precision) {
+  if (name == "highest" || name == "high") {
+    *precision = MatmulPrecision::kHighest;
+  } else if (name == "medium") {
+    *precision = MatmulPrecision::kMedium;
+  } else {
+    return false;
+  }
+  return true;
+}
+
+bool Bf16ProductsAvailable() {
+  static const bool has = DetectBf16Dot();
+  return has && SelectedIsa() == Isa::kAvx512;
+}
+
+at::Tensor Linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
+                  MatmulPrecision precision) {
+  std::vector<at::Tensor> y = LinearShared(x, {LinearMatrix{&w, &b}}, precision);
   return y.empty() ? at::Tensor() : y[0];
 }
 
-std::vector<at::Tensor> LinearShared(const at::Tensor& x, const std::vector<LinearMatrix>& matrices) {
+std::vector<at::Tensor> LinearShared(const at::Tensor& x, const std::vector<LinearMatrix>& matrices,
+                                     MatmulPrecision precision) {
   std::vector<LinearJob> jobs;
   for (const LinearMatrix& matrix : matrices) {
     if (!IsCpuMatrix(*matrix.w) || !LinearApplies(x, *matrix.w, *matrix.b)) return {};
@@ -251,7 +306,8 @@ std::vector<at::Tensor> LinearShared(const at::Tensor& x, const std::vector<Line
     jobs.push_back({matrix.w, matrix.b, args});
   }
   if (jobs.empty()) return {};
-  return RunLinear(x, std::move(jobs));
+  return RunLinear(x, std::move(jobs),
+                   precision == MatmulPrecision::kMedium && Bf16ProductsAvailable());
 }
 
 at::Tensor LinearInt8(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scales, const at::Tensor& b) {

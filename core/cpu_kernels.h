@@ -57,6 +57,27 @@ bool IsaFromName(const std::string& name, Isa* isa);
 // bfloat16 or float16 (widened exactly: the result equals the float32 copy's), b float32 contiguous
 // [N]. Returns an undefined tensor otherwise.
 at::Tensor Linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b);
+
+// How Linear() multiplies float32 rows by bfloat16 weights, after the levels of PyTorch's
+// torch.set_float32_matmul_precision:
+//  - kHighest (default): the weights widened exactly, the result the float32 copy's.
+//  - kMedium: where the CPU has AVX-512 BF16 and AVX-512 is selected, each row of x is rounded
+//    to bfloat16 (nearest even) once per call and the exact products of pairs of inputs are
+//    summed into float32 by vdpbf16ps, one instruction per 32 weights instead of three per 16.
+//    The only error beyond kHighest's is x's rounding (at most 2^-8 of each input), which a
+//    model computed in bfloat16 makes too. A row's result still depends only on that row (the
+//    same sums in any batch), but not on kHighest's bits. Elsewhere as kHighest; weights of
+//    other dtypes are unaffected.
+// PyTorch's "high" asks for TF32 or three bfloat16 products where they are fast; no CPU
+// kernel here has them, so it computes as "highest", which PyTorch allows.
+enum class MatmulPrecision { kHighest, kMedium };
+// "highest" and "high" (kHighest) or "medium"; false for any other name.
+bool MatmulPrecisionFromName(const std::string& name, MatmulPrecision* precision);
+// Whether kMedium takes effect now: AVX-512 selected on a CPU with AVX-512 BF16.
+bool Bf16ProductsAvailable();
+// Linear() at `precision`.
+at::Tensor Linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
+                  MatmulPrecision precision);
 // One matrix of LinearShared(): weights and bias as Linear() takes them.
 struct LinearMatrix {
   const at::Tensor* w;
@@ -65,7 +86,8 @@ struct LinearMatrix {
 // Linear() of one x by several matrices (a layer's q, k and v, or gate and up) in one parallel
 // pass: the threads fork and join once for the group instead of once per matrix. Each result
 // equals its own Linear() bit for bit. Empty when the kernel does not take x or any matrix.
-std::vector<at::Tensor> LinearShared(const at::Tensor& x, const std::vector<LinearMatrix>& matrices);
+std::vector<at::Tensor> LinearShared(const at::Tensor& x, const std::vector<LinearMatrix>& matrices,
+                                     MatmulPrecision precision = MatmulPrecision::kHighest);
 
 // Linear() over int8 weights: q [N, K] int8 with K a multiple of 32, scales [N, K / 32] float32
 // (unit inner stride), one per block of 32 inputs. Each weight is widened to float(q)·scale

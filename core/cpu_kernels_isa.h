@@ -39,6 +39,10 @@ struct LinearArgs {
   // kI8: the scales, k / kInt8Block per row of w, rows ld_scales apart.
   const float* w_scales = nullptr;
   int64_t ld_scales = 0;
+  // kBf16 under MatmulPrecision::kMedium (LinearBf16Dot only): x's rows rounded to bfloat16,
+  // ldxb apart.
+  const uint16_t* xb = nullptr;
+  int64_t ldxb = 0;
 };
 
 // y[i, o] += scale·(sum_r t[i, r]·wt[r, o]) for rows i < m and outputs o in [o0, o1): a LoRA
@@ -154,6 +158,17 @@ void W8A8Avx2(const W8A8Args& args, int64_t p0, int64_t p1);
 // panels four at a time).
 inline constexpr int64_t kW8A8WideRows = 4;
 void W8A8Vnni(const W8A8Args& args, int64_t p0, int64_t p1);
+
+// MatmulPrecision::kMedium on a CPU with AVX-512 BF16 (cpu_kernels_bf16.cc). RoundRowsBf16:
+// rows i < m of x (k long, ldx apart) rounded to bfloat16, nearest even, into out [m, k].
+void RoundRowsBf16(const float* x, int64_t ldx, int64_t m, int64_t k, uint16_t* out);
+// LinearArgs over bfloat16 weights with the rows of x given in bfloat16 (xb): each output is
+// one sum in one order whatever the rows of its batch. The k range in vectors of 32, vector c
+// added into chain c % 4 by vdpbf16ps (each lane adds the exact products of two neighbouring
+// inputs), the chains combined as (c0 + c1) + (c2 + c3) and summed across the vector, then
+// the inputs past the last whole vector one by one (exact product, fused add), then bias and
+// scale as LinearAvx512 adds them.
+void LinearBf16Dot(const LinearArgs& args, int64_t n0, int64_t n1);
 
 void LinearAvx512(const LinearArgs& args, int64_t n0, int64_t n1);
 void LinearAvx2(const LinearArgs& args, int64_t n0, int64_t n1);

@@ -8,6 +8,7 @@
 #include <cmath>
 
 #include "absl/container/flat_hash_map.h"
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "core/causal_lm.h"
 #include "core/cpu_kernels.h"
@@ -125,6 +126,12 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Load(const EngineOptions& option
     return absl::InvalidArgumentError(absl::StrCat(
         "kv_cache_dtype must be auto, float32, bfloat16 or float16, got \"", options.kv_cache_dtype, "\""));
   }
+  cpu::MatmulPrecision precision;
+  if (!cpu::MatmulPrecisionFromName(options.matmul_precision, &precision)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("matmul_precision must be highest, high or medium, got \"",
+                     options.matmul_precision, "\""));
+  }
   if (options.attention_block_bytes < 0) {
     return absl::InvalidArgumentError("attention_block_bytes must be 0 (the default) or more");
   }
@@ -140,6 +147,14 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Load(const EngineOptions& option
     case at::kBFloat16: report->kv_cache_dtype = "bfloat16"; break;
     case at::kHalf: report->kv_cache_dtype = "float16"; break;
     default: report->kv_cache_dtype = "float32"; break;
+  }
+  model->set_matmul_precision(precision);
+  report->matmul_precision = options.matmul_precision;
+  if (precision == cpu::MatmulPrecision::kMedium) {
+    report->bf16_products = absl::StrContains(report->weights_dtype, "bfloat16") &&
+                            report->compute_dtype == "float32" && report->quantization == "none" &&
+                            model->config().architecture != Architecture::kGpt2 &&
+                            cpu::Bf16ProductsAvailable();
   }
   if (options.prefix_cache_bytes < 0) {
     return absl::InvalidArgumentError("prefix_cache_bytes must be 0 (off) or more");

@@ -95,6 +95,10 @@ struct EngineOptions {
   // "float32", "bfloat16" or "float16". A half-precision cache holds twice the positions in
   // the same bytes; attention reads it in the compute dtype.
   std::string kv_cache_dtype = "auto";
+  // How the base model multiplies by bfloat16 weights: "highest" (exactly as their float32
+  // copy), "high" (the same here) or "medium" (activations rounded to bfloat16 and AVX-512 BF16
+  // dot products where the CPU has them): see cpu::MatmulPrecision.
+  std::string matmul_precision = "highest";
   // Bytes of prompt keys and values kept for reuse by later requests with the same leading
   // tokens and adapter (core/prefix_cache.h); 0 turns prefix reuse off.
   int64_t prefix_cache_bytes = 0;

@@ -126,7 +126,8 @@ class Llama final : public CausalLm {
     x = FinishRows(x, rows, all_positions);
     x = RmsNorm(x, final_norm_);
     if (adapters != nullptr) {
-      return adapters->OutputLogits(x, lm_head_, OutputLayer(config_), rows, all_positions, lm_head_i8_);
+      return adapters->OutputLogits(x, lm_head_, OutputLayer(config_), rows, all_positions,
+                                    lm_head_i8_, matmul_precision());
     }
     return Linear(x, lm_head_, lm_head_i8_, at::Tensor()).to(at::kFloat);
   }
@@ -171,12 +172,14 @@ class Llama final : public CausalLm {
     return (h * cos.unsqueeze(1) + rotated * sin.unsqueeze(1)).view({n, -1});
   }
 
-  static at::Tensor Linear(const at::Tensor& x, const at::Tensor& w, const Int8Matrix& w8, const at::Tensor& b) {
-    return w8.defined() ? LinearForward(x, w8, b) : LinearForward(x, w, b);
+  at::Tensor Linear(const at::Tensor& x, const at::Tensor& w, const Int8Matrix& w8,
+                    const at::Tensor& b) const {
+    return w8.defined() ? LinearForward(x, w8, b) : LinearForward(x, w, b, matmul_precision());
   }
 
-  static at::Tensor Project(int64_t layer, Projection p, const at::Tensor& x, const at::Tensor& w,
-                            const Int8Matrix& w8, const at::Tensor& b, const AdapterBatch* adapters) {
+  at::Tensor Project(int64_t layer, Projection p, const at::Tensor& x, const at::Tensor& w,
+                     const Int8Matrix& w8, const at::Tensor& b,
+                     const AdapterBatch* adapters) const {
     if (adapters == nullptr) return Linear(x, w, w8, b);
     at::Tensor y = Linear(adapters->ScaleInputs(layer, p, x), w, w8, b);
     adapters->AddDelta(layer, p, x, y);
@@ -193,9 +196,9 @@ class Llama final : public CausalLm {
   // (IA3 on inputs) and the matrices are all int8 or all unquantized, the group goes through
   // LinearForwardShared (one parallel pass; int8: x quantized once); otherwise each takes its
   // own (scaled) input. The adapters' deltas are added after, as Project() does.
-  static std::vector<at::Tensor> ProjectShared(int64_t layer, const at::Tensor& x,
-                                               const std::vector<SharedProjection>& group,
-                                               const AdapterBatch* adapters) {
+  std::vector<at::Tensor> ProjectShared(int64_t layer, const at::Tensor& x,
+                                        const std::vector<SharedProjection>& group,
+                                        const AdapterBatch* adapters) const {
     std::vector<at::Tensor> inputs;
     bool same_input = true, all_int8 = true, no_int8 = true;
     for (const SharedProjection& g : group) {
@@ -214,7 +217,7 @@ class Llama final : public CausalLm {
     } else if (same_input && no_int8) {
       std::vector<const at::Tensor*> w;
       for (const SharedProjection& g : group) w.push_back(g.w);
-      y = LinearForwardShared(x, w, b);
+      y = LinearForwardShared(x, w, b, matmul_precision());
     } else {
       for (size_t i = 0; i < group.size(); ++i) y.push_back(Linear(inputs[i], *group[i].w, *group[i].w8, *group[i].b));
     }

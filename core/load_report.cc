@@ -39,6 +39,8 @@ nlohmann::json LoadReport::ToJson() const {
   j["compute_dtype"] = compute_dtype;
   j["weights_dtype"] = weights_dtype;
   j["kv_cache_dtype"] = kv_cache_dtype;
+  j["matmul_precision"] = matmul_precision.empty() ? std::string("highest") : matmul_precision;
+  j["bf16_products"] = bf16_products;
   j["quantization"] = quantization;
   j["quantized_tensors"] = quantized_tensors;
   j["quantized_source_bytes"] = quantized_source_bytes;
@@ -79,6 +81,15 @@ std::string LoadReport::ToText() const {
                     ")\n");
   }
   if (!kv_cache_dtype.empty()) absl::StrAppend(&out, "kv cache     ", kv_cache_dtype, "\n");
+  if (bf16_products) {
+    absl::StrAppend(
+        &out, "products     bfloat16 (--matmul_precision ", matmul_precision,
+        "): inputs of the bfloat16 matrices rounded to bfloat16, AVX-512 BF16 dot products\n");
+  } else if (!matmul_precision.empty() && matmul_precision != "highest") {
+    absl::StrAppend(
+        &out, "products     float32 (--matmul_precision ", matmul_precision,
+        " computes as highest here: no bfloat16 matrices in float32, or no AVX-512 BF16)\n");
+  }
   for (const std::string& c : conversions) absl::StrAppend(&out, "converted    ", c, "\n");
   for (const TiedPair& t : tied) {
     absl::StrAppend(&out, "tied         ", t.target, " -> ", t.source,

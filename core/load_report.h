@@ -52,6 +52,11 @@ struct LoadReport {
   // float32 activations (--dtype auto).
   std::string weights_dtype;
   std::string kv_cache_dtype;  // The KV cache's dtype (--kv_cache_dtype), e.g. "bfloat16".
+  // --matmul_precision as given ("highest" when empty), and whether bfloat16 products are in
+  // effect: medium, bfloat16 matrices computed in float32, the CPU kernels on a CPU with
+  // AVX-512 BF16 (otherwise medium computes as highest).
+  std::string matmul_precision;
+  bool bf16_products = false;
   // --quantize: "none", "int8" (inputs quantized too) or "int8_weight_only". Otherwise, the matrices quantized (every projection
   // and lm_head), their bytes as held before and the int8 copies' bytes (values and scales).
   std::string quantization = "none";

@@ -28,6 +28,7 @@ core::EngineOptions EngineOptionsFromFlags() {
   o.threads = absl::GetFlag(FLAGS_threads);
   o.cpu_kernels = absl::GetFlag(FLAGS_cpu_kernels);
   o.kv_cache_dtype = absl::GetFlag(FLAGS_kv_cache_dtype);
+  o.matmul_precision = absl::GetFlag(FLAGS_matmul_precision);
   o.map_weights = absl::GetFlag(FLAGS_mmap);
   o.quantize = absl::GetFlag(FLAGS_quantize);
   return o;

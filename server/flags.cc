@@ -23,6 +23,12 @@ ABSL_FLAG(std::string, kv_cache_dtype, "auto",
           "KV cache dtype: auto (the dtype the weights are served in, --dtype; float16 for "
           "float32 weights under --quantize), float32, bfloat16 or float16. A half-precision "
           "cache holds twice the positions in the same --max_kv_bytes.");
+ABSL_FLAG(std::string, matmul_precision, "highest",
+          "How the base model multiplies by bfloat16 weights (torch.set_float32_matmul_precision's "
+          "levels): highest (exactly as their float32 copy), high (the same here) or medium (each "
+          "input rounded to bfloat16 and AVX-512 BF16 dot products, where the CPU has them; faster "
+          "decode, activations rounded as a bfloat16 model rounds them). Adapters stay in full "
+          "precision.");
 ABSL_FLAG(int64_t, prefix_cache_bytes, 0,
           "Bytes of prompt keys and values kept for reuse by later requests that start with the "
           "same 16-token blocks and use the same adapter; 0 turns prefix reuse off.");

@@ -14,6 +14,7 @@ ABSL_DECLARE_FLAG(std::string, dtype);
 ABSL_DECLARE_FLAG(int32_t, threads);
 ABSL_DECLARE_FLAG(std::string, cpu_kernels);
 ABSL_DECLARE_FLAG(std::string, kv_cache_dtype);
+ABSL_DECLARE_FLAG(std::string, matmul_precision);
 ABSL_DECLARE_FLAG(int64_t, prefix_cache_bytes);
 ABSL_DECLARE_FLAG(bool, json);
 ABSL_DECLARE_FLAG(std::string, prompt_ids);

@@ -214,6 +214,7 @@ int RunServe() {
   options.threads = absl::GetFlag(FLAGS_threads);
   options.cpu_kernels = absl::GetFlag(FLAGS_cpu_kernels);
   options.kv_cache_dtype = absl::GetFlag(FLAGS_kv_cache_dtype);
+  options.matmul_precision = absl::GetFlag(FLAGS_matmul_precision);
   options.prefix_cache_bytes = absl::GetFlag(FLAGS_prefix_cache_bytes);
   options.map_weights = absl::GetFlag(FLAGS_mmap);
   options.quantize = absl::GetFlag(FLAGS_quantize);

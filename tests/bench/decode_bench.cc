@@ -1,12 +1,13 @@
 // Benchmark (not a test): single-stream decode speed and cold load time of a model, printed
 // next to the machine's limit — weight bytes read per token over measured memory-copy and
 // read bandwidth — with peak RSS, prompt (prefill) speed and batched decode. Usage:
-//   decode_bench MODEL_DIR [NEW_TOKENS] [THREADS] [CPU_KERNELS] [DTYPE] [PROMPT_TOKENS] [mmap|read] [none|int8|int8_weight_only] [BATCH_ROWS]
+//   decode_bench MODEL_DIR [NEW_TOKENS] [THREADS] [CPU_KERNELS] [DTYPE] [PROMPT_TOKENS] [mmap|read]
+//                [none|int8|int8_weight_only] [BATCH_ROWS] [KV_CACHE_DTYPE] [highest|medium]
 // DTYPE is --dtype (default auto: a BF16 checkpoint's matrices read in place); PROMPT_TOKENS
 // (default 512) is the length of the prompt timed through one whole prefill; `read` loads the
-// weights into private memory (--mmap=false) instead of mapping them; int8 and int8_weight_only are --quantize's;
-// BATCH_ROWS (default 32, 0 for none) is the largest batch of the batched-decode figures (an
-// 8B model takes minutes over all of them).
+// weights into private memory (--mmap=false) instead of mapping them; int8 and int8_weight_only are
+// --quantize's; BATCH_ROWS (default 32, 0 for none) is the largest batch of the batched-decode
+// figures (an 8B model takes minutes over all of them); the last is --matmul_precision.
 #include <algorithm>
 #include <chrono>
 #include <cstdint>
@@ -46,8 +47,11 @@ double CopyBandwidth(int threads) {
 
 int main(int argc, char** argv) {
   if (argc < 2) {
-    std::fprintf(stderr, "usage: %s MODEL_DIR [NEW_TOKENS] [THREADS] [CPU_KERNELS] [DTYPE] [PROMPT_TOKENS] [mmap|read] [none|int8|int8_weight_only] [BATCH_ROWS] [KV_CACHE_DTYPE]\n",
-                 argv[0]);
+    std::fprintf(
+        stderr,
+        "usage: %s MODEL_DIR [NEW_TOKENS] [THREADS] [CPU_KERNELS] [DTYPE] [PROMPT_TOKENS] "
+        "[mmap|read] [none|int8|int8_weight_only] [BATCH_ROWS] [KV_CACHE_DTYPE] [highest|medium]\n",
+        argv[0]);
     return 2;
   }
   const int new_tokens = argc > 2 ? std::atoi(argv[2]) : 64;
@@ -62,6 +66,7 @@ int main(int argc, char** argv) {
   if (argc > 8) options.quantize = argv[8];
   const int max_rows = argc > 9 ? std::atoi(argv[9]) : 32;
   if (argc > 10) options.kv_cache_dtype = argv[10];
+  if (argc > 11) options.matmul_precision = argv[11];
   adapterd::core::LoadReport report;
   auto t0 = std::chrono::steady_clock::now();
   auto engine = adapterd::core::Engine::Load(options, &report);
@@ -86,6 +91,9 @@ int main(int argc, char** argv) {
               report.architecture.c_str(), static_cast<long long>(report.parameter_count), weight_bytes / 1e6,
               report.weights_dtype.c_str(), report.quantization == "int8" ? ", matrices int8 (w8a8)" : report.quantization == "int8_weight_only" ? ", matrices int8, weight-only" : "",
               report.compute_dtype.c_str(), report.kv_cache_dtype.c_str());
+  if (report.bf16_products)
+    std::printf("products         bfloat16 (--matmul_precision %s)\n",
+                report.matmul_precision.c_str());
   std::printf("load             %.3f s (%lld bytes mapped zero-copy, %lld copied)\n", load_s,
               static_cast<long long>(report.bytes_mapped), static_cast<long long>(report.bytes_copied));
 

@@ -102,6 +102,89 @@ TEST_P(LinearTest, HalfPrecisionWeightsEqualTheirFloat32CopiesBitForBit) {
   }
 }
 
+// MatmulPrecision::kMedium over bfloat16 weights (AVX-512 BF16): each output is the product of
+// x rounded to bfloat16 (ATen's own rounding here, nearest even) and the weights, summed in
+// float32. Against that product in double precision the error is the float32 summation's
+// alone: each output passes through at most k / 128 + 40 roundings (its chain's steps, the
+// combining and the vector's sum, the up to 31 inputs past whole vectors, the bias), each
+// at most 2^-24 of the sum of the products' magnitudes (k = 7, 33 and 100 take that tail).
+// Against the unrounded x the
+// error is larger than highest's and within x's rounding, 2^-8 of the same sum (of the
+// unrounded magnitudes: 1.01 times the rounded ones at most). Few rows and
+// many, a row-strided x, a bias; a row's result equals it alone, bit for bit.
+TEST_P(LinearTest, MediumPrecisionSumsBfloat16ProductsOfTheRoundedRows) {
+  const MatmulPrecision medium = MatmulPrecision::kMedium;
+  if (!Bf16ProductsAvailable()) {
+    const at::Tensor x = at::randn({3, 64}), w = at::randn({9, 64}).to(at::kBFloat16), none;
+    EXPECT_TRUE(at::equal(Linear(x, w, none, medium), Linear(x, w, none)));  // As highest.
+    GTEST_SKIP() << "no AVX-512 BF16 selected here: medium computes as highest (checked)";
+  }
+  at::manual_seed(12);
+  for (int64_t m : {1, 3, 4, 17, 60}) {
+    for (int64_t k : {7, 33, 100, 128, 2048, 2100}) {
+      at::Tensor wide = at::randn({m, k + 3});
+      const at::Tensor x = wide.narrow(1, 1, k);
+      const at::Tensor w = at::randn({53, k}).to(at::kBFloat16);
+      const at::Tensor b = at::randn({53});
+      const at::Tensor y = Linear(x, w, b, medium);
+      ASSERT_TRUE(y.defined()) << m << "x" << k;
+      const at::Tensor xr = x.to(at::kBFloat16).to(at::kDouble), wd = w.to(at::kDouble);
+      const at::Tensor want = at::linear(xr, wd, b.to(at::kDouble));
+      const at::Tensor magnitude = at::linear(xr.abs(), wd.abs()) + b.to(at::kDouble).abs();
+      const at::Tensor err = (y.to(at::kDouble) - want).abs();
+      const double sum_bound = (static_cast<double>(k) / 128 + 40) * std::ldexp(1.0, -24);
+      EXPECT_TRUE((err <= sum_bound * magnitude).all().item<bool>())
+          << m << "x" << k << ": worst " << (err / magnitude).max().item<double>()
+          << " of the magnitude";
+      const at::Tensor exact = at::linear(x.to(at::kDouble), wd, b.to(at::kDouble));
+      const at::Tensor highest_err = (Linear(x, w, b).to(at::kDouble) - exact).abs();
+      const at::Tensor medium_err = (y.to(at::kDouble) - exact).abs();
+      EXPECT_TRUE((medium_err <= (std::ldexp(1.01, -8) + sum_bound) * magnitude).all().item<bool>())
+          << m << "x" << k;
+      if (k >= 100) {  // x's rounding shows (few short sums might round alike).
+        EXPECT_GT(medium_err.max().item<double>(), highest_err.max().item<double>())
+            << m << "x" << k;
+      }
+      for (int64_t i = 0; i < m; i += 5) {
+        EXPECT_TRUE(at::equal(y.narrow(0, i, 1), Linear(x.narrow(0, i, 1), w, b, medium)))
+            << m << "x" << k << " row " << i;
+      }
+    }
+  }
+}
+
+// medium changes bfloat16 weights only: float32 and float16 ones give highest's bits, and a
+// group sharing x gives each matrix's own result (x rounded once for all of them).
+TEST_P(LinearTest, MediumPrecisionLeavesOtherDtypesAloneAndSharesItsRounding) {
+  at::manual_seed(13);
+  const at::Tensor x = at::randn({5, 192}), none;
+  const at::Tensor w32 = at::randn({40, 192}), w16 = at::randn({30, 192}).to(at::kHalf);
+  const at::Tensor wb = at::randn({50, 192}).to(at::kBFloat16), b = at::randn({50});
+  const MatmulPrecision medium = MatmulPrecision::kMedium;
+  EXPECT_TRUE(at::equal(Linear(x, w32, none, medium), Linear(x, w32, none)));
+  EXPECT_TRUE(at::equal(Linear(x, w16, none, medium), Linear(x, w16, none)));
+  const std::vector<at::Tensor> group =
+      LinearShared(x, {{&w32, &none}, {&wb, &b}, {&w16, &none}}, medium);
+  ASSERT_EQ(group.size(), 3u);
+  EXPECT_TRUE(at::equal(group[0], Linear(x, w32, none)));
+  EXPECT_TRUE(at::equal(group[1], Linear(x, wb, b, medium)));
+  EXPECT_TRUE(at::equal(group[2], Linear(x, w16, none)));
+  MatmulPrecision p = MatmulPrecision::kMedium;
+  EXPECT_TRUE(MatmulPrecisionFromName("high", &p));
+  EXPECT_EQ(p, MatmulPrecision::kHighest);
+  EXPECT_TRUE(MatmulPrecisionFromName("medium", &p));
+  EXPECT_EQ(p, MatmulPrecision::kMedium);
+  EXPECT_TRUE(MatmulPrecisionFromName("highest", &p));
+  EXPECT_EQ(p, MatmulPrecision::kHighest);
+  EXPECT_FALSE(MatmulPrecisionFromName("low", &p));
+  EXPECT_FALSE(MatmulPrecisionFromName("", &p));
+  // Only AVX-512 (with BF16) runs it: AVX2 selected computes as highest.
+  if (GetParam() == Isa::kAvx2) {
+    EXPECT_FALSE(Bf16ProductsAvailable());
+    EXPECT_TRUE(at::equal(group[1], Linear(x, wb, b)));
+  }
+}
+
 // int8 weights with a scale per block of 32 inputs: each weight is widened to float(q)·scale,
 // so every output equals Linear() over that dequantized float32 matrix (built here by ATen's
 // own int8 → float conversion and product), few rows and many, with a row-strided x.
@@ -909,7 +992,7 @@ TEST(CpuKernelsTest, NoneTurnsTheKernelsOff) {
 
 TEST(CpuKernelsTest, DetectsWhatTheKernelReportsInProcCpuinfo) {
   Isa want = Isa::kNone;
-  bool vnni = false;
+  bool vnni = false, bf16 = false;
 #if defined(__x86_64__)
   std::ifstream in("/proc/cpuinfo");
   std::string line;
@@ -927,6 +1010,7 @@ TEST(CpuKernelsTest, DetectsWhatTheKernelReportsInProcCpuinfo) {
     want = Isa::kAvx2;
   }
   vnni = flags.count("avx512_vnni") && flags.count("avx512vl") && flags.count("avx512bw");
+  bf16 = flags.count("avx512_bf16") > 0;
 #endif
   EXPECT_EQ(IsaName(SupportedIsa()), std::string(IsaName(want)));
   // The w8a8 kernel: vpdpbusd where AVX-512 comes with VNNI, else AVX2's, and the AVX2 one
@@ -934,6 +1018,7 @@ TEST(CpuKernelsTest, DetectsWhatTheKernelReportsInProcCpuinfo) {
   ASSERT_TRUE(SelectIsa(SupportedIsa()));
   const char* w8a8 = want == Isa::kNone ? "none" : want == Isa::kAvx512 && vnni ? "avx512vnni" : "avx2";
   EXPECT_STREQ(W8A8KernelName(), w8a8);
+  EXPECT_EQ(Bf16ProductsAvailable(), want == Isa::kAvx512 && bf16);
   if (want != Isa::kNone) {
     ASSERT_TRUE(SelectIsa(Isa::kAvx2));
     EXPECT_STREQ(W8A8KernelName(), "avx2");
