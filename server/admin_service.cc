@@ -89,6 +89,8 @@ void ToProto(const core::LoadReport& r, v1::ModelLoadReport* out) {
   out->set_quantized_tensors(r.quantized_tensors);
   out->set_quantized_source_bytes(r.quantized_source_bytes);
   out->set_quantized_bytes(r.quantized_bytes);
+  out->set_matmul_precision(r.matmul_precision.empty() ? "highest" : r.matmul_precision);
+  out->set_bf16_products(r.bf16_products);
   out->set_device(r.device);
   for (const auto& c : r.conversions) out->add_conversions(c);
   out->set_load_seconds(r.load_seconds);

@@ -5,11 +5,12 @@
 #include <fstream>
 #include <iostream>
 #include <set>
+#include <sstream>
 #include <thread>
 
 #include "core/tokenizer.h"
-#include "grpcpp/generic/generic_stub.h"
 #include "gmock/gmock.h"
+#include "grpcpp/generic/generic_stub.h"
 #include "gtest/gtest.h"
 #include "tests/e2e/server_process.h"
 
@@ -465,6 +466,8 @@ TEST(E2ePrefixCacheTest, SharedPrefixesAnswerAsWithoutTheCacheAndAreCounted) {
   v1::ModelState state;
   ASSERT_TRUE(cached.Admin()->GetModelState(&ctx, state_req, &state).ok());
   EXPECT_EQ(state.base().kv_cache_dtype(), "float32");
+  EXPECT_EQ(state.base().matmul_precision(), "highest");  // The default.
+  EXPECT_FALSE(state.base().bf16_products());
 }
 
 // A --max_kv_bytes pool of 6 blocks (16 positions of 512 bytes on this fixture) where no two
@@ -517,6 +520,34 @@ TEST(E2eKvPoolTest, ATinyPoolPreemptsAndEveryAnswerStaysTheSame) {
   grpc::Status too_long = Generate(tiny, IdsRequest({1, 2, 3}, "", 100), &refused);
   EXPECT_EQ(too_long.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED);
   EXPECT_THAT(too_long.error_message(), HasSubstr("more than the budget of 49152"));
+}
+
+// --matmul_precision through the server: the model state says the level and whether the
+// bfloat16 products are in effect (they are exactly where the CPU has AVX-512 BF16, as
+// /proc/cpuinfo says), and requests are served (the engine tests check the values).
+TEST(E2eMatmulPrecisionTest, MediumIsReportedAndServes) {
+  bool bf16 = false, avx512 = false;
+  std::ifstream cpuinfo("/proc/cpuinfo");
+  for (std::string line; std::getline(cpuinfo, line);) {
+    if (line.rfind("flags", 0) != 0) continue;
+    std::istringstream words(line);
+    for (std::string w; words >> w;) {
+      bf16 = bf16 || w == "avx512_bf16";
+      avx512 = avx512 || w == "avx512f";
+    }
+    break;
+  }
+  ServerProcess server(Fixture("llama_bf16"), {"--matmul_precision=medium"});
+  ASSERT_TRUE(server.ok()) << server.log();
+  grpc::ClientContext ctx;
+  v1::ModelState state;
+  ASSERT_TRUE(server.Admin()->GetModelState(&ctx, v1::GetModelStateRequest(), &state).ok());
+  EXPECT_EQ(state.base().matmul_precision(), "medium");
+  EXPECT_EQ(state.base().weights_dtype(), "bfloat16");
+  EXPECT_EQ(state.base().bf16_products(), bf16 && avx512);
+  v1::GenerateResponse resp;
+  ASSERT_TRUE(Generate(server, IdsRequest({1, 2, 3, 4}, "", 6), &resp).ok());
+  EXPECT_EQ(resp.tokens_size(), 6);
 }
 
 // --quantize int8 and int8_weight_only through the server: the model state and the info metric
