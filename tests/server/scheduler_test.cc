@@ -38,6 +38,9 @@ struct Recorder {
   std::vector<uint64_t> events;  // The request of every OnTokens call, in order.
   absl::Mutex mu;
   int done = 0;
+  // While set, OnTokens waits, and the scheduler thread with it: requests submitted meanwhile
+  // are all queued when it resumes, however slowly a loaded machine runs the submitting thread.
+  bool hold = false;
 };
 
 class RecordingSink final : public RequestSink {
@@ -45,6 +48,8 @@ class RecordingSink final : public RequestSink {
   RecordingSink(Recorder* r, uint64_t id) : r_(r), id_(id) {}
   void OnTokens(const std::vector<core::StepOutput>& tokens, const std::string&) override {
     absl::MutexLock lock(&r_->mu);
+    r_->mu.Await(absl::Condition(
+        +[](bool* hold) { return !*hold; }, &r_->hold));
     for (const auto& t : tokens) r_->outcomes[id_].tokens.push_back(t.token);
     r_->streaming.insert(id_);
     r_->events.push_back(id_);
@@ -90,6 +95,10 @@ class SchedulerTest : public ::testing::Test {
   void Submit(Scheduler& s, std::unique_ptr<GenerationRequest> r) {
     const uint64_t id = r->id;
     ASSERT_TRUE(s.Submit(std::move(r), std::make_shared<RecordingSink>(&recorder_, id)).ok());
+  }
+  void Hold(bool hold) {
+    absl::MutexLock lock(&recorder_.mu);
+    recorder_.hold = hold;
   }
   void AwaitDone(int n) {
     absl::MutexLock lock(&recorder_.mu);
@@ -243,7 +252,9 @@ TEST_F(SchedulerTest, AdmissionCountsTheBlocksARequestHoldsNotItsLongestLength) 
   SchedulerOptions options;
   options.max_kv_bytes = 8 * BlockBytes(*engine_);
   Scheduler s(*engine_, nullptr, nullptr, options);
+  Hold(true);
   for (uint64_t id = 1; id <= 4; ++id) Submit(s, Request(id, 20, {1, 450, static_cast<int32_t>(4990 + id)}));
+  Hold(false);
   AwaitDone(4);
   for (uint64_t id = 1; id <= 4; ++id) {
     EXPECT_TRUE(Get(id).status.ok()) << id;
@@ -271,7 +282,9 @@ TEST_F(SchedulerTest, AHalfPrecisionKvCacheAdmitsTwiceTheRequests) {
     recorder_.done = 0;
     recorder_.most_streaming = 0;
     Scheduler s(*engine, nullptr, nullptr, options);
+    Hold(true);
     for (uint64_t id = 1; id <= 8; ++id) Submit(s, Request(id, 20));
+    Hold(false);
     AwaitDone(8);
     for (uint64_t id = 1; id <= 8; ++id) {
       EXPECT_TRUE(Get(id).status.ok()) << id;
@@ -430,7 +443,9 @@ TEST_F(SchedulerTest, CachedPrefixBlocksAreNotTakenFromThePoolTwice) {
   ASSERT_EQ(warm.prefix_cache_stats().blocks, 4);
   ASSERT_EQ(warm.CachedPrefixPositions(nullptr, prompt(2)), 64);
   recorder_.most_streaming = 0;
+  Hold(true);
   for (uint64_t id = 2; id <= 5; ++id) Submit(s, Request(id, 20, prompt(static_cast<int32_t>(id))));
+  Hold(false);
   AwaitDone(5);
   for (uint64_t id = 1; id <= 5; ++id) {
     EXPECT_TRUE(Get(id).status.ok()) << id << ": " << Get(id).status;
