@@ -18,12 +18,14 @@ bool Exists(const std::string& path) {
 
 }  // namespace
 
-absl::StatusOr<Checkpoint> Checkpoint::Open(const std::string& dir, SafetensorsFile::Mode mode) {
+absl::StatusOr<Checkpoint> Checkpoint::Open(const std::string& dir, SafetensorsFile::Mode mode,
+                                            bool refresh_small_pages) {
   Checkpoint ckpt;
   const std::string single = dir + "/model.safetensors";
   const std::string index_path = dir + "/model.safetensors.index.json";
   auto add_file = [&](const std::string& path) -> absl::Status {
-    ASSIGN_OR_RETURN(auto file, SafetensorsFile::Open(path, FileRules(), mode));
+    ASSIGN_OR_RETURN(auto file,
+                     SafetensorsFile::Open(path, FileRules(), mode, refresh_small_pages));
     for (const TensorInfo& info : file->tensors()) {
       auto [it, inserted] = ckpt.entries_.emplace(info.name, Entry{file, &info});
       if (!inserted) {

@@ -25,9 +25,11 @@ class Checkpoint {
 
   // Opens the checkpoint in `dir`. A tensor listed in the index but absent from its shard, or
   // present in two files, is an error naming both.
-  // `mode`: map the files (zero copy) or read them into private memory.
-  static absl::StatusOr<Checkpoint> Open(
-      const std::string& dir, SafetensorsFile::Mode mode = SafetensorsFile::Mode::kMap);
+  // `mode`: map the files (zero copy) or read them into private memory;
+  // `refresh_small_pages`: see SafetensorsFile::Open.
+  static absl::StatusOr<Checkpoint> Open(const std::string& dir,
+                                         SafetensorsFile::Mode mode = SafetensorsFile::Mode::kMap,
+                                         bool refresh_small_pages = false);
 
   const std::vector<std::shared_ptr<const SafetensorsFile>>& files() const { return files_; }
   const std::map<std::string, Entry, std::less<>>& entries() const { return entries_; }

@@ -139,6 +139,7 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Load(const EngineOptions& option
   load.device = options.device;
   load.compute_dtype = options.dtype;
   load.map_weights = options.map_weights;
+  load.refresh_small_pages = options.refresh_small_pages;
   load.quantize = options.quantize;
   ASSIGN_OR_RETURN(auto model, LoadModel(options.model_dir, load, report));
   if (!kv_auto) model->set_kv_dtype(kv_dtype);

@@ -90,6 +90,7 @@ struct EngineOptions {
   // supports), "avx512f", "avx2" or "none" (ATen/BLAS only). Process-wide.
   std::string cpu_kernels = "auto";
   bool map_weights = true;  // See LoadOptions::map_weights (core/model_loader.h).
+  bool refresh_small_pages = true;  // See LoadOptions::refresh_small_pages.
   std::string quantize = "none";  // "none" | "int8" | "int8_weight_only": see LoadOptions::quantize.
   // The dtype of the KV cache: "auto" (the dtype the weights are served in, `dtype`),
   // "float32", "bfloat16" or "float16". A half-precision cache holds twice the positions in

@@ -36,6 +36,9 @@ nlohmann::json LoadReport::ToJson() const {
   j["file_bytes_by_dtype"] = file_bytes_by_dtype;
   j["bytes_mapped"] = bytes_mapped;
   j["bytes_copied"] = bytes_copied;
+  j["bytes_files_held"] = bytes_files_held;
+  j["bytes_huge_pages"] = bytes_huge_pages;
+  j["bytes_reread"] = bytes_reread;
   j["compute_dtype"] = compute_dtype;
   j["weights_dtype"] = weights_dtype;
   j["kv_cache_dtype"] = kv_cache_dtype;
@@ -65,6 +68,18 @@ std::string LoadReport::ToText() const {
   }
   absl::StrAppend(&out, "memory       ", bytes_mapped, " bytes mapped zero-copy, ", bytes_copied,
                   " bytes copied\n");
+  if (bytes_files_held > 0) {
+    absl::StrAppend(
+        &out, "pages        ", bytes_huge_pages, " of the weight files' ", bytes_files_held,
+        " bytes in 2 MiB pages",
+        absl::StrFormat(" (%.0f%%", 100.0 * static_cast<double>(bytes_huge_pages) /
+                                        static_cast<double>(bytes_files_held)),
+        bytes_reread > 0
+            ? absl::StrCat("; ", bytes_reread,
+                           " bytes held in small pages by the page cache were read again")
+            : "",
+        ")\n");
+  }
   absl::StrAppend(&out, "compute      ", compute_dtype, " on ", device, "\n");
   const bool quantized = quantization != "none" && !quantization.empty();
   if (!weights_dtype.empty() && weights_dtype != compute_dtype) {

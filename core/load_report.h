@@ -47,6 +47,14 @@ struct LoadReport {
   std::map<std::string, int64_t> file_bytes_by_dtype;  // As stored, e.g. {"BF16": 123}.
   int64_t bytes_mapped = 0;  // Served zero-copy from the memory map.
   int64_t bytes_copied = 0;  // Converted or copied (dtype, alignment or device).
+  // Of the weight files' images (mapped, or read into private memory with --mmap=false), the
+  // bytes held and those the process maps with 2 MiB pages at the end of the load (a decode
+  // step streams every weight: 4 KiB pages cost it page-table walks from memory).
+  int64_t bytes_files_held = 0;
+  int64_t bytes_huge_pages = 0;
+  // Of the mapped files, the bytes dropped from the page cache (held there in small folios) and
+  // read again to get 2 MiB pages (--mmap_refresh_small_pages).
+  int64_t bytes_reread = 0;
   std::string compute_dtype;  // Of the activations: "float32", "bfloat16" or "float16".
   // Of the weight matrices: the compute dtype, or "bfloat16" when served in place under
   // float32 activations (--dtype auto).

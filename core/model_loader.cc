@@ -229,8 +229,10 @@ absl::StatusOr<std::unique_ptr<CausalLm>> LoadModel(const std::string& dir,
   report->model_type = config.model_type;
   report->name_or_path = config.name_or_path;
   ASSIGN_OR_RETURN(Checkpoint ckpt,
-                   Checkpoint::Open(dir, options.map_weights ? SafetensorsFile::Mode::kMapGuarded
-                                                             : SafetensorsFile::Mode::kRead));
+                   Checkpoint::Open(dir,
+                                    options.map_weights ? SafetensorsFile::Mode::kMapGuarded
+                                                        : SafetensorsFile::Mode::kRead,
+                                    options.refresh_small_pages));
   for (const auto& f : ckpt.files()) {
     report->files.push_back(f->path());
     for (const TensorInfo& t : f->tensors()) {
@@ -415,6 +417,12 @@ absl::StatusOr<std::unique_ptr<CausalLm>> LoadModel(const std::string& dir,
     report->quantized_tensors = summary.matrices;
     report->quantized_source_bytes = summary.source_bytes;
     report->quantized_bytes = summary.bytes;
+  }
+  // Counted last: the scan above touched every weight, and quantizing gave pages back.
+  for (const auto& f : ckpt.files()) {
+    report->bytes_files_held += static_cast<int64_t>(f->file_size());
+    report->bytes_huge_pages += static_cast<int64_t>(f->HugePageBytes());
+    report->bytes_reread += static_cast<int64_t>(f->reread_bytes());
   }
   finish();
   return model;

@@ -28,6 +28,10 @@ struct LoadOptions {
   // Map the weight files (zero copy; update them only by atomic rename while serving), or
   // read them into private memory (immune to any later change of the files).
   bool map_weights = true;
+  // With map_weights: when the page cache holds a weight file in small folios (just written or
+  // copied), so that under half of it would be mapped with 2 MiB pages, drop it from the cache
+  // and read it again in 2 MiB folios (SafetensorsFile::Open). Costs one read of that file.
+  bool refresh_small_pages = true;
   // "none" | "int8" | "int8_weight_only" ("w8a8": "int8"): serve every projection matrix and
   // lm_head of a Llama-family model as int8 (CausalLm::QuantizeInt8), quantized here from the
   // loaded weights; int8 quantizes each projection's input rows too and sums the products in

@@ -9,11 +9,18 @@
 #include <array>
 #include <cerrno>
 #include <cstring>
+#include <fstream>
+#include <iterator>
+#include <optional>
 #include <set>
+#include <sstream>
 #include <utility>
 
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "absl/strings/str_split.h"
+#include "absl/strings/strip.h"
 #include "core/mapped_file_guard.h"
 #include "core/status_macros.h"
 #include "nlohmann/json.hpp"
@@ -191,8 +198,59 @@ absl::StatusOr<SafetensorsHeader> ParseSafetensorsHeader(const uint8_t* data, si
   return header;
 }
 
+namespace {
+
+// The bytes of [p, p + size) this process maps with 2 MiB pages now (0 without /proc).
+uint64_t MappedHugePageBytes(const void* p, uint64_t size) {
+  std::ifstream in("/proc/self/smaps");
+  if (!in) return 0;
+  std::ostringstream text;
+  text << in.rdbuf();
+  const auto begin = reinterpret_cast<uintptr_t>(p);
+  return HugePageBytesInSmaps(text.str(), begin, begin + size);
+}
+
+// Whether transparent huge pages are on at all ("always" or "madvise", not "[never]").
+bool TransparentHugePagesOn() {
+  std::ifstream in("/sys/kernel/mm/transparent_hugepage/enabled");
+  std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  return !text.empty() && text.find("[never]") == std::string::npos;
+}
+
+// Faults every page of the mapping [p, p + size) in, in the kernel (so a file shrunk meanwhile
+// gives an error here rather than SIGBUS), and returns the bytes it maps with 2 MiB pages, or
+// nullopt when the kernel cannot populate (before Linux 5.14) or the file shrank.
+std::optional<uint64_t> PopulateAndCountHugePages(void* p, uint64_t size) {
+  if (::madvise(p, size, MADV_POPULATE_READ) != 0) return std::nullopt;
+  return MappedHugePageBytes(p, size);
+}
+
+// Drops the first 2 MiB of the file `fd` (of at least that size, unmapped here) from the page
+// cache, maps them alone at a 2 MiB boundary under MADV_HUGEPAGE and faults them in: whether
+// the kernel read them into one 2 MiB page. Pages another process maps are not dropped, and
+// then this says no.
+bool RereadsInHugePages(int fd) {
+  constexpr uint64_t kHuge = uint64_t{2} << 20;
+  void* reserve =
+      ::mmap(nullptr, 2 * kHuge, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  if (reserve == MAP_FAILED) return false;
+  const auto aligned = (reinterpret_cast<uintptr_t>(reserve) + kHuge - 1) & ~(kHuge - 1);
+  (void)::posix_fadvise(fd, 0, static_cast<off_t>(kHuge), POSIX_FADV_DONTNEED);
+  void* probe =
+      ::mmap(reinterpret_cast<void*>(aligned), kHuge, PROT_READ, MAP_PRIVATE | MAP_FIXED, fd, 0);
+  bool huge = false;
+  if (probe != MAP_FAILED) {
+    (void)::madvise(probe, kHuge, MADV_HUGEPAGE);
+    huge = PopulateAndCountHugePages(probe, kHuge).value_or(0) == kHuge;
+  }
+  ::munmap(reserve, 2 * kHuge);  // The probe too: it replaced part of the reservation.
+  return huge;
+}
+
+}  // namespace
+
 absl::StatusOr<std::shared_ptr<const SafetensorsFile>> SafetensorsFile::Open(
-    const std::string& path, const FileRules& rules, Mode mode) {
+    const std::string& path, const FileRules& rules, Mode mode, bool refresh_small_pages) {
   ASSIGN_OR_RETURN(const int fd, OpenRegularFile(path, rules));
   struct stat st {};
   if (::fstat(fd, &st) != 0) {
@@ -201,22 +259,51 @@ absl::StatusOr<std::shared_ptr<const SafetensorsFile>> SafetensorsFile::Open(
   }
   const uint64_t size = static_cast<uint64_t>(st.st_size);
   const uint8_t* base = nullptr;
+  uint64_t reread = 0;
+  auto mmap_failed = [&] {
+    const int err = errno;
+    ::close(fd);
+    return absl::ResourceExhaustedError(absl::StrCat(path, ": mmap failed: ", std::strerror(err)));
+  };
   if (size > 0) {
     void* p = mode != Mode::kRead
                   ? ::mmap(nullptr, size, PROT_READ, MAP_PRIVATE, fd, 0)
                   : ::mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    if (p == MAP_FAILED) {
-      int err = errno;
-      ::close(fd);
-      return absl::ResourceExhaustedError(
-          absl::StrCat(path, ": mmap failed: ", std::strerror(err)));
-    }
+    if (p == MAP_FAILED) return mmap_failed();
     base = static_cast<const uint8_t*>(p);
+    // Transparent huge pages where the kernel grants them (THP "madvise" or "always"): a decode
+    // step streams every weight, and with 4 KiB pages a large model's page tables no longer fit
+    // the caches, so each page's first touch costs a table walk from memory. On a mapping the
+    // advice makes the kernel read what is not cached yet in 2 MiB folios and map cached 2 MiB
+    // folios whole (kernels whose filesystem has large folios, e.g. ext4 from 6.16 on; others
+    // ignore it for files).
+    (void)::madvise(p, size, MADV_HUGEPAGE);
+    if (mode != Mode::kRead && refresh_small_pages && TransparentHugePagesOn()) {
+      // Folios already in the page cache keep their size: a file just written or copied sits
+      // there in small ones and gets mapped with 4 KiB pages. When under half of the mapping's
+      // whole 2 MiB extents come out huge, and the kernel reads this file's first 2 MiB anew
+      // into one 2 MiB page (on kernels whose filesystem has no large folios it cannot, and a
+      // whole re-read would be wasted), drop the file's clean unmapped pages from the cache
+      // (written back first) and map it again, so the kernel reads it anew in 2 MiB folios.
+      constexpr uint64_t kHuge = uint64_t{2} << 20;
+      const auto at = reinterpret_cast<uintptr_t>(p);
+      const uint64_t first = (at + kHuge - 1) & ~(kHuge - 1), last = (at + size) & ~(kHuge - 1);
+      const uint64_t extents = last > first ? last - first : 0;
+      const std::optional<uint64_t> huge = PopulateAndCountHugePages(p, size);
+      if (extents > 0 && huge.has_value() && *huge < extents / 2) {
+        ::munmap(p, size);
+        (void)::fdatasync(fd);
+        const bool whole = RereadsInHugePages(fd);
+        if (whole) (void)::posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED);
+        p = ::mmap(nullptr, size, PROT_READ, MAP_PRIVATE, fd, 0);
+        if (p == MAP_FAILED) return mmap_failed();
+        base = static_cast<const uint8_t*>(p);
+        (void)::madvise(p, size, MADV_HUGEPAGE);
+        (void)::madvise(p, size, MADV_POPULATE_READ);
+        if (whole) reread = size;
+      }
+    }
     if (mode == Mode::kRead) {
-      // Transparent huge pages where the kernel grants them (THP "madvise" or "always"): a decode
-      // step streams every weight, and with 4 KiB pages a large model's page tables no longer fit
-      // the caches, so each page's first touch costs a table walk from memory.
-      (void)::madvise(p, size, MADV_HUGEPAGE);
       uint64_t done = 0;
       while (done < size) {
         const ssize_t n = ::pread(fd, static_cast<uint8_t*>(p) + done, size - done,
@@ -248,7 +335,41 @@ absl::StatusOr<std::shared_ptr<const SafetensorsFile>> SafetensorsFile::Open(
   }
   auto file = std::shared_ptr<SafetensorsFile>(new SafetensorsFile(path, base, size, std::move(*header)));
   file->mapped_ = mode != Mode::kRead;
+  file->reread_bytes_ = reread;
   return std::shared_ptr<const SafetensorsFile>(std::move(file));
+}
+
+uint64_t HugePageBytesInSmaps(absl::string_view smaps, uintptr_t begin, uintptr_t end) {
+  uint64_t total = 0;
+  uint64_t overlap = 0;  // Of the current mapping with [begin, end); 0 outside it.
+  for (absl::string_view line : absl::StrSplit(smaps, '\n')) {
+    const size_t dash = line.find('-');
+    const size_t space = line.find(' ');
+    uint64_t first = 0, last = 0;
+    if (dash != absl::string_view::npos && space != absl::string_view::npos && dash < space &&
+        absl::SimpleHexAtoi(line.substr(0, dash), &first) &&
+        absl::SimpleHexAtoi(line.substr(dash + 1, space - dash - 1), &last)) {
+      // A mapping's first line: "start-end perms offset dev inode path".
+      const uint64_t lo = std::max<uint64_t>(first, begin), hi = std::min<uint64_t>(last, end);
+      overlap = hi > lo ? hi - lo : 0;
+      continue;
+    }
+    if (overlap == 0) continue;
+    if (!absl::ConsumePrefix(&line, "FilePmdMapped:") &&
+        !absl::ConsumePrefix(&line, "AnonHugePages:")) {
+      continue;
+    }
+    line = absl::StripAsciiWhitespace(line);
+    if (!absl::ConsumeSuffix(&line, "kB")) continue;
+    uint64_t kb = 0;
+    if (absl::SimpleAtoi(absl::StripAsciiWhitespace(line), &kb))
+      total += std::min(kb * 1024, overlap);
+  }
+  return total;
+}
+
+uint64_t SafetensorsFile::HugePageBytes() const {
+  return base_ == nullptr ? 0 : MappedHugePageBytes(base_, size_);
 }
 
 SafetensorsFile::SafetensorsFile(std::string path, const uint8_t* base, uint64_t size,

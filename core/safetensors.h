@@ -63,6 +63,11 @@ inline constexpr uint64_t kMaxSafetensorsHeaderBytes = 100'000'000;
 absl::StatusOr<SafetensorsHeader> ParseSafetensorsHeader(const uint8_t* data, size_t size,
                                                          absl::string_view label);
 
+// Of `smaps` (the text of /proc/<pid>/smaps), the PMD-mapped bytes (FilePmdMapped and
+// AnonHugePages) of the mappings inside [begin, end); a mapping that only overlaps the range
+// counts at most its overlap.
+uint64_t HugePageBytesInSmaps(absl::string_view smaps, uintptr_t begin, uintptr_t end);
+
 class SafetensorsFile {
  public:
   // How the bytes are held: mapped from the file (zero copy; the file must not change
@@ -71,8 +76,12 @@ class SafetensorsFile {
   // (core/mapped_file_guard.h): for files that stay mapped while serving.
   enum class Mode { kMap, kMapGuarded, kRead };
   // Opens `path` (a regular file, within `rules`) and validates its header.
+  // `refresh_small_pages` (mapped modes): fault the whole file in at once, and when the page
+  // cache holds it in small folios, so that under half of it would be mapped with 2 MiB pages,
+  // drop its cached pages and read it again (see reread_bytes()).
   static absl::StatusOr<std::shared_ptr<const SafetensorsFile>> Open(
-      const std::string& path, const FileRules& rules = FileRules(), Mode mode = Mode::kMap);
+      const std::string& path, const FileRules& rules = FileRules(), Mode mode = Mode::kMap,
+      bool refresh_small_pages = false);
 
   ~SafetensorsFile();
   SafetensorsFile(const SafetensorsFile&) = delete;
@@ -86,6 +95,13 @@ class SafetensorsFile {
   // kMapGuarded) rather than private memory (kRead).
   const uint8_t* base() const { return base_; }
   bool mapped() const { return mapped_; }
+  // Bytes of the file's image this process maps with PMD-sized (2 MiB) pages now: the
+  // FilePmdMapped of a mapping, the AnonHugePages of private memory, from /proc/self/smaps. 0
+  // where the kernel maps none (or has no /proc).
+  uint64_t HugePageBytes() const;
+  // The bytes Open dropped from the page cache and read again for 2 MiB pages (the file's
+  // size, or 0).
+  uint64_t reread_bytes() const { return reread_bytes_; }
 
   // Returns the tensor named `name`, or null.
   const TensorInfo* Find(absl::string_view name) const;
@@ -101,6 +117,7 @@ class SafetensorsFile {
   const uint8_t* base_;
   uint64_t size_;
   bool mapped_ = false;
+  uint64_t reread_bytes_ = 0;
   SafetensorsHeader header_;
   std::map<std::string, size_t, std::less<>> index_;
 };

@@ -82,6 +82,9 @@ void ToProto(const core::LoadReport& r, v1::ModelLoadReport* out) {
   for (const auto& [k, v] : r.file_bytes_by_dtype) (*out->mutable_file_bytes_by_dtype())[k] = v;
   out->set_bytes_mapped(r.bytes_mapped);
   out->set_bytes_copied(r.bytes_copied);
+  out->set_bytes_files_held(r.bytes_files_held);
+  out->set_bytes_huge_pages(r.bytes_huge_pages);
+  out->set_bytes_reread(r.bytes_reread);
   out->set_compute_dtype(r.compute_dtype);
   out->set_kv_cache_dtype(r.kv_cache_dtype);
   out->set_weights_dtype(r.weights_dtype);

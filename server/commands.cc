@@ -30,6 +30,7 @@ core::EngineOptions EngineOptionsFromFlags() {
   o.kv_cache_dtype = absl::GetFlag(FLAGS_kv_cache_dtype);
   o.matmul_precision = absl::GetFlag(FLAGS_matmul_precision);
   o.map_weights = absl::GetFlag(FLAGS_mmap);
+  o.refresh_small_pages = absl::GetFlag(FLAGS_mmap_refresh_small_pages);
   o.quantize = absl::GetFlag(FLAGS_quantize);
   return o;
 }

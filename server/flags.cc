@@ -111,6 +111,11 @@ ABSL_FLAG(std::string, quantize, "none",
           "slightly more exact). Needs --dtype auto or float32.");
 ABSL_FLAG(bool, mmap, true,
           "Map the model's weight files (zero copy); false reads them into private memory.");
+ABSL_FLAG(bool, mmap_refresh_small_pages, true,
+          "With --mmap: a weight file the page cache holds in small pages (just written or "
+          "copied), so that under half of it would be mapped with 2 MiB pages, is dropped from the "
+          "cache and read again at load, in 2 MiB pages (a decode step streams every weight). "
+          "Costs one read of that file; the load report says how much was read again.");
 ABSL_FLAG(std::string, messages_json, "",
           "File with a JSON list of chat messages to render (chat-template).");
 ABSL_FLAG(bool, add_generation_prompt, false,

@@ -61,6 +61,7 @@ ABSL_DECLARE_FLAG(std::string, tls_client_ca);
 ABSL_DECLARE_FLAG(int32_t, tls_reload_interval_s);
 ABSL_DECLARE_FLAG(double, adapter_load_timeout_s);
 ABSL_DECLARE_FLAG(bool, mmap);
+ABSL_DECLARE_FLAG(bool, mmap_refresh_small_pages);
 ABSL_DECLARE_FLAG(std::string, quantize);
 ABSL_DECLARE_FLAG(std::string, messages_json);
 ABSL_DECLARE_FLAG(std::string, http_listen);

@@ -217,6 +217,7 @@ int RunServe() {
   options.matmul_precision = absl::GetFlag(FLAGS_matmul_precision);
   options.prefix_cache_bytes = absl::GetFlag(FLAGS_prefix_cache_bytes);
   options.map_weights = absl::GetFlag(FLAGS_mmap);
+  options.refresh_small_pages = absl::GetFlag(FLAGS_mmap_refresh_small_pages);
   options.quantize = absl::GetFlag(FLAGS_quantize);
   core::SetMappedFileNoticeHandler([](const std::string& line) { spdlog::warn("{}", line); });
   core::LoadReport report;

@@ -1,13 +1,16 @@
 // Benchmark (not a test): single-stream decode speed and cold load time of a model, printed
 // next to the machine's limit — weight bytes read per token over measured memory-copy and
 // read bandwidth — with peak RSS, prompt (prefill) speed and batched decode. Usage:
-//   decode_bench MODEL_DIR [NEW_TOKENS] [THREADS] [CPU_KERNELS] [DTYPE] [PROMPT_TOKENS] [mmap|read]
+//   decode_bench MODEL_DIR [NEW_TOKENS] [THREADS] [CPU_KERNELS] [DTYPE] [PROMPT_TOKENS]
+//   [mmap|mmap_keep|read]
 //                [none|int8|int8_weight_only] [BATCH_ROWS] [KV_CACHE_DTYPE] [highest|medium]
 // DTYPE is --dtype (default auto: a BF16 checkpoint's matrices read in place); PROMPT_TOKENS
 // (default 512) is the length of the prompt timed through one whole prefill; `read` loads the
-// weights into private memory (--mmap=false) instead of mapping them; int8 and int8_weight_only are
-// --quantize's; BATCH_ROWS (default 32, 0 for none) is the largest batch of the batched-decode
-// figures (an 8B model takes minutes over all of them); the last is --matmul_precision.
+// weights into private memory (--mmap=false) instead of mapping them, `mmap_keep` maps them
+// without re-reading files the page cache holds in small pages
+// (--mmap_refresh_small_pages=false); int8 and int8_weight_only are --quantize's; BATCH_ROWS
+// (default 32, 0 for none) is the largest batch of the batched-decode figures (an 8B model takes
+// minutes over all of them); the last is --matmul_precision.
 #include <algorithm>
 #include <chrono>
 #include <cstdint>
@@ -47,11 +50,11 @@ double CopyBandwidth(int threads) {
 
 int main(int argc, char** argv) {
   if (argc < 2) {
-    std::fprintf(
-        stderr,
-        "usage: %s MODEL_DIR [NEW_TOKENS] [THREADS] [CPU_KERNELS] [DTYPE] [PROMPT_TOKENS] "
-        "[mmap|read] [none|int8|int8_weight_only] [BATCH_ROWS] [KV_CACHE_DTYPE] [highest|medium]\n",
-        argv[0]);
+    std::fprintf(stderr,
+                 "usage: %s MODEL_DIR [NEW_TOKENS] [THREADS] [CPU_KERNELS] [DTYPE] [PROMPT_TOKENS] "
+                 "[mmap|mmap_keep|read] [none|int8|int8_weight_only] [BATCH_ROWS] [KV_CACHE_DTYPE] "
+                 "[highest|medium]\n",
+                 argv[0]);
     return 2;
   }
   const int new_tokens = argc > 2 ? std::atoi(argv[2]) : 64;
@@ -63,6 +66,7 @@ int main(int argc, char** argv) {
   if (argc > 5) options.dtype = argv[5];
   const int prompt_tokens = argc > 6 ? std::atoi(argv[6]) : 512;
   if (argc > 7) options.map_weights = std::strcmp(argv[7], "read") != 0;
+  if (argc > 7) options.refresh_small_pages = std::strcmp(argv[7], "mmap_keep") != 0;
   if (argc > 8) options.quantize = argv[8];
   const int max_rows = argc > 9 ? std::atoi(argv[9]) : 32;
   if (argc > 10) options.kv_cache_dtype = argv[10];
@@ -96,6 +100,10 @@ int main(int argc, char** argv) {
                 report.matmul_precision.c_str());
   std::printf("load             %.3f s (%lld bytes mapped zero-copy, %lld copied)\n", load_s,
               static_cast<long long>(report.bytes_mapped), static_cast<long long>(report.bytes_copied));
+  std::printf(
+      "pages            %lld of the files' %lld bytes in 2 MiB pages (%lld read again for them)\n",
+      static_cast<long long>(report.bytes_huge_pages),
+      static_cast<long long>(report.bytes_files_held), static_cast<long long>(report.bytes_reread));
 
   std::vector<int32_t> prompt;
   for (int i = 0; i < 16; ++i) prompt.push_back(100 + 37 * i);

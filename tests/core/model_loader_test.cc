@@ -2,6 +2,7 @@
 
 #include <cmath>
 #include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <utility>
 #include <vector>
@@ -66,6 +67,25 @@ TEST(ModelLoaderTest, F32CheckpointIsServedZeroCopyFromTheMapping) {
   EXPECT_EQ(l.report.bytes_copied, 0);
   EXPECT_EQ(l.report.bytes_mapped, l.report.file_bytes_by_dtype.at("F32"));
   EXPECT_TRUE(l.report.conversions.empty());
+}
+
+// The files held are the checkpoint's, by size; of them, no more than their size is in 2 MiB
+// pages or read again, and nothing is read again when the files are not mapped.
+TEST(ModelLoaderTest, ReportCountsTheWeightFilesAndTheirPages) {
+  for (bool map : {true, false}) {
+    LoadOptions o;
+    o.map_weights = map;
+    Loaded l = Load("llama_tied", o);
+    ASSERT_TRUE(l.model.ok()) << l.model.status();
+    const auto size = static_cast<int64_t>(
+        std::filesystem::file_size(testing::Fixture("llama_tied") + "/model.safetensors"));
+    EXPECT_EQ(l.report.bytes_files_held, size) << map;
+    EXPECT_GE(l.report.bytes_huge_pages, 0) << map;
+    EXPECT_LE(l.report.bytes_huge_pages, size) << map;
+    EXPECT_TRUE(l.report.bytes_reread == 0 || (map && l.report.bytes_reread == size)) << map;
+    EXPECT_THAT(l.report.ToText(),
+                HasSubstr(absl::StrCat(" of the weight files' ", size, " bytes in 2 MiB pages")));
+  }
 }
 
 TEST(ModelLoaderTest, TyingIsIdempotent) {
@@ -481,6 +501,9 @@ TEST(ModelLoaderTest, ReportJsonCarriesTheSameFacts) {
   EXPECT_EQ(j["parameter_count"], l.report.parameter_count);
   EXPECT_EQ(j["declared_parameters"], l.report.declared_parameters);
   EXPECT_EQ(j["bytes_mapped"], l.report.bytes_mapped);
+  EXPECT_EQ(j["bytes_files_held"], l.report.bytes_files_held);
+  EXPECT_EQ(j["bytes_huge_pages"], l.report.bytes_huge_pages);
+  EXPECT_EQ(j["bytes_reread"], l.report.bytes_reread);
   EXPECT_THAT(l.report.ToText(), HasSubstr("lm_head.weight -> model.embed_tokens.weight"));
 }
 

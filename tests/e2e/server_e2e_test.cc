@@ -468,6 +468,12 @@ TEST(E2ePrefixCacheTest, SharedPrefixesAnswerAsWithoutTheCacheAndAreCounted) {
   EXPECT_EQ(state.base().kv_cache_dtype(), "float32");
   EXPECT_EQ(state.base().matmul_precision(), "highest");  // The default.
   EXPECT_FALSE(state.base().bf16_products());
+  // The one weight file's size, and of it no more than that in 2 MiB pages.
+  const auto file_bytes =
+      static_cast<int64_t>(std::filesystem::file_size(Model() + "/model.safetensors"));
+  EXPECT_EQ(state.base().bytes_files_held(), file_bytes);
+  EXPECT_LE(state.base().bytes_huge_pages(), file_bytes);
+  EXPECT_LE(state.base().bytes_reread(), file_bytes);
 }
 
 // A --max_kv_bytes pool of 6 blocks (16 positions of 512 bytes on this fixture) where no two
