@@ -450,8 +450,8 @@ TEST(MatmulPrecisionTest, MediumStaysCloseToTheReferenceOnBfloat16Weights) {
     EXPECT_THAT(report.ToText(), HasSubstr("computes as highest here"));
     auto logits = engine.PromptLogits(prompt);
     ASSERT_TRUE(logits.ok());
-    EXPECT_EQ(*logits, *exact);
-    GTEST_SKIP() << "no AVX-512 BF16 here: medium computes as highest (checked)";
+    EXPECT_EQ(*logits, *exact);  // No AVX-512 BF16 here: medium computes as highest.
+    return;
   }
   EXPECT_TRUE(report.bf16_products);
   EXPECT_THAT(report.ToText(), HasSubstr("products     bfloat16 (--matmul_precision medium)"));
