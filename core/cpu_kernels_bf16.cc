@@ -72,11 +72,13 @@ void DotOneRow(const LinearArgs& a, int64_t n0, int64_t n1) {
   const int64_t kv = a.k - a.k % kDot;
   constexpr int64_t kStep = kDotChains * kDot;
   const int64_t kq = kv - kv % kStep;
+  const StreamAhead ahead(a, n1, sizeof(uint16_t));
   for (int64_t n = n0; n < n1; ++n) {
     const uint16_t* wr = w + n * a.ldw;
     __m512 c0 = _mm512_setzero_ps(), c1 = c0, c2 = c0, c3 = c0;
     int64_t k = 0;
     for (; k < kq; k += kStep) {
+      ahead.Step(wr + k, kStep * sizeof(uint16_t));
       c0 = Dot(c0, x + k, wr + k);
       c1 = Dot(c1, x + k + kDot, wr + k + kDot);
       c2 = Dot(c2, x + k + 2 * kDot, wr + k + 2 * kDot);

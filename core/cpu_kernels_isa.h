@@ -45,6 +45,35 @@ struct LinearArgs {
   int64_t ldxb = 0;
 };
 
+// A one-row pass (a decode step) reads its outputs' weight rows [n0, n1) start to end: one
+// sequential stream per thread. The hardware prefetcher does not follow a stream across a 4 KiB
+// page, and mapped weight files often sit in 4 KiB pages (see README, "Model files while
+// serving"); asking for the line 8 KiB ahead as well took the 1.1B's BF16 decode on 4 KiB pages
+// from 15.8-18.0 to 18.2-19.8 tokens/s, and two threads summing a buffer in 2 MiB pages from
+// ~49 to ~53 GB/s (2-core AMD EPYC; 4 and 16 KiB ahead measured lower). Rows that are not
+// contiguous (ldw > k) are left to the hardware. The stream goes on into a.w_next where that
+// continues it (the thread's next task).
+class StreamAhead {
+ public:
+  static constexpr int64_t kBytes = 8192;
+  StreamAhead(const LinearArgs& a, int64_t n1, int64_t elem) {
+    if (a.ldw != a.k) return;
+    const uintptr_t stop =
+        reinterpret_cast<uintptr_t>(a.w) + static_cast<uintptr_t>(n1 * a.ldw * elem);
+    end_ = reinterpret_cast<uintptr_t>(a.w_next) == stop ? stop + kBytes : stop;
+  }
+  // Asks for the lines kBytes past [p, p + bytes), a step's weights, up to the stream's end.
+  void Step(const void* p, int64_t bytes) const {
+    const uintptr_t q = reinterpret_cast<uintptr_t>(p) + kBytes;
+    for (uintptr_t o = 0; o < static_cast<uintptr_t>(bytes); o += 64) {
+      if (q + o < end_) __builtin_prefetch(reinterpret_cast<const void*>(q + o), 0, 3);
+    }
+  }
+
+ private:
+  uintptr_t end_ = 0;  // 0: nothing is asked for.
+};
+
 // y[i, o] += scale·(sum_r t[i, r]·wt[r, o]) for rows i < m and outputs o in [o0, o1): a LoRA
 // expand over Bᵀ (wt [k, n] row-major, float or bfloat16), one axpy per rank so there are no
 // horizontal sums however short the rank. The sum over r runs in order with fused
