@@ -103,9 +103,9 @@ std::pair<at::Tensor, at::Tensor> QuantizeBlocks(const at::Tensor& rows) {
 
 }  // namespace
 
-Int8Matrix QuantizeInt8(const at::Tensor& w) {
+CompactMatrix QuantizeInt8(const at::Tensor& w) {
   const int64_t n = w.size(0), k = w.size(1), blocks = k / cpu::kInt8Block;
-  Int8Matrix m;
+  CompactMatrix m;
   m.q = at::empty({n, k}, w.options().dtype(at::kChar));
   m.scales = at::empty({n, blocks}, w.options().dtype(at::kFloat));
   const int64_t rows = std::max<int64_t>(1, kWidenBytes / std::max<int64_t>(1, k * 4));
@@ -118,7 +118,7 @@ Int8Matrix QuantizeInt8(const at::Tensor& w) {
   return m;
 }
 
-at::Tensor DequantizeInt8(const Int8Matrix& m, int64_t row0, int64_t rows) {
+at::Tensor DequantizeInt8(const CompactMatrix& m, int64_t row0, int64_t rows) {
   const int64_t k = m.q.size(1);
   return m.q.narrow(0, row0, rows)
       .to(at::kFloat)
@@ -127,11 +127,11 @@ at::Tensor DequantizeInt8(const Int8Matrix& m, int64_t row0, int64_t rows) {
       .view({rows, k});
 }
 
-Int8Matrix QuantizeW8A8(const at::Tensor& w) {
+CompactMatrix QuantizeW8A8(const at::Tensor& w) {
   constexpr int64_t kPanel = cpu::kW8A8Panel;
   const int64_t n = w.size(0), k = w.size(1), blocks = k / cpu::kInt8Block;
   const int64_t count = (n + kPanel - 1) / kPanel;
-  Int8Matrix m;
+  CompactMatrix m;
   m.out = n;
   m.panels = at::zeros({count, k / 4, kPanel, 4}, w.options().dtype(at::kChar));
   m.panel_scales = at::zeros({count, blocks, kPanel}, w.options().dtype(at::kFloat));
@@ -139,7 +139,7 @@ Int8Matrix QuantizeW8A8(const at::Tensor& w) {
   const int64_t rows = std::max<int64_t>(1, kWidenBytes / std::max<int64_t>(1, k * 4 * kPanel)) * kPanel;
   for (int64_t r0 = 0; r0 < n; r0 += rows) {
     const int64_t nr = std::min(rows, n - r0), pc = (nr + kPanel - 1) / kPanel;
-    Int8Matrix part = QuantizeInt8(w.narrow(0, r0, nr));
+    CompactMatrix part = QuantizeInt8(w.narrow(0, r0, nr));
     if (nr % kPanel != 0) {
       part.q = at::cat({part.q, at::zeros({pc * kPanel - nr, k}, part.q.options())});
       part.scales = at::cat({part.scales, at::zeros({pc * kPanel - nr, blocks}, part.scales.options())});
@@ -150,11 +150,11 @@ Int8Matrix QuantizeW8A8(const at::Tensor& w) {
   return m;
 }
 
-Int8Matrix UnpackPanels(const Int8Matrix& m, int64_t row0, int64_t rows) {
+CompactMatrix UnpackPanels(const CompactMatrix& m, int64_t row0, int64_t rows) {
   constexpr int64_t kPanel = cpu::kW8A8Panel;
   const int64_t k = m.panels.size(1) * 4, blocks = m.panel_scales.size(1);
   const int64_t p0 = row0 / kPanel, pc = (rows + kPanel - 1) / kPanel;
-  Int8Matrix out;
+  CompactMatrix out;
   out.q = m.panels.narrow(0, p0, pc).permute({0, 2, 1, 3}).reshape({pc * kPanel, k}).narrow(0, 0, rows);
   out.scales = m.panel_scales.narrow(0, p0, pc).permute({0, 2, 1}).reshape({pc * kPanel, blocks}).narrow(0, 0, rows);
   return out;
@@ -164,7 +164,7 @@ namespace {
 
 // The w8a8 product in ATen (CUDA, or no CPU kernel): per block, integer-valued float32
 // products whose sums stay exact (|sum| <= 32·127·127 < 2^24), scaled by both scales.
-at::Tensor W8A8Linear(const at::Tensor& x, const Int8Matrix& w, const at::Tensor& b) {
+at::Tensor W8A8Linear(const at::Tensor& x, const CompactMatrix& w, const at::Tensor& b) {
   constexpr int64_t kPanel = cpu::kW8A8Panel;
   const int64_t m = x.size(0), blocks = x.size(1) / cpu::kInt8Block, n = w.out;
   const auto [values, xs] = QuantizeBlocks(x);      // [m, blocks, 32], [m, blocks]
@@ -175,7 +175,7 @@ at::Tensor W8A8Linear(const at::Tensor& x, const Int8Matrix& w, const at::Tensor
   const int64_t rows = per * kPanel;
   for (int64_t n0 = 0; n0 < n; n0 += rows) {
     const int64_t nb = std::min(rows, n - n0);
-    const Int8Matrix part = UnpackPanels(w, n0, nb);
+    const CompactMatrix part = UnpackPanels(w, n0, nb);
     const at::Tensor wq = part.q.to(at::kFloat).view({nb, blocks, cpu::kInt8Block}).permute({1, 2, 0});  // [blocks, 32, nb]
     at::Tensor sums = at::bmm(xq, wq);                                   // [blocks, m, nb]
     sums.mul_(xs.t().unsqueeze(2) * part.scales.t().unsqueeze(1));       // × xs[i, b]·ws[n, b]
@@ -187,7 +187,26 @@ at::Tensor W8A8Linear(const at::Tensor& x, const Int8Matrix& w, const at::Tensor
 
 }  // namespace
 
-at::Tensor LinearForward(const at::Tensor& x, const Int8Matrix& w, const at::Tensor& b) {
+at::Tensor LinearForward(const at::Tensor& x, const CompactMatrix& w, const at::Tensor& b,
+                         cpu::MatmulPrecision precision) {
+  if (w.packed.defined()) {
+    std::vector<at::Tensor> y = cpu::LinearPacked(x, {cpu::PackedMatrix{&w.packed, &b}}, precision);
+    if (!y.empty()) return y[0];
+    // Otherwise a block of output rows at a time unpacked (BlockedLinear's blocks) and multiplied
+    // as LinearForward multiplies the unpacked matrix: each output is computed as it would be
+    // unpacked (the CPU kernels' outputs do not depend on the rows beside them, and a block here
+    // is the one GEMM BlockedLinear would run).
+    const int64_t n = w.packed.rows(), k = w.packed.k;
+    const int64_t block =
+        std::max<int64_t>(64, kWidenBytes / std::max<int64_t>(1, k * x.element_size()));
+    at::Tensor out = at::empty({x.size(0), n}, x.options());
+    for (int64_t n0 = 0; n0 < n; n0 += block) {
+      const int64_t nb = std::min(block, n - n0);
+      out.narrow(1, n0, nb).copy_(LinearForward(x, cpu::UnpackBf16(w.packed, n0, nb),
+                                                b.defined() ? b.narrow(0, n0, nb) : b, precision));
+    }
+    return out;
+  }
   if (w.panels.defined()) {
     at::Tensor y = cpu::LinearW8A8(x, w.panels, w.panel_scales, w.out, b);
     return y.defined() ? y : W8A8Linear(x, w, b);
@@ -198,8 +217,17 @@ at::Tensor LinearForward(const at::Tensor& x, const Int8Matrix& w, const at::Ten
                        [&](int64_t n0, int64_t nb) { return DequantizeInt8(w, n0, nb); });
 }
 
-std::vector<at::Tensor> LinearForwardShared(const at::Tensor& x, const std::vector<const Int8Matrix*>& w,
-                                            const std::vector<const at::Tensor*>& b) {
+std::vector<at::Tensor> LinearForwardShared(const at::Tensor& x,
+                                            const std::vector<const CompactMatrix*>& w,
+                                            const std::vector<const at::Tensor*>& b,
+                                            cpu::MatmulPrecision precision) {
+  std::vector<cpu::PackedMatrix> packed;
+  for (size_t i = 0; i < w.size() && w[i]->packed.defined(); ++i)
+    packed.push_back({&w[i]->packed, b[i]});
+  if (!packed.empty() && packed.size() == w.size()) {
+    std::vector<at::Tensor> y = cpu::LinearPacked(x, packed, precision);
+    if (!y.empty()) return y;
+  }
   std::vector<cpu::W8A8Matrix> matrices;
   for (size_t i = 0; i < w.size(); ++i) {
     if (!w[i]->panels.defined()) break;
@@ -210,7 +238,7 @@ std::vector<at::Tensor> LinearForwardShared(const at::Tensor& x, const std::vect
     if (!y.empty()) return y;
   }
   std::vector<at::Tensor> y;
-  for (size_t i = 0; i < w.size(); ++i) y.push_back(LinearForward(x, *w[i], *b[i]));
+  for (size_t i = 0; i < w.size(); ++i) y.push_back(LinearForward(x, *w[i], *b[i], precision));
   return y;
 }
 
@@ -322,10 +350,10 @@ at::Tensor AdapterBatch::Embed(const at::Tensor& table, const at::Tensor& tokens
 
 at::Tensor AdapterBatch::OutputLogits(const at::Tensor& x, const at::Tensor& lm_head,
                                       int64_t output_layer, const std::vector<RowSpan>& rows,
-                                      bool all_positions, const Int8Matrix& lm_head_int8,
+                                      bool all_positions, const CompactMatrix& lm_head_int8,
                                       cpu::MatmulPrecision precision) const {
   auto base_logits = [&] {
-    return (lm_head_int8.defined() ? LinearForward(x, lm_head_int8, at::Tensor())
+    return (lm_head_int8.defined() ? LinearForward(x, lm_head_int8, at::Tensor(), precision)
                                    : LinearForward(x, lm_head, at::Tensor(), precision))
         .to(at::kFloat);
   };

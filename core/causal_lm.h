@@ -88,21 +88,26 @@ class SequenceAdapter {
   virtual const at::Tensor* OutputEmbedding() const { return nullptr; }
 };
 
-// A weight matrix quantized to int8 (`--quantize int8_weight_only`): symmetric, one float32 scale per
-// block of 32 inputs as llama.cpp's Q8_0 (which stores it in float16). q [out, in] int8,
-// scales [out, in / 32] float32; weight (n, k) stands for float(q[n, k])·scales[n, k / 32].
+// A weight matrix the forward pass reads from a compact copy made at load (`--quantize`).
+// `--quantize bf16_packed`: `packed` holds a bfloat16 matrix losslessly in 12 bits a weight
+// (cpu::PackedBf16); the other fields are undefined.
+// A weight matrix quantized to int8 (`--quantize int8_weight_only`): symmetric, one float32 scale
+// per block of 32 inputs as llama.cpp's Q8_0 (which stores it in float16). q [out, in] int8, scales
+// [out, in / 32] float32; weight (n, k) stands for float(q[n, k])·scales[n, k / 32].
 // `--quantize int8` holds the same values in the w8a8 kernel's layout instead (q and scales
 // then undefined): panels [ceil(out / 8), in / 4, 8, 4] int8 and panel_scales [ceil(out / 8),
 // in / 32, 8] float32, for `out` rows (cpu::LinearW8A8), and its forward pass quantizes the
 // activations too.
-struct Int8Matrix {
+struct CompactMatrix {
   at::Tensor q;
   at::Tensor scales;
   at::Tensor panels;
   at::Tensor panel_scales;
   int64_t out = 0;
-  bool defined() const { return q.defined() || panels.defined(); }
+  cpu::PackedBf16 packed;
+  bool defined() const { return q.defined() || panels.defined() || packed.defined(); }
   int64_t bytes() const {
+    if (packed.defined()) return packed.bytes();
     if (panels.defined()) return static_cast<int64_t>(panels.nbytes() + panel_scales.nbytes());
     return q.defined() ? static_cast<int64_t>(q.nbytes() + scales.nbytes()) : 0;
   }
@@ -112,16 +117,19 @@ bool Int8Quantizable(const at::Tensor& w);
 // Returns `w` ([out, in], any floating dtype, Int8Quantizable) quantized: per block,
 // scale = max|w| / 127 and q = round-half-even(w / scale) (0 where the block is all zeros).
 // Computed on w's device, a few MiB of rows at a time.
-Int8Matrix QuantizeInt8(const at::Tensor& w);
+CompactMatrix QuantizeInt8(const at::Tensor& w);
 // Returns rows [row0, row0 + rows) of the matrix `m` stands for, in float32: float(q)·scale,
 // rounded once, which is what the CPU kernel multiplies by.
-at::Tensor DequantizeInt8(const Int8Matrix& m, int64_t row0, int64_t rows);
-// Returns QuantizeInt8(w)'s values and scales in panels (Int8Matrix, `--quantize int8`).
-Int8Matrix QuantizeW8A8(const at::Tensor& w);
+at::Tensor DequantizeInt8(const CompactMatrix& m, int64_t row0, int64_t rows);
+// Returns QuantizeInt8(w)'s values and scales in panels (CompactMatrix, `--quantize int8`).
+CompactMatrix QuantizeW8A8(const at::Tensor& w);
 // Returns rows [row0, row0 + rows) (row0 and rows multiples of 8, or rows reaching the end) of
 // a panel matrix in QuantizeInt8's layout: q [rows, in] and scales [rows, in / 32].
-Int8Matrix UnpackPanels(const Int8Matrix& m, int64_t row0, int64_t rows);
-// LinearForward over an int8 matrix.
+CompactMatrix UnpackPanels(const CompactMatrix& m, int64_t row0, int64_t rows);
+// LinearForward over a compact matrix.
+// - bf16_packed: the CPU kernel (cpu::LinearPacked) where it applies, else the matrix unpacked
+//   ~4 MiB of output rows at a time, each block multiplied as LinearForward multiplies a tensor:
+//   either way exactly what the unpacked bfloat16 matrix gives at `precision`.
 // - Weight-only (q): the CPU kernel (cpu::LinearInt8) for few rows, else the matrix
 //   dequantized ~4 MiB of output rows at a time, one GEMM per block. Both equal x·Wᵀ + b
 //   over the dequantized W (the kernel bit for bit, as its float32 copy would give).
@@ -130,12 +138,16 @@ Int8Matrix UnpackPanels(const Int8Matrix& m, int64_t row0, int64_t rows);
 //   (cpu::LinearW8A8) for any number of rows, else the same sums in ATen (integer-valued
 //   float32 products, exact below 2^24), which may differ from the kernel in the last bits
 //   of the sum over blocks.
-at::Tensor LinearForward(const at::Tensor& x, const Int8Matrix& w, const at::Tensor& b);
-// LinearForward of one x by several int8 matrices, each with its bias: when all are w8a8 and
-// the CPU kernel takes them, x is quantized once and the matrices share one parallel pass
-// (cpu::LinearW8A8Shared); otherwise one LinearForward each. Either way the same results.
-std::vector<at::Tensor> LinearForwardShared(const at::Tensor& x, const std::vector<const Int8Matrix*>& w,
-                                            const std::vector<const at::Tensor*>& b);
+at::Tensor LinearForward(const at::Tensor& x, const CompactMatrix& w, const at::Tensor& b,
+                         cpu::MatmulPrecision precision = cpu::MatmulPrecision::kHighest);
+// LinearForward of one x by several compact matrices, each with its bias: when all are w8a8 (or
+// all bf16_packed) and the CPU kernel takes them, the matrices share one parallel pass (w8a8: x
+// quantized once; cpu::LinearW8A8Shared, cpu::LinearPacked); otherwise one LinearForward each.
+// Either way the same results.
+std::vector<at::Tensor> LinearForwardShared(
+    const at::Tensor& x, const std::vector<const CompactMatrix*>& w,
+    const std::vector<const at::Tensor*>& b,
+    cpu::MatmulPrecision precision = cpu::MatmulPrecision::kHighest);
 
 // One row of a packed batch: tokens [offset, offset + length) of the batch belong to it and
 // continue the sequence held in `cache`.
@@ -176,11 +188,11 @@ class AdapterBatch {
   // vocabulary) and LoRA on lm_head. `rows` and `all_positions` are the Forward() call's: x
   // holds every token, or each row's last. The result is [rows of x, widest vocabulary]; a
   // row's entries past its own vocabulary are unspecified (Engine cuts each row to its own).
-  // `lm_head_int8`, when defined, is lm_head quantized (`--quantize int8`): the base logits
+  // `lm_head_int8`, when defined, is lm_head's compact copy (`--quantize`): the base logits
   // come from it (an adapter's own lm_head stays in full precision).
   at::Tensor OutputLogits(const at::Tensor& x, const at::Tensor& lm_head, int64_t output_layer,
                           const std::vector<RowSpan>& rows, bool all_positions,
-                          const Int8Matrix& lm_head_int8 = Int8Matrix(),
+                          const CompactMatrix& lm_head_int8 = CompactMatrix(),
                           cpu::MatmulPrecision precision = cpu::MatmulPrecision::kHighest) const;
 
  private:
@@ -213,23 +225,26 @@ class CausalLm {
   cpu::MatmulPrecision matmul_precision() const { return matmul_precision_; }
   void set_matmul_precision(cpu::MatmulPrecision precision) { matmul_precision_ = precision; }
 
-  // What QuantizeInt8() replaced: how many matrices, their bytes as held before, and the
-  // int8 copies' bytes (values and scales).
-  struct Int8Summary {
+  // What Compact() replaced: how many matrices, their bytes as held before, and the
+  // copies' bytes (int8: values and scales; bf16_packed: blocks, tables and escapes).
+  struct CompactSummary {
     int64_t matrices = 0;
     int64_t source_bytes = 0;
     int64_t bytes = 0;
   };
-  // `--quantize int8_weight_only` and `int8`: the forward pass reads every projection matrix
-  // and the output projection from int8 copies (QuantizeInt8; with `w8a8` (`--quantize int8`),
-  // QuantizeW8A8: the activations are quantized too) from now on; weights() keeps the originals,
+  // The copies Compact() makes: `--quantize int8_weight_only`, `int8` (w8a8) and `bf16_packed`.
+  enum class Compaction { kInt8WeightOnly, kW8A8, kBf16Packed };
+  // `--quantize`: the forward pass reads every projection matrix and the output projection from
+  // compact copies from now on: int8 (QuantizeInt8; kW8A8: QuantizeW8A8, the activations are
+  // quantized too) or bfloat16 packed losslessly (cpu::PackBf16). weights() keeps the originals,
   // which adapters read (DoRA's norms, saved-module checks) and embeddings are looked up in.
-  // Returns false, changing nothing, for an architecture without an int8 path (GPT-2) or a
-  // matrix whose input width is not a multiple of 32. `done`, when given, is called with each
-  // original right after its copy is made (the loader hands its pages back there, so a large
-  // model never holds both whole). Call before the first Forward.
-  virtual bool QuantizeInt8(bool /*w8a8*/, Int8Summary* /*summary*/,
-                            const std::function<void(const at::Tensor&)>& /*done*/ = nullptr) {
+  // Returns false, changing nothing, for an architecture without such a path (GPT-2) or a matrix
+  // the copy does not take (int8: an input width not a multiple of 32; bf16_packed: not a CPU
+  // bfloat16 matrix with an input width a multiple of 128). `done`, when given, is called with
+  // each original right after its copy is made (the loader hands its pages back there, so a
+  // large model never holds both whole). Call before the first Forward.
+  virtual bool Compact(Compaction /*how*/, CompactSummary* /*summary*/,
+                       const std::function<void(const at::Tensor&)>& /*done*/ = nullptr) {
     return false;
   }
 

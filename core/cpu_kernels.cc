@@ -45,6 +45,15 @@ bool DetectBf16Dot() {
 #endif
 }
 
+bool DetectAvx512Bw() {
+#if defined(ADAPTERD_X86_KERNELS)
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512bw");
+#else
+  return false;
+#endif
+}
+
 bool HasVnni() {
   static const bool vnni = DetectVnni();
   return vnni;
@@ -206,7 +215,10 @@ std::vector<at::Tensor> RunLinear(const at::Tensor& x, std::vector<LinearJob> jo
   std::vector<uint16_t> xb;
   if (bf16_products) {
     bool any = false;
-    for (const LinearJob& job : jobs) any = any || job.args.w_type == WeightType::kBf16;
+    auto bf16 = [](const LinearJob& job) {
+      return job.args.w_type == WeightType::kBf16 || job.args.w_type == WeightType::kBf16Packed;
+    };
+    for (const LinearJob& job : jobs) any = any || bf16(job);
     if (any) {
       xb.resize(static_cast<size_t>(m * k));
       const float* xp = x.data_ptr<float>();
@@ -215,7 +227,7 @@ std::vector<at::Tensor> RunLinear(const at::Tensor& x, std::vector<LinearJob> jo
         RoundRowsBf16(xp + begin * ldx, ldx, end - begin, k, xb.data() + begin * k);
       });
       for (LinearJob& job : jobs) {
-        if (job.args.w_type != WeightType::kBf16) continue;
+        if (!bf16(job)) continue;
         job.args.xb = xb.data();
         job.args.ldxb = k;
       }
@@ -257,7 +269,9 @@ std::vector<at::Tensor> RunLinear(const at::Tensor& x, std::vector<LinearJob> jo
       if (o1 < n) {
         args.w_next = static_cast<const char*>(args.w) + o1 * args.ldw * jobs[j].w->element_size();
       }
-      if (args.xb != nullptr) {
+      if (args.w_type == WeightType::kBf16Packed) {
+        LinearPackedAvx512(args, o0, o1);
+      } else if (args.xb != nullptr) {
         LinearBf16Dot(args, o0, o1);
       } else {
         kernel(args, o0, o1);
@@ -304,6 +318,181 @@ std::vector<at::Tensor> LinearShared(const at::Tensor& x, const std::vector<Line
     LinearArgs args{};
     args.w_type = WeightTypeOf(*matrix.w);
     jobs.push_back({matrix.w, matrix.b, args});
+  }
+  if (jobs.empty()) return {};
+  return RunLinear(x, std::move(jobs),
+                   precision == MatmulPrecision::kMedium && Bf16ProductsAvailable());
+}
+
+namespace {
+
+// Where weight t of a packed block sits: byte PackedByte(t) of low-byte run t / 64 and of the
+// codes (cpu_kernels_isa.h).
+inline int64_t PackedByte(int64_t t) {
+  const int64_t r = t % 32;
+  return 16 * (r / 8) + 8 * (t / 32 % 2) + r % 8;
+}
+
+PackedBf16Rows RowsOf(const PackedBf16& p) {
+  return PackedBf16Rows{p.tables.data_ptr<uint8_t>(), p.escape_offsets.data_ptr<int64_t>(),
+                        p.escape_pos.data_ptr<int32_t>(),
+                        reinterpret_cast<const uint16_t*>(p.escape_values.data_ptr<int16_t>())};
+}
+
+// Rows per parallel task of packing: a few hundred KB of weights.
+constexpr int64_t kPackGrain = 64;
+
+}  // namespace
+
+int64_t PackedBf16::bytes() const {
+  if (!defined()) return 0;
+  return static_cast<int64_t>(blocks.nbytes() + tables.nbytes() + escape_offsets.nbytes() +
+                              escape_pos.nbytes() + escape_values.nbytes());
+}
+
+bool PackBf16Takes(const at::Tensor& w) {
+  return w.defined() && w.device().is_cpu() && w.scalar_type() == at::kBFloat16 && w.dim() == 2 &&
+         w.size(1) > 0 && w.size(1) % kPackedBlock == 0 && w.stride(1) == 1 &&
+         w.size(1) <= std::numeric_limits<int32_t>::max();
+}
+
+PackedBf16 PackBf16(const at::Tensor& w) {
+  TORCH_CHECK(PackBf16Takes(w),
+              "PackBf16 takes a CPU bfloat16 [n, k] matrix with k a multiple of 128");
+  const int64_t n = w.size(0), k = w.size(1), ld = w.stride(0);
+  const uint16_t* src = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
+  PackedBf16 p;
+  p.k = k;
+  const int64_t row_bytes = k / kPackedBlock * kPackedBlockBytes;
+  p.blocks = at::empty({n, row_bytes}, at::kByte);
+  p.tables = at::zeros({n, 16}, at::kByte);
+  p.escape_offsets = at::empty({n + 1}, at::kLong);
+  uint8_t* blocks = p.blocks.data_ptr<uint8_t>();
+  uint8_t* tables = p.tables.data_ptr<uint8_t>();
+  int64_t* offsets = p.escape_offsets.data_ptr<int64_t>();
+  // Entries in use per row (the first `used`); the others hold 0, as the escape's entry 15 does.
+  std::vector<uint8_t> used_entries(static_cast<size_t>(n));
+  // Row r's code of every high byte (kPackedEscape: not in its table).
+  auto codes_of = [&](int64_t r, uint8_t code[256]) {
+    std::fill(code, code + 256, static_cast<uint8_t>(kPackedEscape));
+    for (int i = 0; i < used_entries[r]; ++i) code[tables[r * 16 + i]] = static_cast<uint8_t>(i);
+  };
+  // Pass 1: tables, codes and low bytes, and each row's escape count (in offsets[r + 1]).
+  at::parallel_for(0, n, kPackGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const uint16_t* row = src + r * ld;
+      int64_t count[256] = {};
+      for (int64_t j = 0; j < k; ++j) ++count[row[j] >> 8];
+      uint8_t order[256];
+      for (int i = 0; i < 256; ++i) order[i] = static_cast<uint8_t>(i);
+      std::stable_sort(order, order + 256,
+                       [&](uint8_t a, uint8_t b) { return count[a] > count[b]; });
+      int used = 0;
+      for (; used < kPackedEscape && count[order[used]] > 0; ++used)
+        tables[r * 16 + used] = order[used];
+      used_entries[r] = static_cast<uint8_t>(used);
+      uint8_t code[256];
+      codes_of(r, code);
+      int64_t escapes = 0;
+      uint8_t* out = blocks + r * row_bytes;
+      for (int64_t b0 = 0; b0 < k; b0 += kPackedBlock, out += kPackedBlockBytes) {
+        std::fill(out, out + 64, uint8_t{0});
+        for (int64_t t = 0; t < kPackedBlock; ++t) {
+          const uint16_t v = row[b0 + t];
+          const uint8_t c = code[v >> 8];
+          const int64_t pos = PackedByte(t);
+          out[pos] = static_cast<uint8_t>(out[pos] | (t < 64 ? c : c << 4));
+          out[64 + 64 * (t / 64) + pos] = c == kPackedEscape ? 0 : static_cast<uint8_t>(v & 0xFF);
+          escapes += c == kPackedEscape;
+        }
+      }
+      offsets[r + 1] = escapes;
+    }
+  });
+  offsets[0] = 0;
+  for (int64_t r = 0; r < n; ++r) offsets[r + 1] += offsets[r];
+  p.escape_pos = at::empty({offsets[n]}, at::kInt);
+  p.escape_values = at::empty({offsets[n]}, at::kShort);
+  int32_t* pos = p.escape_pos.data_ptr<int32_t>();
+  uint16_t* values = reinterpret_cast<uint16_t*>(p.escape_values.data_ptr<int16_t>());
+  // Pass 2: the escapes, in order along each row.
+  at::parallel_for(0, n, kPackGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      if (offsets[r + 1] == offsets[r]) continue;
+      const uint16_t* row = src + r * ld;
+      uint8_t code[256];
+      codes_of(r, code);
+      int64_t e = offsets[r];
+      for (int64_t j = 0; j < k; ++j) {
+        if (code[row[j] >> 8] != kPackedEscape) continue;
+        pos[e] = static_cast<int32_t>(j);
+        values[e] = row[j];
+        ++e;
+      }
+    }
+  });
+  return p;
+}
+
+bool PackedKernelAvailable() {
+  static const bool bw = DetectAvx512Bw();
+  return bw && SelectedIsa() == Isa::kAvx512;
+}
+
+at::Tensor UnpackBf16(const PackedBf16& p, int64_t row0, int64_t rows) {
+  TORCH_CHECK(p.defined() && row0 >= 0 && rows >= 0 && row0 + rows <= p.rows(),
+              "UnpackBf16: rows out of range");
+  at::Tensor out = at::empty({rows, p.k}, at::kBFloat16);
+  uint16_t* o = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
+  const uint8_t* blocks = p.blocks.data_ptr<uint8_t>();
+  const int64_t ld = p.blocks.stride(0);
+  const PackedBf16Rows r = RowsOf(p);
+  const bool kernel = PackedKernelAvailable();
+  at::parallel_for(row0, row0 + rows, kPackGrain, [&](int64_t begin, int64_t end) {
+    if (kernel) {
+      UnpackBf16Avx512(blocks, ld, r, p.k, begin, end, o + (begin - row0) * p.k, p.k);
+      return;
+    }
+    for (int64_t n = begin; n < end; ++n) {
+      const uint8_t* b = blocks + n * ld;
+      uint16_t* row = o + (n - row0) * p.k;
+      for (int64_t b0 = 0; b0 < p.k; b0 += kPackedBlock, b += kPackedBlockBytes) {
+        for (int64_t t = 0; t < kPackedBlock; ++t) {
+          const int64_t pos = PackedByte(t);
+          const int code = t < 64 ? b[pos] & 0x0F : b[pos] >> 4;
+          row[b0 + t] =
+              static_cast<uint16_t>(r.tables[16 * n + code] << 8 | b[64 + 64 * (t / 64) + pos]);
+        }
+      }
+      for (int64_t e = r.escape_offsets[n]; e < r.escape_offsets[n + 1]; ++e)
+        row[r.escape_pos[e]] = r.escape_values[e];
+    }
+  });
+  return out;
+}
+
+std::vector<at::Tensor> LinearPacked(const at::Tensor& x, const std::vector<PackedMatrix>& matrices,
+                                     MatmulPrecision precision) {
+  if (!PackedKernelAvailable() || !IsCpuFloat(x) || x.dim() != 2 || x.stride(1) != 1 ||
+      !LinearTakes(x.size(0), x.size(1))) {
+    return {};
+  }
+  std::vector<PackedBf16Rows> rows;
+  rows.reserve(matrices.size());
+  std::vector<LinearJob> jobs;
+  for (const PackedMatrix& matrix : matrices) {
+    const PackedBf16& w = *matrix.w;
+    const at::Tensor& b = *matrix.b;
+    if (!w.defined() || w.k != x.size(1) ||
+        (b.defined() &&
+         (!IsCpuFloat(b) || !b.is_contiguous() || b.dim() != 1 || b.size(0) != w.rows()))) {
+      return {};
+    }
+    rows.push_back(RowsOf(w));
+    LinearArgs args{};
+    args.w_type = WeightType::kBf16Packed;
+    args.packed = &rows.back();
+    jobs.push_back({&w.blocks, matrix.b, args});
   }
   if (jobs.empty()) return {};
   return RunLinear(x, std::move(jobs),

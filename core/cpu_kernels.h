@@ -89,6 +89,43 @@ struct LinearMatrix {
 std::vector<at::Tensor> LinearShared(const at::Tensor& x, const std::vector<LinearMatrix>& matrices,
                                      MatmulPrecision precision = MatmulPrecision::kHighest);
 
+// `--quantize bf16_packed`: a bfloat16 matrix [n, k] held losslessly in 12 bits a weight (the
+// layout: PackedBf16Rows in cpu_kernels_isa.h). Made by PackBf16; multiplied by LinearPacked.
+struct PackedBf16 {
+  at::Tensor blocks;          // uint8 [n, k / 128 · 192]: codes and low bytes.
+  at::Tensor tables;          // uint8 [n, 16]: each row's high bytes (entry 15: 0, the escape).
+  at::Tensor escape_offsets;  // int64 [n + 1]: row r's escapes are [offsets[r], offsets[r + 1]).
+  at::Tensor escape_pos;      // int32 [escapes]: positions within their rows, in order.
+  at::Tensor escape_values;   // int16 [escapes]: their bfloat16 bits.
+  int64_t k = 0;
+  bool defined() const { return blocks.defined(); }
+  int64_t rows() const { return blocks.size(0); }
+  int64_t escapes() const { return escape_pos.numel(); }
+  int64_t bytes() const;
+};
+// Whether PackBf16() takes `w`: a CPU bfloat16 matrix [n, k], unit stride along k, k a positive
+// multiple of 128.
+bool PackBf16Takes(const at::Tensor& w);
+// Returns `w` (PackBf16Takes) packed: each row's table holds its 15 most frequent high bytes
+// (ties to the smaller byte), every other weight is an escape. Parallel over rows.
+PackedBf16 PackBf16(const at::Tensor& w);
+// Returns rows [row0, row0 + rows) of the packed matrix as bfloat16 [rows, k]: the original's
+// bits exactly.
+at::Tensor UnpackBf16(const PackedBf16& p, int64_t row0, int64_t rows);
+// Whether LinearPacked() has a kernel: AVX-512 selected on a CPU with AVX-512 BW.
+bool PackedKernelAvailable();
+// One matrix of LinearPacked(): the packed weights and the bias as Linear() takes it.
+struct PackedMatrix {
+  const PackedBf16* w;
+  const at::Tensor* b;  // Undefined tensor: no bias.
+};
+// Linear() of one x by several packed matrices in one parallel pass: each result equals
+// Linear(x, UnpackBf16(w), b, precision) bit for bit (kMedium where Bf16ProductsAvailable()).
+// Empty when the kernel does not apply: no PackedKernelAvailable(), or x as Linear() does not take
+// it.
+std::vector<at::Tensor> LinearPacked(const at::Tensor& x, const std::vector<PackedMatrix>& matrices,
+                                     MatmulPrecision precision);
+
 // Linear() over int8 weights: q [N, K] int8 with K a multiple of 32, scales [N, K / 32] float32
 // (unit inner stride), one per block of 32 inputs. Each weight is widened to float(q)·scale
 // (one rounding), so the result equals Linear() over that dequantized float32 matrix bit for

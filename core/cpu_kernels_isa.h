@@ -13,7 +13,28 @@ namespace adapterd::core::cpu {
 // (LoRA factors) take float32 and bfloat16 only. kI8 (Linear only): int8 values with one
 // float32 scale per block of kInt8Block along k; each weight is widened to float(q)·scale,
 // rounded once, so the sums are those of the dequantized float32 matrix.
-enum class WeightType : int32_t { kF32, kBf16, kF16, kI8 };
+// kBf16Packed (Linear only): bfloat16 held losslessly in 12 bits (PackedBf16Rows).
+enum class WeightType : int32_t { kF32, kBf16, kF16, kI8, kBf16Packed };
+
+// `--quantize bf16_packed`: a bfloat16 matrix held in 12 bits a weight, losslessly. A weight's
+// high byte (sign and the exponent's top 7 bits) takes few values in a row, so each row has a
+// table of its 15 most frequent high bytes and a weight stores a 4-bit code into it beside its
+// low byte; the rare weights whose high byte is not in the table take code 15 (table entry 0,
+// low byte 0) and are listed as escapes, written back into the decoded vectors. A row is k / 128
+// blocks of kPackedBlockBytes: 64 bytes of codes, then two runs of 64 low bytes. Weight t of a
+// block (0 <= t < 128), with h = t / 64, u = t / 32 % 2, r = t % 32, sits at byte
+// p = 16·(r / 8) + 8·u + r % 8 of low-byte run h, its code in the low (h = 0) or high (h = 1)
+// nibble of code byte p: the order in which vpunpck{l,h}bw of a low-byte run and its decoded
+// high bytes yield the block's four vectors of 32 weights in order.
+inline constexpr int64_t kPackedBlock = 128;
+inline constexpr int64_t kPackedBlockBytes = 192;
+inline constexpr int kPackedEscape = 15;
+struct PackedBf16Rows {
+  const uint8_t* tables;          // Row n's 16 high bytes at tables + 16·n (entry 15: 0).
+  const int64_t* escape_offsets;  // Row n's escapes are [escape_offsets[n], escape_offsets[n + 1]),
+  const int32_t* escape_pos;      // in order of position within the row,
+  const uint16_t* escape_values;  // with their bfloat16 bits.
+};
 
 // Weights per int8 block (along the input), each block with its own scale: Q8_0's 32.
 inline constexpr int64_t kInt8Block = 32;
@@ -43,6 +64,8 @@ struct LinearArgs {
   // ldxb apart.
   const uint16_t* xb = nullptr;
   int64_t ldxb = 0;
+  // kBf16Packed: w points at the blocks (row n at w + n·ldw bytes), these at the rest.
+  const PackedBf16Rows* packed = nullptr;
 };
 
 // A one-row pass (a decode step) reads its outputs' weight rows [n0, n1) start to end: one
@@ -57,10 +80,11 @@ class StreamAhead {
  public:
   static constexpr int64_t kBytes = 8192;
   StreamAhead(const LinearArgs& a, int64_t n1, int64_t elem) {
-    if (a.ldw != a.k) return;
-    const uintptr_t stop =
-        reinterpret_cast<uintptr_t>(a.w) + static_cast<uintptr_t>(n1 * a.ldw * elem);
-    end_ = reinterpret_cast<uintptr_t>(a.w_next) == stop ? stop + kBytes : stop;
+    if (a.ldw == a.k) Stream(a.w, n1 * a.ldw * elem, a.w_next);
+  }
+  // Rows of `row_bytes` that lie end to end from `w` (packed rows).
+  StreamAhead(const void* w, int64_t n1, int64_t row_bytes, const void* w_next) {
+    Stream(w, n1 * row_bytes, w_next);
   }
   // Asks for the lines kBytes past [p, p + bytes), a step's weights, up to the stream's end.
   void Step(const void* p, int64_t bytes) const {
@@ -71,6 +95,10 @@ class StreamAhead {
   }
 
  private:
+  void Stream(const void* w, int64_t bytes, const void* w_next) {
+    const uintptr_t stop = reinterpret_cast<uintptr_t>(w) + static_cast<uintptr_t>(bytes);
+    end_ = reinterpret_cast<uintptr_t>(w_next) == stop ? stop + kBytes : stop;
+  }
   uintptr_t end_ = 0;  // 0: nothing is asked for.
 };
 
@@ -200,6 +228,16 @@ void RoundRowsBf16(const float* x, int64_t ldx, int64_t m, int64_t k, uint16_t* 
 void LinearBf16Dot(const LinearArgs& args, int64_t n0, int64_t n1);
 
 void LinearAvx512(const LinearArgs& args, int64_t n0, int64_t n1);
+// kBf16Packed on AVX-512 with BW (cpu_kernels_packed.cc): each output the sum LinearAvx512 (x in
+// float32) or, with args.xb, LinearBf16Dot (which the CPU must have) gives over the unpacked
+// matrix, bit for bit. One row of x decodes each block in registers as it streams; several
+// rows decode a few rows of weights at a time into a buffer that stays in L2 and run those
+// kernels over it.
+void LinearPackedAvx512(const LinearArgs& args, int64_t n0, int64_t n1);
+// Rows [r0, r1) of a packed matrix (blocks `w`, rows ldw bytes apart, k weights each) decoded
+// into out (rows ldo apart).
+void UnpackBf16Avx512(const uint8_t* w, int64_t ldw, const PackedBf16Rows& p, int64_t k, int64_t r0,
+                      int64_t r1, uint16_t* out, int64_t ldo);
 void LinearAvx2(const LinearArgs& args, int64_t n0, int64_t n1);
 void AttendAvx512(const AttendArgs& args);
 void AttendAvx2(const AttendArgs& args);

@@ -152,10 +152,11 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Load(const EngineOptions& option
   model->set_matmul_precision(precision);
   report->matmul_precision = options.matmul_precision;
   if (precision == cpu::MatmulPrecision::kMedium) {
-    report->bf16_products = absl::StrContains(report->weights_dtype, "bfloat16") &&
-                            report->compute_dtype == "float32" && report->quantization == "none" &&
-                            model->config().architecture != Architecture::kGpt2 &&
-                            cpu::Bf16ProductsAvailable();
+    report->bf16_products =
+        absl::StrContains(report->weights_dtype, "bfloat16") &&
+        report->compute_dtype == "float32" &&
+        (report->quantization == "none" || report->quantization == "bf16_packed") &&
+        model->config().architecture != Architecture::kGpt2 && cpu::Bf16ProductsAvailable();
   }
   if (options.prefix_cache_bytes < 0) {
     return absl::InvalidArgumentError("prefix_cache_bytes must be 0 (off) or more");

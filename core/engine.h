@@ -91,7 +91,8 @@ struct EngineOptions {
   std::string cpu_kernels = "auto";
   bool map_weights = true;  // See LoadOptions::map_weights (core/model_loader.h).
   bool refresh_small_pages = true;  // See LoadOptions::refresh_small_pages.
-  std::string quantize = "none";  // "none" | "int8" | "int8_weight_only": see LoadOptions::quantize.
+  std::string quantize =
+      "none";  // "none" | "int8" | "int8_weight_only" | "bf16_packed": see LoadOptions::quantize.
   // The dtype of the KV cache: "auto" (the dtype the weights are served in, `dtype`),
   // "float32", "bfloat16" or "float16". A half-precision cache holds twice the positions in
   // the same bytes; attention reads it in the compute dtype.

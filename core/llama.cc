@@ -16,8 +16,8 @@ struct LlamaLayer {
   at::Tensor q_norm, k_norm;  // Qwen3 only: [head_dim].
   at::Tensor q_w, q_b, k_w, k_b, v_w, v_b, o_w, o_b;
   at::Tensor gate_w, gate_b, up_w, up_b, down_w, down_b;
-  // --quantize int8 / int8_weight_only: the matrices above as the forward pass reads them instead.
-  Int8Matrix q_i8, k_i8, v_i8, o_i8, gate_i8, up_i8, down_i8;
+  // --quantize: the matrices above as the forward pass reads them instead.
+  CompactMatrix q_i8, k_i8, v_i8, o_i8, gate_i8, up_i8, down_i8;
   int64_t window = 0;
 };
 
@@ -62,19 +62,31 @@ class Llama final : public CausalLm {
     inv_freq_ = InverseFrequencies(config).to(options.device());
   }
 
-  bool QuantizeInt8(bool w8a8, Int8Summary* summary, const std::function<void(const at::Tensor&)>& done) override {
-    std::vector<std::pair<const at::Tensor*, Int8Matrix*>> targets;
+  bool Compact(Compaction how, CompactSummary* summary,
+               const std::function<void(const at::Tensor&)>& done) override {
+    std::vector<std::pair<const at::Tensor*, CompactMatrix*>> targets;
     for (LlamaLayer& l : layers_) {
       targets.insert(targets.end(), {{&l.q_w, &l.q_i8}, {&l.k_w, &l.k_i8}, {&l.v_w, &l.v_i8}, {&l.o_w, &l.o_i8},
                                      {&l.gate_w, &l.gate_i8}, {&l.up_w, &l.up_i8}, {&l.down_w, &l.down_i8}});
     }
     targets.emplace_back(&lm_head_, &lm_head_i8_);
     for (const auto& [w, q] : targets) {
-      if (!Int8Quantizable(*w)) return false;
+      if (how == Compaction::kBf16Packed ? !cpu::PackBf16Takes(*w) : !Int8Quantizable(*w))
+        return false;
     }
-    *summary = Int8Summary();
+    *summary = CompactSummary();
     for (const auto& [w, q] : targets) {
-      *q = w8a8 ? core::QuantizeW8A8(*w) : core::QuantizeInt8(*w);
+      switch (how) {
+        case Compaction::kBf16Packed:
+          q->packed = cpu::PackBf16(*w);
+          break;
+        case Compaction::kW8A8:
+          *q = core::QuantizeW8A8(*w);
+          break;
+        case Compaction::kInt8WeightOnly:
+          *q = core::QuantizeInt8(*w);
+          break;
+      }
       ++summary->matrices;
       summary->source_bytes += static_cast<int64_t>(w->nbytes());
       summary->bytes += q->bytes();
@@ -172,13 +184,14 @@ class Llama final : public CausalLm {
     return (h * cos.unsqueeze(1) + rotated * sin.unsqueeze(1)).view({n, -1});
   }
 
-  at::Tensor Linear(const at::Tensor& x, const at::Tensor& w, const Int8Matrix& w8,
+  at::Tensor Linear(const at::Tensor& x, const at::Tensor& w, const CompactMatrix& w8,
                     const at::Tensor& b) const {
-    return w8.defined() ? LinearForward(x, w8, b) : LinearForward(x, w, b, matmul_precision());
+    return w8.defined() ? LinearForward(x, w8, b, matmul_precision())
+                        : LinearForward(x, w, b, matmul_precision());
   }
 
   at::Tensor Project(int64_t layer, Projection p, const at::Tensor& x, const at::Tensor& w,
-                     const Int8Matrix& w8, const at::Tensor& b,
+                     const CompactMatrix& w8, const at::Tensor& b,
                      const AdapterBatch* adapters) const {
     if (adapters == nullptr) return Linear(x, w, w8, b);
     at::Tensor y = Linear(adapters->ScaleInputs(layer, p, x), w, w8, b);
@@ -189,11 +202,11 @@ class Llama final : public CausalLm {
   struct SharedProjection {
     Projection p;
     const at::Tensor* w;
-    const Int8Matrix* w8;
+    const CompactMatrix* w8;
     const at::Tensor* b;
   };
   // Project() for projections of the same x. When no adapter of the batch scales that input
-  // (IA3 on inputs) and the matrices are all int8 or all unquantized, the group goes through
+  // (IA3 on inputs) and the matrices are all compact or all not, the group goes through
   // LinearForwardShared (one parallel pass; int8: x quantized once); otherwise each takes its
   // own (scaled) input. The adapters' deltas are added after, as Project() does.
   std::vector<at::Tensor> ProjectShared(int64_t layer, const at::Tensor& x,
@@ -211,9 +224,9 @@ class Llama final : public CausalLm {
     std::vector<const at::Tensor*> b;
     for (const SharedProjection& g : group) b.push_back(g.b);
     if (same_input && all_int8) {
-      std::vector<const Int8Matrix*> w8;
+      std::vector<const CompactMatrix*> w8;
       for (const SharedProjection& g : group) w8.push_back(g.w8);
-      y = LinearForwardShared(x, w8, b);
+      y = LinearForwardShared(x, w8, b, matmul_precision());
     } else if (same_input && no_int8) {
       std::vector<const at::Tensor*> w;
       for (const SharedProjection& g : group) w.push_back(g.w);
@@ -228,7 +241,7 @@ class Llama final : public CausalLm {
   }
 
   at::Tensor embed_, final_norm_, lm_head_, inv_freq_;
-  Int8Matrix lm_head_i8_;
+  CompactMatrix lm_head_i8_;
   std::vector<LlamaLayer> layers_;
 };
 

@@ -83,12 +83,19 @@ std::string LoadReport::ToText() const {
   absl::StrAppend(&out, "compute      ", compute_dtype, " on ", device, "\n");
   const bool quantized = quantization != "none" && !quantization.empty();
   if (!weights_dtype.empty() && weights_dtype != compute_dtype) {
-    const std::string how = quantized
-                                ? std::string("embedding read in place; projections and lm_head quantized below")
-                                : absl::StrCat("matrices read in place, widened to ", compute_dtype);
+    const std::string how =
+        quantized
+            ? std::string(quantization == "bf16_packed"
+                              ? "embedding read in place; projections and lm_head packed below"
+                              : "embedding read in place; projections and lm_head quantized below")
+            : absl::StrCat("matrices read in place, widened to ", compute_dtype);
     absl::StrAppend(&out, "weights      ", weights_dtype, " (", how, ")\n");
   }
-  if (quantized) {
+  if (quantization == "bf16_packed") {
+    absl::StrAppend(&out, "packed       ", quantization, ": ", quantized_tensors, " matrices, ",
+                    quantized_source_bytes, " -> ", quantized_bytes,
+                    " bytes (lossless: 12 bits a weight, escapes aside)\n");
+  } else if (quantized) {
     absl::StrAppend(&out, "quantized    ", quantization, ": ", quantized_tensors, " matrices, ", quantized_source_bytes,
                     " -> ", quantized_bytes, " bytes (blocks of 32 inputs, a float32 scale each",
                     quantization == "int8" ? "; inputs quantized per block of 32 at run time, int32 sums"

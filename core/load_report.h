@@ -65,8 +65,9 @@ struct LoadReport {
   // AVX-512 BF16 (otherwise medium computes as highest).
   std::string matmul_precision;
   bool bf16_products = false;
-  // --quantize: "none", "int8" (inputs quantized too) or "int8_weight_only". Otherwise, the matrices quantized (every projection
-  // and lm_head), their bytes as held before and the int8 copies' bytes (values and scales).
+  // --quantize: "none", "int8" (inputs quantized too), "int8_weight_only" or "bf16_packed".
+  // Otherwise, the matrices copied (every projection and lm_head), their bytes as held before and
+  // the copies' bytes (int8: values and scales; bf16_packed: codes, low bytes, tables and escapes).
   std::string quantization = "none";
   int64_t quantized_tensors = 0;
   int64_t quantized_source_bytes = 0;

@@ -213,9 +213,11 @@ absl::StatusOr<std::unique_ptr<CausalLm>> LoadModel(const std::string& dir,
   ASSIGN_OR_RETURN(at::TensorOptions tensor_options, ComputeOptions(options));
   // "w8a8" (its earlier name) is "int8".
   const std::string quantize = options.quantize == "w8a8" ? "int8" : options.quantize;
-  if (quantize != "none" && quantize != "int8" && quantize != "int8_weight_only") {
+  if (quantize != "none" && quantize != "int8" && quantize != "int8_weight_only" &&
+      quantize != "bf16_packed") {
     return absl::InvalidArgumentError(
-        absl::StrCat("quantize must be none, int8 or int8_weight_only, got \"", options.quantize, "\""));
+        absl::StrCat("quantize must be none, int8, int8_weight_only or bf16_packed, got \"",
+                     options.quantize, "\""));
   }
   if (quantize != "none" && tensor_options.dtype().toScalarType() != at::kFloat) {
     return absl::InvalidArgumentError(absl::StrCat("quantize ", quantize,
@@ -386,13 +388,14 @@ absl::StatusOr<std::unique_ptr<CausalLm>> LoadModel(const std::string& dir,
   // is a small fraction of int8's own error, and a decode step reads half the cache bytes.
   if (!kept.empty()) {
     model->set_kv_dtype(*kept.begin());
-  } else if (quantize != "none" && model->kv_dtype() == at::kFloat) {
+  } else if ((quantize == "int8" || quantize == "int8_weight_only") &&
+             model->kv_dtype() == at::kFloat) {
     model->set_kv_dtype(at::kHalf);
   }
   if (quantize != "none") {
-    CausalLm::Int8Summary summary;
+    CausalLm::CompactSummary summary;
     // Matrices read in place from the mapping give their pages back as soon as they are
-    // quantized: the forward pass no longer touches them (the loader's scan did), and an
+    // copied: the forward pass no longer touches them (the loader's scan did), and an
     // adapter that reads one later faults it back in from the page cache. The input embedding
     // (a tied lm_head's storage) is still looked up, so it stays.
     const void* embedding = weights.count(input_embedding) ? weights[input_embedding].data_ptr() : nullptr;
@@ -401,10 +404,27 @@ absl::StatusOr<std::unique_ptr<CausalLm>> LoadModel(const std::string& dir,
     };
     bool done = false;
     try {
-      done = model->QuantizeInt8(/*w8a8=*/quantize == "int8", &summary, release);
+      using Compaction = CausalLm::Compaction;
+      const Compaction how = quantize == "int8"               ? Compaction::kW8A8
+                             : quantize == "int8_weight_only" ? Compaction::kInt8WeightOnly
+                                                              : Compaction::kBf16Packed;
+      done = model->Compact(how, &summary, release);
     } catch (const std::exception& e) {
       finish();
-      return absl::InternalError(absl::StrCat(dir, ": quantizing to int8 failed: ", TorchErrorMessage(e)));
+      return absl::InternalError(
+          absl::StrCat(dir, ": --quantize ", quantize, " failed: ", TorchErrorMessage(e)));
+    }
+    if (!done && quantize == "bf16_packed") {
+      finish();
+      return absl::FailedPreconditionError(
+          absl::StrCat(dir,
+                       ": --quantize bf16_packed packs Llama-family models served in bfloat16 on "
+                       "the CPU (a bfloat16 "
+                       "checkpoint with --dtype auto or bfloat16 weights kept) whose matrices' "
+                       "input widths are multiples of "
+                       "128; this one is ",
+                       config.architecture_name, " (hidden ", config.hidden_size, ") with ",
+                       report->weights_dtype, " weights"));
     }
     if (!done) {
       finish();

@@ -32,10 +32,12 @@ struct LoadOptions {
   // copied), so that under half of it would be mapped with 2 MiB pages, drop it from the cache
   // and read it again in 2 MiB folios (SafetensorsFile::Open). Costs one read of that file.
   bool refresh_small_pages = true;
-  // "none" | "int8" | "int8_weight_only" ("w8a8": "int8"): serve every projection matrix and
-  // lm_head of a Llama-family model as int8 (CausalLm::QuantizeInt8), quantized here from the
-  // loaded weights; int8 quantizes each projection's input rows too and sums the products in
-  // int32 (w8a8), int8_weight_only multiplies float32 inputs by the dequantized weights. Needs float32
+  // "none" | "int8" | "int8_weight_only" ("w8a8": "int8") | "bf16_packed": serve every projection
+  // matrix and lm_head of a Llama-family model from a compact copy (CausalLm::Compact) made here
+  // from the loaded weights: int8, where int8 quantizes each projection's input rows too and sums
+  // the products in int32 (w8a8) and int8_weight_only multiplies float32 inputs by the
+  // dequantized weights; or bf16_packed, bfloat16 weights (kept in place) packed losslessly into
+  // 12 bits (cpu::PackBf16), computing exactly what they would unpacked. Needs float32
   // activations (compute_dtype float32 or auto). The originals stay available to adapters;
   // those read in place from the mapping give their resident pages back to the page cache.
   std::string quantize = "none";

@@ -3,14 +3,15 @@
 // read bandwidth — with peak RSS, prompt (prefill) speed and batched decode. Usage:
 //   decode_bench MODEL_DIR [NEW_TOKENS] [THREADS] [CPU_KERNELS] [DTYPE] [PROMPT_TOKENS]
 //   [mmap|mmap_keep|read]
-//                [none|int8|int8_weight_only] [BATCH_ROWS] [KV_CACHE_DTYPE] [highest|medium]
+//                [none|int8|int8_weight_only|bf16_packed] [BATCH_ROWS] [KV_CACHE_DTYPE]
+//                [highest|medium]
 // DTYPE is --dtype (default auto: a BF16 checkpoint's matrices read in place); PROMPT_TOKENS
 // (default 512) is the length of the prompt timed through one whole prefill; `read` loads the
 // weights into private memory (--mmap=false) instead of mapping them, `mmap_keep` maps them
 // without re-reading files the page cache holds in small pages
-// (--mmap_refresh_small_pages=false); int8 and int8_weight_only are --quantize's; BATCH_ROWS
-// (default 32, 0 for none) is the largest batch of the batched-decode figures (an 8B model takes
-// minutes over all of them); the last is --matmul_precision.
+// (--mmap_refresh_small_pages=false); int8, int8_weight_only and bf16_packed are --quantize's;
+// BATCH_ROWS (default 32, 0 for none) is the largest batch of the batched-decode figures (an 8B
+// model takes minutes over all of them); the last is --matmul_precision.
 #include <algorithm>
 #include <chrono>
 #include <cstdint>
@@ -52,7 +53,8 @@ int main(int argc, char** argv) {
   if (argc < 2) {
     std::fprintf(stderr,
                  "usage: %s MODEL_DIR [NEW_TOKENS] [THREADS] [CPU_KERNELS] [DTYPE] [PROMPT_TOKENS] "
-                 "[mmap|mmap_keep|read] [none|int8|int8_weight_only] [BATCH_ROWS] [KV_CACHE_DTYPE] "
+                 "[mmap|mmap_keep|read] [none|int8|int8_weight_only|bf16_packed] [BATCH_ROWS] "
+                 "[KV_CACHE_DTYPE] "
                  "[highest|medium]\n",
                  argv[0]);
     return 2;
@@ -91,10 +93,16 @@ int main(int argc, char** argv) {
   const double weight_bytes = static_cast<double>(report.bytes_mapped + report.bytes_copied -
                                                   report.quantized_source_bytes + report.quantized_bytes) -
                               embedding_bytes;
-  std::printf("model            %s (%lld parameters, %.1f MB read per token: weights %s%s, compute %s, kv %s)\n",
-              report.architecture.c_str(), static_cast<long long>(report.parameter_count), weight_bytes / 1e6,
-              report.weights_dtype.c_str(), report.quantization == "int8" ? ", matrices int8 (w8a8)" : report.quantization == "int8_weight_only" ? ", matrices int8, weight-only" : "",
-              report.compute_dtype.c_str(), report.kv_cache_dtype.c_str());
+  std::printf(
+      "model            %s (%lld parameters, %.1f MB read per token: weights %s%s, compute %s, kv "
+      "%s)\n",
+      report.architecture.c_str(), static_cast<long long>(report.parameter_count),
+      weight_bytes / 1e6, report.weights_dtype.c_str(),
+      report.quantization == "int8"               ? ", matrices int8 (w8a8)"
+      : report.quantization == "int8_weight_only" ? ", matrices int8, weight-only"
+      : report.quantization == "bf16_packed"      ? ", matrices bfloat16 packed in 12 bits"
+                                                  : "",
+      report.compute_dtype.c_str(), report.kv_cache_dtype.c_str());
   if (report.bf16_products)
     std::printf("products         bfloat16 (--matmul_precision %s)\n",
                 report.matmul_precision.c_str());

@@ -83,14 +83,17 @@ int main(int argc, char** argv) {
            over_small);
   }
   // int8: w8a8 panels and their scales, as --quantize int8 holds them.
-  std::vector<adapterd::core::Int8Matrix> big;
+  std::vector<adapterd::core::CompactMatrix> big;
   for (int64_t i = 0; i < count; ++i) big.push_back(adapterd::core::QuantizeW8A8(at::randn({n, k}) * 0.02));
-  const adapterd::core::Int8Matrix small = adapterd::core::QuantizeW8A8(at::randn({small_n, k}) * 0.02);
-  auto run = [&](const adapterd::core::Int8Matrix& w) {
-    if (!adapterd::core::cpu::LinearW8A8(x, w.panels, w.panel_scales, w.out, at::Tensor()).defined()) std::abort();
+  const adapterd::core::CompactMatrix small =
+      adapterd::core::QuantizeW8A8(at::randn({small_n, k}) * 0.02);
+  auto run = [&](const adapterd::core::CompactMatrix& w) {
+    if (!adapterd::core::cpu::LinearW8A8(x, w.panels, w.panel_scales, w.out, at::Tensor())
+             .defined())
+      std::abort();
   };
   const std::function<void()> over_big = [&] {
-    for (const adapterd::core::Int8Matrix& w : big) run(w);
+    for (const adapterd::core::CompactMatrix& w : big) run(w);
   };
   const std::function<void()> over_small = [&] {
     for (int r = 0; r < 64; ++r) run(small);

@@ -231,6 +231,147 @@ TEST_P(LinearTest, Int8DeclinesWhatItCannotTake) {
   EXPECT_FALSE(LinearInt8(at::randn({2, 64}), q, scales, at::randn({7})).defined());
 }
 
+// bfloat16 [n, k] with the high bytes of real weights (normal, std 0.02) plus what a packed
+// row's table cannot hold: a few outliers of other exponents and signs, zeros, subnormals,
+// infinities and NaNs, so rows have escapes.
+at::Tensor WeightsWithEscapes(int64_t n, int64_t k, int64_t ld) {
+  at::Tensor w = (at::randn({n, ld}) * 0.02).to(at::kBFloat16);
+  const at::Tensor odd =
+      at::randint(0, 65536, {n, ld}, at::kInt).to(at::kShort).view(at::kBFloat16);
+  w = at::where(at::rand({n, ld}) < 0.01, odd, w);
+  w.narrow(1, 0, std::min<int64_t>(ld, 3)).zero_();
+  return w.narrow(1, 0, k);
+}
+
+// The packed layout read back as cpu_kernels_isa.h documents it, one weight at a time.
+std::vector<uint16_t> DecodeAsDocumented(const PackedBf16& p, int64_t row) {
+  const uint8_t* b = p.blocks[row].contiguous().data_ptr<uint8_t>();
+  const uint8_t* table = p.tables.data_ptr<uint8_t>() + 16 * row;
+  std::vector<uint16_t> out(static_cast<size_t>(p.k));
+  for (int64_t j = 0; j < p.k; ++j) {
+    const int64_t block = j / 128, t = j % 128, h = t / 64, u = t / 32 % 2, r = t % 32;
+    const int64_t pos = 16 * (r / 8) + 8 * u + r % 8;
+    const uint8_t* blk = b + 192 * block;
+    const int code = h == 0 ? blk[pos] & 0x0F : blk[pos] >> 4;
+    out[j] = static_cast<uint16_t>(table[code] << 8 | blk[64 + 64 * h + pos]);
+    if (code == 15) out[j] = 0xFFFF;  // Must be an escape: marked until the list fills it.
+  }
+  const int64_t* offsets = p.escape_offsets.data_ptr<int64_t>();
+  for (int64_t e = offsets[row]; e < offsets[row + 1]; ++e) {
+    const int64_t j = p.escape_pos.data_ptr<int32_t>()[e];
+    EXPECT_EQ(out[j], 0xFFFF) << "escape at " << j << " of row " << row << " has a code";
+    out[j] = static_cast<uint16_t>(p.escape_values.data_ptr<int16_t>()[e]);
+  }
+  return out;
+}
+
+std::vector<uint16_t> Bits(const at::Tensor& row) {
+  const at::Tensor c = row.contiguous();
+  const uint16_t* p = reinterpret_cast<const uint16_t*>(c.data_ptr<at::BFloat16>());
+  return std::vector<uint16_t>(p, p + c.numel());
+}
+
+// --quantize bf16_packed: every bit pattern comes back, through the kernel's decoder (AVX-512)
+// or the portable one, and the layout is the documented one.
+TEST_P(LinearTest, PackedBfloat16KeepsEveryBit) {
+  at::manual_seed(21);
+  std::vector<at::Tensor> cases = {
+      WeightsWithEscapes(37, 256, 256), WeightsWithEscapes(9, 384, 400),
+      at::randint(0, 65536, {5, 128}, at::kInt)
+          .to(at::kShort)
+          .view(at::kBFloat16),  // Any bits: many escapes.
+      at::zeros({3, 128}, at::kBFloat16), at::full({2, 256}, -1.5, at::kBFloat16)};
+  // Rows of exactly 15 and 16 distinct high bytes (the table holds 15).
+  for (int distinct : {15, 16}) {
+    at::Tensor hi = at::arange(0, 128, at::kInt).remainder(distinct).mul(0x0100).add(0x3C05);
+    cases.push_back(hi.to(at::kShort).view(at::kBFloat16).unsqueeze(0));
+  }
+  for (const at::Tensor& w : cases) {
+    ASSERT_TRUE(PackBf16Takes(w));
+    const PackedBf16 p = PackBf16(w);
+    const int64_t n = w.size(0), k = w.size(1);
+    ASSERT_EQ(p.rows(), n);
+    EXPECT_EQ(p.bytes(), n * k * 3 / 2 + 16 * n + 8 * (n + 1) + 6 * p.escapes());
+    EXPECT_TRUE(at::equal(UnpackBf16(p, 0, n).view(at::kShort), w.contiguous().view(at::kShort)));
+    if (n > 2) {
+      EXPECT_TRUE(at::equal(UnpackBf16(p, 1, n - 2).view(at::kShort),
+                            w.narrow(0, 1, n - 2).contiguous().view(at::kShort)));
+    }
+    for (int64_t r = 0; r < n; ++r) ASSERT_EQ(DecodeAsDocumented(p, r), Bits(w[r])) << "row " << r;
+  }
+  // The table holds a row's 15 most frequent high bytes: normal weights escape rarely, a row of
+  // 16 equally frequent bytes escapes exactly one byte's weights, arbitrary bits very often.
+  EXPECT_LT(PackBf16(cases[0]).escapes(), 37 * 256 / 50);
+  EXPECT_EQ(PackBf16(cases[5]).escapes(), 0);
+  EXPECT_EQ(PackBf16(cases[6]).escapes(), 8);
+  EXPECT_GT(PackBf16(cases[2]).escapes(), 5 * 128 / 2);
+  EXPECT_FALSE(PackBf16Takes(at::randn({4, 128})));
+  EXPECT_FALSE(PackBf16Takes(at::randn({4, 96}).to(at::kBFloat16)));
+  EXPECT_FALSE(PackBf16Takes(at::randn({128}).to(at::kBFloat16)));
+  EXPECT_FALSE(PackBf16Takes(at::randn({128, 4}).to(at::kBFloat16).t()));
+}
+
+// The packed kernel computes exactly what Linear() computes over the unpacked matrix, for one
+// row (decoded in registers) and several (decoded into a buffer), with and without a bias, at
+// both precisions, alone and shared.
+TEST_P(LinearTest, PackedBfloat16EqualsTheUnpackedMatrixBitForBit) {
+  at::manual_seed(22);
+  const bool kernel = PackedKernelAvailable();
+  EXPECT_EQ(kernel, GetParam() == Isa::kAvx512 && SupportedIsa() == Isa::kAvx512 &&
+                        __builtin_cpu_supports("avx512bw"));
+  for (int64_t k : {128, 384, 2048}) {
+    for (int64_t n : {1, 7, 101}) {
+      const at::Tensor w = WeightsWithEscapes(n, k, k + 64);
+      // NaN and infinity weights would make every product NaN; keep the escapes finite here.
+      const at::Tensor finite = at::where(w.isfinite(), w, at::zeros_like(w));
+      const PackedBf16 p = PackBf16(finite);
+      const at::Tensor b = at::randn({n});
+      for (int64_t m : {1, 2, 5, 17, 100}) {
+        const at::Tensor x = at::randn({m, k + 3}).narrow(1, 1, k);
+        for (MatmulPrecision precision : {MatmulPrecision::kHighest, MatmulPrecision::kMedium}) {
+          for (bool with_bias : {false, true}) {
+            const at::Tensor bias = with_bias ? b : at::Tensor();
+            std::vector<at::Tensor> y = LinearPacked(x, {PackedMatrix{&p, &bias}}, precision);
+            if (!kernel) {
+              EXPECT_TRUE(y.empty());
+              continue;
+            }
+            ASSERT_EQ(y.size(), 1u);
+            const at::Tensor want = Linear(x, finite, bias, precision);
+            ASSERT_TRUE(want.defined());
+            EXPECT_TRUE(at::equal(y[0], want))
+                << m << "x" << k << "x" << n << " bias " << with_bias << " medium "
+                << (precision == MatmulPrecision::kMedium);
+          }
+        }
+      }
+    }
+  }
+  if (!kernel) return;
+  const int64_t k = 256;
+  std::vector<at::Tensor> ws;
+  std::vector<PackedBf16> ps;
+  for (int64_t n : {64, 8, 200}) {
+    const at::Tensor w = WeightsWithEscapes(n, k, k);
+    ws.push_back(at::where(w.isfinite(), w, at::zeros_like(w)));
+  }
+  for (const at::Tensor& w : ws) ps.push_back(PackBf16(w));
+  const at::Tensor none, x = at::randn({1, k});
+  const std::vector<at::Tensor> y = LinearPacked(
+      x, {{&ps[0], &none}, {&ps[1], &none}, {&ps[2], &none}}, MatmulPrecision::kMedium);
+  ASSERT_EQ(y.size(), 3u);
+  for (size_t i = 0; i < ws.size(); ++i) {
+    EXPECT_TRUE(at::equal(y[i], Linear(x, ws[i], none, MatmulPrecision::kMedium))) << i;
+  }
+  // What it declines: x of another width or dtype, a bias of the wrong length.
+  EXPECT_TRUE(
+      LinearPacked(at::randn({1, k + 128}), {{&ps[0], &none}}, MatmulPrecision::kHighest).empty());
+  EXPECT_TRUE(
+      LinearPacked(x.to(at::kDouble), {{&ps[0], &none}}, MatmulPrecision::kHighest).empty());
+  const at::Tensor short_bias = at::randn({63});
+  EXPECT_TRUE(LinearPacked(x, {{&ps[0], &short_bias}}, MatmulPrecision::kHighest).empty());
+}
+
 // w8a8 written from its definition, one scalar at a time: x's rows quantized per block of 32
 // (s = max|x| / 127, q = round-half-even(x / s) as x·(1/s)), integer block sums, then per block
 // acc = fma(float(sum), xs·ws, acc) in order, plus the bias.

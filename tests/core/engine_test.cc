@@ -156,7 +156,8 @@ INSTANTIATE_TEST_SUITE_P(
     Fixtures, ReferenceTest,
     ::testing::Combine(::testing::Values("llama_tied", "llama_untied", "qwen2_bias",
                                          "qwen3_qk_norm", "mistral_window", "gpt2", "gpt2_noprefix",
-                                         "llama_sharded", "llama_bf16", "llama_f16"),
+                                         "llama_sharded", "llama_bf16", "llama_f16",
+                                         "llama_bf16_wide"),
                        ::testing::Values("none", "avx2", "avx512f")),
     [](const auto& info) {
       return std::string(std::get<0>(info.param)) + "_" + std::get<1>(info.param);
@@ -356,6 +357,82 @@ TEST(HalfInPlaceTest, QuantizedFloat32WeightsTakeAFloat16CacheUnderAuto) {
     EXPECT_NE(*a, *f);  // The cache's rounding shows: it is not a float32 cache.
     GreedyLikeReference(*automatic, ref);
   }
+}
+
+// --quantize bf16_packed serves exactly the model it packs: on every kernel set (the packed
+// kernel where AVX-512 BW is, the matrices unpacked block by block elsewhere) and at both
+// precisions, the prompt's logits and a greedy generation (prefill, then one-row decode steps)
+// equal the unpacked bfloat16 model's bit for bit. The load report counts every projection and
+// lm_head, held in fewer bytes.
+TEST(PackedBf16Test, ServesExactlyTheModelItPacks) {
+  const auto ref = testing::ReadJson(testing::Fixture("llama_bf16_wide") + "/reference.json");
+  const std::vector<int32_t> prompt = ref["prompt"].get<std::vector<int32_t>>();
+  for (const char* kernels : {"none", "avx2", "avx512f"}) {
+    cpu::Isa isa;
+    if (!cpu::IsaFromName(kernels, &isa) || isa > cpu::SupportedIsa()) continue;
+    for (const char* precision : {"highest", "medium"}) {
+      SCOPED_TRACE(std::string(kernels) + " " + precision);
+      EngineOptions o;
+      o.model_dir = testing::Fixture("llama_bf16_wide");
+      o.cpu_kernels = kernels;
+      o.matmul_precision = precision;
+      LoadReport plain_report, packed_report;
+      auto plain = Engine::Load(o, &plain_report);
+      o.quantize = "bf16_packed";
+      auto packed = Engine::Load(o, &packed_report);
+      ASSERT_TRUE(plain.ok() && packed.ok()) << plain.status() << " " << packed.status();
+      EXPECT_EQ(packed_report.quantization, "bf16_packed");
+      EXPECT_EQ(packed_report.quantized_tensors, 2 * 7 + 1);
+      EXPECT_GT(packed_report.quantized_bytes, packed_report.quantized_source_bytes * 3 / 4);
+      // 12 bits a weight, plus 24 bytes a row (table, escape offset): 0.84 of rows of 128.
+      EXPECT_LT(packed_report.quantized_bytes, packed_report.quantized_source_bytes * 17 / 20);
+      EXPECT_EQ(packed_report.kv_cache_dtype, "bfloat16");
+      EXPECT_EQ(packed_report.bf16_products, plain_report.bf16_products);
+      EXPECT_NE(packed_report.ToText().find("packed       bf16_packed: 15 matrices, "),
+                std::string::npos)
+          << packed_report.ToText();
+      auto a = (*plain)->PromptLogits(prompt);
+      auto b = (*packed)->PromptLogits(prompt);
+      ASSERT_TRUE(a.ok() && b.ok());
+      EXPECT_EQ(*a, *b);
+      GenerateRequest req;
+      req.prompt = prompt;
+      req.max_new_tokens = 12;
+      req.ignore_eos = true;
+      auto x = Generate(**plain, req);
+      auto y = Generate(**packed, req);
+      ASSERT_TRUE(x.ok() && y.ok());
+      ASSERT_EQ(x->steps.size(), y->steps.size());
+      for (size_t i = 0; i < x->steps.size(); ++i) {
+        EXPECT_EQ(x->steps[i].token, y->steps[i].token) << i;
+        EXPECT_EQ(x->steps[i].logprob, y->steps[i].logprob) << i;
+      }
+    }
+  }
+}
+
+// What bf16_packed refuses, with the reason: matrices too narrow to pack (llama_bf16: hidden
+// 64), float32 weights, bfloat16 activations.
+TEST(PackedBf16Test, RefusesWhatItCannotPack) {
+  EngineOptions o;
+  o.quantize = "bf16_packed";
+  LoadReport report;
+  o.model_dir = testing::Fixture("llama_bf16");
+  auto narrow = Engine::Load(o, &report);
+  ASSERT_FALSE(narrow.ok());
+  EXPECT_EQ(narrow.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_NE(narrow.status().message().find("multiples of 128"), std::string::npos)
+      << narrow.status();
+  o.model_dir = testing::Fixture("llama_tied");
+  auto f32 = Engine::Load(o, &report);
+  ASSERT_FALSE(f32.ok());
+  EXPECT_EQ(f32.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_NE(f32.status().message().find("float32 weights"), std::string::npos) << f32.status();
+  o.model_dir = testing::Fixture("llama_bf16_wide");
+  o.dtype = "bfloat16";
+  auto bf16 = Engine::Load(o, &report);
+  ASSERT_FALSE(bf16.ok());
+  EXPECT_EQ(bf16.status().code(), absl::StatusCode::kInvalidArgument);
 }
 
 INSTANTIATE_TEST_SUITE_P(Fixtures, BatchTest,

@@ -262,8 +262,9 @@ TEST(ModelLoaderTest, Int8RefusesWhatItCannotServe) {
   o.quantize = "int4";
   Loaded int4 = Load("llama_tied", o);
   ASSERT_FALSE(int4.model.ok());
-  EXPECT_THAT(std::string(int4.model.status().message()),
-              HasSubstr("quantize must be none, int8 or int8_weight_only, got \"int4\""));
+  EXPECT_THAT(
+      std::string(int4.model.status().message()),
+      HasSubstr("quantize must be none, int8, int8_weight_only or bf16_packed, got \"int4\""));
   o.quantize = "int8_weight_only";
   o.compute_dtype = "float16";
   Loaded f16 = Load("llama_tied", o);
@@ -282,11 +283,11 @@ TEST(ModelLoaderTest, W8A8PanelsHoldTheInt8ValuesAndBothPathsAgree) {
   at::manual_seed(13);
   for (int64_t n : {5, 8, 19}) {
     const at::Tensor w = at::randn({n, 96}) * 0.2;
-    const Int8Matrix q = QuantizeInt8(w);
-    const Int8Matrix p = QuantizeW8A8(w);
+    const CompactMatrix q = QuantizeInt8(w);
+    const CompactMatrix p = QuantizeW8A8(w);
     EXPECT_EQ(p.out, n);
     EXPECT_EQ(p.panels.sizes(), (std::vector<int64_t>{(n + 7) / 8, 24, 8, 4}));
-    const Int8Matrix u = UnpackPanels(p, 0, n);
+    const CompactMatrix u = UnpackPanels(p, 0, n);
     EXPECT_TRUE(at::equal(u.q, q.q));
     EXPECT_TRUE(at::equal(u.scales, q.scales));
     if (n > 8) {
@@ -316,7 +317,7 @@ TEST(ModelLoaderTest, Int8QuantizerFollowsTheQ8Formula) {
   at::Tensor w = at::randn({5, 96}) * 0.2;
   w.narrow(0, 2, 1).narrow(1, 32, 32).zero_();
   w[3][64] = 2.54f;  // A block's maximum: q = 127 exactly.
-  const Int8Matrix m = QuantizeInt8(w.to(at::kBFloat16));
+  const CompactMatrix m = QuantizeInt8(w.to(at::kBFloat16));
   const at::Tensor wb = w.to(at::kBFloat16).to(at::kFloat);
   auto wa = wb.accessor<float, 2>();
   auto qa = m.q.accessor<int8_t, 2>();

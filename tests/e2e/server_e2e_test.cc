@@ -586,6 +586,35 @@ TEST(E2eQuantizeTest, Int8ServerReportsItAndServesAdapters) {
   }
 }
 
+// --quantize bf16_packed through the server: the model state and the info metric report the
+// packed copies, and base and LoRA requests give the tokens the unpacked server gives (the
+// engine tests check the logits bit for bit).
+TEST(E2eQuantizeTest, Bf16PackedServerServesWhatTheUnpackedOneDoes) {
+  const std::string model = Fixture("llama_bf16_wide");
+  ServerProcess plain(model, {"--preload=wide=lora_bf16_wide"});
+  ServerProcess packed(model, {"--preload=wide=lora_bf16_wide", "--quantize=bf16_packed"});
+  ASSERT_TRUE(plain.ok()) << plain.log();
+  ASSERT_TRUE(packed.ok()) << packed.log();
+  grpc::ClientContext ctx;
+  v1::ModelState state;
+  ASSERT_TRUE(packed.Admin()->GetModelState(&ctx, v1::GetModelStateRequest(), &state).ok());
+  EXPECT_EQ(state.base().quantization(), "bf16_packed");
+  EXPECT_EQ(state.base().quantized_tensors(), 2 * 7 + 1);
+  EXPECT_GT(state.base().quantized_source_bytes(), state.base().quantized_bytes());
+  for (const char* adapter : {"", "wide"}) {
+    v1::GenerateResponse a, b;
+    ASSERT_TRUE(Generate(plain, IdsRequest({1, 2, 3, 4}, adapter, 8), &a).ok()) << adapter;
+    ASSERT_TRUE(Generate(packed, IdsRequest({1, 2, 3, 4}, adapter, 8), &b).ok()) << adapter;
+    EXPECT_EQ(b.token_ids_size(), 8) << adapter;
+    EXPECT_EQ(std::vector<int32_t>(a.token_ids().begin(), a.token_ids().end()),
+              std::vector<int32_t>(b.token_ids().begin(), b.token_ids().end()))
+        << adapter;
+  }
+  const std::string metrics = ScrapeMetrics(packed);
+  EXPECT_THAT(metrics, HasSubstr(",quantization=\"bf16_packed\",version="));
+  EXPECT_THAT(metrics, HasSubstr(",weights_dtype=\"bfloat16\"} 1"));
+}
+
 TEST(E2eLimitsTest, FullQueueIsRefusedAtOnce) {
   ServerProcess server(Model(), {"--max_queue=1", "--max_batch_rows=1"});
   ASSERT_TRUE(server.ok()) << server.log();
