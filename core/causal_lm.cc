@@ -350,11 +350,11 @@ at::Tensor AdapterBatch::Embed(const at::Tensor& table, const at::Tensor& tokens
 
 at::Tensor AdapterBatch::OutputLogits(const at::Tensor& x, const at::Tensor& lm_head,
                                       int64_t output_layer, const std::vector<RowSpan>& rows,
-                                      bool all_positions, const CompactMatrix& lm_head_int8,
+                                      bool all_positions, const CompactMatrix& lm_head_compact,
                                       cpu::MatmulPrecision precision) const {
   auto base_logits = [&] {
-    return (lm_head_int8.defined() ? LinearForward(x, lm_head_int8, at::Tensor(), precision)
-                                   : LinearForward(x, lm_head, at::Tensor(), precision))
+    return (lm_head_compact.defined() ? LinearForward(x, lm_head_compact, at::Tensor(), precision)
+                                      : LinearForward(x, lm_head, at::Tensor(), precision))
         .to(at::kFloat);
   };
   // The ranges in rows of `x`: each row's last token when not all_positions.

@@ -188,11 +188,11 @@ class AdapterBatch {
   // vocabulary) and LoRA on lm_head. `rows` and `all_positions` are the Forward() call's: x
   // holds every token, or each row's last. The result is [rows of x, widest vocabulary]; a
   // row's entries past its own vocabulary are unspecified (Engine cuts each row to its own).
-  // `lm_head_int8`, when defined, is lm_head's compact copy (`--quantize`): the base logits
+  // `lm_head_compact`, when defined, is lm_head's compact copy (`--quantize`): the base logits
   // come from it (an adapter's own lm_head stays in full precision).
   at::Tensor OutputLogits(const at::Tensor& x, const at::Tensor& lm_head, int64_t output_layer,
                           const std::vector<RowSpan>& rows, bool all_positions,
-                          const CompactMatrix& lm_head_int8 = CompactMatrix(),
+                          const CompactMatrix& lm_head_compact = CompactMatrix(),
                           cpu::MatmulPrecision precision = cpu::MatmulPrecision::kHighest) const;
 
  private:

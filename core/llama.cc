@@ -17,7 +17,7 @@ struct LlamaLayer {
   at::Tensor q_w, q_b, k_w, k_b, v_w, v_b, o_w, o_b;
   at::Tensor gate_w, gate_b, up_w, up_b, down_w, down_b;
   // --quantize: the matrices above as the forward pass reads them instead.
-  CompactMatrix q_i8, k_i8, v_i8, o_i8, gate_i8, up_i8, down_i8;
+  CompactMatrix q_c, k_c, v_c, o_c, gate_c, up_c, down_c;
   int64_t window = 0;
 };
 
@@ -66,10 +66,15 @@ class Llama final : public CausalLm {
                const std::function<void(const at::Tensor&)>& done) override {
     std::vector<std::pair<const at::Tensor*, CompactMatrix*>> targets;
     for (LlamaLayer& l : layers_) {
-      targets.insert(targets.end(), {{&l.q_w, &l.q_i8}, {&l.k_w, &l.k_i8}, {&l.v_w, &l.v_i8}, {&l.o_w, &l.o_i8},
-                                     {&l.gate_w, &l.gate_i8}, {&l.up_w, &l.up_i8}, {&l.down_w, &l.down_i8}});
+      targets.insert(targets.end(), {{&l.q_w, &l.q_c},
+                                     {&l.k_w, &l.k_c},
+                                     {&l.v_w, &l.v_c},
+                                     {&l.o_w, &l.o_c},
+                                     {&l.gate_w, &l.gate_c},
+                                     {&l.up_w, &l.up_c},
+                                     {&l.down_w, &l.down_c}});
     }
-    targets.emplace_back(&lm_head_, &lm_head_i8_);
+    targets.emplace_back(&lm_head_, &lm_head_c_);
     for (const auto& [w, q] : targets) {
       if (how == Compaction::kBf16Packed ? !cpu::PackBf16Takes(*w) : !Int8Quantizable(*w))
         return false;
@@ -114,9 +119,9 @@ class Llama final : public CausalLm {
       const LlamaLayer& l = layers_[li];
       at::Tensor h = RmsNorm(x, l.input_norm);
       std::vector<at::Tensor> qkv = ProjectShared(li, h,
-                                                  {{Projection::kQ, &l.q_w, &l.q_i8, &l.q_b},
-                                                   {Projection::kK, &l.k_w, &l.k_i8, &l.k_b},
-                                                   {Projection::kV, &l.v_w, &l.v_i8, &l.v_b}},
+                                                  {{Projection::kQ, &l.q_w, &l.q_c, &l.q_b},
+                                                   {Projection::kK, &l.k_w, &l.k_c, &l.k_b},
+                                                   {Projection::kV, &l.v_w, &l.v_c, &l.v_b}},
                                                   adapters);
       at::Tensor q = std::move(qkv[0]), k = std::move(qkv[1]), v = std::move(qkv[2]);
       if (c.qk_norm) {
@@ -127,21 +132,24 @@ class Llama final : public CausalLm {
       k = Rotate(k, c.num_kv_heads, cos, sin);
       at::Tensor attn = at::empty({n, c.num_heads * c.head_dim}, x.options());
       Attend(li, q, k, v, rows, scale, l.window, attn);
-      x = x + Project(li, Projection::kO, attn, l.o_w, l.o_i8, l.o_b, adapters);
+      x = x + Project(li, Projection::kO, attn, l.o_w, l.o_c, l.o_b, adapters);
       h = RmsNorm(x, l.post_norm);
-      std::vector<at::Tensor> gate_up = ProjectShared(
-          li, h, {{Projection::kGate, &l.gate_w, &l.gate_i8, &l.gate_b}, {Projection::kUp, &l.up_w, &l.up_i8, &l.up_b}},
-          adapters);
+      std::vector<at::Tensor> gate_up =
+          ProjectShared(li, h,
+                        {{Projection::kGate, &l.gate_w, &l.gate_c, &l.gate_b},
+                         {Projection::kUp, &l.up_w, &l.up_c, &l.up_b}},
+                        adapters);
       at::Tensor gate = std::move(gate_up[0]), up = std::move(gate_up[1]);
-      x = x + Project(li, Projection::kDown, at::silu(gate).mul_(up), l.down_w, l.down_i8, l.down_b, adapters);
+      x = x + Project(li, Projection::kDown, at::silu(gate).mul_(up), l.down_w, l.down_c, l.down_b,
+                      adapters);
     }
     x = FinishRows(x, rows, all_positions);
     x = RmsNorm(x, final_norm_);
     if (adapters != nullptr) {
       return adapters->OutputLogits(x, lm_head_, OutputLayer(config_), rows, all_positions,
-                                    lm_head_i8_, matmul_precision());
+                                    lm_head_c_, matmul_precision());
     }
-    return Linear(x, lm_head_, lm_head_i8_, at::Tensor()).to(at::kFloat);
+    return Linear(x, lm_head_, lm_head_c_, at::Tensor()).to(at::kFloat);
   }
 
  private:
@@ -213,21 +221,21 @@ class Llama final : public CausalLm {
                                         const std::vector<SharedProjection>& group,
                                         const AdapterBatch* adapters) const {
     std::vector<at::Tensor> inputs;
-    bool same_input = true, all_int8 = true, no_int8 = true;
+    bool same_input = true, all_compact = true, no_compact = true;
     for (const SharedProjection& g : group) {
       inputs.push_back(adapters != nullptr ? adapters->ScaleInputs(layer, g.p, x) : x);
       same_input = same_input && inputs.back().is_same(x);
-      all_int8 = all_int8 && g.w8->defined();
-      no_int8 = no_int8 && !g.w8->defined();
+      all_compact = all_compact && g.w8->defined();
+      no_compact = no_compact && !g.w8->defined();
     }
     std::vector<at::Tensor> y;
     std::vector<const at::Tensor*> b;
     for (const SharedProjection& g : group) b.push_back(g.b);
-    if (same_input && all_int8) {
+    if (same_input && all_compact) {
       std::vector<const CompactMatrix*> w8;
       for (const SharedProjection& g : group) w8.push_back(g.w8);
       y = LinearForwardShared(x, w8, b, matmul_precision());
-    } else if (same_input && no_int8) {
+    } else if (same_input && no_compact) {
       std::vector<const at::Tensor*> w;
       for (const SharedProjection& g : group) w.push_back(g.w);
       y = LinearForwardShared(x, w, b, matmul_precision());
@@ -241,7 +249,7 @@ class Llama final : public CausalLm {
   }
 
   at::Tensor embed_, final_norm_, lm_head_, inv_freq_;
-  CompactMatrix lm_head_i8_;
+  CompactMatrix lm_head_c_;
   std::vector<LlamaLayer> layers_;
 };
 
